@@ -1,0 +1,43 @@
+"""Train a language model: ``python -m experiments.train --config configs/X.py --workdir DIR``.
+
+Override any config key with ``--config.key=value`` (e.g. ``--config.total_steps=100``).
+With ``launch.mode=local`` and ``launch.processes=N > 1`` this command starts N local processes
+(one CPU device each, joined by jax.distributed over loopback) and shows process 0's output;
+with ``launch.mode=cluster`` each process calls ``jax.distributed.initialize()`` with the
+cluster's own settings (start one per host with your scheduler).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fedjax_lm import launch
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py",
+                                          "Path to a config file with get_config().")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, logs.",
+                               required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  num = int(config.launch.processes)
+  if config.launch.mode == "local" and num > 1 and not launch.is_launched_child():
+    command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
+    sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
+  launch.initialize(config.launch.mode)
+  from fedjax_lm import train  # pylint: disable=g-import-not-at-top  (after distributed init)
+  train.train(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,104 @@
+"""The config schema: defaults every experiment config starts from, and validation.
+
+Configs are ``ml_collections.ConfigDict`` s, locked after ``get_config()`` so that an override of
+an unknown key (``--config.inner.lr=...``) fails naming the key. ``validate`` checks values.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+PARTITIONS = ("iid", "by_play", "by_genre")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every config; experiment configs override fields, never add them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.log_every = 25
+  c.eval_every = 250
+  c.eval_batch_size = 32  # rows per eval batch (global)
+  c.eval_batches = 8  # at most this many eval batches
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+  c.algorithm = "ddp"  # ddp | islands
+
+  c.islands = ml_collections.ConfigDict({"num": 1})  # M
+
+  c.outer = ml_collections.ConfigDict()
+  c.outer.optimizer = "diloco"  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
+  c.outer.sync_every = 50  # H
+  c.outer.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
+  c.outer.momentum = config_dict.placeholder(float)
+  c.outer.nesterov = False  # only for outer.optimizer=sgd
+  c.outer.clip_norm = 0.0  # > 0: clip the pseudo-gradient's global norm first
+  c.outer.reset_inner_opt_state = False
+
+  c.inner = ml_collections.ConfigDict()
+  c.inner.optimizer = "adamw"  # adamw | sgd
+  c.inner.learning_rate = 3e-3
+  c.inner.warmup_steps = 50
+  c.inner.min_lr_ratio = 0.1
+  c.inner.b1 = 0.9
+  c.inner.b2 = 0.95
+  c.inner.weight_decay = 0.1
+  c.inner.momentum = 0.0  # sgd only
+  c.inner.grad_clip = 1.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shakespeare"  # or any TFDS catalog name: lm1b, c4/en, tiny_shakespeare, ...
+  c.data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+  c.data.text_key = "text"
+  c.data.tokenizer = "byte"  # byte | sentencepiece:/path/to/model.model
+  c.data.seq_len = 256
+  c.data.batch_size = 32  # rows per island per step; global batch = islands.num x batch_size
+  c.data.partition = "iid"  # iid | by_play | by_genre (how islands split the data)
+  c.data.append_eos = False
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=512, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, head_dim=32,
+      mlp_dim=512, max_len=256, rope_base=10_000.0, tie_embeddings=False,
+      compute_dtype="float32", param_dtype="float32"))
+
+  # Mesh axis sizes; one may be -1 (all remaining devices).
+  c.mesh = ml_collections.ConfigDict({"island": 1, "data": -1, "fsdp": 1, "tensor": 1})
+  # Logical parameter axis -> mesh axis (or None = replicated). Size-1 axes cost nothing.
+  c.rules = ml_collections.ConfigDict({
+      "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
+      "head_dim": config_dict.placeholder(str), "mlp": "tensor",
+      "layers": config_dict.placeholder(str)})
+
+  c.launch = ml_collections.ConfigDict()
+  c.launch.mode = "local"  # local (spawn launch.processes here) | cluster | none
+  c.launch.processes = 1
+  return c
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ValueError(msg)
+
+
+def validate(c) -> None:
+  """One clear error naming the first bad value."""
+  from fedjax_lm import islands, outer, steps  # pylint: disable=g-import-not-at-top
+  _check(c.algorithm in islands.ALGORITHMS,
+         f"algorithm={c.algorithm!r}: expected one of {islands.ALGORITHMS}")
+  _check(c.inner.optimizer in steps.INNER_OPTIMIZERS,
+         f"inner.optimizer={c.inner.optimizer!r}: expected one of {steps.INNER_OPTIMIZERS}")
+  _check(c.data.partition in PARTITIONS,
+         f"data.partition={c.data.partition!r}: expected one of {PARTITIONS}")
+  for key in ("total_steps", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
+              "eval_batches", "keep_checkpoints"):
+    _check(int(c[key]) > 0, f"{key}={c[key]} must be positive")
+  _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
+  _check(c.data.seq_len <= c.model.max_len,
+         f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
+  if c.algorithm == "islands":
+    outer.resolved_hparams(c.outer)
+    _check(int(c.outer.sync_every) >= 1, f"outer.sync_every={c.outer.sync_every} must be >= 1")
+  _check(c.launch.mode in ("local", "cluster", "none"),
+         f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
+  _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")

@@ -1,0 +1,153 @@
+"""Multi-process runtime: a local launcher and the ``jax.distributed`` initialisation.
+
+Locally, N processes with one CPU device each are joined over loopback by ``jax.distributed``
+with gloo collectives (in-process multi-device CPU collectives can deadlock on small machines).
+On a cluster (SLURM, TPU pods, GKE, ...) ``jax.distributed.initialize()`` reads the cluster's
+own settings; the training code is the same either way.
+
+The launcher shows process 0's output, writes the others' to ``log_dir/process_<i>.log``, and
+stops every process (non-zero exit) as soon as any one fails: it never waits on a hung peer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Sequence
+
+ENV_COORDINATOR = "FEDJAX_LM_COORDINATOR"
+ENV_NUM_PROCESSES = "FEDJAX_LM_NUM_PROCESSES"
+ENV_PROCESS_ID = "FEDJAX_LM_PROCESS_ID"
+
+
+def is_launched_child() -> bool:
+  return ENV_PROCESS_ID in os.environ
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def initialize(mode: str) -> None:
+  """Joins the job's processes before JAX is used. ``mode``: local | cluster | none."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if mode == "cluster":
+    jax.distributed.initialize()
+  elif mode == "local" and is_launched_child():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]),
+        initialization_timeout=120,
+    )
+  elif mode not in ("local", "none"):
+    raise ValueError(f"launch.mode={mode!r}: expected 'local', 'cluster' or 'none'")
+
+
+def _die_with_parent() -> None:
+  """Child-side: receive SIGKILL when the launcher dies, so no orphan waits on a peer."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+  os.setpgrp()
+
+
+def _child_env(process_id: int, num_processes: int, coordinator: str) -> dict[str, str]:
+  env = dict(os.environ)
+  env[ENV_COORDINATOR] = coordinator
+  env[ENV_NUM_PROCESSES] = str(num_processes)
+  env[ENV_PROCESS_ID] = str(process_id)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  # One device per process: drop any forced host device count inherited from the parent.
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if num_processes >= (os.cpu_count() or 1) and not any("multi_thread_eigen" in f for f in flags):
+    flags.append("--xla_cpu_multi_thread_eigen=false")  # no more threads than cores
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
+                 poll_seconds: float = 0.2) -> int:
+  """Runs ``argv`` as ``num_processes`` joined processes; returns the job's exit code."""
+  os.makedirs(log_dir, exist_ok=True)
+  coordinator = f"127.0.0.1:{free_port()}"
+  procs, logs = [], []
+  for i in range(num_processes):
+    if i == 0:
+      out = None  # inherit: process 0's output is the job's output
+    else:
+      out = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
+      logs.append(out)
+    procs.append(subprocess.Popen(list(argv), env=_child_env(i, num_processes, coordinator),
+                                  stdout=out, stderr=subprocess.STDOUT if out else None,
+                                  preexec_fn=_die_with_parent))
+  stop = {"signal": None}
+
+  def _forward(signum, _frame):
+    stop["signal"] = signum
+
+  old = {s: signal.signal(s, _forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  code = 0
+  try:
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      if stop["signal"] is not None:
+        code = 128 + stop["signal"]
+        print(f"[launch] interrupted by signal {stop['signal']}: stopping all processes",
+              file=sys.stderr)
+        break
+      if failed:
+        i, c = failed[0]
+        code = c if c > 0 else 128 - c
+        print(f"[launch] process {i} exited with {c}: stopping all {num_processes} processes",
+              file=sys.stderr)
+        if i > 0:
+          _print_tail(os.path.join(log_dir, f"process_{i}.log"))
+        break
+      if all(c == 0 for c in codes):
+        return 0
+      time.sleep(poll_seconds)
+  finally:
+    _terminate(procs)
+    for f in logs:
+      f.close()
+    for s, h in old.items():
+      signal.signal(s, h)
+  return code
+
+
+def _terminate(procs: list[subprocess.Popen], grace_seconds: float = 5.0) -> None:
+  for p in procs:
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGTERM)
+  deadline = time.time() + grace_seconds
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+
+def _print_tail(path: str, lines: int = 30) -> None:
+  try:
+    with open(path, "rb") as f:
+      tail = f.read().decode(errors="replace").splitlines()[-lines:]
+  except OSError:
+    return
+  print(f"[launch] last lines of {path}:", file=sys.stderr)
+  for line in tail:
+    print(f"  {line}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""Device mesh and logical-to-mesh sharding rules.
+
+The mesh always has the axes ``("island", "data", "fsdp", "tensor")``, ``island`` outermost: on a
+multi-slice / multi-node system it is the axis over the slow link, so devices are ordered by
+process (host) before being laid out. Axes are ``AxisType.Auto`` (classic GSPMD propagation);
+the train steps pass explicit in/out shardings.
+
+Parameters carry logical axis names (see :mod:`fedjax_lm.model`); ``rules`` (from the config)
+map each logical name to a mesh axis, a tuple of mesh axes, or ``None`` (replicated).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("island", "data", "fsdp", "tensor")
+IN_ISLAND_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # batch rows inside one island are split over these
+
+
+def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves the config's axis sizes (one may be -1: 'the rest') against the device count."""
+  unknown = set(axis_sizes) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"Unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"Impossible mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, "
+                     "with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"Impossible mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices "
+                       f"are not divisible by the fixed axes' product {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"Impossible mesh {dict(zip(MESH_AXES, sizes))}: product "
+                     f"{math.prod(sizes)} != {num_devices} devices")
+  return tuple(sizes)
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(axis_sizes, len(devices))
+  # Order by (process, id) so the outer `island` axis splits hosts first, never a host's devices.
+  devices.sort(key=lambda d: (d.process_index, d.id))
+  return Mesh(np.array(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, Any]) -> P:
+  """Logical names of one array -> PartitionSpec; a mesh axis is used at most once."""
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    if name is not None and name not in rules:
+      raise ValueError(f"No sharding rule for logical axis {name!r}; rules: {dict(rules)}")
+    target = rules.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    bad = [a for a in axes if a not in IN_ISLAND_AXES]
+    if bad:
+      raise ValueError(f"Rule {name!r} -> {target!r} names {bad}: parameters may only be sharded "
+                       f"inside an island, over {IN_ISLAND_AXES}")
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def param_specs(axes_tree: Any, rules: Mapping[str, Any]) -> Any:
+  return jax.tree.map(lambda names: logical_to_spec(names, rules), axes_tree,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> P:
+  """Adds the (unused) ``axes`` to the largest divisible dim: ZeRO-style sharding of state that
+  the data-parallel devices of an island would otherwise each hold whole (outer state)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries if e for a in ((e,) if isinstance(e, str) else e)}
+  extra = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+  if not extra:
+    return P(*entries)
+  factor = math.prod(mesh.shape[a] for a in extra)
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    current = entries[dim]
+    cur_axes = () if current is None else ((current,) if isinstance(current, str) else current)
+    cur = math.prod(mesh.shape[a] for a in cur_axes)
+    if shape[dim] % (cur * factor) == 0:
+      entries[dim] = cur_axes + extra if cur_axes else (extra[0] if len(extra) == 1 else extra)
+      return P(*entries)
+  return P(*entries)
+
+
+def with_leading(spec: P, axis: str | None) -> P:
+  """Spec of a stacked array [M, ...] whose leading dim is sharded over ``axis``."""
+  return P(axis, *spec)
+
+
+def shardings(mesh: Mesh, specs: Any) -> Any:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec() -> P:
+  """Batches are [islands, rows, seq]: islands over `island`, rows over data x fsdp."""
+  return P("island", BATCH_AXES, None)

@@ -1,0 +1,180 @@
+"""Decoder-only transformer LM in Flax NNX.
+
+Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> RMSNorm -> SwiGLU MLP.
+Layer weights are stacked along a leading ``layers`` dimension and the forward pass scans over
+them, so compile time does not grow with depth.
+
+Every parameter carries its *logical* axis names in the ``axes`` metadata field
+(``vocab, embed, heads, kv_heads, head_dim, mlp, layers``); :mod:`fedjax_lm.mesh` maps them
+to mesh axes with the rules from the config. The model itself never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of the transformer."""
+
+  vocab_size: int = 512
+  num_layers: int = 4
+  embed_dim: int = 128
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 512
+  max_len: int = 256
+  rope_base: float = 10_000.0
+  tie_embeddings: bool = False
+  compute_dtype: str = "float32"  # "bfloat16" runs matmuls in bf16, keeps params/logits f32
+  param_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg.keys()) - fields
+    if unknown:
+      raise ValueError(f"Unknown model config keys: {sorted(unknown)}")
+    out = cls(**dict(cfg))
+    if out.num_heads % out.num_kv_heads:
+      raise ValueError(f"model.num_heads={out.num_heads} is not a multiple of "
+                       f"model.num_kv_heads={out.num_kv_heads}")
+    for name in ("compute_dtype", "param_dtype"):
+      if getattr(out, name) not in DTYPES:
+        raise ValueError(f"model.{name}={getattr(out, name)!r}: expected one of {list(DTYPES)}")
+    return out
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), axes=tuple(axes))
+
+
+class Transformer(nnx.Module):
+  """Token ids [..., T] -> logits [..., T, vocab] (float32)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, H, K, Dh, F = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                         cfg.head_dim, cfg.mlp_dim)
+    dt = DTYPES[cfg.param_dtype]
+    normal = jax.nn.initializers.normal
+    scaled = lambda fan_in: jax.nn.initializers.normal(fan_in**-0.5)
+    # Residual projections are scaled down by sqrt(2L) (GPT-2 style) for stable depth.
+    out_scale = lambda fan_in: jax.nn.initializers.normal((fan_in * 2 * L) ** -0.5)
+    ones = jax.nn.initializers.ones
+    self.embed = _param(rngs, normal(1.0), (cfg.vocab_size, D), ("vocab", "embed"), dt)
+    self.attn_norm = _param(rngs, ones, (L, D), ("layers", "embed"), dt)
+    self.wq = _param(rngs, scaled(D), (L, D, H, Dh), ("layers", "embed", "heads", "head_dim"), dt)
+    self.wk = _param(rngs, scaled(D), (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), dt)
+    self.wv = _param(rngs, scaled(D), (L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim"), dt)
+    self.wo = _param(rngs, out_scale(H * Dh), (L, H, Dh, D), ("layers", "heads", "head_dim", "embed"), dt)
+    self.mlp_norm = _param(rngs, ones, (L, D), ("layers", "embed"), dt)
+    self.w_gate = _param(rngs, scaled(D), (L, D, F), ("layers", "embed", "mlp"), dt)
+    self.w_up = _param(rngs, scaled(D), (L, D, F), ("layers", "embed", "mlp"), dt)
+    self.w_down = _param(rngs, out_scale(F), (L, F, D), ("layers", "mlp", "embed"), dt)
+    self.final_norm = _param(rngs, ones, (D,), ("embed",), dt)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, scaled(D), (D, cfg.vocab_size), ("embed", "vocab"), dt)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    cdt = DTYPES[cfg.compute_dtype]
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
+    positions = jnp.arange(tokens.shape[-1])
+    layer_params = {name: getattr(self, name)[...] for name in
+                    ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
+
+    def block(h, p):
+      h = h + _attention(rms_norm(h, p["attn_norm"]), p, positions, cfg)
+      h = h + _swiglu(rms_norm(h, p["mlp_norm"]), p)
+      return h, None
+
+    x, _ = jax.lax.scan(block, x, layer_params)
+    x = rms_norm(x, self.final_norm[...])
+    unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+    if cfg.tie_embeddings:
+      x = x * cfg.embed_dim**-0.5  # keep tied logits O(1) at init
+    return jnp.einsum("...d,dv->...v", x, unembed.astype(cdt)).astype(jnp.float32)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding on the last dim of x [..., T, heads, Dh] (halves rotated, NeoX style)."""
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[:, None].astype(jnp.float32) * freqs  # [T, half]
+  sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _attention(x, p, positions, cfg: ModelConfig):
+  cdt = x.dtype
+  q = jnp.einsum("...td,dhk->...thk", x, p["wq"].astype(cdt))
+  k = jnp.einsum("...td,dhk->...thk", x, p["wk"].astype(cdt))
+  v = jnp.einsum("...td,dhk->...thk", x, p["wv"].astype(cdt))
+  q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+  groups = cfg.num_heads // cfg.num_kv_heads
+  if groups > 1:
+    k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
+  logits = jnp.einsum("...qhk,...shk->...hqs", q, k).astype(jnp.float32) * cfg.head_dim**-0.5
+  t = x.shape[-2]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(cdt)
+  out = jnp.einsum("...hqs,...shk->...qhk", probs, v)
+  return jnp.einsum("...thk,hkd->...td", out, p["wo"].astype(cdt))
+
+
+def _swiglu(x, p):
+  cdt = x.dtype
+  gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
+  up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
+  return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))
+
+
+# ---------------------------------------------------------------------------- functional API
+
+def build(cfg: ModelConfig) -> tuple[nnx.GraphDef, Any]:
+  """Graph definition plus abstract params (ShapeDtypeStructs) of the model, without FLOPs."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """Pytree (same structure as params) of logical axis-name tuples."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract)
+  axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.to_pure_dict(axes)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+  """Fresh parameters as a pure dict (jit this with out_shardings to create them sharded)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=key))))
+
+
+def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array) -> jax.Array:
+  return nnx.merge(graphdef, params)(tokens)
+
+
+def count_params(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,102 @@
+"""Outer optimizers: plain ``optax.GradientTransformation`` s applied to the pseudo-gradient.
+
+The pseudo-gradient ``delta = global - mean(islands)`` points *downhill-reversed* like a
+gradient, so every optimizer here is used exactly as on gradients:
+``updates, state = tx.update(delta, state, global); global = optax.apply_updates(global, updates)``.
+
+=============== =========================================== ================================
+name            transform                                   defaults
+=============== =========================================== ================================
+fedavg          SGD (Local SGD / FedAvg, McMahan et al.)     lr 1.0
+diloco          SGD + Nesterov momentum (Douillard et al.)   lr 0.7, momentum 0.9
+fedopt_adam     Adam server optimizer (Reddi et al. 2021)    lr 1e-2, b1 0.9, b2 0.99, eps 1e-3
+fedopt_yogi     Yogi server optimizer (Reddi et al. 2021)    lr 1e-2, b1 0.9, b2 0.99, eps 1e-3
+fedopt_adagrad  Adagrad server optimizer (Reddi et al.)      lr 1e-1, eps 1e-3
+slowmo          heavy-ball SGD (SlowMo, Wang et al. 2020)    lr 1.0, momentum 0.5
+sgd             SGD, momentum/nesterov from the config       lr 1.0, momentum 0
+=============== =========================================== ================================
+
+SlowMo: with base lr gamma, slow lr alpha and slow momentum beta the paper's update is
+``u <- beta u + delta / gamma; x <- x - alpha gamma u``. With ``v = gamma u`` that is
+``v <- beta v + delta; x <- x - alpha v``: heavy-ball SGD on delta with lr alpha, momentum beta
+(exact for a constant inner lr; with a schedule the paper rescales by the current gamma).
+
+``outer.clip_norm > 0`` chains global-norm clipping of the pseudo-gradient in front; any other
+optax transform can be passed to :func:`fedjax_lm.islands.build` directly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optax
+
+_DEFAULTS = {
+    "fedavg": {"learning_rate": 1.0, "momentum": 0.0},
+    "diloco": {"learning_rate": 0.7, "momentum": 0.9},
+    "fedopt_adam": {"learning_rate": 1e-2},
+    "fedopt_yogi": {"learning_rate": 1e-2},
+    "fedopt_adagrad": {"learning_rate": 1e-1},
+    "slowmo": {"learning_rate": 1.0, "momentum": 0.5},
+    "sgd": {"learning_rate": 1.0, "momentum": 0.0},
+}
+
+
+def fedavg(learning_rate: float = 1.0) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate)
+
+
+def diloco(learning_rate: float = 0.7, momentum: float = 0.9) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+
+
+def fedopt_adam(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3) -> optax.GradientTransformation:
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def fedopt_yogi(learning_rate=1e-2, b1=0.9, b2=0.99, eps=1e-3) -> optax.GradientTransformation:
+  return optax.yogi(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def fedopt_adagrad(learning_rate=1e-1, eps=1e-3) -> optax.GradientTransformation:
+  return optax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=eps)
+
+
+def slowmo(learning_rate: float = 1.0, momentum: float = 0.5) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=momentum or None)
+
+
+def sgd(learning_rate: float = 1.0, momentum: float = 0.0,
+        nesterov: bool = False) -> optax.GradientTransformation:
+  return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "fedavg": fedavg, "diloco": diloco, "fedopt_adam": fedopt_adam, "fedopt_yogi": fedopt_yogi,
+    "fedopt_adagrad": fedopt_adagrad, "slowmo": slowmo, "sgd": sgd,
+}
+
+
+def resolved_hparams(cfg) -> dict:
+  """learning_rate / momentum after filling the optimizer's defaults for unset (None) keys."""
+  if cfg.optimizer not in OPTIMIZERS:
+    raise ValueError(f"outer.optimizer={cfg.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+  out = dict(_DEFAULTS[cfg.optimizer])
+  for key in ("learning_rate", "momentum"):
+    value = cfg.get(key)
+    if value is not None:
+      if key not in out:
+        raise ValueError(f"outer.{key} is not used by outer.optimizer={cfg.optimizer!r}")
+      out[key] = float(value)
+  return out
+
+
+def from_config(cfg) -> optax.GradientTransformation:
+  """``config.outer`` -> outer transform (optionally with pseudo-gradient clipping)."""
+  hparams = resolved_hparams(cfg)
+  if cfg.optimizer == "sgd":
+    hparams["nesterov"] = bool(cfg.nesterov)
+  tx = OPTIMIZERS[cfg.optimizer](**hparams)
+  if cfg.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(float(cfg.clip_norm)), tx)
+  return tx

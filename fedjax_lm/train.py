@@ -1,0 +1,124 @@
+"""Training loop: config -> mesh -> algorithm -> data -> (resume) -> steps, evals, checkpoints.
+
+Every process runs exactly the same jitted computations in the same order (the collectives of
+a multi-process run must match); only process 0 writes metrics. Inside the loop nothing goes
+device -> host implicitly (a transfer guard enforces it); losses are fetched explicitly at log
+steps only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fedjax_lm import checkpoint as ckpt_lib
+from fedjax_lm import config_lib
+from fedjax_lm import data as data_lib
+from fedjax_lm import input as input_lib
+from fedjax_lm import islands
+from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import metrics as metrics_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import steps
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+  """Explicit host copy of a replicated (possibly multi-process) array."""
+  return np.asarray(jax.device_get(x.addressable_data(0)))
+
+
+class Evaluator:
+  """Validation loss of a params pytree, in nats per text byte (and per token)."""
+
+  def __init__(self, config, mesh, graphdef, params_sharding, tokenizer):
+    rows = int(config.eval_batch_size)
+    self.batches = input_lib.eval_batches(config.data, mesh, tokenizer=tokenizer, rows=rows,
+                                          max_batches=int(config.eval_batches))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = self.batches[0]["inputs"].sharding if self.batches else None
+    token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), replicated)
+    step = steps.make_eval_step(graphdef, token_bytes)
+    self._step = jax.jit(step, in_shardings=(params_sharding, batch_sharding),
+                         out_shardings=replicated)
+
+  def __call__(self, params) -> dict[str, float]:
+    total = None
+    for batch in self.batches:
+      out = self._step(params, batch)
+      total = out if total is None else total + out
+    nll, tokens, nbytes = (float(v) for v in _fetch(total))
+    per_byte = nll / max(nbytes, 1.0)
+    return {"eval_loss": per_byte, "eval_perplexity": float(np.exp(per_byte)),
+            "eval_loss_per_token": nll / max(tokens, 1.0), "eval_tokens": int(tokens)}
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training as configured; returns the last metrics record."""
+  config_lib.validate(config)
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={config.data.tokenizer!r})")
+  alg = islands.build(config, mesh, model_cfg)
+  graphdef, abstract_params = model_lib.build(model_cfg)
+  total = int(config.total_steps)
+  batches = input_lib.TrainBatches(config.data, mesh, num_islands=alg.num_islands,
+                                   tokenizer=tokenizer, seed=int(config.seed))
+  evaluate = Evaluator(config, mesh, graphdef, alg.params_sharding, tokenizer)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_every, config.keep_checkpoints)
+
+  key = jax.random.key(int(config.seed))
+  start = checkpointer.latest_step()
+  if start is None:
+    start, state = 0, alg.init(key)
+  else:
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
+    state = checkpointer.restore(start, abstract, batches)
+
+  lead = jax.process_index() == 0
+  writer = metrics_lib.MetricsWriter(workdir, enabled=lead, total_steps=total, start_step=start)
+  tokens_per_step = int(np.prod(batches.shape))
+  writer.print(
+      f"[fedjax_lm] {alg.name}: {alg.num_islands} island(s), H={alg.sync_every or '-'}, "
+      f"{model_lib.count_params(abstract_params) / 1e6:.2f}M params, mesh {dict(mesh.shape)} "
+      f"on {jax.device_count()} devices / {jax.process_count()} processes, "
+      f"{tokens_per_step} tokens/step, " + (f"resumed at step {start}" if start else "fresh start"))
+
+  replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
+  pending: list[jax.Array] = []
+  record: dict[str, Any] = {}
+  last_time, last_step = time.time(), start
+  with jax.transfer_guard_device_to_host("disallow"):
+    for step in range(start, total):
+      state, step_metrics = alg.inner_step(state, next(batches))
+      if alg.outer_step is not None and alg.syncs_at(step, total):
+        state = alg.outer_step(state)
+      pending.append(step_metrics["island_loss"])
+      done = step + 1
+      writer.step()
+      is_eval = done % config.eval_every == 0 or done == total
+      if done % config.log_every == 0 or is_eval:
+        island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
+        now = time.time()
+        record = {"step": done, "tokens": done * tokens_per_step,
+                  "train_loss": float(island_loss.mean()),
+                  "island_loss": [float(x) for x in island_loss],
+                  "island_bytes": alg.island_bytes(done, total),
+                  "tokens_per_sec": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
+        if is_eval:
+          record.update(evaluate(alg.eval_params(state)))
+        writer.write(record)
+        pending, last_time, last_step = [], time.time(), done
+      if done % config.checkpoint_every == 0 or done == total:
+        checkpointer.save(done, state, batches, force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return record
