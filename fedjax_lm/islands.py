@@ -28,6 +28,7 @@ Logging gathers M float32 losses per logged step across islands; that is not cou
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -64,7 +65,10 @@ class Algorithm:
     return bool(self.sync_every) and ((step + 1) % self.sync_every == 0 or step + 1 == total_steps)
 
   def island_bytes(self, steps_done: int, total_steps: int) -> int:
-    syncs = sum(self.syncs_at(s, total_steps) for s in range(steps_done)) if self.sync_every else 0
+    syncs = 0
+    if self.sync_every:
+      syncs = steps_done // self.sync_every + (steps_done == total_steps
+                                                and total_steps % self.sync_every != 0)
     return steps_done * self.bytes_per_inner_step + syncs * self.bytes_per_sync
 
 
@@ -81,19 +85,32 @@ def _opt_specs(tx, abstract_params, param_specs):
 
 def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
           outer_tx: optax.GradientTransformation | None = None) -> Algorithm:
-  """Builds the algorithm named by ``config.algorithm`` on ``mesh``."""
+  """The algorithm named by ``config.algorithm`` for the transformer LM on ``mesh``."""
+  graphdef, abstract = model_lib.build(model_cfg)
+  specs = mesh_lib.param_specs(model_lib.logical_axes(model_cfg), dict(config.rules))
+  return build_for_loss(
+      config, mesh, loss_fn=functools.partial(steps.mean_loss, graphdef),
+      init_fn=functools.partial(model_lib.init_params, model_cfg), abstract_params=abstract,
+      param_specs=specs, outer_tx=outer_tx)
+
+
+def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
+                   abstract_params: Any, param_specs: Any,
+                   outer_tx: optax.GradientTransformation | None = None,
+                   inner_tx: optax.GradientTransformation | None = None) -> Algorithm:
+  """Any model: ``loss_fn(params, batch)`` is the mean loss of one island's ``[B, ...]`` batch,
+  ``init_fn(key)`` makes params; batches are ``[M, B, ...]``."""
   num = int(config.islands.num)
   axis = mesh.shape["island"]
   if num < 1 or num % axis:
     raise ValueError(f"islands.num={num} must be a positive multiple of the mesh's island axis "
                      f"size {axis} (mesh {dict(mesh.shape)})")
-  graphdef, abstract = model_lib.build(model_cfg)
-  specs = mesh_lib.param_specs(model_lib.logical_axes(model_cfg), dict(config.rules))
-  tx = steps.inner_optimizer(config.inner, int(config.total_steps))
-  train_step = steps.make_train_step(graphdef, tx)
+  abstract, specs = abstract_params, param_specs
+  tx = inner_tx or steps.inner_optimizer(config.inner, int(config.total_steps))
+  train_step = steps.make_train_step(loss_fn, tx)
   named = lambda tree: mesh_lib.shardings(mesh, tree)
   island_loss_sharding = NamedSharding(mesh, P("island"))
-  batch_sharding = named(mesh_lib.batch_spec())
+  batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec())
   payload = tree_bytes(abstract) if num > 1 else 0
 
   zero_specs = jax.tree.map(lambda s, a: mesh_lib.zero_spec(s, a.shape, mesh), specs, abstract,
@@ -113,14 +130,14 @@ def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
     shard = named(state_specs)
 
     def init(key):
-      params = model_lib.init_params(model_cfg, key)
+      params = init_fn(key)
       return {"params": params, "opt_state": tx.init(params)}
 
     def inner(state, batch):
       # Per-island mean gradients (no cross-island traffic), then one hierarchical mean over
       # islands: each device sends only its ZeRO shard, so one gradient copy per island crosses.
-      per_island_grad = jax.vmap(jax.value_and_grad(lambda p, b: steps.mean_loss(graphdef, p, b)),
-                                 in_axes=(None, 0), spmd_axis_name="island")
+      per_island_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0),
+                                 spmd_axis_name="island")
       losses, grads = per_island_grad(state["params"], batch)
       grads = island_mean(grads)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -168,7 +185,7 @@ def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
     return jax.lax.with_sharding_constraint(jax.vmap(tx.init)(inner_params), inner_opt_shard)
 
   def init(key):
-    params = model_lib.init_params(model_cfg, key)
+    params = init_fn(key)
     inner_params = broadcast(params)
     return {"global_params": params, "outer_opt_state": outer_tx.init(params),
             "inner_params": inner_params, "inner_opt_state": fresh_inner_opt(inner_params)}

@@ -107,5 +107,5 @@ def shardings(mesh: Mesh, specs: Any) -> Any:
 
 
 def batch_spec() -> P:
-  """Batches are [islands, rows, seq]: islands over `island`, rows over data x fsdp."""
-  return P("island", BATCH_AXES, None)
+  """Batches are [islands, rows, ...]: islands over `island`, rows over data x fsdp."""
+  return P("island", BATCH_AXES)

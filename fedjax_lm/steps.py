@@ -61,13 +61,12 @@ def mean_loss(graphdef, params, batch) -> jax.Array:
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation) -> Callable:
-  """(params, opt_state, batch) -> (params, opt_state, loss). Batch may have any leading dims:
-  the loss is the mean over all of its tokens, so a [M, B, T] batch is one big data-parallel
-  batch (DDP); ``jax.vmap`` of this step over M is M independent islands."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """(params, opt_state, batch) -> (params, opt_state, loss) for ``loss_fn(params, batch)``;
+  ``jax.vmap`` of this step over a leading dim is that many independent islands."""
 
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(mean_loss, argnums=1)(graphdef, params, batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 

@@ -8,6 +8,8 @@ steps only.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -57,10 +59,22 @@ class Evaluator:
             "eval_loss_per_token": nll / max(tokens, 1.0), "eval_tokens": int(tokens)}
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training as configured; returns the last metrics record."""
+def _maybe_inject_fault(step: int, checkpointer) -> None:
+  """Fault injection for resume tests: ``FEDJAX_LM_KILL_AT_STEP=S`` (and optionally
+  ``FEDJAX_LM_KILL_PROCESS=i``, default the last process) SIGKILLs that process after step S,
+  once the checkpoints it started have been written."""
+  at = os.environ.get("FEDJAX_LM_KILL_AT_STEP")
+  victim = int(os.environ.get("FEDJAX_LM_KILL_PROCESS", jax.process_count() - 1))
+  if at is not None and step == int(at) and jax.process_index() == victim:
+    checkpointer.wait()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(config, workdir: str, devices=None) -> dict[str, Any]:
+  """Runs (or resumes) training as configured; returns the last metrics record.
+  ``devices`` defaults to all devices of the job."""
   config_lib.validate(config)
-  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
   if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -118,6 +132,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         pending, last_time, last_step = [], time.time(), done
       if done % config.checkpoint_every == 0 or done == total:
         checkpointer.save(done, state, batches, force=True)
+      _maybe_inject_fault(done, checkpointer)
   checkpointer.wait()
   checkpointer.close()
   writer.close()

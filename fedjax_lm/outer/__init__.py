@@ -32,7 +32,7 @@ from typing import Callable
 import optax
 
 _DEFAULTS = {
-    "fedavg": {"learning_rate": 1.0, "momentum": 0.0},
+    "fedavg": {"learning_rate": 1.0},
     "diloco": {"learning_rate": 0.7, "momentum": 0.9},
     "fedopt_adam": {"learning_rate": 1e-2},
     "fedopt_yogi": {"learning_rate": 1e-2},

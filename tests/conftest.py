@@ -1,0 +1,64 @@
+"""Test setup: this process sees 4 virtual CPU devices, used only to *compile* multi-device
+programs (HLO checks, sharding rules). Anything that *executes* across devices runs as separate
+processes through the launcher (in-process CPU collectives can deadlock on small machines)."""
+
+import os
+import subprocess
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A model small enough to train in seconds; ``overrides`` use dotted keys."""
+  c = config_lib.base_config()
+  c.model.update(dict(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16,
+                      mlp_dim=64, max_len=64, vocab_size=258))
+  c.data.seq_len = 32
+  c.data.batch_size = 4
+  c.eval_batch_size = 4
+  c.eval_batches = 2
+  c.total_steps = 8
+  c.log_every = 1
+  c.eval_every = 4
+  c.checkpoint_every = 4
+  c.inner.warmup_steps = 2
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def run_cli(args, env=None, timeout=600):
+  """Runs ``python -m experiments.train ARGS`` from the repo root; returns CompletedProcess."""
+  full_env = dict(os.environ)
+  full_env["XLA_FLAGS"] = ""  # the launcher gives each process one device
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
+                        env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One TFDS data dir per test session (the Shakespeare build happens once)."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  from fedjax_lm import data  # pylint: disable=g-import-not-at-top
+  data.prepare_shakespeare(path)
+  return path
+
+
+@pytest.fixture
+def one_device():
+  return jax.devices()[:1]
