@@ -39,5 +39,15 @@ def main(argv):
   train.train(config, workdir)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a bad ``--config.key`` reported as one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    what = f"unknown config key {e}" if isinstance(e, (AttributeError, KeyError)) else str(e)
+    sys.exit(f"error: bad config override among {bad}: {what}".replace('"', ""))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -97,26 +97,20 @@ class TrainBatches:
 
 
 def eval_batches(data_cfg, mesh, *, tokenizer, rows: int, max_batches: int) -> list[dict]:
-  """Validation batches ``[rows, T]`` sharded over every device, built once and kept on device."""
+  """Validation batches ``[rows, T]`` sharded over every device, built once and kept on device.
+
+  Every process builds the same global batches and keeps its devices' rows, so the eval set
+  (and eval_loss) does not depend on the number of processes or the mesh."""
   sharding = NamedSharding(mesh, P(mesh_lib.MESH_AXES[:3], None))
   shape = (rows, int(data_cfg.seq_len))
   n_shards = mesh.shape["island"] * mesh.shape["data"] * mesh.shape["fsdp"]
   if rows % n_shards:
-    raise ValueError(f"eval rows {rows} not divisible by island x data x fsdp = {n_shards}")
+    raise ValueError(f"eval_batch_size={rows} not divisible by island x data x fsdp = {n_shards}")
   source = data_lib.get_source(data_cfg.name, "validation", data_dir=data_cfg.data_dir or None)
-  per_shard: dict[int, list] = {}
-  plan = []
-  for device, (row_slice, _) in _local_slices(sharding, shape):
-    r0, r1 = _bounds(row_slice, rows)
-    shard = r0 // (r1 - r0)
-    if shard not in per_shard:
-      per_shard[shard] = data_lib.make_eval_batches(
-          source, tokenizer=tokenizer, seq_len=shape[1], batch_size=r1 - r0,
-          max_batches=max_batches, shard_index=shard, shard_count=rows // (r1 - r0),
-          text_key=data_cfg.text_key)
-    plan.append((device, shard))
-  num = {len(b) for b in per_shard.values()}
-  if len(num) != 1:
-    raise RuntimeError(f"eval shards disagree on batch count: {num}")
-  return [_assemble(sharding, shape, {d: per_shard[s][i] for d, s in plan})
-          for i in range(num.pop())]
+  batches = data_lib.make_eval_batches(source, tokenizer=tokenizer, seq_len=shape[1],
+                                       batch_size=rows, max_batches=max_batches,
+                                       text_key=data_cfg.text_key)
+  local = _local_slices(sharding, shape)
+  return [_assemble(sharding, shape, {d: {k: v[idx] for k, v in batch.items()}
+                                      for d, idx in local})
+          for batch in batches]
