@@ -106,6 +106,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     raise ValueError(f"islands.num={num} must be a positive multiple of the mesh's island axis "
                      f"size {axis} (mesh {dict(mesh.shape)})")
   abstract, specs = abstract_params, param_specs
+  mesh_lib.check_divisible(abstract, specs, dict(mesh.shape))
   tx = inner_tx or steps.inner_optimizer(config.inner, int(config.total_steps))
   train_step = steps.make_train_step(loss_fn, tx)
   named = lambda tree: mesh_lib.shardings(mesh, tree)

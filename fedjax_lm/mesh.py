@@ -77,6 +77,20 @@ def param_specs(axes_tree: Any, rules: Mapping[str, Any]) -> Any:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
+def check_divisible(abstract: Any, specs: Any, axis_sizes: Mapping[str, int]) -> None:
+  """Every sharded dim must divide by its mesh axes' product; one error naming the param."""
+  flat_abstract = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), spec in zip(flat_abstract, flat_specs):
+    for dim, entry in zip(leaf.shape, spec):
+      axes = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+      size = math.prod(axis_sizes[a] for a in axes)
+      if dim % size:
+        raise ValueError(f"Parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
+                         f"sharded as {spec}: dim {dim} is not divisible by {axes} = {size} "
+                         "devices; change the mesh or the sharding rules")
+
+
 def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> P:
   """Adds the (unused) ``axes`` to the largest divisible dim: ZeRO-style sharding of state that
   the data-parallel devices of an island would otherwise each hold whole (outer state)."""
