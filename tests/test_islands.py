@@ -206,3 +206,22 @@ def test_islands_num_must_fit_the_island_axis():
   config = tiny_config(**{"algorithm": "islands", "islands.num": 3})
   with pytest.raises(ValueError, match="islands.num=3"):
     islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_inner_optimizer_state_kept_or_reset_at_sync(one_device, reset):
+  """By default AdamW moments survive the sync; ``outer.reset_inner_opt_state`` re-initialises
+  them (count back to 0, moments zero)."""
+  config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 2,
+                          "outer.reset_inner_opt_state": reset})
+  alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
+  state = alg.init(jax.random.key(0))
+  for batch in _batches(2, 4, 16, 2):
+    state, _ = alg.inner_step(state, batch)
+  state = alg.outer_step(state)
+  adam = state["inner_opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  mu_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(adam.mu))
+  if reset:
+    assert np.all(np.asarray(adam.count) == 0) and mu_norm == 0.0
+  else:
+    assert np.all(np.asarray(adam.count) == 2) and mu_norm > 0.0
