@@ -13,25 +13,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
-  """A model small enough to train in seconds; ``overrides`` use dotted keys."""
-  c = config_lib.base_config()
-  c.model.update(dict(num_layers=2, embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16,
-                      mlp_dim=64, max_len=64, vocab_size=258))
-  c.data.seq_len = 32
-  c.data.batch_size = 4
-  c.eval_batch_size = 4
-  c.eval_batches = 2
-  c.total_steps = 8
-  c.log_every = 1
-  c.eval_every = 4
-  c.checkpoint_every = 4
-  c.inner.warmup_steps = 2
+  """``configs/tiny.py`` (a model small enough to train in seconds), unlocked, with
+  ``overrides`` given as dotted keys."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.unlock()
   for key, value in overrides.items():
     node = c
     *path, leaf = key.split(".")

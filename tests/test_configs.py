@@ -13,7 +13,8 @@ from fedjax_lm import islands
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("__init__.py"))
 
 
 def load(path):
