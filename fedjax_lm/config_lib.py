@@ -93,6 +93,8 @@ def validate(c) -> None:
   for key in ("total_steps", "log_every", "eval_every", "checkpoint_every", "eval_batch_size",
               "eval_batches", "keep_checkpoints"):
     _check(int(c[key]) > 0, f"{key}={c[key]} must be positive")
+  _check(float(c.outer.clip_norm) >= 0, f"outer.clip_norm={c.outer.clip_norm} must be >= 0")
+  _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")

@@ -48,6 +48,8 @@ class ModelConfig:
     if out.num_heads % out.num_kv_heads:
       raise ValueError(f"model.num_heads={out.num_heads} is not a multiple of "
                        f"model.num_kv_heads={out.num_kv_heads}")
+    if out.head_dim % 2:
+      raise ValueError(f"model.head_dim={out.head_dim} must be even (RoPE rotates pairs)")
     for name in ("compute_dtype", "param_dtype"):
       if getattr(out, name) not in DTYPES:
         raise ValueError(f"model.{name}={getattr(out, name)!r}: expected one of {list(DTYPES)}")

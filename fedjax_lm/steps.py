@@ -43,7 +43,7 @@ def inner_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     opt = optax.sgd(lr, momentum=cfg.momentum or None, nesterov=False)
   else:
     raise ValueError(f"inner.optimizer={cfg.optimizer!r}: expected one of {INNER_OPTIMIZERS}")
-  if cfg.grad_clip:
+  if cfg.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt
 

@@ -97,6 +97,8 @@ def from_config(cfg) -> optax.GradientTransformation:
   if cfg.optimizer == "sgd":
     hparams["nesterov"] = bool(cfg.nesterov)
   tx = OPTIMIZERS[cfg.optimizer](**hparams)
-  if cfg.clip_norm:
+  if cfg.clip_norm < 0:
+    raise ValueError(f"outer.clip_norm={cfg.clip_norm} must be >= 0")
+  if cfg.clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(cfg.clip_norm)), tx)
   return tx
