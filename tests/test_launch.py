@@ -53,32 +53,19 @@ def test_all_succeed_returns_zero(tmp_path):
     _assert_dead(pid)
 
 
-def test_failure_stops_peers_quickly(tmp_path):
-  body = """\
-      if i == 1:
-        sys.exit(3)
+@pytest.mark.parametrize("failing, num, exit_code", [(1, 3, 3), (0, 2, 5)])
+def test_failure_stops_peers_quickly(tmp_path, failing, num, exit_code):
+  body = f"""\
+      if i == {failing}:
+        sys.exit({exit_code})
       time.sleep(60)
       """
   start = time.monotonic()
-  code = launch.launch_local(_argv(tmp_path, body), 3, str(tmp_path / "logs"))
+  code = launch.launch_local(_argv(tmp_path, body), num, str(tmp_path / "logs"))
   elapsed = time.monotonic() - start
-  assert code == 3
+  assert code == exit_code
   assert elapsed < 10, elapsed
-  for pid in _pids(tmp_path, 3):
-    _assert_dead(pid)
-
-
-def test_failure_of_process_zero_stops_peers(tmp_path):
-  body = """\
-      if i == 0:
-        sys.exit(5)
-      time.sleep(60)
-      """
-  start = time.monotonic()
-  code = launch.launch_local(_argv(tmp_path, body), 2, str(tmp_path / "logs"))
-  assert code == 5
-  assert time.monotonic() - start < 10
-  for pid in _pids(tmp_path, 2):
+  for pid in _pids(tmp_path, num):
     _assert_dead(pid)
 
 
