@@ -35,9 +35,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.nesterov = False  # only for outer.optimizer=sgd
   c.outer.clip_norm = 0.0  # > 0: clip the pseudo-gradient's global norm first
   c.outer.reset_inner_opt_state = False
+  # Streaming DiLoCo (Douillard et al. 2025) and eager updates (Kale et al. 2025).
+  c.outer.fragments = 1  # P: strided parameter fragments, staggered by H / P
+  c.outer.overlap = 0  # tau: inner steps between a fragment's send and its merge
+  c.outer.mixing = 0.0  # alpha: merge local <- alpha local + (1 - alpha) global
+  c.outer.eager = False  # step from the island's own fresh pseudo-gradient until the mean lands
+  # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
+  c.outer.compression = "none"
+  c.outer.quant_block = 256  # values per scale (int8 / int4)
+  c.outer.stochastic_rounding = False
+  c.outer.topk_fraction = 1 / 32  # kept per chunk (topk)
+  c.outer.topk_chunk = 4096
+  c.outer.topk_bits = 2  # bits per kept value: 2 | 4 | 8 | 32 (sign included)
+  c.outer.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
 
   c.inner = ml_collections.ConfigDict()
-  c.inner.optimizer = "adamw"  # adamw | sgd
+  c.inner.optimizer = "adamw"  # adamw | sgd | muon
   c.inner.learning_rate = 3e-3
   c.inner.warmup_steps = 50
   c.inner.min_lr_ratio = 0.1
@@ -83,7 +96,8 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(c) -> None:
   """One clear error naming the first bad value."""
-  from fedjax_lm import islands, outer, steps  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from fedjax_lm import codecs, fragments, islands, outer, steps
   _check(c.algorithm in islands.ALGORITHMS,
          f"algorithm={c.algorithm!r}: expected one of {islands.ALGORITHMS}")
   _check(c.inner.optimizer in steps.INNER_OPTIMIZERS,
@@ -101,6 +115,9 @@ def validate(c) -> None:
   if c.algorithm == "islands":
     outer.resolved_hparams(c.outer)
     _check(int(c.outer.sync_every) >= 1, f"outer.sync_every={c.outer.sync_every} must be >= 1")
+    fragments.Schedule(int(c.outer.sync_every), int(c.outer.fragments), int(c.outer.overlap),
+                       int(c.total_steps))
+    islands.check_streaming_options(c.outer, codecs.from_config(c.outer))
   _check(c.launch.mode in ("local", "cluster", "none"),
          f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")

@@ -28,48 +28,75 @@ Logging gathers M float32 losses per logged step across islands; that is not cou
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lm import codecs
+from fedjax_lm import fragments
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import steps
+from fedjax_lm import sync
 
 ALGORITHMS = ("ddp", "islands")
 
 
 @dataclasses.dataclass
 class Algorithm:
-  """Jitted functions and layout of one training algorithm."""
+  """Jitted programs and layout of one training algorithm.
+
+  The loop is ``state, metrics = alg.inner_step(state, batch); state = alg.sync(state, done)``.
+  ``programs`` names every jitted function (``inner``, and per fragment ``encode/p``,
+  ``exchange/p``, ``merge/p``) for HLO checks.
+  """
 
   name: str
   num_islands: int
-  sync_every: int  # 0: never (ddp)
   init: Callable[[jax.Array], Any]  # key -> state
   inner_step: Callable[[Any, Any], tuple[Any, dict]]  # (state, batch) -> (state, metrics)
-  outer_step: Callable[[Any], Any] | None  # state -> state
   eval_params: Callable[[Any], Any]  # state -> params to evaluate (global model)
   state_shardings: Any
   params_sharding: Any  # sharding of eval_params(state)
-  bytes_per_inner_step: int
-  bytes_per_sync: int
+  programs: dict[str, Callable]
+  bytes_per_inner_step: int = 0
+  fragment_bytes: tuple[int, ...] = ()  # payload per island of one sync of each fragment
+  schedule: fragments.Schedule | None = None
+  sync_fn: Callable[[Any, int], Any] | None = None
+  lower_sync: Callable[[Any, int], dict] | None = None  # (state, p) -> lowered stages
 
-  def syncs_at(self, step: int, total_steps: int) -> bool:
-    """Whether the outer sync runs after inner step ``step`` (0-based). The last step always
-    syncs so the final global model has seen every inner step."""
-    return bool(self.sync_every) and ((step + 1) % self.sync_every == 0 or step + 1 == total_steps)
+  @property
+  def sync_every(self) -> int:
+    return self.schedule.every if self.schedule else 0
 
-  def island_bytes(self, steps_done: int, total_steps: int) -> int:
-    syncs = 0
-    if self.sync_every:
-      syncs = steps_done // self.sync_every + (steps_done == total_steps
-                                                and total_steps % self.sync_every != 0)
-    return steps_done * self.bytes_per_inner_step + syncs * self.bytes_per_sync
+  @property
+  def bytes_per_sync(self) -> int:
+    """Payload per island of one sync of every fragment (one DiLoCo sync when P = 1)."""
+    return sum(self.fragment_bytes)
+
+  def sync(self, state: Any, done: int) -> Any:
+    """Runs the sends and merges due after ``done`` inner steps (a no-op for ddp)."""
+    return state if self.sync_fn is None else self.sync_fn(state, done)
+
+  def island_bytes(self, done: int) -> int:
+    """Cumulative payload one island has sent after ``done`` inner steps."""
+    sent = done * self.bytes_per_inner_step
+    if self.schedule:
+      sent += sum(self.schedule.send_count(p, done) * b for p, b in enumerate(self.fragment_bytes))
+    return sent
+
+  def island_peak_bytes(self, done: int) -> int:
+    """The largest single sync (one fragment's exchange, or one DDP step) so far."""
+    if not self.schedule:
+      return self.bytes_per_inner_step if done else 0
+    return max([b for p, b in enumerate(self.fragment_bytes)
+                if self.schedule.send_count(p, done)], default=0)
 
 
 def tree_bytes(tree: Any) -> int:
@@ -119,11 +146,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   stacked_zero_shard = named(jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"),
                                           zero_specs, is_leaf=lambda x: isinstance(x, P)))
 
-  def island_mean(stacked):
-    """Mean over the island dim of an [M, ...] tree: the one cross-island reduction."""
-    stacked = jax.lax.with_sharding_constraint(stacked, stacked_zero_shard)
-    return jax.lax.with_sharding_constraint(
-        jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked), named(zero_specs))
+  island_mean = functools.partial(sync.island_mean, stacked_sharding=stacked_zero_shard,
+                                  mean_sharding=named(zero_specs))
 
   if config.algorithm == "ddp":
     # ZeRO-1: the optimizer state is sharded over the island's data devices.
@@ -145,76 +169,233 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
       return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state},
               {"island_loss": losses})
 
+    inner_step = jax.jit(inner, in_shardings=(shard, batch_sharding),
+                         out_shardings=(shard, {"island_loss": island_loss_sharding}),
+                         donate_argnums=0)
     return Algorithm(
-        name="ddp", num_islands=num, sync_every=0,
-        init=jax.jit(init, out_shardings=shard),
-        inner_step=jax.jit(inner, in_shardings=(shard, batch_sharding),
-                           out_shardings=(shard, {"island_loss": island_loss_sharding}),
-                           donate_argnums=0),
-        outer_step=None, eval_params=lambda s: s["params"], state_shardings=shard,
-        params_sharding=shard["params"], bytes_per_inner_step=payload, bytes_per_sync=0)
+        name="ddp", num_islands=num, init=jax.jit(init, out_shardings=shard),
+        inner_step=inner_step, eval_params=lambda s: s["params"], state_shardings=shard,
+        params_sharding=shard["params"], programs={"inner": inner_step},
+        bytes_per_inner_step=payload)
 
   if config.algorithm != "islands":
     raise ValueError(f"algorithm={config.algorithm!r}: expected one of {ALGORITHMS}")
   if outer_tx is None:
     from fedjax_lm import outer  # pylint: disable=g-import-not-at-top
     outer_tx = outer.from_config(config.outer)
-  sync_every = int(config.outer.sync_every)
-  if sync_every < 1:
-    raise ValueError(f"outer.sync_every={sync_every} must be >= 1")
-  reset_inner = bool(config.outer.reset_inner_opt_state)
-  global_specs = zero_specs
-  inner_specs = jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), specs,
-                             is_leaf=lambda x: isinstance(x, P))
+  oc = config.outer
+  schedule = fragments.Schedule(int(oc.sync_every), int(oc.fragments), int(oc.overlap),
+                                int(config.total_steps))
+  frags = fragments.Fragments(abstract, schedule.fragments)
+  codec = codecs.from_config(oc)
+  alpha, beta, eager = float(oc.mixing), float(oc.error_feedback), bool(oc.eager)
+  reset_inner = bool(oc.reset_inner_opt_state)
+  check_streaming_options(oc, codec)
+  stack = lambda tree: jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), tree,
+                                    is_leaf=lambda x: isinstance(x, P))
+  frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
+  for p in range(frags.num):
+    f_abs = frags.abstract(abstract, p)
+    f_specs = tuple(mesh_lib.zero_spec(s, a.shape, mesh)
+                    for s, a in zip(frags.specs(specs, p), f_abs))
+    mesh_lib.check_divisible(f_abs, f_specs, dict(mesh.shape))
+    frag_specs.append(f_specs)
   state_specs = {
-      "global_params": global_specs,
-      "outer_opt_state": _opt_specs(outer_tx, abstract, global_specs),
-      "inner_params": inner_specs,
-      "inner_opt_state": jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"),
-                                      _opt_specs(tx, abstract, specs),
-                                      is_leaf=lambda x: isinstance(x, P)),
+      "global_params": zero_specs,
+      "outer_opt_state": tuple(_opt_specs(outer_tx, frags.abstract(abstract, p), frag_specs[p])
+                               for p in range(frags.num)),
+      "inner_params": stack(specs),
+      "inner_opt_state": stack(_opt_specs(tx, abstract, specs)),
   }
+  if beta > 0:  # error-feedback residual per island
+    state_specs["residual"] = stack(specs)
+  if eager:  # last average, own last pseudo-gradient and eager estimate
+    state_specs.update(avg_prev=zero_specs, own_prev=stack(specs), eager_base=stack(specs))
   shard = named(state_specs)
-  inner_param_shard = shard["inner_params"]
-  inner_opt_shard = shard["inner_opt_state"]
+
+  # The flat payload of fragment p: [M, n_p] padded so each in-island device sends a slice.
+  in_island = int(np.prod([mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES]))
+  sizes = [sum(math.prod(x.shape) for x in frags.abstract(abstract, p)) for p in range(frags.num)]
+  padded = [codecs.padded_size(n, codec, in_island) if codec else n for n in sizes]
+  flat_shard = NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES))
+  key = jax.random.key(int(config.seed) + 1)
+
+  def payload_shardings(n, gathered):
+    shapes = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((n,), jnp.float32), key)
+    lead = None if gathered else "island"
+    return jax.tree.map(lambda s: NamedSharding(mesh, P(lead, mesh_lib.IN_ISLAND_AXES)), shapes)
+
+  def stacked_frag_shard(p):
+    return named(tuple(mesh_lib.with_leading(s, "island") for s in frag_specs[p]))
 
   def broadcast(params):
     stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (num,) + g.shape), params)
-    return jax.lax.with_sharding_constraint(stacked, inner_param_shard)
+    return jax.lax.with_sharding_constraint(stacked, shard["inner_params"])
 
   def fresh_inner_opt(inner_params):
-    return jax.lax.with_sharding_constraint(jax.vmap(tx.init)(inner_params), inner_opt_shard)
+    return jax.lax.with_sharding_constraint(jax.vmap(tx.init)(inner_params),
+                                            shard["inner_opt_state"])
 
   def init(key):
     params = init_fn(key)
     inner_params = broadcast(params)
-    return {"global_params": params, "outer_opt_state": outer_tx.init(params),
-            "inner_params": inner_params, "inner_opt_state": fresh_inner_opt(inner_params)}
+    zeros = lambda: jax.tree.map(jnp.zeros_like, inner_params)
+    state = {"global_params": params,
+             "outer_opt_state": tuple(outer_tx.init(frags.take(params, p))
+                                      for p in range(frags.num)),
+             "inner_params": inner_params, "inner_opt_state": fresh_inner_opt(inner_params)}
+    if beta > 0:
+      state["residual"] = zeros()
+    if eager:
+      state.update(avg_prev=jax.tree.map(jnp.zeros_like, params), own_prev=zeros(),
+                   eager_base=zeros())
+    return state
 
-  def inner(state, batch):
+  def inner(sub, batch):
     params, opt_state, loss = jax.vmap(train_step, spmd_axis_name="island")(
-        state["inner_params"], state["inner_opt_state"], batch)
-    return ({**state, "inner_params": params, "inner_opt_state": opt_state},
-            {"island_loss": loss})
+        sub["inner_params"], sub["inner_opt_state"], batch)
+    return {"inner_params": params, "inner_opt_state": opt_state}, {"island_loss": loss}
 
-  def outer_sync(state):
-    mean = island_mean(state["inner_params"])
-    delta = jax.tree.map(jnp.subtract, state["global_params"], mean)
-    updates, outer_opt_state = outer_tx.update(delta, state["outer_opt_state"],
-                                               state["global_params"])
-    global_params = optax.apply_updates(state["global_params"], updates)
-    inner_params = broadcast(global_params)
-    inner_opt_state = fresh_inner_opt(inner_params) if reset_inner else state["inner_opt_state"]
-    return {"global_params": global_params, "outer_opt_state": outer_opt_state,
-            "inner_params": inner_params, "inner_opt_state": inner_opt_state}
+  def encode(p, rw, ro, done):
+    """Island-local: pseudo-gradient of fragment p, error feedback, codec (and eager step)."""
+    src = {**ro, **rw}
+    g = frags.take(src["global_params"], p)
+    delta = sync.pseudo_gradients(g, frags.take(src["inner_params"], p, lead=1))
+    out = {}
+    if eager:
+      d_hat = sync.eager_delta(delta, frags.take(rw["own_prev"], p, lead=1),
+                               frags.take(ro["avg_prev"], p), num)
+      base = jax.vmap(lambda d: sync.outer_update(outer_tx, d, ro["outer_opt_state"], g)[0])(
+          d_hat)
+      out["own_prev"] = frags.put(rw["own_prev"], p, delta, lead=1)
+      out["eager_base"] = frags.put(rw["eager_base"], p, base, lead=1)
+      out["inner_params"] = frags.put(rw["inner_params"], p, base, lead=1)
+    if codec is None:
+      return out, delta
+    flat = sync.flatten(delta, padded[p])
+    keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, done), p), num)
+    residual = sync.flatten(frags.take(rw["residual"], p, lead=1), padded[p]) if beta else None
+    payload, residual = sync.encode(codec, flat, residual, beta, keys)
+    if beta:
+      out["residual"] = frags.put(rw["residual"], p, tuple(
+          jax.vmap(lambda r: sync.unflatten(r, g))(residual)), lead=1)
+    return out, payload
 
+  def exchange(p, rw, payload):
+    """The one cross-island exchange of fragment p, then the outer step on the global copy."""
+    g = frags.take(rw["global_params"], p)
+    if codec is None:
+      mean = sync.island_mean(payload, stacked_frag_shard(p), named(frag_specs[p]))
+    else:
+      mean = sync.unflatten(sync.exchange(codec, payload, payload_shardings(padded[p], True))
+                            [:sizes[p]], g)
+    new_g, opt_state = sync.outer_update(outer_tx, mean, rw["outer_opt_state"], g)
+    out = {"global_params": frags.put(rw["global_params"], p, new_g),
+           "outer_opt_state": opt_state}
+    if eager:
+      out["avg_prev"] = frags.put(rw["avg_prev"], p, mean)
+    return out
+
+  def merge(p, rw, ro):
+    """Islands take the new global fragment p (alpha-mixed, or correcting the eager step)."""
+    local = frags.take(rw["inner_params"], p, lead=1)
+    base = frags.take(ro["eager_base"], p, lead=1) if eager else None
+    merged = sync.merge(local, frags.take(ro["global_params"], p), alpha, base)
+    out = {"inner_params": frags.put(rw["inner_params"], p, merged, lead=1)}
+    if reset_inner:
+      out["inner_opt_state"] = fresh_inner_opt(out["inner_params"])
+    return out
+
+  sub = lambda keys: {k: shard[k] for k in keys}
+  enc_rw = ((["residual"] if beta else []) +
+            (["own_prev", "eager_base", "inner_params"] if eager else []))
+  enc_ro = (["global_params"] + ([] if eager else ["inner_params"]) +
+            (["avg_prev"] if eager else []))
+  exch_rw = ["global_params"] + (["avg_prev"] if eager else [])
+  merge_rw = ["inner_params"] + (["inner_opt_state"] if reset_inner else [])
+  merge_ro = ["global_params"] + (["eager_base"] if eager else [])
+  programs = {"inner": jax.jit(
+      inner, in_shardings=(sub(["inner_params", "inner_opt_state"]), batch_sharding),
+      out_shardings=(sub(["inner_params", "inner_opt_state"]),
+                     {"island_loss": island_loss_sharding}), donate_argnums=0)}
+  for p in range(frags.num):
+    opt_shard = shard["outer_opt_state"][p]
+    stacked_payload = (stacked_frag_shard(p) if codec is None
+                       else payload_shardings(padded[p], False))
+    enc_ro_shard = {**sub(enc_ro), **({"outer_opt_state": opt_shard} if eager else {})}
+    programs[f"encode/{p}"] = jax.jit(
+        functools.partial(encode, p), in_shardings=(sub(enc_rw), enc_ro_shard, None),
+        out_shardings=(sub(enc_rw), stacked_payload), donate_argnums=0)
+    exch_shard = {**sub(exch_rw), "outer_opt_state": opt_shard}
+    programs[f"exchange/{p}"] = jax.jit(
+        functools.partial(exchange, p), in_shardings=(exch_shard, stacked_payload),
+        out_shardings=exch_shard, donate_argnums=0)
+    programs[f"merge/{p}"] = jax.jit(
+        functools.partial(merge, p), in_shardings=(sub(merge_rw), sub(merge_ro)),
+        out_shardings=sub(merge_rw), donate_argnums=0)
+
+  pick = lambda state, keys: {k: state[k] for k in keys}
+
+  def inner_step(state, batch):
+    new, metrics = programs["inner"](pick(state, ["inner_params", "inner_opt_state"]), batch)
+    return {**state, **new}, metrics
+
+  def with_outer(state, p, new):
+    """``new`` may hold fragment p's outer state; put it back into the per-fragment tuple."""
+    new = dict(new)
+    if "outer_opt_state" in new:
+      states = list(state["outer_opt_state"])
+      states[p] = new.pop("outer_opt_state")
+      new["outer_opt_state"] = tuple(states)
+    return {**state, **new}
+
+  def encode_args(state, p, done):
+    ro = pick(state, enc_ro)
+    if eager:
+      ro["outer_opt_state"] = state["outer_opt_state"][p]
+    return pick(state, enc_rw), ro, done
+
+  def exchange_args(state, p, payload):
+    return {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}, payload
+
+  def run_sync(state, done):
+    """Send every fragment due at ``done`` (encode, then the exchange, dispatched
+    asynchronously: nothing the next inner steps compute feeds it), then merge those whose
+    overlap window ends now."""
+    for p in schedule.sends(done):
+      new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
+      state = {**state, **new}
+      state = with_outer(state, p, programs[f"exchange/{p}"](*exchange_args(state, p, payload)))
+    for p in schedule.merges(done):
+      state = {**state, **programs[f"merge/{p}"](pick(state, merge_rw), pick(state, merge_ro))}
+    return state
+
+  def lower_sync(state, p):
+    """Lowered ``encode/p`` and ``exchange/p`` on (abstract) ``state``, for HLO checks."""
+    args = encode_args(state, p, jax.ShapeDtypeStruct((), jnp.int32))
+    _, payload = jax.eval_shape(programs[f"encode/{p}"], *args)
+    return {"encode": programs[f"encode/{p}"].lower(*args),
+            "exchange": programs[f"exchange/{p}"].lower(*exchange_args(state, p, payload))}
+
+  payload_size = lambda p: (tree_bytes(frags.abstract(abstract, p)) if codec is None
+                            else codecs.payload_bytes(codec, padded[p]))
   return Algorithm(
-      name="islands", num_islands=num, sync_every=sync_every,
-      init=jax.jit(init, out_shardings=shard),
-      inner_step=jax.jit(inner, in_shardings=(shard, batch_sharding),
-                         out_shardings=(shard, {"island_loss": island_loss_sharding}),
-                         donate_argnums=0),
-      outer_step=jax.jit(outer_sync, in_shardings=(shard,), out_shardings=shard,
-                         donate_argnums=0),
-      eval_params=lambda s: s["global_params"], state_shardings=shard,
-      params_sharding=shard["global_params"], bytes_per_inner_step=0, bytes_per_sync=payload)
+      name="islands", num_islands=num, init=jax.jit(init, out_shardings=shard),
+      inner_step=inner_step, eval_params=lambda s: s["global_params"], state_shardings=shard,
+      params_sharding=shard["global_params"], programs=programs,
+      fragment_bytes=tuple(payload_size(p) if num > 1 else 0 for p in range(frags.num)),
+      schedule=schedule, sync_fn=run_sync, lower_sync=lower_sync)
+
+
+def check_streaming_options(oc, codec) -> None:
+  """One clear error for a bad combination of streaming / compression options."""
+  if not 0.0 <= float(oc.mixing) <= 1.0:
+    raise ValueError(f"outer.mixing={oc.mixing} must be in [0, 1]")
+  if not 0.0 <= float(oc.error_feedback) <= 1.0:
+    raise ValueError(f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
+  if float(oc.error_feedback) > 0 and codec is None:
+    raise ValueError("outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
+  if oc.eager and int(oc.overlap) < 1:
+    raise ValueError("outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
+  if oc.reset_inner_opt_state and int(oc.fragments) > 1:
+    raise ValueError("outer.reset_inner_opt_state is only defined for outer.fragments=1")

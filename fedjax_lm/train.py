@@ -112,10 +112,9 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   with jax.transfer_guard_device_to_host("disallow"):
     for step in range(start, total):
       state, step_metrics = alg.inner_step(state, next(batches))
-      if alg.outer_step is not None and alg.syncs_at(step, total):
-        state = alg.outer_step(state)
-      pending.append(step_metrics["island_loss"])
       done = step + 1
+      state = alg.sync(state, done)
+      pending.append(step_metrics["island_loss"])
       writer.step()
       is_eval = done % config.eval_every == 0 or done == total
       if done % config.log_every == 0 or is_eval:
@@ -124,7 +123,8 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
         record = {"step": done, "tokens": done * tokens_per_step,
                   "train_loss": float(island_loss.mean()),
                   "island_loss": [float(x) for x in island_loss],
-                  "island_bytes": alg.island_bytes(done, total),
+                  "island_bytes": alg.island_bytes(done),
+                  "island_peak_bytes": alg.island_peak_bytes(done),
                   "tokens_per_sec": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
         if is_eval:
           record.update(evaluate(alg.eval_params(state)))

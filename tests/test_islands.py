@@ -30,14 +30,14 @@ def _batches(num_islands, rows, seq, steps, seed=0):
 
 
 def _run(config, devices, steps=5):
+  config.total_steps = steps  # the sync schedule (final flush) and the lr schedule
   mesh = _mesh(devices)
   alg = islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(config.seed))
   losses = []
   for step, batch in enumerate(_batches(config.islands.num, 4, 16, steps)):
     state, metrics = alg.inner_step(state, batch)
-    if alg.outer_step is not None and alg.syncs_at(step, steps):
-      state = alg.outer_step(state)
+    state = alg.sync(state, step + 1)
     losses.append(np.asarray(metrics["island_loss"]))
   return np.array(losses), alg.eval_params(state)
 
@@ -105,13 +105,13 @@ def test_two_islands_linear_model_by_hand(one_device):
       np.testing.assert_allclose(metrics["island_loss"], [2.0, 0.5])
     if step == 1:
       np.testing.assert_allclose(state["inner_params"]["w"][:, 0], [1.5, -0.75])
-    if alg.syncs_at(step, 4):
-      state = alg.outer_step(state)
+    if alg.schedule.sends(step + 1):
+      state = alg.sync(state, step + 1)
       np.testing.assert_allclose(state["global_params"]["w"][0], expected_global[step],
                                  rtol=1e-6)
       np.testing.assert_allclose(state["inner_params"]["w"][:, 0], [expected_global[step]] * 2,
                                  rtol=1e-6)
-  assert alg.island_bytes(4, 4) == 2 * 4  # two syncs of one float32 each
+  assert alg.island_bytes(4) == 2 * 4  # two syncs of one float32 each
 
 
 def _compiled_collectives(config, mesh):
@@ -123,9 +123,12 @@ def _compiled_collectives(config, mesh):
   batch = {k: jax.ShapeDtypeStruct((m, b, t), jnp.float32 if k == "mask" else jnp.int32)
            for k in ("inputs", "targets", "mask")}
   n = mesh.devices.size
-  inner = hlo.collectives(alg.inner_step.lower(state, batch).compile().as_text(), n)
-  outer = (hlo.collectives(alg.outer_step.lower(state).compile().as_text(), n)
-           if alg.outer_step else [])
+  inner_state = {k: state[k] for k in state if k in ("params", "opt_state", "inner_params",
+                                                     "inner_opt_state")}
+  inner = hlo.collectives(alg.programs["inner"].lower(inner_state, batch).compile().as_text(), n)
+  outer = [c for p in range(alg.schedule.fragments if alg.schedule else 0)
+           for lowered in alg.lower_sync(state, p).values()
+           for c in hlo.collectives(lowered.compile().as_text(), n)]
   return alg, state, batch, inner, outer
 
 
@@ -179,10 +182,10 @@ def test_island_bytes_diloco_vs_ddp_ratio(one_device):
                          mesh, model_cfg)
   ddp = islands.build(tiny_config(**{"algorithm": "ddp", "islands.num": 2,
                                      "total_steps": 500}), mesh, model_cfg)
-  assert diloco.island_bytes(500, 500) * 50 == ddp.island_bytes(500, 500)
-  assert diloco.island_bytes(499, 500) == 9 * diloco.bytes_per_sync
+  assert diloco.island_bytes(500) * 50 == ddp.island_bytes(500)
+  assert diloco.island_bytes(499) == 9 * diloco.bytes_per_sync
   one = islands.build(tiny_config(**{"algorithm": "islands", "islands.num": 1}), mesh, model_cfg)
-  assert one.island_bytes(500, 500) == 0  # a single island sends nothing
+  assert one.island_bytes(500) == 0  # a single island sends nothing
 
 
 def test_outer_state_is_sharded_inside_the_island():
@@ -216,9 +219,9 @@ def test_inner_optimizer_state_kept_or_reset_at_sync(one_device, reset):
                           "outer.reset_inner_opt_state": reset})
   alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(0))
-  for batch in _batches(2, 4, 16, 2):
+  for step, batch in enumerate(_batches(2, 4, 16, 2)):
     state, _ = alg.inner_step(state, batch)
-  state = alg.outer_step(state)
+    state = alg.sync(state, step + 1)
   adam = state["inner_opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
   mu_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(adam.mu))
   if reset:

@@ -115,6 +115,6 @@ def test_loop_compiles_once_and_never_reads_back_implicitly(tmp_path, data_dir, 
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     record = train_lib.train(config, str(tmp_path), devices=one_device)
   compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  for name in ("inner", "outer_sync"):
+  for name in ("inner", "encode", "exchange", "merge"):
     assert sum(f"Compiling jit({name})" in m for m in compiles) == 1, [m[:80] for m in compiles]
   assert record["step"] == 9 and np.isfinite(record["eval_loss"])
