@@ -1,9 +1,13 @@
-"""DDP vs FedAvg vs DiLoCo on the same setup and tokens: runs each, prints a Markdown table.
+"""Methods side by side on the same setup and tokens: runs each, prints a Markdown table.
 
-  python -m experiments.compare --workdir runs/compare
+  python -m experiments.compare --workdir runs/compare                      # DDP/FedAvg/DiLoCo
+  python -m experiments.compare --set streaming --simulate --workdir runs/streaming \
+      --out experiments/results/streaming/summary.md
 
-Each run is ``python -m experiments.train`` (4 local processes: 2 islands x 2 devices);
-extra ``--override key=value`` flags go to every run (e.g. ``--override total_steps=100``).
+Each run is ``python -m experiments.train``. By default the configs' own launch (4 local
+processes: 2 islands x 2 devices); ``--simulate`` runs every config in one process with the M
+islands simulated on one device (island axis 1): the same numerics (tested), no collectives.
+Extra ``--override key=value`` flags go to every run (e.g. ``--override total_steps=100``).
 """
 
 import os
@@ -17,33 +21,64 @@ from absl import flags
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
+_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming"], "Which runs.")
+_SIMULATE = flags.DEFINE_bool("simulate", False, "One process, islands simulated on 1 device.")
+_OUT = flags.DEFINE_string("out", None, "Also write the table (and the command) here.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value applied to every run.")
 
-RUNS = (
-    ("DDP", "configs/shakespeare_ddp.py", []),
-    ("FedAvg (M=2, H=50)", "configs/shakespeare_diloco.py", ["outer.optimizer=fedavg"]),
-    ("DiLoCo (M=2, H=50)", "configs/shakespeare_diloco.py", []),
-)
+_STREAM = "configs/shakespeare_streaming.py"
+RUN_SETS = {
+    "methods": (
+        ("DDP", "configs/shakespeare_ddp.py", []),
+        ("FedAvg (M=2, H=50)", "configs/shakespeare_diloco.py", ["outer.optimizer=fedavg"]),
+        ("DiLoCo (M=2, H=50)", "configs/shakespeare_diloco.py", []),
+    ),
+    "streaming": (
+        ("DDP", "configs/shakespeare_ddp.py", []),
+        ("DiLoCo (M=2, H=50)", "configs/shakespeare_diloco.py", []),
+        ("Streaming (P=4, tau=5, alpha=0.5), f32", _STREAM, ["outer.compression=none"]),
+        ("Streaming + int8", _STREAM, ["outer.compression=int8"]),
+        ("Streaming + 4-bit", _STREAM, []),
+        ("Streaming + 4-bit + eager", _STREAM, ["outer.eager=True"]),
+        ("SparseLoCo (H=15, top-k 3.1% 2-bit, EF 0.95)", "configs/shakespeare_sparseloco.py", []),
+    ),
+}
+_SIMULATED = ["mesh.island=1", "mesh.data=1", "launch.processes=1"]
 
 
 def main(argv):
   del argv
   rows = []
-  for name, config, overrides in RUNS:
-    workdir = os.path.join(_WORKDIR.value, name.split()[0].lower())
-    args = [f"--config.{o}" for o in (*overrides, *_OVERRIDES.value)]
+  for name, config, overrides in RUN_SETS[_SET.value]:
+    workdir = os.path.join(_WORKDIR.value, "".join(c if c.isalnum() else "_" for c in name))
+    extra = _SIMULATED if _SIMULATE.value else []
+    args = [f"--config.{o}" for o in (*overrides, *extra, *_OVERRIDES.value)]
     start = time.time()
     subprocess.run([sys.executable, "-m", "experiments.train", "--config", config,
                     "--workdir", workdir, *args], check=True)
     last = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
     rows.append((name, last, time.time() - start))
-  print("\n| algorithm | tokens | eval loss (nats/byte) | island_bytes (per island) | "
-        "vs DDP bytes | wall (s) |")
-  print("|---|---|---|---|---|---|")
-  ddp_bytes = rows[0][1]["island_bytes"]
+  ddp_bytes, ref_loss, ref_bytes, ref_peak = (
+      rows[0][1]["island_bytes"], rows[1][1]["eval_loss"], rows[1][1]["island_bytes"],
+      rows[1][1].get("island_peak_bytes", 0))
+  lines = [f"| method | tokens | eval loss (nats/byte) | loss / {rows[1][0].split()[0]} | "
+           "island_bytes (per island) | bytes / DDP | bytes / " + rows[1][0].split()[0] +
+           " | peak bytes per sync | peak / " + rows[1][0].split()[0] + " | wall (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name, last, wall in rows:
-    print(f"| {name} | {last['tokens']:,} | {last['eval_loss']:.4f} | "
-          f"{last['island_bytes']:,} | {last['island_bytes'] / ddp_bytes:.4f} | {wall:.0f} |")
+    b, peak = last["island_bytes"], last.get("island_peak_bytes", 0)
+    lines.append(
+        f"| {name} | {last['tokens']:,} | {last['eval_loss']:.4f} | "
+        f"{last['eval_loss'] / ref_loss:.4f} | {b:,} | {b / ddp_bytes:.4f} | "
+        f"{ref_bytes / b if b else float('inf'):.2f}x fewer | {peak:,} | "
+        f"{ref_peak / peak if peak else float('inf'):.2f}x lower | {wall:.0f} |")
+  table = "\n".join(lines)
+  print("\n" + table)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      f.write(f"Regenerate: `python -m experiments.compare {' '.join(sys.argv[1:])}`\n\n"
+              f"{table}\n")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,12 @@ def _absmax_int(bits: int, block: int, stochastic: bool) -> Codec:
 
 
 def _bf16() -> Codec:
-  return Codec("bf16", 1, lambda x, key: {"values": x.astype(jnp.bfloat16)[:, None]},
-               lambda p: p["values"].astype(jnp.float32).reshape(-1))
+  """bfloat16 values, exchanged as their uint16 bit patterns (so that XLA cannot hoist the
+  widening convert above the collective and send float32)."""
+  to_bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+  from_bits = lambda b: jax.lax.bitcast_convert_type(b, jnp.bfloat16).astype(jnp.float32)
+  return Codec("bf16", 1, lambda x, key: {"values": to_bits(x)[:, None]},
+               lambda p: from_bits(p["values"]).reshape(-1))
 
 
 def _topk(chunk: int, fraction: float, bits: int, stochastic: bool) -> Codec:

@@ -67,9 +67,21 @@ class Fragments:
       if self.num == 1 or x.ndim == lead:
         leaves[i] = v.astype(x.dtype)
       else:
-        index = (slice(None),) * lead + (slice(p, None, self.num),)
-        leaves[i] = x.at[index].set(v.astype(x.dtype))
+        leaves[i] = self._interleave(x, p, v.astype(x.dtype), lead)
     return self.treedef.unflatten(leaves)
+
+  def _interleave(self, x, p: int, v, axis: int):
+    """``x`` with rows ``p::P`` (along ``axis``) set to ``v``, by reshapes, not a scatter
+    (GSPMD may partition a scatter over the idle ``island`` axis and gather across it)."""
+    n, num = x.shape[axis], self.num
+    rows = -(-n // num)
+    pad = lambda a, r: jax.numpy.pad(a, [(0, r - a.shape[axis]) if d == axis else (0, 0)
+                                         for d in range(a.ndim)])
+    xp = pad(x, rows * num)
+    parts = [pad(v, rows) if q == p else
+             jax.lax.slice_in_dim(xp, q, rows * num, stride=num, axis=axis) for q in range(num)]
+    out = jax.numpy.stack(parts, axis=axis + 1).reshape(xp.shape)
+    return jax.lax.slice_in_dim(out, 0, n, axis=axis)
 
   def abstract(self, abstract_tree: Any, p: int) -> tuple:
     return jax.eval_shape(lambda t: self.take(t, p), abstract_tree)

@@ -220,10 +220,10 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   flat_shard = NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES))
   key = jax.random.key(int(config.seed) + 1)
 
-  def payload_shardings(n, gathered):
+  def payload_shardings(n):
     shapes = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((n,), jnp.float32), key)
-    lead = None if gathered else "island"
-    return jax.tree.map(lambda s: NamedSharding(mesh, P(lead, mesh_lib.IN_ISLAND_AXES)), shapes)
+    return jax.tree.map(lambda s: NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES)),
+                        shapes)
 
   def stacked_frag_shard(p):
     return named(tuple(mesh_lib.with_leading(s, "island") for s in frag_specs[p]))
@@ -275,7 +275,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     flat = sync.flatten(delta, padded[p])
     keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, done), p), num)
     residual = sync.flatten(frags.take(rw["residual"], p, lead=1), padded[p]) if beta else None
-    payload, residual = sync.encode(codec, flat, residual, beta, keys)
+    payload, residual = sync.encode(codec, flat, residual, beta, keys, mesh)
     if beta:
       out["residual"] = frags.put(rw["residual"], p, tuple(
           jax.vmap(lambda r: sync.unflatten(r, g))(residual)), lead=1)
@@ -287,8 +287,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     if codec is None:
       mean = sync.island_mean(payload, stacked_frag_shard(p), named(frag_specs[p]))
     else:
-      mean = sync.unflatten(sync.exchange(codec, payload, payload_shardings(padded[p], True))
-                            [:sizes[p]], g)
+      mean = sync.unflatten(sync.exchange(codec, payload, mesh)[:sizes[p]], g)
     new_g, opt_state = sync.outer_update(outer_tx, mean, rw["outer_opt_state"], g)
     out = {"global_params": frags.put(rw["global_params"], p, new_g),
            "outer_opt_state": opt_state}
@@ -321,7 +320,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   for p in range(frags.num):
     opt_shard = shard["outer_opt_state"][p]
     stacked_payload = (stacked_frag_shard(p) if codec is None
-                       else payload_shardings(padded[p], False))
+                       else payload_shardings(padded[p]))
     enc_ro_shard = {**sub(enc_ro), **({"outer_opt_state": opt_shard} if eager else {})}
     programs[f"encode/{p}"] = jax.jit(
         functools.partial(encode, p), in_shardings=(sub(enc_rw), enc_ro_shard, None),

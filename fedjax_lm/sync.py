@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax.sharding import PartitionSpec as P
+
 from fedjax_lm import codecs
+from fedjax_lm import mesh as mesh_lib
 
 
 def pseudo_gradients(global_frag: tuple, local_frag: tuple) -> tuple:
@@ -55,20 +58,40 @@ def unflatten(flat: jax.Array, like: tuple) -> tuple:
 
 
 def encode(codec: codecs.Codec, flat: jax.Array, residual: jax.Array | None, beta: float,
-           keys: jax.Array) -> tuple[dict, jax.Array | None]:
+           keys: jax.Array, mesh: Any) -> tuple[dict, jax.Array | None]:
   """Per island: payload of ``flat`` (``[M, n]``), through error feedback when a residual
-  (``[M, n]``) is kept."""
-  if residual is None:
-    return jax.vmap(codec.encode)(flat, keys), None
-  return jax.vmap(lambda x, e, k: codecs.error_feedback_step(codec, beta, x, e, k))(
-      flat, residual, keys)
+  (``[M, n]``) is kept. Island-local by construction (``shard_map``: each device encodes its
+  own whole blocks; GSPMD would partition e.g. ``top_k`` over the island axis)."""
+  spec = P("island", mesh_lib.IN_ISLAND_AXES)
+
+  def local(x, e, k):
+    k = jax.vmap(lambda key: jax.random.fold_in(
+        key, jax.lax.axis_index(mesh_lib.IN_ISLAND_AXES)))(k)
+    if e is None:
+      return jax.vmap(codec.encode)(x, k), None
+    return jax.vmap(lambda a, b, c: codecs.error_feedback_step(codec, beta, a, b, c))(x, e, k)
+
+  payload_specs = jax.tree.map(lambda _: spec, jax.eval_shape(
+      lambda x, k: jax.vmap(codec.encode)(x, k), flat, keys))
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P("island")),
+                       out_specs=(payload_specs, spec), check_vma=False)(flat, residual, keys)
 
 
-def exchange(codec: codecs.Codec, payload: dict, gathered_sharding: Any) -> jax.Array:
-  """The one cross-island exchange: all-gather every island's encoded payload (the sharding
-  constraint replicates it over ``island``), then decode each and average in float32."""
-  payload = jax.lax.with_sharding_constraint(payload, gathered_sharding)
-  return jnp.mean(jax.vmap(codec.decode)(payload), axis=0)
+def exchange(codec: codecs.Codec, payload: dict, mesh: Any) -> jax.Array:
+  """The one cross-island exchange: every device all-gathers its slice of every island's
+  encoded payload over ``island`` (nothing else crosses), then decodes each and averages in
+  float32. Written with ``shard_map`` so the collective is exactly this all-gather of the
+  encoded dtypes (under plain GSPMD, XLA may hoist the decode above the gather)."""
+  in_island = P("island", mesh_lib.IN_ISLAND_AXES)
+
+  def local(shard):
+    gathered = jax.tree.map(
+        lambda x: jax.lax.all_gather(x, "island", axis=0, tiled=True), shard)
+    return jnp.mean(jax.vmap(codec.decode)(gathered), axis=0)
+
+  specs = jax.tree.map(lambda _: in_island, payload)
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
+                       out_specs=P(mesh_lib.IN_ISLAND_AXES), check_vma=False)(payload)
 
 
 def island_mean(stacked: Any, stacked_sharding: Any, mean_sharding: Any) -> Any:

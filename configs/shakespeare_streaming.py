@@ -1,0 +1,28 @@
+"""Streaming DiLoCo on Shakespeare: the paper's recipe on the DiLoCo setup (M=2, H=50).
+
+| hyper-parameter      | value                                            |
+|----------------------|--------------------------------------------------|
+| islands (M), H       | 2, 50 (as ``shakespeare_diloco.py``)              |
+| fragments (P)        | 4, strided layer slices; one syncs every H/P = 12.5 steps |
+| overlap (tau)        | 5 inner steps between a fragment's send and its merge |
+| mixing (alpha)       | 0.5: local <- (local + global) / 2                |
+| exchanged values     | 4-bit (int4, one f32 scale per 256 values)        |
+| outer optimizer      | SGD + Nesterov, lr 0.7, momentum 0.9, per fragment |
+
+Douillard et al. 2025 (arXiv 2501.18512). Eager updates (Kale et al. 2025):
+``--config.outer.eager=True``. Uncompressed: ``--config.outer.compression=none``.
+"""
+
+from configs import shakespeare_diloco
+
+
+def get_config():
+  c = shakespeare_diloco.get_config()
+  c.unlock()
+  c.outer.fragments = 4
+  c.outer.overlap = 5
+  c.outer.mixing = 0.5
+  c.outer.compression = "int4"
+  c.outer.quant_block = 256
+  c.lock()
+  return c
