@@ -104,21 +104,36 @@ def tree_bytes(tree: Any) -> int:
 
 
 def _opt_specs(tx, abstract_params, param_specs):
+  """Specs of ``tx``'s state: a leaf whose key path ends with a parameter's path and has its
+  shape takes that parameter's spec (moments, momenta); anything else (counts) is replicated.
+  (``optax.tree_map_params`` does this too, but not for partitioned optimizers like Muon.)"""
   abstract_state = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_state, param_specs,
-                               transform_non_params=lambda _: P(),
-                               is_leaf=lambda x: isinstance(x, P))
+  params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(params, flat_specs)}
+
+  def spec_of(path, leaf):
+    for n in range(len(path)):
+      shape, spec = by_path.get(tuple(path[n:]), (None, None))
+      if spec is not None and shape == leaf.shape:
+        return spec
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec_of, abstract_state)
 
 
 def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
           outer_tx: optax.GradientTransformation | None = None) -> Algorithm:
   """The algorithm named by ``config.algorithm`` for the transformer LM on ``mesh``."""
   graphdef, abstract = model_lib.build(model_cfg)
-  specs = mesh_lib.param_specs(model_lib.logical_axes(model_cfg), dict(config.rules))
+  axes = model_lib.logical_axes(model_cfg)
+  specs = mesh_lib.param_specs(axes, dict(config.rules))
+  inner_tx = steps.inner_optimizer(config.inner, int(config.total_steps),
+                                   muon_dims=steps.muon_dimensions(axes))
   return build_for_loss(
       config, mesh, loss_fn=functools.partial(steps.mean_loss, graphdef),
       init_fn=functools.partial(model_lib.init_params, model_cfg), abstract_params=abstract,
-      param_specs=specs, outer_tx=outer_tx)
+      param_specs=specs, outer_tx=outer_tx, inner_tx=inner_tx)
 
 
 def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,

@@ -16,7 +16,7 @@ import optax
 
 from fedjax_lm import model as model_lib
 
-INNER_OPTIMIZERS = ("adamw", "sgd")
+INNER_OPTIMIZERS = ("adamw", "sgd", "muon")
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -33,10 +33,36 @@ def _decay_mask(params: Any) -> Any:
   return {k: ("norm" not in k) for k in params}
 
 
-def inner_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-  """The per-island optimizer from ``config.inner`` (adamw | sgd), with global-norm clipping."""
+def muon_dimensions(logical_axes: Any) -> Any:
+  """Muon's view of each parameter (``optax.contrib.MuonDimensionNumbers``, or None for the
+  AdamW path): matrices stacked over ``layers`` are orthogonalised per layer, input axes
+  reduced; embeddings, the unembedding and norm scales take AdamW updates (as in Muon / MuLoCo
+  practice). A matrix's output is its trailing ``embed`` axis (``wo``, ``w_down``) or else
+  everything after its leading ``embed`` input axis (``wq``, ``w_gate``, ...)."""
+  from optax.contrib import MuonDimensionNumbers  # pylint: disable=g-import-not-at-top
+
+  def dims(names):
+    if not names or names[0] != "layers" or len(names) < 3:
+      return None
+    if names[-1] == "embed":
+      return MuonDimensionNumbers(tuple(range(1, len(names) - 1)), (len(names) - 1,))
+    return MuonDimensionNumbers((1,), tuple(range(2, len(names))))
+
+  return jax.tree.map(dims, logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def inner_optimizer(cfg, total_steps: int, muon_dims: Any = None) -> optax.GradientTransformation:
+  """The per-island optimizer from ``config.inner`` (adamw | sgd | muon), with global-norm
+  clipping. ``muon``: optax's Muon with ``consistent_rms=0.2`` (update RMS matched to AdamW's,
+  so one learning rate and weight decay serve both paths); ``muon_dims`` from
+  :func:`muon_dimensions` (None: optax's default, 2-D leaves only)."""
   lr = learning_rate_schedule(cfg, total_steps)
-  if cfg.optimizer == "adamw":
+  if cfg.optimizer == "muon":
+    from optax.contrib import muon  # pylint: disable=g-import-not-at-top
+    opt = muon(lr, beta=cfg.b1, weight_decay=cfg.weight_decay, weight_decay_mask=_decay_mask,
+               adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=cfg.weight_decay,
+               muon_weight_dimension_numbers=muon_dims, consistent_rms=0.2)
+  elif cfg.optimizer == "adamw":
     opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay,
                       mask=_decay_mask)
   elif cfg.optimizer == "sgd":

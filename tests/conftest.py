@@ -53,3 +53,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def one_device():
   return jax.devices()[:1]
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: end-to-end through the CLI (CI runs them; -m 'not slow' skips locally)")

@@ -1,0 +1,131 @@
+"""Codecs: round-trip error bounds, exact payload sizes, bit packing, top-k, error feedback."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fedjax_lm import codecs
+
+
+def _codec(name, **kw):
+  cfg = ml_collections.ConfigDict(dict(
+      compression=name, quant_block=64, stochastic_rounding=False, topk_fraction=1 / 8,
+      topk_chunk=64, topk_bits=2))
+  cfg.update(kw)
+  return codecs.from_config(cfg)
+
+
+def _x(n=1024, seed=0):
+  rng = np.random.default_rng(seed)
+  # Blocks with very different scales, so a per-block scale matters.
+  return jnp.asarray(rng.standard_normal(n) * np.repeat(10.0 ** rng.integers(-4, 2, n // 64), 64),
+                     jnp.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_bits_round_trip(bits):
+  q = jnp.asarray(np.random.default_rng(0).integers(0, 1 << bits, (3, 64)), jnp.uint8)
+  packed = codecs.pack_bits(q, bits)
+  assert packed.shape == (3, 64 * bits // 8) and packed.dtype == jnp.uint8
+  np.testing.assert_array_equal(codecs.unpack_bits(packed, bits), q)
+
+
+@pytest.mark.parametrize("name,qmax", [("int8", 127), ("int4", 7)])
+def test_integer_codecs_within_half_a_step_per_block(name, qmax):
+  codec, x = _codec(name), _x()
+  err = np.abs(np.asarray(codec.decode(codec.encode(x, None)) - x)).reshape(-1, 64)
+  step = np.abs(np.asarray(x)).reshape(-1, 64).max(axis=1) / qmax
+  assert np.all(err <= step[:, None] / 2 * (1 + 1e-5) + 1e-30)
+  assert np.all(err.max(axis=1) > step / 20)  # not trivially exact: the bound is near tight
+
+
+@pytest.mark.parametrize("name,qmax", [("int8", 127), ("int4", 7)])
+def test_stochastic_rounding_is_unbiased_within_one_step(name, qmax):
+  codec, x = _codec(name, stochastic_rounding=True), _x(256)
+  decoded = jax.vmap(lambda k: codec.decode(codec.encode(x, k)))(
+      jax.random.split(jax.random.key(0), 2000))
+  step = np.repeat(np.abs(np.asarray(x)).reshape(-1, 64).max(axis=1) / qmax, 64)
+  assert np.all(np.abs(np.asarray(decoded - x)) <= step * (1 + 1e-5))
+  # Mean of 2000 draws: within 4 standard errors (each draw's error has std <= step / 2).
+  assert np.all(np.abs(np.asarray(decoded.mean(0) - x)) <= 4 * step / 2 / np.sqrt(2000) + 1e-30)
+
+
+def test_bf16_relative_error_and_payload_dtype():
+  codec, x = _codec("bf16"), _x()
+  payload = codec.encode(x, None)
+  assert payload["values"].dtype == jnp.uint16  # bf16 bit patterns: 2 bytes per value
+  err = np.abs(np.asarray(codec.decode(payload) - x))
+  assert np.all(err <= np.abs(np.asarray(x)) * 2.0**-8)
+
+
+def test_payload_bytes_are_values_plus_scales_plus_indices():
+  n = 4096
+  assert codecs.payload_bytes(_codec("bf16"), n) == 2 * n
+  assert codecs.payload_bytes(_codec("int8"), n) == n + 4 * n // 64
+  assert codecs.payload_bytes(_codec("int4"), n) == n // 2 + 4 * n // 64
+  # top-k: 8 of 64 per chunk; 2-bit codes (2 bytes), uint16 indices (16 bytes), f32 min/max.
+  assert codecs.payload_bytes(_codec("topk"), n) == (n // 64) * (2 + 16 + 8)
+  assert codecs.payload_bytes(_codec("topk", topk_bits=32), n) == (n // 64) * (32 + 16)
+
+
+def test_topk_keeps_the_largest_per_chunk_exactly_with_32_bit_values():
+  codec, x = _codec("topk", topk_bits=32), _x(256)
+  out = np.asarray(codec.decode(codec.encode(x, None))).reshape(-1, 64)
+  xs = np.asarray(x).reshape(-1, 64)
+  for row, orig in zip(out, xs):
+    kept = np.flatnonzero(row)
+    assert len(kept) == 8
+    assert set(kept) == set(np.argsort(-np.abs(orig))[:8])
+    np.testing.assert_array_equal(row[kept], orig[kept])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_topk_quantized_values_keep_sign_within_bound(bits):
+  codec, x = _codec("topk", topk_bits=bits), _x(256)
+  out = np.asarray(codec.decode(codec.encode(x, None))).reshape(-1, 64)
+  xs = np.asarray(x).reshape(-1, 64)
+  levels = 2 ** (bits - 1) - 1
+  for row, orig in zip(out, xs):
+    top = np.argsort(-np.abs(orig))[:8]
+    mags = np.abs(orig[top])
+    bound = (mags.max() - mags.min()) / levels / 2
+    assert np.all(np.sign(row[top]) == np.sign(orig[top]))
+    assert np.all(np.abs(row[top] - orig[top]) <= bound * (1 + 1e-5) + 1e-30)
+    assert np.count_nonzero(row) == 8
+
+
+def test_error_feedback_eventually_sends_every_coordinate_of_a_fixed_vector():
+  """Top-k keeps 8 of 64 per sync. Sending the same delta (magnitudes 1 ... 0.05) for 200
+  syncs: with error feedback every coordinate is sent, sent + residual = 200 x delta exactly,
+  and the residual stays bounded (below the top-k threshold, ~sum|delta| / k, not growing
+  with the number of syncs); without it the small coordinates are never sent."""
+  codec = _codec("topk", topk_bits=32)
+  delta = jnp.asarray(np.linspace(1.0, 0.05, 64) * np.tile([1, -1], 32), jnp.float32)
+  for beta, expect_all in ((1.0, True), (0.0, False)):
+    residual, total, ever = jnp.zeros(64), np.zeros(64), np.zeros(64, bool)
+    for _ in range(200):
+      payload, residual = codecs.error_feedback_step(codec, beta, delta, residual, None)
+      sent = np.asarray(codec.decode(payload))
+      total += sent
+      ever |= sent != 0
+    assert ever.all() == expect_all
+    if expect_all:
+      np.testing.assert_allclose(total + np.asarray(residual), 200 * np.asarray(delta),
+                                 rtol=1e-4)
+      threshold = float(jnp.abs(delta).sum()) / 8
+      assert np.abs(np.asarray(residual)).max() <= 2 * threshold < 200 * 0.05
+    else:
+      assert np.count_nonzero(total) == 8
+
+
+def test_bad_codec_options_name_the_key():
+  with pytest.raises(ValueError, match="outer.compression='int3'"):
+    _codec("int3")
+  with pytest.raises(ValueError, match="outer.topk_bits=3"):
+    _codec("topk", topk_bits=3)
+  with pytest.raises(ValueError, match="outer.quant_block=7"):
+    _codec("int4", quant_block=7)
+  with pytest.raises(ValueError, match="outer.topk_fraction"):
+    _codec("topk", topk_fraction=0.0)
