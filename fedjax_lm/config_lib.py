@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.overlap = 0  # tau: inner steps between a fragment's send and its merge
   c.outer.mixing = 0.0  # alpha: merge local <- alpha local + (1 - alpha) global
   c.outer.eager = False  # step from the island's own fresh pseudo-gradient until the mean lands
+  # xla: the exchange is a collective in its own program (serialised with the inner steps on
+  # one device queue); host: a background thread exchanges while the device computes.
+  c.outer.transport = "xla"
   # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
   c.outer.compression = "none"
   c.outer.quant_block = 256  # values per scale (int8 / int4)

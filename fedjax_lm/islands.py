@@ -7,10 +7,17 @@ always reads partition ``m`` of the data):
   M > 1 the gradient crosses the island axis every step. With M = 1 it is plain training.
 * ``islands``: params and inner optimizer state carry a leading ``[M]`` dim sharded over the
   ``island`` mesh axis; the inner step is the single-island step under
-  ``jax.vmap(..., spmd_axis_name="island")`` and moves no byte across islands. Every H steps
-  the outer step forms the pseudo-gradient ``delta = global - mean_m(inner_m)``, feeds it to an
-  optax outer optimizer, and resets every island to the new global params. The inner optimizer
-  state is kept per island across syncs (``outer.reset_inner_opt_state`` re-initialises it).
+  ``jax.vmap(..., spmd_axis_name="island")`` and moves no byte across islands. The outer sync
+  runs per fragment (:mod:`fedjax_lm.fragments`; P = 1 is the whole model, DiLoCo), through
+  the stages of :mod:`fedjax_lm.sync`, each its own jitted program:
+
+    ``encode/p``   island-local: delta_m = global_p - inner_m,p; error feedback; codec
+    ``exchange/p`` the one cross-island exchange of the encoded payload; decode, mean, the
+                   fragment's own outer optax step on the global copy
+    ``merge/p``    tau steps later: islands take the new global fragment (alpha-mixed)
+
+  The inner optimizer state is kept per island across syncs (``outer.reset_inner_opt_state``
+  re-initialises it, P = 1 only).
 
 M need not equal the island axis size A: each island shard holds M/A islands (A = 1 simulates
 all M islands on one device, with no collectives at all).
@@ -19,17 +26,17 @@ Global params and the outer optimizer state are replicated over ``island`` but Z
 over the in-island data axes, so their bytes per device shrink with the island's size.
 
 Communication accounting (``island_bytes``): the payload each island sends across the island
-axis: per sync, the pseudo-gradient (sum of size x itemsize of its leaves); for ``ddp``, the
-gradient every step. A ring all-reduce moves about 2(A-1)/A of that per device; we report the
-payload, the same convention for both, and tests check it against the compiled HLO.
-Logging gathers M float32 losses per logged step across islands; that is not counted.
+axis: per fragment sync, the encoded pseudo-gradient (values + scales + indices; float32 when
+uncompressed); for ``ddp``, the gradient every step. A ring all-reduce moves about 2(A-1)/A of
+that per device; we report the payload, the same convention for all, and tests check it
+against the compiled HLO. Logging gathers M float32 losses per logged step across islands;
+that is not counted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -44,82 +51,11 @@ from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import steps
 from fedjax_lm import sync
+from fedjax_lm import transport
+from fedjax_lm.algorithm import Algorithm, tree_bytes
 
 ALGORITHMS = ("ddp", "islands")
-
-
-@dataclasses.dataclass
-class Algorithm:
-  """Jitted programs and layout of one training algorithm.
-
-  The loop is ``state, metrics = alg.inner_step(state, batch); state = alg.sync(state, done)``.
-  ``programs`` names every jitted function (``inner``, and per fragment ``encode/p``,
-  ``exchange/p``, ``merge/p``) for HLO checks.
-  """
-
-  name: str
-  num_islands: int
-  init: Callable[[jax.Array], Any]  # key -> state
-  inner_step: Callable[[Any, Any], tuple[Any, dict]]  # (state, batch) -> (state, metrics)
-  eval_params: Callable[[Any], Any]  # state -> params to evaluate (global model)
-  state_shardings: Any
-  params_sharding: Any  # sharding of eval_params(state)
-  programs: dict[str, Callable]
-  bytes_per_inner_step: int = 0
-  fragment_bytes: tuple[int, ...] = ()  # payload per island of one sync of each fragment
-  schedule: fragments.Schedule | None = None
-  sync_fn: Callable[[Any, int], Any] | None = None
-  lower_sync: Callable[[Any, int], dict] | None = None  # (state, p) -> lowered stages
-
-  @property
-  def sync_every(self) -> int:
-    return self.schedule.every if self.schedule else 0
-
-  @property
-  def bytes_per_sync(self) -> int:
-    """Payload per island of one sync of every fragment (one DiLoCo sync when P = 1)."""
-    return sum(self.fragment_bytes)
-
-  def sync(self, state: Any, done: int) -> Any:
-    """Runs the sends and merges due after ``done`` inner steps (a no-op for ddp)."""
-    return state if self.sync_fn is None else self.sync_fn(state, done)
-
-  def island_bytes(self, done: int) -> int:
-    """Cumulative payload one island has sent after ``done`` inner steps."""
-    sent = done * self.bytes_per_inner_step
-    if self.schedule:
-      sent += sum(self.schedule.send_count(p, done) * b for p, b in enumerate(self.fragment_bytes))
-    return sent
-
-  def island_peak_bytes(self, done: int) -> int:
-    """The largest single sync (one fragment's exchange, or one DDP step) so far."""
-    if not self.schedule:
-      return self.bytes_per_inner_step if done else 0
-    return max([b for p, b in enumerate(self.fragment_bytes)
-                if self.schedule.send_count(p, done)], default=0)
-
-
-def tree_bytes(tree: Any) -> int:
-  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def _opt_specs(tx, abstract_params, param_specs):
-  """Specs of ``tx``'s state: a leaf whose key path ends with a parameter's path and has its
-  shape takes that parameter's spec (moments, momenta); anything else (counts) is replicated.
-  (``optax.tree_map_params`` does this too, but not for partitioned optimizers like Muon.)"""
-  abstract_state = jax.eval_shape(tx.init, abstract_params)
-  params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
-  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(params, flat_specs)}
-
-  def spec_of(path, leaf):
-    for n in range(len(path)):
-      shape, spec = by_path.get(tuple(path[n:]), (None, None))
-      if spec is not None and shape == leaf.shape:
-        return spec
-    return P()
-
-  return jax.tree_util.tree_map_with_path(spec_of, abstract_state)
+TRANSPORTS = ("xla", "host")
 
 
 def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
@@ -166,7 +102,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
 
   if config.algorithm == "ddp":
     # ZeRO-1: the optimizer state is sharded over the island's data devices.
-    state_specs = {"params": specs, "opt_state": _opt_specs(tx, abstract, zero_specs)}
+    state_specs = {"params": specs, "opt_state": mesh_lib.opt_state_specs(tx, abstract, zero_specs)}
     shard = named(state_specs)
 
     def init(key):
@@ -203,24 +139,23 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                                 int(config.total_steps))
   frags = fragments.Fragments(abstract, schedule.fragments)
   codec = codecs.from_config(oc)
-  alpha, beta, eager = float(oc.mixing), float(oc.error_feedback), bool(oc.eager)
-  reset_inner = bool(oc.reset_inner_opt_state)
   check_streaming_options(oc, codec)
+  alpha, beta, eager = float(oc.mixing), float(oc.error_feedback), bool(oc.eager)
+  reset_inner, host = bool(oc.reset_inner_opt_state), oc.transport == "host"
   stack = lambda tree: jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), tree,
                                     is_leaf=lambda x: isinstance(x, P))
+  frag_abstract = [frags.abstract(abstract, p) for p in range(frags.num)]
   frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
-  for p in range(frags.num):
-    f_abs = frags.abstract(abstract, p)
-    f_specs = tuple(mesh_lib.zero_spec(s, a.shape, mesh)
-                    for s, a in zip(frags.specs(specs, p), f_abs))
+  for f_abs, f_base in zip(frag_abstract, (frags.specs(specs, p) for p in range(frags.num))):
+    f_specs = tuple(mesh_lib.zero_spec(s, a.shape, mesh) for s, a in zip(f_base, f_abs))
     mesh_lib.check_divisible(f_abs, f_specs, dict(mesh.shape))
     frag_specs.append(f_specs)
   state_specs = {
       "global_params": zero_specs,
-      "outer_opt_state": tuple(_opt_specs(outer_tx, frags.abstract(abstract, p), frag_specs[p])
-                               for p in range(frags.num)),
+      "outer_opt_state": tuple(mesh_lib.opt_state_specs(outer_tx, a, s)
+                               for a, s in zip(frag_abstract, frag_specs)),
       "inner_params": stack(specs),
-      "inner_opt_state": stack(_opt_specs(tx, abstract, specs)),
+      "inner_opt_state": stack(mesh_lib.opt_state_specs(tx, abstract, specs)),
   }
   if beta > 0:  # error-feedback residual per island
     state_specs["residual"] = stack(specs)
@@ -228,20 +163,18 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     state_specs.update(avg_prev=zero_specs, own_prev=stack(specs), eager_base=stack(specs))
   shard = named(state_specs)
 
-  # The flat payload of fragment p: [M, n_p] padded so each in-island device sends a slice.
-  in_island = int(np.prod([mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES]))
-  sizes = [sum(math.prod(x.shape) for x in frags.abstract(abstract, p)) for p in range(frags.num)]
+  # Fragment p's payload: [M, n_p] flat, padded so each in-island device sends whole blocks.
+  in_island = math.prod(mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES)
+  sizes = [sum(math.prod(x.shape) for x in f) for f in frag_abstract]
   padded = [codecs.padded_size(n, codec, in_island) if codec else n for n in sizes]
-  flat_shard = NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES))
   key = jax.random.key(int(config.seed) + 1)
 
-  def payload_shardings(n):
-    shapes = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((n,), jnp.float32), key)
-    return jax.tree.map(lambda s: NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES)),
-                        shapes)
-
-  def stacked_frag_shard(p):
-    return named(tuple(mesh_lib.with_leading(s, "island") for s in frag_specs[p]))
+  def payload_shardings(p, lead):
+    """Fragment p's encoded payload, its island dim over ``lead`` (None: gathered)."""
+    if codec is None:
+      return named(tuple(mesh_lib.with_leading(s, lead) for s in frag_specs[p]))
+    shapes = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((padded[p],), jnp.float32), key)
+    return jax.tree.map(lambda _: NamedSharding(mesh, P(lead, mesh_lib.IN_ISLAND_AXES)), shapes)
 
   def broadcast(params):
     stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (num,) + g.shape), params)
@@ -297,12 +230,16 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return out, payload
 
   def exchange(p, rw, payload):
-    """The one cross-island exchange of fragment p, then the outer step on the global copy."""
+    """The exchange of fragment p (already done on the host with the host transport), then
+    its outer step on the global copy."""
     g = frags.take(rw["global_params"], p)
-    if codec is None:
-      mean = sync.island_mean(payload, stacked_frag_shard(p), named(frag_specs[p]))
+    if codec is None and host:
+      mean = jax.lax.with_sharding_constraint(tuple(x.mean(0) for x in payload),
+                                              named(frag_specs[p]))
+    elif codec is None:
+      mean = sync.island_mean(payload, payload_shardings(p, "island"), named(frag_specs[p]))
     else:
-      mean = sync.unflatten(sync.exchange(codec, payload, mesh)[:sizes[p]], g)
+      mean = sync.unflatten(sync.exchange(codec, payload, mesh, gathered=host)[:sizes[p]], g)
     new_g, opt_state = sync.outer_update(outer_tx, mean, rw["outer_opt_state"], g)
     out = {"global_params": frags.put(rw["global_params"], p, new_g),
            "outer_opt_state": opt_state}
@@ -320,67 +257,67 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
       out["inner_opt_state"] = fresh_inner_opt(out["inner_params"])
     return out
 
+  # Which state entries each program updates (donated) and reads.
+  inner_rw = ["inner_params", "inner_opt_state"]
+  enc_rw = ["residual"] * (beta > 0) + ["own_prev", "eager_base", "inner_params"] * eager
+  enc_ro = ["global_params"] + ["avg_prev"] * eager + ["inner_params"] * (not eager)
+  exch_rw = ["global_params"] + ["avg_prev"] * eager
+  merge_rw = inner_rw if reset_inner else ["inner_params"]
+  merge_ro = ["global_params"] + ["eager_base"] * eager
   sub = lambda keys: {k: shard[k] for k in keys}
-  enc_rw = ((["residual"] if beta else []) +
-            (["own_prev", "eager_base", "inner_params"] if eager else []))
-  enc_ro = (["global_params"] + ([] if eager else ["inner_params"]) +
-            (["avg_prev"] if eager else []))
-  exch_rw = ["global_params"] + (["avg_prev"] if eager else [])
-  merge_rw = ["inner_params"] + (["inner_opt_state"] if reset_inner else [])
-  merge_ro = ["global_params"] + (["eager_base"] if eager else [])
-  programs = {"inner": jax.jit(
-      inner, in_shardings=(sub(["inner_params", "inner_opt_state"]), batch_sharding),
-      out_shardings=(sub(["inner_params", "inner_opt_state"]),
-                     {"island_loss": island_loss_sharding}), donate_argnums=0)}
+  programs = {"inner": jax.jit(inner, in_shardings=(sub(inner_rw), batch_sharding),
+                               out_shardings=(sub(inner_rw), {"island_loss": island_loss_sharding}),
+                               donate_argnums=0)}
   for p in range(frags.num):
-    opt_shard = shard["outer_opt_state"][p]
-    stacked_payload = (stacked_frag_shard(p) if codec is None
-                       else payload_shardings(padded[p]))
-    enc_ro_shard = {**sub(enc_ro), **({"outer_opt_state": opt_shard} if eager else {})}
+    opt = {"outer_opt_state": shard["outer_opt_state"][p]}
+    sent, received = payload_shardings(p, "island"), payload_shardings(p, None if host else "island")
     programs[f"encode/{p}"] = jax.jit(
-        functools.partial(encode, p), in_shardings=(sub(enc_rw), enc_ro_shard, None),
-        out_shardings=(sub(enc_rw), stacked_payload), donate_argnums=0)
-    exch_shard = {**sub(exch_rw), "outer_opt_state": opt_shard}
+        functools.partial(encode, p), in_shardings=(sub(enc_rw), {**sub(enc_ro), **opt}, None),
+        out_shardings=(sub(enc_rw), sent), donate_argnums=0)
     programs[f"exchange/{p}"] = jax.jit(
-        functools.partial(exchange, p), in_shardings=(exch_shard, stacked_payload),
-        out_shardings=exch_shard, donate_argnums=0)
+        functools.partial(exchange, p), in_shardings=({**sub(exch_rw), **opt}, received),
+        out_shardings={**sub(exch_rw), **opt}, donate_argnums=0)
     programs[f"merge/{p}"] = jax.jit(
         functools.partial(merge, p), in_shardings=(sub(merge_rw), sub(merge_ro)),
         out_shardings=sub(merge_rw), donate_argnums=0)
 
   pick = lambda state, keys: {k: state[k] for k in keys}
+  exchanger = transport.HostExchange() if host else None
+  in_flight: dict[int, Any] = {}  # host transport: fragment -> future of the gathered payload
 
   def inner_step(state, batch):
-    new, metrics = programs["inner"](pick(state, ["inner_params", "inner_opt_state"]), batch)
+    new, metrics = programs["inner"](pick(state, inner_rw), batch)
     return {**state, **new}, metrics
 
-  def with_outer(state, p, new):
-    """``new`` may hold fragment p's outer state; put it back into the per-fragment tuple."""
-    new = dict(new)
-    if "outer_opt_state" in new:
-      states = list(state["outer_opt_state"])
-      states[p] = new.pop("outer_opt_state")
-      new["outer_opt_state"] = tuple(states)
-    return {**state, **new}
-
   def encode_args(state, p, done):
-    ro = pick(state, enc_ro)
-    if eager:
-      ro["outer_opt_state"] = state["outer_opt_state"][p]
-    return pick(state, enc_rw), ro, done
+    return pick(state, enc_rw), {**pick(state, enc_ro),
+                                 "outer_opt_state": state["outer_opt_state"][p]}, done
 
-  def exchange_args(state, p, payload):
-    return {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}, payload
+  def apply_exchange(state, p, payload):
+    new = programs[f"exchange/{p}"](
+        {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}, payload)
+    outer_states = list(state["outer_opt_state"])
+    outer_states[p] = new.pop("outer_opt_state")
+    return {**state, **new, "outer_opt_state": tuple(outer_states)}
+
+  def settle(state, only=None):
+    for p in [q for q in list(in_flight) if only is None or q == only]:
+      state = apply_exchange(state, p, in_flight.pop(p).result())
+    return state
 
   def run_sync(state, done):
-    """Send every fragment due at ``done`` (encode, then the exchange, dispatched
-    asynchronously: nothing the next inner steps compute feeds it), then merge those whose
-    overlap window ends now."""
+    """Sends every fragment due at ``done``, then merges those whose overlap window ends.
+    Nothing the next inner steps compute feeds an exchange: with the host transport it runs
+    on a thread meanwhile; with XLA it is queued on the device (where programs run in order)."""
     for p in schedule.sends(done):
       new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
       state = {**state, **new}
-      state = with_outer(state, p, programs[f"exchange/{p}"](*exchange_args(state, p, payload)))
+      if host:
+        in_flight[p] = exchanger.start(payload, p, done, payload_shardings(p, None))
+      else:
+        state = apply_exchange(state, p, payload)
     for p in schedule.merges(done):
+      state = settle(state, only=p)
       state = {**state, **programs[f"merge/{p}"](pick(state, merge_rw), pick(state, merge_ro))}
     return state
 
@@ -388,18 +325,19 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     """Lowered ``encode/p`` and ``exchange/p`` on (abstract) ``state``, for HLO checks."""
     args = encode_args(state, p, jax.ShapeDtypeStruct((), jnp.int32))
     _, payload = jax.eval_shape(programs[f"encode/{p}"], *args)
+    exch_in = {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}
     return {"encode": programs[f"encode/{p}"].lower(*args),
-            "exchange": programs[f"exchange/{p}"].lower(*exchange_args(state, p, payload))}
+            "exchange": programs[f"exchange/{p}"].lower(exch_in, payload)}
 
-  payload_size = lambda p: (tree_bytes(frags.abstract(abstract, p)) if codec is None
+  payload_size = lambda p: (tree_bytes(frag_abstract[p]) if codec is None
                             else codecs.payload_bytes(codec, padded[p]))
   return Algorithm(
       name="islands", num_islands=num, init=jax.jit(init, out_shardings=shard),
       inner_step=inner_step, eval_params=lambda s: s["global_params"], state_shardings=shard,
       params_sharding=shard["global_params"], programs=programs,
       fragment_bytes=tuple(payload_size(p) if num > 1 else 0 for p in range(frags.num)),
-      schedule=schedule, sync_fn=run_sync, lower_sync=lower_sync)
-
+      schedule=schedule, sync_fn=run_sync, settle_fn=settle if host else None,
+      lower_sync=lower_sync)
 
 def check_streaming_options(oc, codec) -> None:
   """One clear error for a bad combination of streaming / compression options."""
@@ -411,5 +349,7 @@ def check_streaming_options(oc, codec) -> None:
     raise ValueError("outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
   if oc.eager and int(oc.overlap) < 1:
     raise ValueError("outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
+  if oc.transport not in TRANSPORTS:
+    raise ValueError(f"outer.transport={oc.transport!r}: expected one of {TRANSPORTS}")
   if oc.reset_inner_opt_state and int(oc.fragments) > 1:
     raise ValueError("outer.reset_inner_opt_state is only defined for outer.fragments=1")

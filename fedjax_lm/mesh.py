@@ -123,3 +123,22 @@ def shardings(mesh: Mesh, specs: Any) -> Any:
 def batch_spec() -> P:
   """Batches are [islands, rows, ...]: islands over `island`, rows over data x fsdp."""
   return P("island", BATCH_AXES)
+
+
+def opt_state_specs(tx, abstract_params, param_specs):
+  """Specs of ``tx``'s state: a leaf whose key path ends with a parameter's path and has its
+  shape takes that parameter's spec (moments, momenta); anything else (counts) is replicated.
+  (``optax.tree_map_params`` does this too, but not for partitioned optimizers like Muon.)"""
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(params, flat_specs)}
+
+  def spec_of(path, leaf):
+    for n in range(len(path)):
+      shape, spec = by_path.get(tuple(path[n:]), (None, None))
+      if spec is not None and shape == leaf.shape:
+        return spec
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec_of, abstract_state)

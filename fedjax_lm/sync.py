@@ -77,19 +77,21 @@ def encode(codec: codecs.Codec, flat: jax.Array, residual: jax.Array | None, bet
                        out_specs=(payload_specs, spec), check_vma=False)(flat, residual, keys)
 
 
-def exchange(codec: codecs.Codec, payload: dict, mesh: Any) -> jax.Array:
+def exchange(codec: codecs.Codec, payload: dict, mesh: Any, gathered: bool = False
+             ) -> jax.Array:
   """The one cross-island exchange: every device all-gathers its slice of every island's
   encoded payload over ``island`` (nothing else crosses), then decodes each and averages in
   float32. Written with ``shard_map`` so the collective is exactly this all-gather of the
-  encoded dtypes (under plain GSPMD, XLA may hoist the decode above the gather)."""
-  in_island = P("island", mesh_lib.IN_ISLAND_AXES)
+  encoded dtypes (under plain GSPMD, XLA may hoist the decode above the gather).
+  ``gathered``: the host transport already gathered it (no collective here)."""
+  spec = P(None if gathered else "island", mesh_lib.IN_ISLAND_AXES)
 
   def local(shard):
-    gathered = jax.tree.map(
-        lambda x: jax.lax.all_gather(x, "island", axis=0, tiled=True), shard)
-    return jnp.mean(jax.vmap(codec.decode)(gathered), axis=0)
+    if not gathered:
+      shard = jax.tree.map(lambda x: jax.lax.all_gather(x, "island", axis=0, tiled=True), shard)
+    return jnp.mean(jax.vmap(codec.decode)(shard), axis=0)
 
-  specs = jax.tree.map(lambda _: in_island, payload)
+  specs = jax.tree.map(lambda _: spec, payload)
   return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
                        out_specs=P(mesh_lib.IN_ISLAND_AXES), check_vma=False)(payload)
 

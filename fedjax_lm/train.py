@@ -131,6 +131,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
         writer.write(record)
         pending, last_time, last_step = [], time.time(), done
       if done % config.checkpoint_every == 0 or done == total:
+        state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
         checkpointer.save(done, state, batches, force=True)
       _maybe_inject_fault(done, checkpointer)
   checkpointer.wait()
