@@ -12,7 +12,8 @@ P = 1 is the whole model.
 enters the exchange) when ``done % H == p * H // P``, so each fragment syncs every H steps and
 the P fragments are staggered by H / P; at ``done = T`` every fragment that did not just send
 is flushed, so the final global model has seen every inner step. The result is *merged* into
-the islands ``overlap`` (tau) steps after the send (at T at the latest). With ``tau < H`` a
+the islands ``overlap`` (tau) steps after the send; at T every fragment in flight is merged
+first, then flushed and merged again. With ``tau < H`` a
 fragment has at most one sync in flight, so what is in flight is a function of ``done`` alone:
 a checkpoint needs no extra bookkeeping to resume inside an overlap window.
 """
@@ -125,10 +126,20 @@ class Schedule:
 
   def merges(self, done: int) -> list[int]:
     """Fragments whose exchanged result is merged into the islands after step ``done``."""
+    return [p for kind, p in self.events(done) if kind == "merge"]
+
+  def events(self, done: int) -> list[tuple[str, int]]:
+    """``("send" | "merge", p)`` after step ``done``, in order: merges of earlier sends, then
+    this step's sends, then their merges (tau = 0, or the last step, which waits for every
+    fragment in flight before flushing it)."""
+    earlier = self.regular_sends(done - self.overlap) if self.overlap else []
     if done == self.total:
-      return sorted({p for s in range(max(1, done - self.overlap), done + 1)
-                     for p in self.sends(s)})
-    return self.regular_sends(done - self.overlap) if done - self.overlap >= 1 else []
+      earlier = sorted({p for s in range(max(1, done - self.overlap), done)
+                        for p in self.regular_sends(s)})
+    now = self.sends(done)
+    same_step = now if (self.overlap == 0 or done == self.total) else []
+    return ([("merge", p) for p in earlier] + [("send", p) for p in now] +
+            [("merge", p) for p in same_step])
 
   def send_count(self, p: int, done: int) -> int:
     """Number of syncs fragment ``p`` has sent after ``done`` inner steps (closed form)."""

@@ -306,19 +306,21 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return state
 
   def run_sync(state, done):
-    """Sends every fragment due at ``done``, then merges those whose overlap window ends.
+    """Runs the sends and merges due at ``done`` (:meth:`fragments.Schedule.events`).
     Nothing the next inner steps compute feeds an exchange: with the host transport it runs
     on a thread meanwhile; with XLA it is queued on the device (where programs run in order)."""
-    for p in schedule.sends(done):
-      new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
-      state = {**state, **new}
-      if host:
-        in_flight[p] = exchanger.start(payload, p, done, payload_shardings(p, None))
+    for kind, p in schedule.events(done):
+      if kind == "send":
+        new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
+        state = {**state, **new}
+        if host:
+          in_flight[p] = exchanger.start(payload, p, done, payload_shardings(p, None))
+        else:
+          state = apply_exchange(state, p, payload)
       else:
-        state = apply_exchange(state, p, payload)
-    for p in schedule.merges(done):
-      state = settle(state, only=p)
-      state = {**state, **programs[f"merge/{p}"](pick(state, merge_rw), pick(state, merge_ro))}
+        state = settle(state, only=p)
+        state = {**state, **programs[f"merge/{p}"](pick(state, merge_rw),
+                                                   pick(state, merge_ro))}
     return state
 
   def lower_sync(state, p):

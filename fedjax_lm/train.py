@@ -126,7 +126,8 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
                   "island_bytes": alg.island_bytes(done),
                   "island_peak_bytes": alg.island_peak_bytes(done),
                   "tokens_per_sec": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
-        if is_eval:
+        if is_eval:  # the global model with every exchange sent so far applied
+          state = alg.settle(state)
           record.update(evaluate(alg.eval_params(state)))
         writer.write(record)
         pending, last_time, last_step = [], time.time(), done
