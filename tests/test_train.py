@@ -104,17 +104,25 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data_dir):
   assert "Could not restore checkpoint step 3" in result.stderr
 
 
+@pytest.mark.parametrize("streaming", [{}, {
+    "outer.sync_every": 4, "outer.fragments": 2, "outer.overlap": 1, "outer.mixing": 0.5,
+    "outer.compression": "int4", "outer.quant_block": 64, "outer.error_feedback": 1.0,
+    "outer.eager": True, "outer.transport": "host"}])
 def test_loop_compiles_once_and_never_reads_back_implicitly(tmp_path, data_dir, one_device,
-                                                            caplog):
+                                                            caplog, streaming):
   """The loop runs under a device->host transfer guard (implicit reads raise), and the inner
-  and outer steps compile exactly once over many steps, syncs and evals."""
+  step and each fragment's sync programs compile exactly once over many steps, syncs, evals
+  and checkpoints (also streaming, with the host transport)."""
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 2,
                           "total_steps": 9, "log_every": 2, "eval_every": 3,
-                          "checkpoint_every": 4, "data.data_dir": data_dir})
+                          "checkpoint_every": 4, "data.data_dir": data_dir, **streaming})
+  fragments = streaming.get("outer.fragments", 1)
   import jax  # pylint: disable=g-import-not-at-top
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     record = train_lib.train(config, str(tmp_path), devices=one_device)
   compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  for name in ("inner", "encode", "exchange", "merge"):
-    assert sum(f"Compiling jit({name})" in m for m in compiles) == 1, [m[:80] for m in compiles]
+  for name, times in (("inner", 1), ("encode", fragments), ("exchange", fragments),
+                      ("merge", fragments)):
+    assert sum(f"Compiling jit({name})" in m for m in compiles) == times, [
+        m[:80] for m in compiles]
   assert record["step"] == 9 and np.isfinite(record["eval_loss"])
