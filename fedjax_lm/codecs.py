@@ -192,10 +192,6 @@ def payload_bytes(codec: Codec, n: int) -> int:
   return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
-class ErrorFeedbackState(NamedTuple):
-  residual: jax.Array  # what this island has not yet sent (same layout as the delta)
-
-
 def error_feedback_step(codec: Codec, beta: float, delta: jax.Array, residual: jax.Array,
                         key: jax.Array | None) -> tuple[dict, jax.Array]:
   """One island: ``e <- beta e + delta``; send ``C(e)``; keep ``e - decode(C(e))``."""
