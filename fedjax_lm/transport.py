@@ -5,22 +5,27 @@ dispatched after a slow one waits for it even with no data dependency), so an ex
 is a collective inside a jitted program holds up the inner steps queued behind it, whatever
 the data dependencies. ``outer.transport=host`` moves the exchange off the device queue: the
 encoded payload is copied to the host and all-gathered between processes on a background
-thread (through the ``jax.distributed`` key-value store, i.e. the coordinator's gRPC
-service), while the device keeps running inner steps. At the merge the gathered payloads go
+thread, over direct TCP connections between the processes (their addresses are swapped once
+through the ``jax.distributed`` key-value store; bulk data through the coordinator's gRPC
+service failed on a shaped link), while the device keeps running inner steps. At the merge the gathered payloads go
 back to the device and one collective-free program decodes, averages and takes the outer step
 (torchft and PrIME do their cross-replica exchange outside the compiled step in the same spirit).
 
 Every process publishes the shards of the payload it holds (one island's slice per device;
 replicated copies once), so an island sends exactly its encoded payload; each process reads
 every other process's shards. Exchanges run in submission order on one thread, and every
-process submits them in the same order. A key is deleted one round later, once every peer has
-provably read it (it has published the next round of the same fragment).
+process submits them in the same order; each message carries (step, fragment) and a mismatch
+is an error. ``FEDJAX_LM_TRANSPORT_HOST`` overrides the address a process advertises.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import pickle
+import socket
+import struct
+import threading
 from typing import Any
 
 import jax
@@ -34,13 +39,78 @@ def _client():
   return distributed.global_state.client
 
 
+_HEADER = struct.Struct("!qqQ")  # step, fragment, payload length
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+  buf = bytearray(n)
+  view, got = memoryview(buf), 0
+  while got < n:
+    k = sock.recv_into(view[got:], n - got)
+    if not k:
+      raise ConnectionError("peer closed the connection")
+    got += k
+  return bytes(buf)
+
+
+class _Peers:
+  """One TCP connection to and from every other process, made on first use."""
+
+  def __init__(self):
+    self.me, self.count = jax.process_index(), jax.process_count()
+    self.listener = socket.create_server(("0.0.0.0", 0))
+    coordinator = os.environ.get("FEDJAX_LM_COORDINATOR", "")
+    host = os.environ.get("FEDJAX_LM_TRANSPORT_HOST") or (
+        "127.0.0.1" if coordinator.startswith("127.") else
+        socket.gethostbyname(socket.gethostname()))
+    _client().key_value_set(f"fedjax_lm/transport/{self.me}",
+                            f"{host}:{self.listener.getsockname()[1]}")
+    self.send: dict[int, socket.socket] = {}
+    self.recv: dict[int, socket.socket] = {}
+
+  def connect(self):
+    if self.send:
+      return
+    for q in range(self.count):
+      if q != self.me:
+        host, port = _client().blocking_key_value_get(
+            f"fedjax_lm/transport/{q}", _TIMEOUT_MS).rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=_TIMEOUT_MS / 1000)
+        sock.sendall(struct.pack("!q", self.me))
+        self.send[q] = sock
+    self.listener.settimeout(_TIMEOUT_MS / 1000)
+    while len(self.recv) < self.count - 1:
+      conn, _ = self.listener.accept()
+      conn.settimeout(_TIMEOUT_MS / 1000)
+      self.recv[struct.unpack("!q", _recv_exactly(conn, 8))[0]] = conn
+
+  def all_gather(self, blob: bytes, step: int, fragment: int) -> dict[int, bytes]:
+    self.connect()
+    message = _HEADER.pack(step, fragment, len(blob)) + blob
+    senders = [threading.Thread(target=sock.sendall, args=(message,), daemon=True)
+               for sock in self.send.values()]
+    for t in senders:
+      t.start()
+    out = {}
+    for q, sock in self.recv.items():
+      got_step, got_fragment, n = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
+      if (got_step, got_fragment) != (step, fragment):
+        raise RuntimeError(f"island exchange out of order: expected step {step} fragment "
+                           f"{fragment} from process {q}, got step {got_step} fragment "
+                           f"{got_fragment}")
+      out[q] = _recv_exactly(sock, n)
+    for t in senders:
+      t.join()
+    return out
+
+
 class HostExchange:
   """All-gathers ``[M, ...]`` payloads (sharded over ``island``) between processes."""
 
   def __init__(self):
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="island-exchange")
-    self._last_key: dict[int, str] = {}
-    self.bytes_published = 0  # this process's serialized payloads, cumulative
+    self._peers = _Peers() if jax.process_count() > 1 else None
+    self.bytes_sent = 0  # this process's serialized payloads, per peer, cumulative
 
   def start(self, payload: Any, fragment: int, step: int, gathered: Any
             ) -> concurrent.futures.Future:
@@ -57,23 +127,16 @@ class HostExchange:
         if key not in mine:
           mine[key] = jax.device_get(shard.data)
     parts = dict(mine)
-    if jax.process_count() > 1:
-      client, me = _client(), jax.process_index()
-      prefix = f"fedjax_lm/exchange/{fragment}/{step}"
+    if self._peers is not None:
       blob = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
-      client.key_value_set_bytes(f"{prefix}/{me}", blob)
-      self.bytes_published += len(blob)
-      for q in range(jax.process_count()):
-        if q != me:
-          try:
-            theirs = client.blocking_key_value_get_bytes(f"{prefix}/{q}", _TIMEOUT_MS)
-          except Exception as e:  # pylint: disable=broad-except
-            raise RuntimeError(f"island exchange of fragment {fragment} at step {step}: no "
-                               f"payload from process {q} ({type(e).__name__}: {e})") from e
-          parts.update(pickle.loads(theirs))
-      if fragment in self._last_key:
-        client.key_value_delete(self._last_key[fragment])
-      self._last_key[fragment] = f"{prefix}/{me}"
+      try:
+        received = self._peers.all_gather(blob, step, fragment)
+      except (OSError, ConnectionError) as e:
+        raise RuntimeError(f"island exchange of fragment {fragment} at step {step} failed: "
+                           f"{type(e).__name__}: {e}") from e
+      self.bytes_sent += len(blob)
+      for theirs in received.values():
+        parts.update(pickle.loads(theirs))
     full = []
     for i, leaf in enumerate(leaves):
       out = np.zeros(leaf.shape, leaf.dtype)
@@ -85,6 +148,3 @@ class HostExchange:
     return treedef.unflatten([
         jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx])
         for x, s in zip(full, shardings)])
-
-  def close(self):
-    self._pool.shutdown(wait=True)
