@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def _rows(shape: tuple[int, ...], p: int, num: int) -> bool:
@@ -76,12 +77,12 @@ class Fragments:
     (GSPMD may partition a scatter over the idle ``island`` axis and gather across it)."""
     n, num = x.shape[axis], self.num
     rows = -(-n // num)
-    pad = lambda a, r: jax.numpy.pad(a, [(0, r - a.shape[axis]) if d == axis else (0, 0)
+    pad = lambda a, r: jnp.pad(a, [(0, r - a.shape[axis]) if d == axis else (0, 0)
                                          for d in range(a.ndim)])
     xp = pad(x, rows * num)
     parts = [pad(v, rows) if q == p else
              jax.lax.slice_in_dim(xp, q, rows * num, stride=num, axis=axis) for q in range(num)]
-    out = jax.numpy.stack(parts, axis=axis + 1).reshape(xp.shape)
+    out = jnp.stack(parts, axis=axis + 1).reshape(xp.shape)
     return jax.lax.slice_in_dim(out, 0, n, axis=axis)
 
   def abstract(self, abstract_tree: Any, p: int) -> tuple:

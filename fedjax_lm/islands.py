@@ -265,12 +265,14 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   merge_rw = inner_rw if reset_inner else ["inner_params"]
   merge_ro = ["global_params"] + ["eager_base"] * eager
   sub = lambda keys: {k: shard[k] for k in keys}
-  programs = {"inner": jax.jit(inner, in_shardings=(sub(inner_rw), batch_sharding),
-                               out_shardings=(sub(inner_rw), {"island_loss": island_loss_sharding}),
-                               donate_argnums=0)}
+  programs = {"inner": jax.jit(
+      inner, in_shardings=(sub(inner_rw), batch_sharding),
+      out_shardings=(sub(inner_rw), {"island_loss": island_loss_sharding}), donate_argnums=0)}
+  gathered = [payload_shardings(p, None) for p in range(frags.num)]  # host transport's output
   for p in range(frags.num):
     opt = {"outer_opt_state": shard["outer_opt_state"][p]}
-    sent, received = payload_shardings(p, "island"), payload_shardings(p, None if host else "island")
+    sent = payload_shardings(p, "island")
+    received = gathered[p] if host else sent
     programs[f"encode/{p}"] = jax.jit(
         functools.partial(encode, p), in_shardings=(sub(enc_rw), {**sub(enc_ro), **opt}, None),
         out_shardings=(sub(enc_rw), sent), donate_argnums=0)
@@ -293,9 +295,11 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return pick(state, enc_rw), {**pick(state, enc_ro),
                                  "outer_opt_state": state["outer_opt_state"][p]}, done
 
+  def exchange_args(state, p):
+    return {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}
+
   def apply_exchange(state, p, payload):
-    new = programs[f"exchange/{p}"](
-        {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}, payload)
+    new = programs[f"exchange/{p}"](exchange_args(state, p), payload)
     outer_states = list(state["outer_opt_state"])
     outer_states[p] = new.pop("outer_opt_state")
     return {**state, **new, "outer_opt_state": tuple(outer_states)}
@@ -314,7 +318,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
         new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
         state = {**state, **new}
         if host:
-          in_flight[p] = exchanger.start(payload, p, done, payload_shardings(p, None))
+          in_flight[p] = exchanger.start(payload, p, done, gathered[p])
         else:
           state = apply_exchange(state, p, payload)
       else:
@@ -327,9 +331,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     """Lowered ``encode/p`` and ``exchange/p`` on (abstract) ``state``, for HLO checks."""
     args = encode_args(state, p, jax.ShapeDtypeStruct((), jnp.int32))
     _, payload = jax.eval_shape(programs[f"encode/{p}"], *args)
-    exch_in = {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}
     return {"encode": programs[f"encode/{p}"].lower(*args),
-            "exchange": programs[f"exchange/{p}"].lower(exch_in, payload)}
+            "exchange": programs[f"exchange/{p}"].lower(exchange_args(state, p), payload)}
 
   payload_size = lambda p: (tree_bytes(frag_abstract[p]) if codec is None
                             else codecs.payload_bytes(codec, padded[p]))

@@ -7,9 +7,9 @@ the data dependencies. ``outer.transport=host`` moves the exchange off the devic
 encoded payload is copied to the host and all-gathered between processes on a background
 thread, over direct TCP connections between the processes (their addresses are swapped once
 through the ``jax.distributed`` key-value store; bulk data through the coordinator's gRPC
-service failed on a shaped link), while the device keeps running inner steps. At the merge the gathered payloads go
-back to the device and one collective-free program decodes, averages and takes the outer step
-(torchft and PrIME do their cross-replica exchange outside the compiled step in the same spirit).
+service failed on a shaped link), while the device keeps running inner steps. At the merge
+the gathered payloads go back to the device and one collective-free program decodes, averages
+and takes the outer step (torchft and PrIME also exchange outside the compiled step).
 
 Every process publishes the shards of the payload it holds (one island's slice per device;
 replicated copies once), so an island sends exactly its encoded payload; each process reads
@@ -110,7 +110,6 @@ class HostExchange:
   def __init__(self):
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="island-exchange")
     self._peers = _Peers() if jax.process_count() > 1 else None
-    self.bytes_sent = 0  # this process's serialized payloads, per peer, cumulative
 
   def start(self, payload: Any, fragment: int, step: int, gathered: Any
             ) -> concurrent.futures.Future:
@@ -134,7 +133,6 @@ class HostExchange:
       except (OSError, ConnectionError) as e:
         raise RuntimeError(f"island exchange of fragment {fragment} at step {step} failed: "
                            f"{type(e).__name__}: {e}") from e
-      self.bytes_sent += len(blob)
       for theirs in received.values():
         parts.update(pickle.loads(theirs))
     full = []
