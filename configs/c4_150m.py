@@ -42,7 +42,7 @@ def get_config():
   c.data.append_eos = True
   c.model.update(dict(vocab_size=32768, num_layers=12, embed_dim=768, num_heads=12,
                       num_kv_heads=12, head_dim=64, mlp_dim=2560, max_len=1024,
-                      compute_dtype="bfloat16"))
+                      compute_dtype="bfloat16", scan_layers=True))
   c.mesh.update({"island": 2, "data": 2, "fsdp": 8, "tensor": 1})
   c.launch.mode = "cluster"
   c.lock()

@@ -1,8 +1,10 @@
 """Decoder-only transformer LM in Flax NNX.
 
 Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> RMSNorm -> SwiGLU MLP.
-Layer weights are stacked along a leading ``layers`` dimension and the forward pass scans over
-them, so compile time does not grow with depth.
+Layer weights are stacked along a leading ``layers`` dimension; the forward pass unrolls the
+layers (fastest here) or, with ``scan_layers``, scans over them so compile time does not grow
+with depth. ``attention`` picks one of three formulations of the same function (the tests check
+they agree); ``fused`` is the fast one on CPU (see ``experiments/bench.py --suite step``).
 
 Every parameter carries its *logical* axis names in the ``axes`` metadata field
 (``vocab, embed, heads, kv_heads, head_dim, mlp, layers``); :mod:`fedjax_lm.mesh` maps them
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTIONS = ("fused", "einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   compute_dtype: str = "float32"  # "bfloat16" runs matmuls in bf16, keeps params/logits f32
   param_dtype: str = "float32"
+  scan_layers: bool = False  # True: lax.scan over layers (compile time flat in depth)
+  attention: str = "fused"  # fused | einsum (reference) | dot_product (jax.nn's)
+  attention_block: int = 128  # fused: causal query-block size; 0 or not dividing T = one block
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -50,6 +56,8 @@ class ModelConfig:
                        f"model.num_kv_heads={out.num_kv_heads}")
     if out.head_dim % 2:
       raise ValueError(f"model.head_dim={out.head_dim} must be even (RoPE rotates pairs)")
+    if out.attention not in ATTENTIONS:
+      raise ValueError(f"model.attention={out.attention!r}: expected one of {ATTENTIONS}")
     for name in ("compute_dtype", "param_dtype"):
       if getattr(out, name) not in DTYPES:
         raise ValueError(f"model.{name}={getattr(out, name)!r}: expected one of {list(DTYPES)}")
@@ -92,16 +100,21 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     cdt = DTYPES[cfg.compute_dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
+    fused = cfg.attention == "fused"
     positions = jnp.arange(tokens.shape[-1])
     layer_params = {name: getattr(self, name)[...] for name in
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
 
     def block(h, p):
       h = h + _attention(rms_norm(h, p["attn_norm"]), p, positions, cfg)
-      h = h + _swiglu(rms_norm(h, p["mlp_norm"]), p)
+      h = h + _swiglu(rms_norm(h, p["mlp_norm"]), p, fused)
       return h, None
 
-    x, _ = jax.lax.scan(block, x, layer_params)
+    if cfg.scan_layers:
+      x, _ = jax.lax.scan(block, x, layer_params)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(x, {k: v[i] for k, v in layer_params.items()})
     x = rms_norm(x, self.final_norm[...])
     unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     if cfg.tie_embeddings:
@@ -126,12 +139,32 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def rope_heads_first(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """:func:`rope` for x [..., heads, T, Dh], with the half rotation [x1, x2] -> [-x2, x1] as a
+  product with a signed permutation matrix (exact; faster than slice + concatenate on CPU)."""
+  half = x.shape[-1] // 2
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[:, None].astype(jnp.float32) * freqs  # [T, half]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  eye, zero = jnp.eye(half, dtype=jnp.float32), jnp.zeros((half, half), jnp.float32)
+  rotate_half = jnp.block([[zero, eye], [-eye, zero]])
+  x32 = x.astype(jnp.float32)
+  out = x32 * jnp.cos(angles) + jnp.einsum("...k,kj->...j", x32, rotate_half) * jnp.sin(angles)
+  return out.astype(x.dtype)
+
+
 def _attention(x, p, positions, cfg: ModelConfig):
+  """Causal self-attention. ``einsum``: the reference formulation (token-major, separate
+  projections); ``fused``: one Q|K|V projection, head-major layout, causal query blocks;
+  ``dot_product``: ``jax.nn.dot_product_attention`` (cuDNN / fused kernels where present)."""
+  if cfg.attention == "fused":
+    return _attention_fused(x, p, positions, cfg)
   cdt = x.dtype
-  q = jnp.einsum("...td,dhk->...thk", x, p["wq"].astype(cdt))
-  k = jnp.einsum("...td,dhk->...thk", x, p["wk"].astype(cdt))
-  v = jnp.einsum("...td,dhk->...thk", x, p["wv"].astype(cdt))
+  q, k, v = (jnp.einsum("...td,dhk->...thk", x, p[w].astype(cdt)) for w in ("wq", "wk", "wv"))
   q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+  if cfg.attention == "dot_product":
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jnp.einsum("...thk,hkd->...td", out, p["wo"].astype(cdt))
   groups = cfg.num_heads // cfg.num_kv_heads
   if groups > 1:
     k, v = jnp.repeat(k, groups, axis=-2), jnp.repeat(v, groups, axis=-2)
@@ -144,10 +177,48 @@ def _attention(x, p, positions, cfg: ModelConfig):
   return jnp.einsum("...thk,hkd->...td", out, p["wo"].astype(cdt))
 
 
-def _swiglu(x, p):
+def _attention_fused(x, p, positions, cfg: ModelConfig):
+  """The same function as the ``einsum`` path, laid out for speed: Q|K|V in one projection
+  straight into [..., heads, T, Dh]; query block b attends only to keys up to its end, so the
+  fully masked blocks above the diagonal are never computed."""
   cdt = x.dtype
-  gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
-  up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
+  H, K = cfg.num_heads, cfg.num_kv_heads
+  if H == K:  # stacked on a new axis, so a sharded heads axis stays sharded
+    w = jnp.stack([p["wq"], p["wk"], p["wv"]]).astype(cdt)
+    qkv = jnp.einsum("...td,sdhk->...shtk", x, w)
+    qk = rope_heads_first(qkv[..., :2, :, :, :], positions, cfg.rope_base)
+    q, k, v = qk[..., 0, :, :, :], qk[..., 1, :, :, :], qkv[..., 2, :, :, :]
+  else:
+    w = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1).astype(cdt)
+    qkv = jnp.einsum("...td,dhk->...htk", x, w)
+    qk = rope_heads_first(qkv[..., :H + K, :, :], positions, cfg.rope_base)
+    q, k, v = qk[..., :H, :, :], qk[..., H:, :, :], qkv[..., H + K:, :, :]
+  if H > K:
+    k, v = jnp.repeat(k, H // K, axis=-3), jnp.repeat(v, H // K, axis=-3)
+  t = x.shape[-2]
+  block = cfg.attention_block if 0 < cfg.attention_block < t and t % cfg.attention_block == 0 else t
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  outs = []
+  for start in range(0, t, block):
+    stop = start + block
+    logits = jnp.einsum("...hqk,...hsk->...hqs", q[..., start:stop, :], k[..., :stop, :])
+    logits = logits.astype(jnp.float32) * cfg.head_dim**-0.5
+    logits = jnp.where(causal[start:stop, :stop], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(cdt)
+    outs.append(jnp.einsum("...hqs,...hsk->...hqk", probs, v[..., :stop, :]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
+  return jnp.einsum("...htk,hkd->...td", out, p["wo"].astype(cdt))
+
+
+def _swiglu(x, p, fused: bool = False):
+  """SwiGLU MLP; ``fused``: gate and up projections as one matmul."""
+  cdt = x.dtype
+  if fused:
+    gate_up = jnp.einsum("...d,sdf->...sf", x, jnp.stack([p["w_gate"], p["w_up"]]).astype(cdt))
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+  else:
+    gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
+    up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
   return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))
 
 
