@@ -92,6 +92,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (what ``--config PATH`` loads)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def _check(ok: bool, msg: str) -> None:
   if not ok:
     raise ValueError(msg)

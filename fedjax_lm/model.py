@@ -249,5 +249,18 @@ def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array) -> jax.Array:
   return nnx.merge(graphdef, params)(tokens)
 
 
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+  """Model FLOPs of one training token (forward + backward), PaLM's convention (Chowdhery et
+  al. 2022, App. B): ``6 N + 12 L T H Dh``, where N counts the matmul weights (every parameter
+  but the input embedding lookup and the norm scales; the unembedding counts, tied or not) and
+  the second term is the attention scores and values over the full T x T square (no causal
+  discount, so the fused path's skipped blocks do not count as work done)."""
+  L, D, H, K, Dh, F = (cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                       cfg.head_dim, cfg.mlp_dim)
+  per_layer = D * H * Dh + 2 * D * K * Dh + H * Dh * D + 3 * D * F
+  n = L * per_layer + D * cfg.vocab_size
+  return 6 * n + 12 * L * seq_len * H * Dh
+
+
 def count_params(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))

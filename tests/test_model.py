@@ -174,6 +174,12 @@ def test_unknown_attention_is_rejected():
     model_lib.ModelConfig.from_config(c)
 
 
+def test_train_flops_per_token_by_hand():
+  # SMALL: L=2, D=16, H=4, K=2, Dh=8, F=32, V=64; per layer q 512 + k,v 2*256 + o 512 +
+  # mlp 3*512 = 3072; N = 2*3072 + 16*64 = 7168; 6N = 43008; attention 12*2*T*4*8 at T=10: 7680
+  assert model_lib.train_flops_per_token(_cfg(), 10) == 43008 + 7680
+
+
 def test_from_config_accepts_base_model_config():
   cfg = model_lib.ModelConfig.from_config(config_lib.base_config().model)
   assert cfg == model_lib.ModelConfig()

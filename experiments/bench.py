@@ -1,0 +1,172 @@
+"""Benchmarks: ``python -m experiments.bench --suite step [--config ...] [--out DIR]``.
+
+``step``: the jitted inner step (and one outer sync) of a config on a fixed batch, for a ladder
+of model / XLA variants from the old defaults to the new ones and a few alternatives, on two
+paths: every island simulated in one process on all cores (the sweep / notebook path), and one
+island pinned to one core with single-threaded XLA (what each process does on the
+one-process-per-core multi-process path). Each measurement runs in a fresh process (XLA reads
+its flags once), variants interleaved over ``--rounds`` to spread machine noise. Reports
+tokens/s, achieved FLOP/s (``model.train_flops_per_token``), the same-run matmul peak (f32 and
+bf16, 2048^2) and a per-op breakdown of the default step from a profiler trace.
+
+Writes ``DIR/summary.md`` and ``DIR/results.jsonl`` (raw rows with git commit, jax version,
+device kind, XLA flags and config overrides). The parent process never imports jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_block": 0}
+UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0}
+# (name, overrides, fedjax_lm's XLA:CPU defaults on)
+STEP_VARIANTS = [
+    ("before: scanned layers, einsum attention, YNNPACK dots", OLD, False),
+    ("+ unrolled layers", UNROLLED, False),
+    ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, True),
+    ("+ fused QKV and gate-up, head-major attention", {"model.attention_block": 0}, True),
+    ("+ causal query blocks of 128 = **default**", {}, True),
+    ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, True),
+    ("default, scanned layers", {"model.scan_layers": True}, True),
+    ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, True),
+]
+DEFAULT = STEP_VARIANTS[4][0]
+PATHS = {  # name -> (overrides, one_core)
+    "simulated": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1}, False),
+    "1 island / 1 core": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1,
+                           "islands.num": 1}, True),
+}
+
+
+def _git_commit() -> str:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _worker(spec: dict, xla_defaults: bool = True) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f]
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["FEDJAX_LM_XLA_DEFAULTS"] = "1" if xla_defaults else "0"
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  proc = subprocess.run([sys.executable, "-m", "experiments.step_bench", json.dumps(spec)],
+                        capture_output=True, text=True, env=env, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode or not lines:
+    sys.exit(f"error: bench worker failed for {spec}:\n{proc.stderr[-2000:]}")
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_step_suite(args) -> list[dict]:
+  rows, samples = [], {}
+  peaks = {path: _worker({"kind": "peak", "one_core": one}) for path, (_, one) in PATHS.items()}
+  for rnd in range(args.rounds):
+    for name, overrides, xla_defaults in STEP_VARIANTS:
+      for path, (path_over, one_core) in PATHS.items():
+        spec = {"kind": "step", "config": args.config, "overrides": {**path_over, **overrides},
+                "one_core": one_core, "steps": args.steps, "repeats": 3,
+                "profile": name == DEFAULT and rnd == args.rounds - 1}
+        out = _worker(spec, xla_defaults)
+        print(f"[round {rnd + 1}] {path:18s} {out['step_s'] * 1e3:7.0f} ms/step  {name}",
+              flush=True)
+        samples.setdefault((name, path), []).append(out)
+  commit = _git_commit()
+  for (name, path), outs in samples.items():
+    last = outs[-1]
+    step_s = statistics.median(s for o in outs for s in o["step_s_all"])
+    peak = peaks[path]
+    achieved = last["flops_per_token"] * last["tokens_per_step"] / step_s
+    row = {"suite": "step", "variant": name, "path": path, "config": args.config,
+           "overrides": {**PATHS[path][0], **dict(next(v[1] for v in STEP_VARIANTS
+                                                       if v[0] == name))},
+           "xla_defaults": next(v[2] for v in STEP_VARIANTS if v[0] == name),
+           "git_commit": commit, "jax": last["jax"], "device": last["device"],
+           "cores": last["cores"], "xla_flags": last["xla_flags"], "step_s": step_s,
+           "step_s_samples": [s for o in outs for s in o["step_s_all"]],
+           "tokens_per_s": last["tokens_per_step"] / step_s, "achieved_flops": achieved,
+           "peak_f32": peak["peak_f32"], "peak_bf16": peak["peak_bf16"],
+           "of_peak_f32": achieved / peak["peak_f32"], "compile_s": last["compile_s"],
+           "loss_after_steps": last["loss"], "params": last["params"],
+           "flops_per_token": last["flops_per_token"], "sync_s": last.get("sync_s"),
+           "breakdown": next((o["breakdown"] for o in outs if "breakdown" in o), None)}
+    rows.append(row)
+  return rows
+
+
+def step_summary(rows: list[dict], command: str) -> str:
+  first = rows[0]
+  lines = [
+      "# Step bench: the jitted inner step, old and new defaults side by side", "",
+      f"Regenerate: `{command}`", "",
+      f"git `{first['git_commit']}`, jax {first['jax']}, device `{first['device']}`, "
+      f"config `{first['config']}` ({first['params']:,} params, "
+      f"{first['flops_per_token'] / 1e6:.2f} MFLOP per training token by "
+      "`model.train_flops_per_token`: 6N + 12·L·T·H·Dh, PaLM's convention).", "",
+      "Paths: **simulated** = every island of the config in one process on all cores (the "
+      "sweep / notebook path); **1 island / 1 core** = one island's step pinned to one core "
+      "with single-threaded XLA (what each process of the one-process-per-core multi-process "
+      "path runs). Peak = the same run's jitted 2048² matmul on the same cores.", "",
+      "| variant | path | ms/step | tokens/s | × before | GFLOP/s | ÷ f32 peak | compile s |",
+      "|---|---|---|---|---|---|---|---|"]
+  before = {r["path"]: r for r in rows if r["variant"] == STEP_VARIANTS[0][0]}
+  for r in rows:
+    speedup = before[r["path"]]["step_s"] / r["step_s"]
+    lines.append(f"| {r['variant']} | {r['path']} | {r['step_s'] * 1e3:.0f} | "
+                 f"{r['tokens_per_s']:,.0f} | {speedup:.2f} | {r['achieved_flops'] / 1e9:.0f} | "
+                 f"{r['of_peak_f32']:.0%} | {r['compile_s']:.1f} |")
+  lines += ["", "| path | cores | matmul peak f32 GFLOP/s | bf16 GFLOP/s |", "|---|---|---|---|"]
+  for path in PATHS:
+    r = before[path]
+    lines.append(f"| {path} | {r['cores']} | {r['peak_f32'] / 1e9:.0f} | "
+                 f"{r['peak_bf16'] / 1e9:.0f} |")
+  for r in rows:
+    if r["variant"] == DEFAULT and r["sync_s"] is not None and r["path"] == "simulated":
+      lines += ["", f"One full outer sync (simulated path, default): {r['sync_s'] * 1e3:.0f} ms "
+                f"= {r['sync_s'] / r['step_s']:.2f} inner steps."]
+  for r in rows:
+    b = r["breakdown"]
+    if not b:
+      continue
+    lines += ["", f"## Where the time goes: default, {r['path']} "
+              f"(profiler op time {b['op_ms']:.0f} ms of {r['step_s'] * 1e3:.0f} ms per step)", "",
+              "| category | ms/step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {v / b['op_ms']:.0%} |" for k, v in b["categories"].items()]
+    lines += ["", "| top ops | shape | ms/step |", "|---|---|---|"]
+    lines += [f"| `{t['op']}` | `{t['shape']}` | {t['ms']:.1f} |" for t in b["top_ops"]]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--suite", choices=["step"], default="step")
+  parser.add_argument("--config", default="configs/shakespeare_diloco.py")
+  parser.add_argument("--out", default=None, help="default experiments/results/<suite>")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
+  args = parser.parse_args(argv)
+  if not os.path.isfile(args.config):
+    sys.exit(f"error: --config {args.config}: no such file")
+  out = args.out or os.path.join("experiments", "results", args.suite)
+  os.makedirs(out, exist_ok=True)
+  start = time.time()
+  rows = run_step_suite(args)
+  command = "python -m experiments.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(step_summary(rows, command.strip()))
+  print(f"wrote {out}/summary.md and results.jsonl in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
