@@ -132,7 +132,7 @@ def step_summary(rows: list[dict], command: str) -> str:
   for r in rows:
     if r["variant"] == DEFAULT and r["sync_s"] is not None and r["path"] == "simulated":
       lines += ["", f"One full outer sync (simulated path, default): {r['sync_s'] * 1e3:.0f} ms "
-                f"= {r['sync_s'] / r['step_s']:.2f} inner steps."]
+                f"= {r['sync_s'] / r['step_s']:.3f} inner steps."]
   for r in rows:
     b = r["breakdown"]
     if not b:

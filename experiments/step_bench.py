@@ -54,19 +54,20 @@ def _load_config(path: str, overrides: dict):
   return config
 
 
-def _categorise(name: str, shape: str, op: str) -> str:
+def _categorise(name: str, shape: str, op: str, seq_len: int) -> str:
   if op in ("dot", "convolution") or name.startswith(("dot", "ynn_fusion", "convolution")):
     return "matmul"
   if "reduce" in name:
     return "reduction"
-  if re.search(r"\b(\d+),\1\]", shape.replace("{", "]")):  # trailing [..., T, T]
-    return "attention T x T elementwise"
+  dims = re.findall(r"\d+", shape.split("{")[0])
+  if len(dims) >= 4 and dims[-1] == str(seq_len):  # [..., queries, keys]: scores / probs
+    return "attention scores elementwise"
   if name.startswith(("copy", "transpose")) or "transpose" in name:
     return "copy / transpose"
   return "elementwise"
 
 
-def breakdown(run_steps, hlo_text: str, steps: int) -> dict:
+def breakdown(run_steps, hlo_text: str, steps: int, seq_len: int) -> dict:
   """Per-category and top-fusion device time per step from a JAX profiler trace of
   ``run_steps()`` (XLA:CPU op events; mapped to the compiled HLO by instruction name)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -85,7 +86,7 @@ def breakdown(run_steps, hlo_text: str, steps: int) -> dict:
   per_op = collections.Counter({k: v for k, v in per_op.items() if k in declared})
   cats = collections.Counter()
   for name, ms in per_op.items():
-    cats[_categorise(name, *declared[name])] += ms
+    cats[_categorise(name, *declared[name], seq_len)] += ms
   top = [{"op": n, "ms": round(ms, 2), "shape": declared[n][0]} for n, ms in per_op.most_common(8)]
   return {"op_ms": round(sum(per_op.values()), 1),
           "categories": {k: round(v, 1) for k, v in cats.most_common()}, "top_ops": top}
@@ -142,7 +143,7 @@ def step(spec: dict) -> dict:
   if spec.get("profile"):
     keys = [k for k in state if k in ("params", "opt_state", "inner_params", "inner_opt_state")]
     hlo = alg.programs["inner"].lower({k: state[k] for k in keys}, batch).compile().as_text()
-    out["breakdown"] = breakdown(lambda: run(3), hlo, 3)
+    out["breakdown"] = breakdown(lambda: run(3), hlo, 3, t)
   return out
 
 
