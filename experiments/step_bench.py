@@ -98,7 +98,8 @@ def step(spec: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
 
   config = _load_config(spec["config"], spec.get("overrides", {}))
   mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
@@ -128,7 +129,8 @@ def step(spec: dict) -> dict:
     run(int(spec.get("steps", 5)))
     times.append((time.perf_counter() - start) / int(spec.get("steps", 5)))
   out = {"step_s": statistics.median(times), "step_s_all": times, "compile_s": compile_s,
-         "tokens_per_step": m * b * t, "loss": float(np.mean(jax.device_get(metrics["island_loss"]))),
+         "tokens_per_step": m * b * t,
+         "loss": float(np.mean(jax.device_get(metrics["island_loss"]))),
          "flops_per_token": model_lib.train_flops_per_token(model_cfg, t),
          "params": model_lib.count_params(jax.eval_shape(alg.eval_params, state))}
   if alg.schedule is not None:  # one full outer sync (every fragment sent and merged)

@@ -70,9 +70,10 @@ def _maybe_inject_fault(step: int, checkpointer) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(config, workdir: str, devices=None) -> dict[str, Any]:
+def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   """Runs (or resumes) training as configured; returns the last metrics record.
-  ``devices`` defaults to all devices of the job."""
+  ``devices`` defaults to all devices of the job; ``outer_tx`` (any optax transform) replaces
+  the outer optimizer named by ``config.outer``."""
   config_lib.validate(config)
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
@@ -80,7 +81,7 @@ def train(config, workdir: str, devices=None) -> dict[str, Any]:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={config.data.tokenizer!r})")
-  alg = islands.build(config, mesh, model_cfg)
+  alg = islands.build(config, mesh, model_cfg, outer_tx=outer_tx)
   graphdef, abstract_params = model_lib.build(model_cfg)
   total = int(config.total_steps)
   batches = input_lib.TrainBatches(config.data, mesh, num_islands=alg.num_islands,
