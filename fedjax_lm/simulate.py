@@ -50,12 +50,14 @@ def config(smoke: bool = False, **overrides):
 
 
 def run(config, workdir: str, outer_tx=None, fresh: bool = True) -> list[dict]:
-  """Trains ``config`` in this process (``fresh``: from scratch, deleting ``workdir``) and
+  """Trains ``config`` in this process on its first device (``fresh``: from scratch, deleting
+  ``workdir``) and
   returns the ``metrics.jsonl`` records; ``outer_tx`` replaces the configured outer optimizer."""
+  import jax  # pylint: disable=g-import-not-at-top
   from fedjax_lm import train  # pylint: disable=g-import-not-at-top
   if fresh and os.path.isdir(workdir):
     shutil.rmtree(workdir)
-  train.train(config, workdir, outer_tx=outer_tx)
+  train.train(config, workdir, devices=jax.devices()[:1], outer_tx=outer_tx)
   return metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
