@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -74,7 +76,7 @@ for name, recs in records.items():
 # shrinks with P.
 
 # %%
-fragment_counts = [1, 2] if SMOKE else [1, 2, 4]
+fragment_counts = [1, 2] if SMOKE else [1, 2, 4]  # P=1 with tau=1: DiLoCo with overlap
 streaming = {p: simulate.run(islands_config(fragments=p, overlap=1, compression="int4"),
                              f"{ROOT}/P{p}") for p in fragment_counts}
 for p, recs in streaming.items():

@@ -23,7 +23,7 @@ SMOKE = dict(total_steps=40, eval_every=20, log_every=10, eval_batches=2,
              model=dict(num_layers=2, embed_dim=64, num_heads=2, num_kv_heads=2, head_dim=32,
                         mlp_dim=192, max_len=64))
 FULL = dict(total_steps=200, eval_every=50, log_every=25,
-            data=dict(seq_len=256, batch_size=16), model=dict(mlp_dim=384))
+            data=dict(seq_len=256, batch_size=8), model=dict(mlp_dim=384))
 
 
 def _update(node, overrides: dict[str, Any], where: str = "") -> None:
