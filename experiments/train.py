@@ -36,7 +36,12 @@ def main(argv):
     sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
   launch.initialize(config.launch.mode)
   from fedjax_lm import train  # pylint: disable=g-import-not-at-top  (after distributed init)
-  train.train(config, workdir)
+  try:
+    train.train(config, workdir)
+  except (ValueError, RuntimeError, FileNotFoundError, PermissionError) as e:
+    if os.environ.get("FEDJAX_LM_TRACEBACK") == "1":
+      raise
+    sys.exit(f"error: {e}".splitlines()[0])  # one line; FEDJAX_LM_TRACEBACK=1 shows the trace
 
 
 def _parse_flags(argv):

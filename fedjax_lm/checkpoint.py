@@ -1,13 +1,19 @@
 """Checkpoints: the whole training state plus each process's data-iterator state.
 
 ``DIR/checkpoints/<step>/state`` holds the sharded state pytree (orbax, async, multi-process),
-``DIR/checkpoints/<step>/data/process_<i>-of-<n>.json`` the grain iterator states. A step
-directory only appears once complete, so a run killed mid-save resumes from the previous one.
+``DIR/checkpoints/<step>/data/process_<i>-of-<n>.json`` the grain iterator states and
+``DIR/checkpoints/<step>/config`` the fields that fix the state's layout (JSON; no pickle
+anywhere). A step directory only appears once complete, so a run killed mid-save resumes from
+the previous one. On resume a checkpoint of another layout is refused naming the differing
+fields; a corrupt or truncated one is moved aside to ``DIR/corrupt_checkpoints/<step>-<n>``
+(never deleted) and the previous one is tried.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -22,19 +28,58 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        item_names=("state", "data"),
+        item_names=("state", "data", "config"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()},
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1),
                                              max_to_keep=int(keep), create=True))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator: Any, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator: Any, force: bool = False,
+           layout: dict | None = None) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(layout or {})), force=force)
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any,
+                     layout: dict) -> tuple[int | None, Any]:
+    """(step, state) of the newest good checkpoint, or (None, None) if there is none."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      self._check_layout(step, layout)
+      try:
+        return step, self.restore(step, abstract_state, data_iterator)
+      except RuntimeError as e:
+        logging.warning("%s Moving it aside and trying the previous checkpoint.",
+                        str(e).split(" It may be")[0])
+        self._move_aside(step)
+    return None, None
+
+  def _check_layout(self, step: int, layout: dict) -> None:
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # pylint: disable=broad-except  (older or damaged: the state decides)
+      return
+    diff = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in layout.items()
+            if k in saved and saved[k] != v]
+    if diff:
+      raise ValueError(f"checkpoint step {step} in {self.directory} is from a different config: "
+                       + ", ".join(diff) + ". Use another --workdir or the same settings.")
+
+  def _move_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)),
+                  os.path.join(aside, f"{step}-{len(os.listdir(aside))}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores ``step`` into arrays laid out like ``abstract_state`` (ShapeDtypeStructs with

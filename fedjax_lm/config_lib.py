@@ -103,6 +103,21 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
+def layout(c) -> dict:
+  """The config fields that fix the training state's shapes and structure (what a checkpoint
+  must match to be restored); the mesh is not among them (state is resharded on restore)."""
+  out = {"algorithm": c.algorithm, "islands.num": int(c.islands.num),
+         "inner.optimizer": c.inner.optimizer,
+         **{f"model.{k}": v for k, v in c.model.items()
+            if k in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+                     "head_dim", "mlp_dim", "tie_embeddings", "param_dtype")}}
+  if c.algorithm == "islands":
+    out.update({"outer.optimizer": c.outer.optimizer, "outer.fragments": int(c.outer.fragments),
+                "outer.compression": c.outer.compression, "outer.eager": bool(c.outer.eager),
+                "outer.error_feedback_on": float(c.outer.error_feedback) > 0})
+  return out
+
+
 def _check(ok: bool, msg: str) -> None:
   if not ok:
     raise ValueError(msg)

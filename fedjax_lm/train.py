@@ -90,12 +90,16 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_every, config.keep_checkpoints)
 
   key = jax.random.key(int(config.seed))
-  start = checkpointer.latest_step()
+  layout = config_lib.layout(config)
+  start, state = None, None
+  if checkpointer.latest_step() is not None:
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
+    start, state = checkpointer.restore_latest(abstract, batches, layout)
+    if start is None:
+      raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored (each "
+                         "was moved aside to corrupt_checkpoints/); use another --workdir")
   if start is None:
     start, state = 0, alg.init(key)
-  else:
-    abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
-    state = checkpointer.restore(start, abstract, batches)
 
   lead = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, total_steps=total, start_step=start)
@@ -134,7 +138,7 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
         pending, last_time, last_step = [], time.time(), done
       if done % config.checkpoint_every == 0 or done == total:
         state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
-        checkpointer.save(done, state, batches, force=True)
+        checkpointer.save(done, state, batches, force=True, layout=layout)
       _maybe_inject_fault(done, checkpointer)
   checkpointer.wait()
   checkpointer.close()

@@ -95,13 +95,46 @@ def test_impossible_mesh_is_one_clear_error(tmp_path, data_dir):
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path, data_dir):
   single = ["--config.launch.processes=1", "--config.total_steps=3"]
   _ok(_train(tmp_path, data_dir, *single))
-  for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "state"):
-    for name in files:
-      with open(os.path.join(root, name), "wb") as f:
-        f.write(b"garbage")
+  _corrupt(tmp_path / "checkpoints" / "3")
   result = _train(tmp_path, data_dir, "--config.launch.processes=1", "--config.total_steps=6")
   assert result.returncode != 0
   assert "Could not restore checkpoint step 3" in result.stderr
+  assert "no checkpoint in" in result.stderr and "Traceback" not in result.stderr
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir):
+  """The final checkpoint (step 8) corrupt: a warning names it, it is moved aside (not
+  deleted), the re-run resumes from step 6 and its losses match the uninterrupted run."""
+  single = ["--config.launch.processes=1", "--config.checkpoint_every=3",
+            "--config.total_steps=8"]
+  _ok(_train(tmp_path / "ref", data_dir, *single))
+  _ok(_train(tmp_path / "run", data_dir, *single))
+  _corrupt(tmp_path / "run" / "checkpoints" / "8")
+  result = _ok(_train(tmp_path / "run", data_dir, *single))
+  assert "Could not restore checkpoint step 8" in result.stderr
+  assert "resumed at step 6" in result.stdout + result.stderr
+  assert os.listdir(tmp_path / "run" / "corrupt_checkpoints") == ["8-0"]
+  want = {r["step"]: r["train_loss"] for r in _records(tmp_path / "ref")}
+  got = {r["step"]: r["train_loss"] for r in _records(tmp_path / "run")}
+  assert got == want
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_field(tmp_path, data_dir):
+  single = ["--config.launch.processes=1", "--config.total_steps=3"]
+  _ok(_train(tmp_path, data_dir, *single))
+  result = _train(tmp_path, data_dir, *single, "--config.model.num_layers=3",
+                  "--config.total_steps=6")
+  assert result.returncode != 0
+  assert "model.num_layers=2 (this run: 3)" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert os.path.isdir(tmp_path / "checkpoints" / "3")  # nothing moved or deleted
 
 
 @pytest.mark.parametrize("streaming", [{}, {
