@@ -38,7 +38,7 @@ def main(argv):
   from fedjax_lm import train  # pylint: disable=g-import-not-at-top  (after distributed init)
   try:
     train.train(config, workdir)
-  except (ValueError, RuntimeError, FileNotFoundError, PermissionError) as e:
+  except (ValueError, RuntimeError, OSError) as e:
     if os.environ.get("FEDJAX_LM_TRACEBACK") == "1":
       raise
     sys.exit(f"error: {e}".splitlines()[0])  # one line; FEDJAX_LM_TRACEBACK=1 shows the trace

@@ -86,6 +86,37 @@ def test_unknown_config_key_is_one_clear_error(tmp_path, data_dir):
   assert "lr" in result.stderr and "Traceback" not in result.stderr
 
 
+ISLANDS = ["--config.algorithm=islands", "--config.islands.num=2"]
+
+
+@pytest.mark.parametrize("overrides,culprit", [
+    (["--config.total_steps=abc"], "--config.total_steps=abc"),
+    (["--config.islands.num=0"], "islands.num=0"),
+    ([*ISLANDS, "--config.outer.sync_every=0"], "outer.sync_every=0"),
+    ([*ISLANDS, "--config.outer.sync_every=2", "--config.outer.fragments=3"],
+     "outer.fragments=3"),
+    (["--config.inner.optimizer=lion"], "inner.optimizer='lion'"),
+    ([*ISLANDS, "--config.outer.compression=int3"], "outer.compression='int3'"),
+    (["--config.data.name=no_such_dataset"], "no_such_dataset"),
+    (["--config.data.seq_len=4096"], "data.seq_len=4096"),
+    (["--config.data.partition=by_act"], "data.partition='by_act'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, data_dir, overrides, culprit):
+  (tmp_path / "notes.txt").write_text("mine")
+  result = _train(tmp_path, data_dir, "--config.launch.processes=1", *overrides)
+  assert result.returncode != 0
+  assert culprit in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert (tmp_path / "notes.txt").read_text() == "mine"
+  assert not os.path.exists(tmp_path / "checkpoints" / "1")
+
+
+def test_workdir_that_is_a_file_is_one_clear_error(tmp_path, data_dir):
+  (tmp_path / "file").write_text("mine")
+  result = _train(tmp_path / "file", data_dir, "--config.launch.processes=1")
+  assert result.returncode != 0 and "Not a directory" in result.stderr
+  assert "Traceback" not in result.stderr and (tmp_path / "file").read_text() == "mine"
+
+
 def test_impossible_mesh_is_one_clear_error(tmp_path, data_dir):
   result = _train(tmp_path, data_dir, "--config.mesh.data=3")
   assert result.returncode != 0
