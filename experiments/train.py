@@ -35,9 +35,14 @@ def main(argv):
     command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
     sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
   launch.initialize(config.launch.mode)
-  from fedjax_lm import train  # pylint: disable=g-import-not-at-top  (after distributed init)
+  # pylint: disable-next=g-import-not-at-top  (after distributed init)
+  import jax
+  from fedjax_lm import checkpoint as ckpt_lib
+  from fedjax_lm import train
   try:
     train.train(config, workdir)
+  except ckpt_lib.Preempted as e:
+    sys.exit(f"[fedjax_lm] {e}" if jax.process_index() == 0 else 143)
   except (ValueError, RuntimeError, OSError) as e:
     if os.environ.get("FEDJAX_LM_TRACEBACK") == "1":
       raise

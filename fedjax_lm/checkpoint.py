@@ -14,11 +14,47 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after writing a checkpoint at ``step``."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted (SIGTERM): checkpoint written at step {step}; run the same "
+                     "command again to resume there")
+    self.step = step
+
+
+class PreemptionWatch:
+  """Has a SIGTERM arrived? Multi-process: JAX's preemption sync (every process learns of the
+  notice and they agree on the same step to save at). One process: a SIGTERM handler."""
+
+  def __init__(self):
+    self._flag = False
+    self._synced = jax.process_count() > 1
+    if not self._synced and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    """True at the step all processes save at; call at every step, on every process."""
+    if self._synced:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+  def close(self) -> None:
+    if not self._synced and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Checkpointer:

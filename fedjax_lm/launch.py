@@ -78,6 +78,9 @@ def _child_env(process_id: int, num_processes: int, coordinator: str) -> dict[st
   return env
 
 
+PREEMPTION_GRACE_SECONDS = 120.0
+
+
 def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
                  poll_seconds: float = 0.2) -> int:
   """Runs ``argv`` as ``num_processes`` joined processes; returns the job's exit code."""
@@ -121,7 +124,8 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
         return 0
       time.sleep(poll_seconds)
   finally:
-    _terminate(procs)
+    # A signal means preemption: give the processes time to write their checkpoint.
+    _terminate(procs, grace_seconds=PREEMPTION_GRACE_SECONDS if stop["signal"] else 5.0)
     for f in logs:
       f.close()
     for s, h in old.items():

@@ -101,6 +101,8 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   if start is None:
     start, state = 0, alg.init(key)
 
+  preemption = ckpt_lib.PreemptionWatch()
+  preempted, done = False, start
   lead = jax.process_index() == 0
   writer = metrics_lib.MetricsWriter(workdir, enabled=lead, total_steps=total, start_step=start)
   tokens_per_step = int(np.prod(batches.shape))
@@ -136,11 +138,17 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
           record.update(evaluate(alg.eval_params(state)))
         writer.write(record)
         pending, last_time, last_step = [], time.time(), done
-      if done % config.checkpoint_every == 0 or done == total:
+      preempted = preemption.reached(done)
+      if done % config.checkpoint_every == 0 or done == total or preempted:
         state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
         checkpointer.save(done, state, batches, force=True, layout=layout)
       _maybe_inject_fault(done, checkpointer)
+      if preempted and done < total:
+        break
   checkpointer.wait()
   checkpointer.close()
   writer.close()
+  preemption.close()
+  if preempted and done < total:
+    raise ckpt_lib.Preempted(done)
   return record

@@ -3,10 +3,15 @@
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from conftest import run_cli
 from conftest import tiny_config
 from fedjax_lm import metrics as metrics_lib
@@ -152,6 +157,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data
   assert "Could not restore checkpoint step 8" in result.stderr
   assert "resumed at step 6" in result.stdout + result.stderr
   assert os.listdir(tmp_path / "run" / "corrupt_checkpoints") == ["8-0"]
+  want = {r["step"]: r["train_loss"] for r in _records(tmp_path / "ref")}
+  got = {r["step"]: r["train_loss"] for r in _records(tmp_path / "run")}
+  assert got == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_at_the_current_step_and_resume_is_exact(tmp_path, data_dir, processes):
+  """SIGTERM mid-run (to the launcher, or to the single process): a checkpoint is written at
+  the step reached (not a checkpoint_every multiple), the run exits non-zero, and the re-run
+  resumes there with the same losses as an uninterrupted run."""
+  args = ["--config", "configs/tiny.py", f"--config.data.data_dir={data_dir}",
+          f"--config.launch.processes={processes}", "--config.total_steps=200",
+          "--config.checkpoint_every=1000", "--config.eval_every=1000"]
+  _ok(run_cli([*args, "--workdir", str(tmp_path / "ref")]))
+  env = {**os.environ, "XLA_FLAGS": ""}
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args, "--workdir",
+                           str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and len(_records(tmp_path / "run")) > 20):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=180)
+  assert proc.returncode != 0
+  saved = [int(s) for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit()]
+  assert len(saved) == 1 and 20 < saved[0] < 200, (saved, err[-2000:])
+  assert f"checkpoint written at step {saved[0]}" in err
+  result = _ok(run_cli([*args, "--workdir", str(tmp_path / "run")]))
+  assert f"resumed at step {saved[0]}" in result.stdout + result.stderr
   want = {r["step"]: r["train_loss"] for r in _records(tmp_path / "ref")}
   got = {r["step"]: r["train_loss"] for r in _records(tmp_path / "run")}
   assert got == want
