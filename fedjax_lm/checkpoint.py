@@ -1,7 +1,8 @@
 """Checkpoints: the whole training state plus each process's data-iterator state.
 
 ``DIR/checkpoints/<step>/state`` holds the sharded state pytree (orbax, async, multi-process),
-``DIR/checkpoints/<step>/data/process_<i>-of-<n>.json`` the grain iterator states and
+``DIR/checkpoints/<step>/data`` every island's grain iterator state (one JSON, so it resumes
+on any process count or in-island layout) and
 ``DIR/checkpoints/<step>/config`` the fields that fix the state's layout (JSON; no pickle
 anywhere). A step directory only appears once complete, so a run killed mid-save resumes from
 the previous one. On resume a checkpoint of another layout is refused naming the differing
@@ -18,7 +19,6 @@ import signal
 import threading
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -66,7 +66,7 @@ class Checkpointer:
         self.directory,
         item_names=("state", "data", "config"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1),
                                              max_to_keep=int(keep), create=True))
@@ -78,7 +78,7 @@ class Checkpointer:
            layout: dict | None = None) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
+        data=ocp.args.JsonSave(data_iterator.global_state()),
         config=ocp.args.JsonSave(layout or {})), force=force)
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any,
@@ -122,8 +122,8 @@ class Checkpointer:
     shardings) and sets ``data_iterator``'s position. One clear error if anything is off."""
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      data_iterator.set_global_state(restored["data"])
     except Exception as e:  # orbax/grain raise many types; name the culprit once.
       raise RuntimeError(
           f"Could not restore checkpoint step {step} from {self.directory}: "

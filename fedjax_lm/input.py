@@ -1,10 +1,13 @@
 """Global batches from per-process grain iterators.
 
-A train batch is ``[M, B, T]`` sharded ``P("island", ("data", "fsdp"), None)``. Each process
-looks at the slices its own devices hold and runs one grain iterator per (island ``m``, row
-shard ``k``) it needs: island ``m`` reads partition ``m`` of the data (``iid``, ``by_play``,
-``by_genre``), and inside it row shard ``k`` of ``K`` reads a disjoint shard. The per-process
-iterator states are checkpointed by grain's orbax handler (``get_state`` / ``set_state``).
+A train batch is ``[M, B, T]`` sharded ``P("island", ("data", "fsdp"), None)``. Island ``m``
+reads partition ``m`` of the data (``iid``, ``by_play``, ``by_genre``) through one grain
+iterator of ``B`` rows; each process runs the iterators of the islands its devices hold and
+keeps its devices' rows. So the token sequence is a function of (seed, partition, M, B) only:
+DP / FSDP / TP layouts and 1 or N processes train on the same tokens, and a checkpoint's data
+position (every island's iterator state, gathered to one JSON) resumes on another layout.
+The price: a process holding a few rows of an island still reads all B of them (cheap for
+text; at large B per island with a heavy tokenizer this is redundant host work).
 """
 
 from __future__ import annotations
@@ -50,23 +53,19 @@ class TrainBatches:
                        f"the island's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} "
                        "devices")
     source = data_lib.get_source(data_cfg.name, "train", data_dir=data_cfg.data_dir or None)
-    self._plan = []  # per local device: (device, [iterator keys for its islands])
+    self._plan = []  # per local device: (device, [island iterator keys], row slice)
     self._iterators: dict[str, Any] = {}
+    self._num_islands = num_islands
     for device, (islands, rows, _) in _local_slices(self.sharding, self.shape):
       m0, m1 = _bounds(islands, num_islands)
-      r0, r1 = _bounds(rows, self.shape[1])
-      shard, count = r0 // (r1 - r0), self.shape[1] // (r1 - r0)
-      keys = []
-      for m in range(m0, m1):
-        key = f"island{m}_shard{shard}of{count}"
+      keys = [f"island{m}" for m in range(m0, m1)]
+      for m, key in zip(range(m0, m1), keys):
         if key not in self._iterators:
           self._iterators[key] = data_lib.make_train_iterator(
-              source, tokenizer=tokenizer, seq_len=self.shape[2], batch_size=r1 - r0, seed=seed,
-              shard_index=shard, shard_count=count, partition=data_cfg.partition,
-              part_index=m, part_count=num_islands, append_eos=bool(data_cfg.append_eos),
-              text_key=data_cfg.text_key)
-        keys.append(key)
-      self._plan.append((device, keys))
+              source, tokenizer=tokenizer, seq_len=self.shape[2], batch_size=self.shape[1],
+              seed=seed, partition=data_cfg.partition, part_index=m, part_count=num_islands,
+              append_eos=bool(data_cfg.append_eos), text_key=data_cfg.text_key)
+      self._plan.append((device, keys, slice(*_bounds(rows, self.shape[1]))))
 
   def __iter__(self):
     return self
@@ -74,26 +73,35 @@ class TrainBatches:
   def __next__(self) -> dict[str, jax.Array]:
     fetched = {key: next(it) for key, it in self._iterators.items()}
     per_device = {
-        device: {k: np.stack([fetched[key][k] for key in keys]) for k in ("inputs", "targets",
-                                                                          "mask")}
-        for device, keys in self._plan}
+        device: {k: np.stack([fetched[key][k][rows] for key in keys])
+                 for k in ("inputs", "targets", "mask")}
+        for device, keys, rows in self._plan}
     return _assemble(self.sharding, self.shape, per_device)
 
-  # grain's orbax CheckpointHandler saves one file per process with these.
-  def get_state(self) -> bytes:
-    return json.dumps({k: data_lib.save_iterator_state(it).decode()
-                       for k, it in self._iterators.items()}).encode()
+  def global_state(self) -> dict[str, str]:
+    """Every island's iterator state (JSON strings), the same on every process: the local
+    ones, gathered across processes (a collective: call on every process)."""
+    local = {k: data_lib.save_iterator_state(it).decode() for k, it in self._iterators.items()}
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([raw.size]))))
+    gathered = multihost_utils.process_allgather(np.pad(raw, (0, size - raw.size),
+                                                        constant_values=ord(" ")))
+    merged = {}
+    for row in np.asarray(gathered).reshape(jax.process_count(), size):
+      merged.update(json.loads(row.tobytes().decode()))
+    return merged
 
-  def set_state(self, state: bytes) -> None:
-    saved = json.loads(state.decode())
-    if set(saved) != set(self._iterators):
-      raise ValueError(f"Checkpointed data iterators {sorted(saved)} do not match this run's "
-                       f"{sorted(self._iterators)}: was the mesh or islands.num changed?")
+  def set_global_state(self, states: dict[str, str]) -> None:
+    missing = sorted(set(self._iterators) - set(states))
+    if missing:
+      raise ValueError(f"the checkpoint's data position has no state for {missing} (it holds "
+                       f"{sorted(states)}): was islands.num changed?")
     for k, it in self._iterators.items():
-      data_lib.restore_iterator_state(it, saved[k].encode())
+      data_lib.restore_iterator_state(it, states[k].encode())
 
-  def start_prefetch(self) -> None:
-    pass
 
 
 def eval_batches(data_cfg, mesh, *, tokenizer, rows: int, max_batches: int) -> list[dict]:

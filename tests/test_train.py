@@ -193,6 +193,23 @@ def test_sigterm_saves_at_the_current_step_and_resume_is_exact(tmp_path, data_di
   assert got == want
 
 
+def test_data_does_not_depend_on_the_layout_and_resume_is_elastic(tmp_path, data_dir):
+  """1 process vs 2 processes (data=2): the same tokens, so the same losses up to the float
+  rounding of the gradient all-reduce. A checkpoint of the 2-process run resumes on 1 process
+  at the same data position."""
+  base = ["--config.total_steps=8", "--config.checkpoint_every=4", "--config.eval_every=100"]
+  _ok(_train(tmp_path / "one", data_dir, *base, "--config.launch.processes=1"))
+  killed = _train(tmp_path / "two", data_dir, *base, "--config.launch.processes=2",
+                  env={"FEDJAX_LM_KILL_AT_STEP": "4"})  # SIGKILLed after its step-4 checkpoint
+  assert killed.returncode != 0
+  result = _ok(_train(tmp_path / "two", data_dir, *base, "--config.launch.processes=1"))
+  assert "resumed at step 4" in result.stdout + result.stderr
+  one = {r["step"]: r["train_loss"] for r in _records(tmp_path / "one")}
+  two = {r["step"]: r["train_loss"] for r in _records(tmp_path / "two")}
+  assert sorted(one) == sorted(two) == list(range(1, 9))
+  np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=2e-5)
+
+
 def test_checkpoint_from_another_config_is_refused_naming_the_field(tmp_path, data_dir):
   single = ["--config.launch.processes=1", "--config.total_steps=3"]
   _ok(_train(tmp_path, data_dir, *single))
