@@ -34,7 +34,7 @@ def main(argv):
   if config.launch.mode == "local" and num > 1 and not launch.is_launched_child():
     command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
     sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
-  launch.initialize(config.launch.mode)
+  launch.initialize(config.launch.mode, int(config.launch.heartbeat_seconds))
   # pylint: disable-next=g-import-not-at-top  (after distributed init)
   import jax
   from fedjax_lm import checkpoint as ckpt_lib

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.launch = ml_collections.ConfigDict()
   c.launch.mode = "local"  # local (spawn launch.processes here) | cluster | none
   c.launch.processes = 1
+  c.launch.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
   return c
 
 
@@ -150,3 +151,5 @@ def validate(c) -> None:
   _check(c.launch.mode in ("local", "cluster", "none"),
          f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
+  _check(int(c.launch.heartbeat_seconds) >= 1,
+         f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")

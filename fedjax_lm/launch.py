@@ -35,20 +35,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def initialize(mode: str) -> None:
-  """Joins the job's processes before JAX is used. ``mode``: local | cluster | none."""
+def initialize(mode: str, heartbeat_seconds: int = 20) -> None:
+  """Joins the job's processes before JAX is used. ``mode``: local | cluster | none.
+
+  ``cluster``: the scheduler's settings (``jax.distributed.initialize()`` auto-detection), or,
+  for a plain scheduler, ``JAX_COORDINATOR_ADDRESS`` plus ``FEDJAX_LM_NUM_PROCESSES`` and
+  ``FEDJAX_LM_PROCESS_ID`` in each process's environment. A peer that dies is noticed by the
+  coordination service within ``heartbeat_seconds`` (and usually at once by the gloo
+  collective it leaves hanging): every other process then exits non-zero, never hangs."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  if mode == "cluster":
-    jax.distributed.initialize()
-  elif mode == "local" and is_launched_child():
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ[ENV_COORDINATOR],
-        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
-        process_id=int(os.environ[ENV_PROCESS_ID]),
-        initialization_timeout=120,
-    )
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
+  explicit = {}
+  if mode == "cluster" and ENV_PROCESS_ID in os.environ:
+    explicit = dict(num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+                    process_id=int(os.environ[ENV_PROCESS_ID]))
+  if mode == "local" and is_launched_child():
+    explicit = dict(coordinator_address=os.environ[ENV_COORDINATOR],
+                    num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+                    process_id=int(os.environ[ENV_PROCESS_ID]))
+  if mode == "cluster" or explicit:
+    jax.distributed.initialize(**explicit, initialization_timeout=120,
+                               heartbeat_timeout_seconds=int(heartbeat_seconds))
   elif mode not in ("local", "none"):
     raise ValueError(f"launch.mode={mode!r}: expected 'local', 'cluster' or 'none'")
 
