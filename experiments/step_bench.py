@@ -45,12 +45,7 @@ def _load_config(path: str, overrides: dict):
   from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load_file(path)
   with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for name in parents:
-        node = node[name]
-      node[leaf] = value
+    config_lib.override(config, overrides)
   return config
 
 

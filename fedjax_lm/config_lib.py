@@ -119,6 +119,16 @@ def layout(c) -> dict:
   return out
 
 
+def override(c, dotted: dict) -> None:
+  """Sets ``{"outer.sync_every": 10, ...}`` in place (``c`` unlocked for new values)."""
+  for key, value in dotted.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+
+
 def _check(ok: bool, msg: str) -> None:
   if not ok:
     raise ValueError(msg)

@@ -21,14 +21,10 @@ def tiny_config(**overrides):
   """``configs/tiny.py`` (a model small enough to train in seconds), unlocked, with
   ``overrides`` given as dotted keys."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   c.unlock()
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+  config_lib.override(c, overrides)
   return c
 
 
