@@ -39,8 +39,9 @@ class PreemptionWatch:
   def __init__(self):
     self._flag = False
     self._synced = jax.process_count() > 1
+    self._previous = None
     if not self._synced and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
     self._flag = True
@@ -53,8 +54,10 @@ class PreemptionWatch:
     return self._flag
 
   def close(self) -> None:
-    if not self._synced and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Puts back the SIGTERM handler that was there before (e.g. a notebook kernel's)."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 class Checkpointer:
