@@ -55,7 +55,6 @@ class TrainBatches:
     source = data_lib.get_source(data_cfg.name, "train", data_dir=data_cfg.data_dir or None)
     self._plan = []  # per local device: (device, [island iterator keys], row slice)
     self._iterators: dict[str, Any] = {}
-    self._num_islands = num_islands
     for device, (islands, rows, _) in _local_slices(self.sharding, self.shape):
       m0, m1 = _bounds(islands, num_islands)
       keys = [f"island{m}" for m in range(m0, m1)]
@@ -101,7 +100,6 @@ class TrainBatches:
                        f"{sorted(states)}): was islands.num changed?")
     for k, it in self._iterators.items():
       data_lib.restore_iterator_state(it, states[k].encode())
-
 
 
 def eval_batches(data_cfg, mesh, *, tokenizer, rows: int, max_batches: int) -> list[dict]:
