@@ -138,7 +138,7 @@ def step(spec: dict) -> dict:
     jax.block_until_ready(state)
     out["sync_s"] = (time.perf_counter() - start) / 3
   if spec.get("profile"):
-    keys = [k for k in state if k in ("params", "opt_state", "inner_params", "inner_opt_state")]
+    keys = alg.inner_keys
     hlo = alg.programs["inner"].lower({k: state[k] for k in keys}, batch).compile().as_text()
     out["breakdown"] = breakdown(lambda: run(3), hlo, 3, t)
   return out

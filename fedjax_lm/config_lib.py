@@ -25,7 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.algorithm = "ddp"  # ddp | islands
 
-  c.islands = ml_collections.ConfigDict({"num": 1})  # M
+  c.islands = ml_collections.ConfigDict()
+  c.islands.num = 1  # M
+  # Health (fedjax_lm/health.py): skip non-finite steps, mask their islands out of the sync.
+  c.islands.nonfinite_guard = True
+  c.islands.max_nonfinite = 3  # stop after this many syncs (DDP: steps) in a row with none healthy
+  c.islands.dropout = 0.0  # probability that an island misses a send (seeded schedule)
+  c.islands.absent = ""  # explicit misses, "step:island,step:island" (sends after that step)
+  c.islands.absent_policy = "reset"  # a missing island at the merge: reset (to global) | keep
 
   c.outer = ml_collections.ConfigDict()
   c.outer.optimizer = "diloco"  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
@@ -137,7 +144,7 @@ def _check(ok: bool, msg: str) -> None:
 def validate(c) -> None:
   """One clear error naming the first bad value."""
   # pylint: disable-next=g-import-not-at-top
-  from fedjax_lm import codecs, fragments, islands, outer, steps
+  from fedjax_lm import codecs, fragments, health, islands, outer, steps
   _check(c.algorithm in islands.ALGORITHMS,
          f"algorithm={c.algorithm!r}: expected one of {islands.ALGORITHMS}")
   _check(c.inner.optimizer in steps.INNER_OPTIMIZERS,
@@ -150,6 +157,14 @@ def validate(c) -> None:
   _check(float(c.outer.clip_norm) >= 0, f"outer.clip_norm={c.outer.clip_norm} must be >= 0")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
+  _check(int(c.islands.max_nonfinite) >= 1,
+         f"islands.max_nonfinite={c.islands.max_nonfinite} must be >= 1")
+  _check(c.islands.absent_policy in health.ABSENT_POLICIES,
+         f"islands.absent_policy={c.islands.absent_policy!r}: expected one of "
+         f"{health.ABSENT_POLICIES}")
+  health.Participation(int(c.islands.num), float(c.islands.dropout), c.islands.absent, 0)
+  _check(c.algorithm == "islands" or (not float(c.islands.dropout) and not c.islands.absent),
+         "islands.dropout / islands.absent need algorithm=islands (DDP has no syncs to miss)")
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
   if c.algorithm == "islands":
@@ -157,9 +172,25 @@ def validate(c) -> None:
     _check(int(c.outer.sync_every) >= 1, f"outer.sync_every={c.outer.sync_every} must be >= 1")
     fragments.Schedule(int(c.outer.sync_every), int(c.outer.fragments), int(c.outer.overlap),
                        int(c.total_steps))
-    islands.check_streaming_options(c.outer, codecs.from_config(c.outer))
+    check_streaming_options(c.outer, codecs.from_config(c.outer))
   _check(c.launch.mode in ("local", "cluster", "none"),
          f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")
+
+
+def check_streaming_options(oc, codec) -> None:
+  """One clear error for a bad combination of streaming / compression options."""
+  from fedjax_lm import islands  # pylint: disable=g-import-not-at-top
+  _check(0.0 <= float(oc.mixing) <= 1.0, f"outer.mixing={oc.mixing} must be in [0, 1]")
+  _check(0.0 <= float(oc.error_feedback) <= 1.0,
+         f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
+  _check(not (float(oc.error_feedback) > 0 and codec is None),
+         "outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
+  _check(not (oc.eager and int(oc.overlap) < 1),
+         "outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
+  _check(oc.transport in islands.TRANSPORTS,
+         f"outer.transport={oc.transport!r}: expected one of {islands.TRANSPORTS}")
+  _check(not (oc.reset_inner_opt_state and int(oc.fragments) > 1),
+         "outer.reset_inner_opt_state is only defined for outer.fragments=1")

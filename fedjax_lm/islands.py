@@ -46,7 +46,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lm import codecs
+from fedjax_lm import config_lib
 from fedjax_lm import fragments
+from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import steps
@@ -86,7 +88,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   abstract, specs = abstract_params, param_specs
   mesh_lib.check_divisible(abstract, specs, dict(mesh.shape))
   tx = inner_tx or steps.inner_optimizer(config.inner, int(config.total_steps))
-  train_step = steps.make_train_step(loss_fn, tx)
+  guard = bool(config.islands.nonfinite_guard)
+  train_step = steps.make_train_step(loss_fn, tx, guard=guard)
   named = lambda tree: mesh_lib.shardings(mesh, tree)
   island_loss_sharding = NamedSharding(mesh, P("island"))
   batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec())
@@ -102,12 +105,13 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
 
   if config.algorithm == "ddp":
     # ZeRO-1: the optimizer state is sharded over the island's data devices.
-    state_specs = {"params": specs, "opt_state": mesh_lib.opt_state_specs(tx, abstract, zero_specs)}
+    state_specs = {"params": specs, "opt_state": mesh_lib.opt_state_specs(tx, abstract, zero_specs),
+                   "failures_in_a_row": P()}
     shard = named(state_specs)
 
     def init(key):
       params = init_fn(key)
-      return {"params": params, "opt_state": tx.init(params)}
+      return {"params": params, "opt_state": tx.init(params), "failures_in_a_row": jnp.int32(0)}
 
     def inner(state, batch):
       # Per-island mean gradients (no cross-island traffic), then one hierarchical mean over
@@ -115,18 +119,24 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
       per_island_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0),
                                  spmd_axis_name="island")
       losses, grads = per_island_grad(state["params"], batch)
+      island_ok = jax.vmap(health.all_finite)((losses, grads))  # island-local checks
       grads = island_mean(grads)
       updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-      return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state},
-              {"island_loss": losses})
+      new = {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+      # The mean gradient is the same everywhere, so every device skips the same steps.
+      ok = health.all_finite((grads, new["params"])) if guard else jnp.bool_(True)
+      new = health.keep_if(ok, new, {k: state[k] for k in new})
+      new["failures_in_a_row"] = jnp.where(ok, 0, state["failures_in_a_row"] + 1)
+      return new, {"island_loss": losses, "island_ok": island_ok & ok}
 
+    metric_shardings = {"island_loss": island_loss_sharding, "island_ok": island_loss_sharding}
     inner_step = jax.jit(inner, in_shardings=(shard, batch_sharding),
-                         out_shardings=(shard, {"island_loss": island_loss_sharding}),
-                         donate_argnums=0)
+                         out_shardings=(shard, metric_shardings), donate_argnums=0)
     return Algorithm(
         name="ddp", num_islands=num, init=jax.jit(init, out_shardings=shard),
         inner_step=inner_step, eval_params=lambda s: s["params"], state_shardings=shard,
         params_sharding=shard["params"], programs={"inner": inner_step},
+        inner_keys=tuple(state_specs),
         bytes_per_inner_step=payload)
 
   if config.algorithm != "islands":
@@ -139,7 +149,10 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                                 int(config.total_steps))
   frags = fragments.Fragments(abstract, schedule.fragments)
   codec = codecs.from_config(oc)
-  check_streaming_options(oc, codec)
+  config_lib.check_streaming_options(oc, codec)
+  who = health.Participation(num, float(config.islands.dropout), config.islands.absent,
+                             int(config.seed))
+  keep_absent = config.islands.absent_policy == "keep"
   alpha, beta, eager = float(oc.mixing), float(oc.error_feedback), bool(oc.eager)
   reset_inner, host = bool(oc.reset_inner_opt_state), oc.transport == "host"
   stack = lambda tree: jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), tree,
@@ -156,6 +169,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                                for a, s in zip(frag_abstract, frag_specs)),
       "inner_params": stack(specs),
       "inner_opt_state": stack(mesh_lib.opt_state_specs(tx, abstract, specs)),
+      # Health: tainted by a skipped step since fragment p's last send; what p's merge does.
+      "tainted": P("island"), "merge_mode": P("island"), "failures_in_a_row": P(),
   }
   if beta > 0:  # error-feedback residual per island
     state_specs["residual"] = stack(specs)
@@ -176,6 +191,10 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     shapes = jax.eval_shape(codec.encode, jax.ShapeDtypeStruct((padded[p],), jnp.float32), key)
     return jax.tree.map(lambda _: NamedSharding(mesh, P(lead, mesh_lib.IN_ISLAND_AXES)), shapes)
 
+  def sent_shardings(p, lead):
+    """What an island sends for fragment p: (payload, weight ``[M, D]``)."""
+    return payload_shardings(p, lead), NamedSharding(mesh, P(lead, mesh_lib.IN_ISLAND_AXES))
+
   def broadcast(params):
     stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (num,) + g.shape), params)
     return jax.lax.with_sharding_constraint(stacked, shard["inner_params"])
@@ -191,7 +210,10 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     state = {"global_params": params,
              "outer_opt_state": tuple(outer_tx.init(frags.take(params, p))
                                       for p in range(frags.num)),
-             "inner_params": inner_params, "inner_opt_state": fresh_inner_opt(inner_params)}
+             "inner_params": inner_params, "inner_opt_state": fresh_inner_opt(inner_params),
+             "tainted": jnp.zeros((num, frags.num), bool),
+             "merge_mode": jnp.zeros((num, frags.num), jnp.int32),
+             "failures_in_a_row": jnp.int32(0)}
     if beta > 0:
       state["residual"] = zeros()
     if eager:
@@ -200,16 +222,26 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return state
 
   def inner(sub, batch):
-    params, opt_state, loss = jax.vmap(train_step, spmd_axis_name="island")(
+    params, opt_state, loss, ok = jax.vmap(train_step, spmd_axis_name="island")(
         sub["inner_params"], sub["inner_opt_state"], batch)
-    return {"inner_params": params, "inner_opt_state": opt_state}, {"island_loss": loss}
+    return ({"inner_params": params, "inner_opt_state": opt_state,
+             "tainted": sub["tainted"] | ~ok[:, None]}, {"island_loss": loss, "island_ok": ok})
 
-  def encode(p, rw, ro, done):
-    """Island-local: pseudo-gradient of fragment p, error feedback, codec (and eager step)."""
+  def encode(p, rw, ro, done, present):
+    """Island-local: pseudo-gradient of fragment p, error feedback, codec (and eager step);
+    the islands that are present, untainted and finite send it with weight 1, the rest 0."""
     src = {**ro, **rw}
     g = frags.take(src["global_params"], p)
     delta = sync.pseudo_gradients(g, frags.take(src["inner_params"], p, lead=1))
-    out = {}
+    ok = present & ~rw["tainted"][:, p]
+    if guard:
+      ok &= jax.vmap(health.all_finite)(delta)
+    delta = health.keep_if(ok, delta, jax.tree.map(jnp.zeros_like, delta))
+    mode = jnp.where(ok, health.MERGE, jnp.where(present | (not keep_absent),
+                                                 health.RESTART, health.KEEP))
+    out = {"tainted": rw["tainted"].at[:, p].set(False),
+           "merge_mode": rw["merge_mode"].at[:, p].set(mode)}
+    weight = sync.island_weights(ok, present, in_island, mesh)
     if eager:
       d_hat = sync.eager_delta(delta, frags.take(rw["own_prev"], p, lead=1),
                                frags.take(ro["avg_prev"], p), num)
@@ -219,30 +251,41 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
       out["eager_base"] = frags.put(rw["eager_base"], p, base, lead=1)
       out["inner_params"] = frags.put(rw["inner_params"], p, base, lead=1)
     if codec is None:
-      return out, delta
+      return out, (delta, weight)
     flat = sync.flatten(delta, padded[p])
     keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, done), p), num)
     residual = sync.flatten(frags.take(rw["residual"], p, lead=1), padded[p]) if beta else None
-    payload, residual = sync.encode(codec, flat, residual, beta, keys, mesh)
-    if beta:
-      out["residual"] = frags.put(rw["residual"], p, tuple(
-          jax.vmap(lambda r: sync.unflatten(r, g))(residual)), lead=1)
-    return out, payload
+    payload, new_residual = sync.encode(codec, flat, residual, beta, keys, mesh)
+    if beta:  # an island that does not send keeps its residual
+      out["residual"] = frags.put(rw["residual"], p, tuple(jax.vmap(
+          lambda r: sync.unflatten(r, g))(health.keep_if(ok, new_residual, residual))), lead=1)
+    return out, (payload, weight)
 
-  def exchange(p, rw, payload):
-    """The exchange of fragment p (already done on the host with the host transport), then
-    its outer step on the global copy."""
+  def exchange(p, rw, sent):
+    """The exchange of fragment p (already done on the host with the host transport): the
+    mean over the islands that sent, then its outer step on the global copy (skipped, and
+    counted as a failure when islands were present, if nothing healthy was sent)."""
+    payload, weight = sent
     g = frags.take(rw["global_params"], p)
-    if codec is None and host:
-      mean = jax.lax.with_sharding_constraint(tuple(x.mean(0) for x in payload),
-                                              named(frag_specs[p]))
-    elif codec is None:
-      mean = sync.island_mean(payload, payload_shardings(p, "island"), named(frag_specs[p]))
+    weights = sync.gather_weights(weight, mesh, gathered=host)
+    count = jnp.sum(weights > 0).astype(jnp.float32)
+    if codec is None:  # masked islands sent zeros: the mean over M, renormalised
+      if host:
+        mean = tuple(x.mean(0) for x in payload)
+      else:
+        mean = sync.island_mean(payload, payload_shardings(p, "island"), named(frag_specs[p]))
+      mean = jax.lax.with_sharding_constraint(
+          tuple(x * (num / jnp.maximum(count, 1.0)) for x in mean), named(frag_specs[p]))
     else:
-      mean = sync.unflatten(sync.exchange(codec, payload, mesh, gathered=host)[:sizes[p]], g)
+      mean = sync.unflatten(sync.exchange(codec, payload, weights, mesh, gathered=host)
+                            [:sizes[p]], g)
     new_g, opt_state = sync.outer_update(outer_tx, mean, rw["outer_opt_state"], g)
+    ok = (count > 0) & health.all_finite(new_g)
+    new_g, opt_state = health.keep_if(ok, (new_g, opt_state), (g, rw["outer_opt_state"]))
     out = {"global_params": frags.put(rw["global_params"], p, new_g),
-           "outer_opt_state": opt_state}
+           "outer_opt_state": opt_state,
+           "failures_in_a_row": jnp.where(ok | ((count == 0) & ~jnp.any(weights < 0)), 0,
+                                          rw["failures_in_a_row"] + 1)}
     if eager:
       out["avg_prev"] = frags.put(rw["avg_prev"], p, mean)
     return out
@@ -251,30 +294,38 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     """Islands take the new global fragment p (alpha-mixed, or correcting the eager step)."""
     local = frags.take(rw["inner_params"], p, lead=1)
     base = frags.take(ro["eager_base"], p, lead=1) if eager else None
-    merged = sync.merge(local, frags.take(ro["global_params"], p), alpha, base)
+    new_g = frags.take(ro["global_params"], p)
+    merged = sync.merge(local, new_g, alpha, base)
+    mode = ro["merge_mode"][:, p]
+    restart = tuple(jnp.broadcast_to(g[None], l.shape) for g, l in zip(new_g, local))
+    merged = health.keep_if(mode == health.RESTART, restart, merged)
+    merged = health.keep_if(mode == health.KEEP, local, merged)
     out = {"inner_params": frags.put(rw["inner_params"], p, merged, lead=1)}
     if reset_inner:
       out["inner_opt_state"] = fresh_inner_opt(out["inner_params"])
     return out
 
   # Which state entries each program updates (donated) and reads.
-  inner_rw = ["inner_params", "inner_opt_state"]
-  enc_rw = ["residual"] * (beta > 0) + ["own_prev", "eager_base", "inner_params"] * eager
+  inner_rw = ["inner_params", "inner_opt_state", "tainted"]
+  enc_rw = (["tainted", "merge_mode"] + ["residual"] * (beta > 0) +
+            ["own_prev", "eager_base", "inner_params"] * eager)
   enc_ro = ["global_params"] + ["avg_prev"] * eager + ["inner_params"] * (not eager)
-  exch_rw = ["global_params"] + ["avg_prev"] * eager
-  merge_rw = inner_rw if reset_inner else ["inner_params"]
-  merge_ro = ["global_params"] + ["eager_base"] * eager
+  exch_rw = ["global_params", "failures_in_a_row"] + ["avg_prev"] * eager
+  merge_rw = ["inner_params", "inner_opt_state"] if reset_inner else ["inner_params"]
+  merge_ro = ["global_params", "merge_mode"] + ["eager_base"] * eager
   sub = lambda keys: {k: shard[k] for k in keys}
   programs = {"inner": jax.jit(
       inner, in_shardings=(sub(inner_rw), batch_sharding),
-      out_shardings=(sub(inner_rw), {"island_loss": island_loss_sharding}), donate_argnums=0)}
-  gathered = [payload_shardings(p, None) for p in range(frags.num)]  # host transport's output
+      out_shardings=(sub(inner_rw), {"island_loss": island_loss_sharding,
+                                     "island_ok": island_loss_sharding}), donate_argnums=0)}
+  gathered = [sent_shardings(p, None) for p in range(frags.num)]  # host transport's output
   for p in range(frags.num):
     opt = {"outer_opt_state": shard["outer_opt_state"][p]}
-    sent = payload_shardings(p, "island")
+    sent = sent_shardings(p, "island")
     received = gathered[p] if host else sent
     programs[f"encode/{p}"] = jax.jit(
-        functools.partial(encode, p), in_shardings=(sub(enc_rw), {**sub(enc_ro), **opt}, None),
+        functools.partial(encode, p),
+        in_shardings=(sub(enc_rw), {**sub(enc_ro), **opt}, None, None),
         out_shardings=(sub(enc_rw), sent), donate_argnums=0)
     programs[f"exchange/{p}"] = jax.jit(
         functools.partial(exchange, p), in_shardings=({**sub(exch_rw), **opt}, received),
@@ -291,9 +342,9 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     new, metrics = programs["inner"](pick(state, inner_rw), batch)
     return {**state, **new}, metrics
 
-  def encode_args(state, p, done):
-    return pick(state, enc_rw), {**pick(state, enc_ro),
-                                 "outer_opt_state": state["outer_opt_state"][p]}, done
+  def encode_args(state, p, done, present):
+    return (pick(state, enc_rw), {**pick(state, enc_ro),
+                                  "outer_opt_state": state["outer_opt_state"][p]}, done, present)
 
   def exchange_args(state, p):
     return {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}
@@ -315,7 +366,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     on a thread meanwhile; with XLA it is queued on the device (where programs run in order)."""
     for kind, p in schedule.events(done):
       if kind == "send":
-        new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done)))
+        new, payload = programs[f"encode/{p}"](*encode_args(state, p, np.int32(done),
+                                                            who.present(done, p)))
         state = {**state, **new}
         if host:
           in_flight[p] = exchanger.start(payload, p, done, gathered[p])
@@ -329,7 +381,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
 
   def lower_sync(state, p):
     """Lowered ``encode/p`` and ``exchange/p`` on (abstract) ``state``, for HLO checks."""
-    args = encode_args(state, p, jax.ShapeDtypeStruct((), jnp.int32))
+    args = encode_args(state, p, jax.ShapeDtypeStruct((), jnp.int32),
+                       jax.ShapeDtypeStruct((num,), jnp.bool_))
     _, payload = jax.eval_shape(programs[f"encode/{p}"], *args)
     return {"encode": programs[f"encode/{p}"].lower(*args),
             "exchange": programs[f"exchange/{p}"].lower(exchange_args(state, p), payload)}
@@ -339,22 +392,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   return Algorithm(
       name="islands", num_islands=num, init=jax.jit(init, out_shardings=shard),
       inner_step=inner_step, eval_params=lambda s: s["global_params"], state_shardings=shard,
-      params_sharding=shard["global_params"], programs=programs,
+      params_sharding=shard["global_params"], programs=programs, inner_keys=tuple(inner_rw),
       fragment_bytes=tuple(payload_size(p) if num > 1 else 0 for p in range(frags.num)),
-      schedule=schedule, sync_fn=run_sync, settle_fn=settle if host else None,
+      control_bytes_per_send=4 * in_island if num > 1 else 0,
+      participation=None if who.always_all else who.present, schedule=schedule, sync_fn=run_sync, settle_fn=settle if host else None,
       lower_sync=lower_sync)
-
-def check_streaming_options(oc, codec) -> None:
-  """One clear error for a bad combination of streaming / compression options."""
-  if not 0.0 <= float(oc.mixing) <= 1.0:
-    raise ValueError(f"outer.mixing={oc.mixing} must be in [0, 1]")
-  if not 0.0 <= float(oc.error_feedback) <= 1.0:
-    raise ValueError(f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
-  if float(oc.error_feedback) > 0 and codec is None:
-    raise ValueError("outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
-  if oc.eager and int(oc.overlap) < 1:
-    raise ValueError("outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
-  if oc.transport not in TRANSPORTS:
-    raise ValueError(f"outer.transport={oc.transport!r}: expected one of {TRANSPORTS}")
-  if oc.reset_inner_opt_state and int(oc.fragments) > 1:
-    raise ValueError("outer.reset_inner_opt_state is only defined for outer.fragments=1")

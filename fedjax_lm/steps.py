@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lm import health
 from fedjax_lm import model as model_lib
 
 INNER_OPTIMIZERS = ("adamw", "sgd", "muon")
@@ -87,14 +88,22 @@ def mean_loss(graphdef, params, batch) -> jax.Array:
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """(params, opt_state, batch) -> (params, opt_state, loss) for ``loss_fn(params, batch)``;
-  ``jax.vmap`` of this step over a leading dim is that many independent islands."""
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    guard: bool = False) -> Callable:
+  """(params, opt_state, batch) -> (params, opt_state, loss, ok) for ``loss_fn(params,
+  batch)``; ``jax.vmap`` of this step over a leading dim is that many independent islands.
+  ``guard``: a step whose loss, gradients or new params are not all finite is skipped
+  (``ok`` False, params and optimizer state returned unchanged)."""
 
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if not guard:
+      return new_params, new_opt_state, loss, jnp.bool_(True)
+    ok = health.all_finite((loss, grads, new_params))
+    return (health.keep_if(ok, new_params, params),
+            health.keep_if(ok, new_opt_state, opt_state), loss, ok)
 
   return step
 

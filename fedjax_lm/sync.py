@@ -77,23 +77,48 @@ def encode(codec: codecs.Codec, flat: jax.Array, residual: jax.Array | None, bet
                        out_specs=(payload_specs, spec), check_vma=False)(flat, residual, keys)
 
 
-def exchange(codec: codecs.Codec, payload: dict, mesh: Any, gathered: bool = False
-             ) -> jax.Array:
+def exchange(codec: codecs.Codec, payload: dict, weights: jax.Array, mesh: Any,
+             gathered: bool = False) -> jax.Array:
   """The one cross-island exchange: every device all-gathers its slice of every island's
-  encoded payload over ``island`` (nothing else crosses), then decodes each and averages in
-  float32. Written with ``shard_map`` so the collective is exactly this all-gather of the
-  encoded dtypes (under plain GSPMD, XLA may hoist the decode above the gather).
-  ``gathered``: the host transport already gathered it (no collective here)."""
+  encoded payload over ``island`` (nothing else crosses but the weights, :func:`gather_weights`),
+  then decodes each and averages in float32 over the islands that sent (``weights > 0``).
+  Written with ``shard_map`` so the collective is exactly this all-gather of the encoded dtypes
+  (under plain GSPMD, XLA may hoist the decode above the gather). ``gathered``: the host
+  transport already gathered it (no collective here)."""
   spec = P(None if gathered else "island", mesh_lib.IN_ISLAND_AXES)
 
-  def local(shard):
+  def local(shard, w):
     if not gathered:
       shard = jax.tree.map(lambda x: jax.lax.all_gather(x, "island", axis=0, tiled=True), shard)
-    return jnp.mean(jax.vmap(codec.decode)(shard), axis=0)
+    decoded = jnp.where((w > 0)[:, None], jax.vmap(codec.decode)(shard), 0.0)
+    return jnp.mean(decoded, axis=0) * (w.shape[0] / jnp.maximum(jnp.sum(w > 0), 1))
 
   specs = jax.tree.map(lambda _: spec, payload)
-  return jax.shard_map(local, mesh=mesh, in_specs=(specs,),
-                       out_specs=P(mesh_lib.IN_ISLAND_AXES), check_vma=False)(payload)
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs, P()),
+                       out_specs=P(mesh_lib.IN_ISLAND_AXES), check_vma=False)(payload, weights)
+
+
+def island_weights(ok: jax.Array, present: jax.Array, devices_per_island: int, mesh: Any
+                   ) -> jax.Array:
+  """Who sent, ``[M, D]`` float32: 1 sent, 0 absent, -1 present but masked (non-finite); each
+  of an island's D devices sends its own copy beside its slice of the payload (4 bytes)."""
+  w = jnp.where(ok, 1.0, jnp.where(present, -1.0, 0.0)).astype(jnp.float32)
+  w = jnp.broadcast_to(w[:, None], (ok.shape[0], devices_per_island))
+  return jax.lax.with_sharding_constraint(
+      w, jax.sharding.NamedSharding(mesh, P("island", mesh_lib.IN_ISLAND_AXES)))
+
+
+def gather_weights(weight: jax.Array, mesh: Any, gathered: bool = False) -> jax.Array:
+  """Every island's weight (``[M]``, on every device): one all-gather over ``island`` of each
+  device's copy (none if the host transport ``gathered`` it)."""
+  spec = P(None if gathered else "island", mesh_lib.IN_ISLAND_AXES)
+
+  def local(w):
+    w = w[:, 0]
+    return w if gathered else jax.lax.all_gather(w, "island", axis=0, tiled=True)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=P(),
+                       check_vma=False)(weight)
 
 
 def island_mean(stacked: Any, stacked_sharding: Any, mean_sharding: Any) -> Any:

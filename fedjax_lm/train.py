@@ -8,6 +8,7 @@ steps only.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
+from fedjax_lm import health
 from fedjax_lm import input as input_lib
 from fedjax_lm import islands
 from fedjax_lm import mesh as mesh_lib
@@ -57,6 +59,26 @@ class Evaluator:
     per_byte = nll / max(nbytes, 1.0)
     return {"eval_loss": per_byte, "eval_perplexity": float(np.exp(per_byte)),
             "eval_loss_per_token": nll / max(tokens, 1.0), "eval_tokens": int(tokens)}
+
+
+def _check_health(writer, max_failures: int, name: str, island_ok: np.ndarray | None,
+                  done: int, failures_in_a_row) -> int:
+  """Warns naming the step and island of every skipped non-finite step in ``island_ok``
+  (``[steps, M]``, the steps up to ``done``); raises :class:`health.NonFiniteError` once
+  nothing healthy was applied ``max_failures`` syncs (DDP: steps) in a row. Returns the count."""
+  bad = [] if island_ok is None else list(zip(*np.nonzero(~island_ok.astype(bool))))
+  first = done - (0 if island_ok is None else len(island_ok)) + 1
+  for row, island in bad:
+    writer.print(f"[fedjax_lm] warning: non-finite loss or gradient on island {island} at "
+                 f"step {first + row}: " + ("step skipped" if name == "ddp" else
+                 "step skipped; the island is left out of its next sync and restarts from "
+                 "the global params"))
+  if int(failures_in_a_row) >= max_failures:
+    what = "steps" if name == "ddp" else "syncs"
+    raise health.NonFiniteError(
+        f"nothing finite to apply for {int(failures_in_a_row)} {what} in a row (step {done}, "
+        f"islands.max_nonfinite={max_failures}); stopping with the last checkpoint intact")
+  return len(bad)
 
 
 def _maybe_inject_fault(step: int, checkpointer) -> None:
@@ -114,33 +136,46 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
 
   replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
   pending: list[jax.Array] = []
+  pending_ok: list[jax.Array] = []
+  check_health = functools.partial(_check_health, writer, int(config.islands.max_nonfinite),
+                                   alg.name)
   record: dict[str, Any] = {}
   last_time, last_step = time.time(), start
   with jax.transfer_guard_device_to_host("disallow"):
     for step in range(start, total):
-      state, step_metrics = alg.inner_step(state, next(batches))
+      batch = next(batches)
+      if bad := health.injected(step + 1):  # test hook: a bad batch
+        batch = health.poison(batch, np.isin(np.arange(alg.num_islands), bad))
+      state, step_metrics = alg.inner_step(state, batch)
       done = step + 1
       state = alg.sync(state, done)
       pending.append(step_metrics["island_loss"])
+      pending_ok.append(step_metrics["island_ok"])
       writer.step()
       is_eval = done % config.eval_every == 0 or done == total
       if done % config.log_every == 0 or is_eval:
         island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
+        island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
+        nonfinite = check_health(island_ok, done, _fetch(state["failures_in_a_row"]))
         now = time.time()
         record = {"step": done, "tokens": done * tokens_per_step,
-                  "train_loss": float(island_loss.mean()),
+                  "train_loss": float(np.nanmean(island_loss)) if nonfinite else
+                                float(island_loss.mean()),
                   "island_loss": [float(x) for x in island_loss],
                   "island_bytes": alg.island_bytes(done),
                   "island_peak_bytes": alg.island_peak_bytes(done),
+                  "island_control_bytes": alg.island_control_bytes(done),
+                  "nonfinite": nonfinite,
                   "tokens_per_sec": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
         if is_eval:  # the global model with every exchange sent so far applied
           state = alg.settle(state)
           record.update(evaluate(alg.eval_params(state)))
         writer.write(record)
-        pending, last_time, last_step = [], time.time(), done
+        pending, pending_ok, last_time, last_step = [], [], time.time(), done
       preempted = preemption.reached(done)
       if done % config.checkpoint_every == 0 or done == total or preempted:
         state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
+        check_health(None, done, _fetch(state["failures_in_a_row"]))
         checkpointer.save(done, state, batches, force=True, layout=layout)
       _maybe_inject_fault(done, checkpointer)
       if preempted and done < total:

@@ -123,8 +123,7 @@ def _compiled_collectives(config, mesh):
   batch = {k: jax.ShapeDtypeStruct((m, b, t), jnp.float32 if k == "mask" else jnp.int32)
            for k in ("inputs", "targets", "mask")}
   n = mesh.devices.size
-  inner_state = {k: state[k] for k in state if k in ("params", "opt_state", "inner_params",
-                                                     "inner_opt_state")}
+  inner_state = {k: state[k] for k in alg.inner_keys}
   inner = hlo.collectives(alg.programs["inner"].lower(inner_state, batch).compile().as_text(), n)
   outer = [c for p in range(alg.schedule.fragments if alg.schedule else 0)
            for lowered in alg.lower_sync(state, p).values()
@@ -142,7 +141,10 @@ def test_hlo_inner_step_stays_inside_islands(num_islands):
   assert inner, "expected in-island gradient all-reduces"
   assert hlo.cross_island(inner, devices_per_island=2) == []
   assert hlo.cross_island(outer, devices_per_island=2)
-  assert hlo.island_payload_bytes(outer, 2) == alg.bytes_per_sync
+  # Beside the payload, each device sends the weights of its islands (who sent, 4 B each).
+  control = alg.control_bytes_per_send * num_islands // 2
+  assert control == 8 * num_islands // 2
+  assert hlo.island_payload_bytes(outer, 2) == alg.bytes_per_sync + control
   n_params = model_lib.count_params(jax.eval_shape(alg.init, jax.random.key(0))["global_params"])
   assert alg.bytes_per_sync == 4 * n_params
 

@@ -119,7 +119,7 @@ def test_p1_no_overlap_no_compression_is_diloco(one_device):
   alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   outer_tx = optax.sgd(0.7, momentum=0.9, nesterov=True)
   state = alg.init(jax.random.key(0))
-  ref = {"inner": {k: state[k] for k in ("inner_params", "inner_opt_state")},
+  ref = {"inner": {k: state[k] for k in ("inner_params", "inner_opt_state", "tainted")},
          "global": state["global_params"], "opt": outer_tx.init(state["global_params"])}
   ref = jax.tree.map(jnp.copy, ref)
   for step, batch in enumerate(_batches(2, 8)):
@@ -206,7 +206,8 @@ def test_hlo_exchange_sends_the_encoded_payload(compression, dtype):
     text = lowered["exchange"].compile().as_text()
     crossing = hlo.cross_island(hlo.collectives(text, 4), 2)
     assert crossing and {c.op for c in crossing} == {"all-gather"}
-    assert hlo.island_payload_bytes(crossing, 2) == alg.fragment_bytes[p]
+    assert (hlo.island_payload_bytes(crossing, 2) ==
+            alg.fragment_bytes[p] + alg.control_bytes_per_send)
     assert f"{dtype}[" in " ".join(l for l in text.splitlines() if "all-gather" in l)
 
 
