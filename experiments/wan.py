@@ -1,0 +1,375 @@
+"""Islands in their own network namespaces over a rate-limited link: measured time-to-loss.
+
+One run (as root):
+
+  python -m experiments.wan --config configs/shakespeare_diloco.py --bandwidth 20mbit \
+      --workdir runs/wan/x --config.mesh.data=1 --config.launch.processes=2
+
+The sweep (DDP, DiLoCo and Streaming DiLoCo at each bandwidth; table, jsonl and plot):
+
+  python -m experiments.wan --sweep --out experiments/results/wan
+
+Each run builds a fresh testbed (``experiments/wan_net.py``: a namespace per island, a hub
+bridge, every island's access link shaped by ``tc tbf`` to ``--bandwidth`` in each direction)
+and starts the job's processes itself, as a plain scheduler would (``launch.mode=cluster``):
+island k's processes inside island k's namespace, the ``jax.distributed`` coordinator in
+island 0's at 198.18.0.1. Processes of one island talk over their namespace's loopback; gloo
+collectives, the coordinator's gRPC and the host transport between islands cross the shaped
+links. There is no netem here: no propagation delay, latency comes only from queueing.
+Everything the testbed created is removed when the run ends, fails, is interrupted, or its
+launcher is SIGKILLed.
+
+Per run (``DIR/wan.json``, ``DIR/metrics.jsonl``): the wall time of every step (with
+``log_every=1``, from ``tokens_per_sec``: the loop's own timing, evaluation excluded), when
+each record appeared (wall time since launch: startup, compilation and evaluation included),
+the bytes that crossed every island's link (veth counters) next to ``island_bytes``, and the
+packets the shaper dropped.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import wan_net
+from fedjax_lm import config_lib
+from fedjax_lm import fragments
+from fedjax_lm import launch
+from fedjax_lm import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COORDINATOR_PORT = 12355
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_diloco.py",
+                                          "Config of a single run.")
+_BANDWIDTH = flags.DEFINE_string("bandwidth", "20mbit",
+                                 "tc rate of every island's link, each direction; 'none': "
+                                 "unshaped.")
+_QUEUE_MS = flags.DEFINE_integer("queue_ms", 100, "Longest queueing delay of a shaped hop "
+                                 "(tbf latency; a full queue drops).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/wan/run", "Run directory (replaced).")
+_TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds before a run is stopped as failed.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run the sweep (each finished run is reused).")
+_BANDWIDTHS = flags.DEFINE_list("bandwidths", ["1000mbit", "100mbit", "20mbit"],
+                                "Sweep bandwidths, fastest first.")
+_DDP_STEPS = flags.DEFINE_integer("ddp_steps", 100, "DDP's steps: its final eval loss is "
+                                  "the target.")
+_ISLANDS_STEPS = flags.DEFINE_integer("islands_steps", 250, "Step budget of the islands runs.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 25, "Eval interval of the sweep's runs.")
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", "runs/wan", "Parent directory of sweep runs.")
+_OUT = flags.DEFINE_string("out", "experiments/results/wan", "Sweep results directory.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the sweep's report.")
+_JAX_CACHE = flags.DEFINE_string("jax_cache", "runs/wan/jax_cache", "Persistent compilation "
+                                 "cache of the runs ('': none); saves compiling again.")
+
+_DILOCO, _STREAM = "configs/shakespeare_diloco.py", "configs/shakespeare_streaming.py"
+# key: (label, config, overrides); one process per island (2 cores), the islands' link shaped.
+METHODS = {
+    "ddp": ("DDP", "configs/shakespeare_ddp.py", {}),
+    "diloco": ("DiLoCo (H=50)", _DILOCO, {}),
+    "streaming": ("Streaming DiLoCo (P=4, tau=5, 4-bit, host)", _STREAM,
+                  {"outer.transport": "host"}),
+    "streaming_tau0": ("Streaming DiLoCo, tau=0 (no overlap)", _STREAM,
+                       {"outer.transport": "host", "outer.overlap": 0}),
+    "diloco_host": ("DiLoCo (H=50), host, tau=0", _DILOCO, {"outer.transport": "host"}),
+    "diloco_tau5": ("DiLoCo (H=50), host, tau=5", _DILOCO,
+                    {"outer.transport": "host", "outer.overlap": 5}),
+}
+SWEEP_METHODS = ("ddp", "diloco", "streaming")
+OVERLAP_METHODS = ("streaming_tau0", "diloco_host", "diloco_tau5")  # lowest bandwidth only
+COMMON = {"mesh.island": 2, "mesh.data": 1, "launch.processes": 2, "log_every": 1,
+          "checkpoint_every": 100_000}
+LATENCY_NOTE = ("no netem in this kernel: no propagation delay; latency comes only from "
+                "queueing in tbf")
+
+
+def _job_env(bed: wan_net.Testbed, process: int, num: int, island: int,
+             cache: str) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k != launch.ENV_COORDINATOR}
+  env.update({"JAX_COORDINATOR_ADDRESS": f"{bed.address(0)}:{COORDINATOR_PORT}",
+              launch.ENV_NUM_PROCESSES: str(num), launch.ENV_PROCESS_ID: str(process),
+              "FEDJAX_LM_TRANSPORT_HOST": bed.address(island), "JAX_PLATFORMS": "cpu",
+              "PYTHONUNBUFFERED": "1", "XLA_FLAGS": (
+                  "--xla_cpu_multi_thread_eigen=false" if num >= (os.cpu_count() or 1) else "")})
+  if cache:
+    env.update({"JAX_COMPILATION_CACHE_DIR": cache,
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+  return env
+
+
+def _tail(path: str, lines: int = 20) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return ""
+
+
+def run(config, config_path: str, args: list[str], bandwidth: str, workdir: str,
+        queue_ms: int = 100, timeout: float = 1800, cache: str = "") -> dict:
+  """Runs one training job across a fresh testbed; returns its record (also ``DIR/wan.json``).
+  ``args``: ``--config.key=value`` flags for ``experiments.train``; ``config``: the resolved
+  config (for the mesh); ``cache``: JAX's compilation cache dir."""
+  wan_net.require_root()
+  islands, num = int(config.mesh.island), int(config.launch.processes)
+  if islands < 2 or num % islands:
+    raise ValueError(f"mesh.island={islands}, launch.processes={num}: need >= 2 islands and "
+                     "the same number of processes on each")
+  workdir = os.path.abspath(workdir)
+  shutil.rmtree(workdir, ignore_errors=True)
+  os.makedirs(os.path.join(workdir, "logs"))
+  cmd = [sys.executable, "-m", "experiments.train", "--config", config_path, "--workdir",
+         workdir, *args, "--config.launch.mode=cluster"]
+  rate = None if bandwidth == "none" else bandwidth
+  print(f"[wan] {islands} islands x {num // islands} process(es), link: "
+        f"{f'tbf {rate} each direction, queue <= {queue_ms} ms' if rate else 'unshaped'}; "
+        f"{LATENCY_NOTE}", flush=True)
+  cache = os.path.abspath(cache) if cache else ""
+  with wan_net.Testbed(islands, rate, queue_ms) as bed:
+    before, procs, logs = bed.counters(), [], []
+    cpu_before, start = _cpu_seconds(), time.time()
+    try:
+      for i in range(num):
+        island = i // (num // islands)
+        logs.append(open(os.path.join(workdir, "console.log" if i == 0 else
+                                      f"logs/process_{i}.log"), "wb"))
+        procs.append(subprocess.Popen(
+            bed.exec_argv(island, cmd), cwd=ROOT, env=_job_env(bed, i, num, island, cache),
+            stdout=logs[-1], stderr=subprocess.STDOUT, preexec_fn=wan_net.die_with_parent))
+      stamps = _watch(procs, workdir, start, timeout)
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          os.killpg(p.pid, signal.SIGKILL)
+          p.wait()
+      for f in logs:
+        f.close()
+    wall = time.time() - start
+    after, drops = bed.counters(), bed.qdisc_drops()
+    busy, ours = (a - b for a, b in zip(_cpu_seconds(), cpu_before))
+  link = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+  record = {"bandwidth": bandwidth, "queue_ms": queue_ms, "config": config_path, "args": args,
+            "islands": islands, "processes": num, "wall_s": wall, "link": link,
+            "tbf_drops": drops, "stamps": stamps,
+            "foreign_cpu_share": max(0.0, busy - ours) / wall / (os.cpu_count() or 1)}
+  with open(os.path.join(workdir, "wan.json"), "w") as f:
+    json.dump(record, f)
+  return record
+
+
+def _cpu_seconds() -> tuple[float, float]:
+  """(CPU seconds the machine has been busy, CPU seconds of this process's reaped children)."""
+  with open("/proc/stat") as f:
+    ticks = [int(x) for x in f.readline().split()[1:]]
+  children = os.times()
+  busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+  return busy, children.children_user + children.children_system
+
+
+def _watch(procs, workdir: str, start: float, timeout: float) -> dict[int, float]:
+  """Waits for the job; returns when each metrics record appeared (s since ``start``)."""
+  path, offset, partial, stamps = os.path.join(workdir, "metrics.jsonl"), 0, "", {}
+  while True:
+    if os.path.exists(path):
+      with open(path) as f:
+        f.seek(offset)
+        chunk = f.read()
+        offset = f.tell()
+      partial += chunk
+      *lines, partial = partial.split("\n")
+      now = time.time() - start
+      for line in lines:
+        if line.strip():
+          stamps[json.loads(line)["step"]] = now
+    codes = [p.poll() for p in procs]
+    bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+    if bad:
+      i, c = bad[0]
+      log = os.path.join(workdir, "console.log" if i == 0 else f"logs/process_{i}.log")
+      raise RuntimeError(f"process {i} exited with {c}; last lines of {log}:\n{_tail(log)}")
+    if all(c == 0 for c in codes):
+      return stamps
+    if time.time() - start > timeout:
+      raise RuntimeError(f"run did not finish in {timeout:.0f} s; see {workdir}")
+    time.sleep(0.05)
+
+
+def sync_steps(config) -> set[int]:
+  """Steps after which a sync stage runs (every step for DDP)."""
+  total = int(config.total_steps)
+  if config.algorithm == "ddp":
+    return set(range(1, total + 1))
+  sched = fragments.Schedule(int(config.outer.sync_every), int(config.outer.fragments),
+                             int(config.outer.overlap), total)
+  return {s for s in range(1, total + 1) if sched.events(s)}
+
+
+def analyze(record: dict, metrics: list[dict], config, compute_step: float | None = None,
+            target: float | None = None) -> dict:
+  """Per-step timings, time blocked in syncs, link bytes vs island_bytes, time to ``target``.
+
+  A sync's cost lands on its step or the next one (XLA runs a device's programs in order), so
+  the time blocked in syncs is the excess over a compute-only step (``compute_step``, default
+  the median of this run's steps away from syncs) of the steps at and right after a sync,
+  counted after the first sync round (whose steps also trace and compile the sync programs).
+  ``train_s``: the sum of step times, step 1 (compilation) counted as a median step."""
+  recs = sorted((r for r in metrics if "tokens_per_sec" in r), key=lambda r: r["step"])
+  per_step = recs[-1]["tokens"] / recs[-1]["step"]
+  dur, prev = {}, 0
+  for r in recs:
+    dur[r["step"]] = (r["step"] - prev) * per_step / r["tokens_per_sec"]
+    prev = r["step"]
+  median = statistics.median([d for s, d in dur.items() if s > 1])
+  syncs = sync_steps(config)
+  near = (syncs | {s + 1 for s in syncs}) & set(dur)
+  warm = 1 if config.algorithm == "ddp" else (int(config.outer.sync_every) +
+                                               int(config.outer.overlap) + 1)
+  steady = [d for s, d in dur.items() if s > 1 and s not in near]
+  base = compute_step or (statistics.median(steady) if steady else None)
+  every_step = len(dur) == recs[-1]["step"]  # log_every=1: one record per step
+  blocked = (sum(dur[s] - base for s in near if s > warm) if base and every_step else None)
+  stamps = {int(k): v for k, v in record["stamps"].items()}
+  evals, train = [], 0.0
+  for r in recs:
+    train += median if r["step"] == 1 else dur[r["step"]]
+    if "eval_loss" in r:
+      eval_s = stamps[r["step"]] - stamps.get(r["step"] - 1, 0.0) - dur[r["step"]]
+      evals.append({"step": r["step"], "eval_loss": r["eval_loss"], "train_s": train,
+                    "wall_s": stamps[r["step"]], "eval_s": eval_s})
+  last = recs[-1]
+  tx = [l["tx_bytes"] for l in record["link"]]
+  hit = next((e for e in evals if target is not None and e["eval_loss"] <= target + 1e-9), None)
+  return {
+      "steps": last["step"], "final_eval_loss": evals[-1]["eval_loss"],
+      "island_bytes": last["island_bytes"], "link_tx_bytes": tx,
+      "link_rx_bytes": [l["rx_bytes"] for l in record["link"]],
+      "link_packets": [l["tx_packets"] for l in record["link"]],
+      "link_over_island_bytes": (sum(tx) / len(tx) / last["island_bytes"]
+                                 if last["island_bytes"] else None),
+      "tbf_drops": record["tbf_drops"], "foreign_cpu_share": record.get("foreign_cpu_share"),
+      "wall_s": record["wall_s"], "train_s": train,
+      "eval_total_s": sum(e["eval_s"] for e in evals),
+      "startup_s": stamps[recs[0]["step"]] - dur[recs[0]["step"]],
+      "first_step_s": dur[recs[0]["step"]], "median_step_s": median,
+      "compute_step_s": base, "sync_steps": len(syncs), "blocked_from_step": warm + 1,
+      "blocked_in_syncs_s": blocked,
+      "blocked_per_100_steps_s": blocked and blocked * 100 / max(1, last["step"] - warm),
+      "target": target, "target_step": hit and hit["step"],
+      "train_s_to_target": hit and hit["train_s"], "wall_s_to_target": hit and hit["wall_s"],
+      "best_eval_loss": min(e["eval_loss"] for e in evals), "evals": evals}
+
+
+def _literal(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+
+
+def _resolved(config_path: str, overrides: dict):
+  config = config_lib.load_file(config_path)
+  config.unlock()
+  config_lib.override(config, overrides)
+  return config
+
+
+def _sweep_runs() -> list[tuple[str, str, dict, str]]:
+  """(run name, method key, overrides, bandwidth) of the sweep, in run order."""
+  plan = [(m, bw) for bw in _BANDWIDTHS.value for m in SWEEP_METHODS]
+  plan += [(m, _BANDWIDTHS.value[-1]) for m in OVERLAP_METHODS]
+  out = []
+  for method, bw in plan:
+    steps = _DDP_STEPS.value if method == "ddp" else _ISLANDS_STEPS.value
+    overrides = {**COMMON, **METHODS[method][2], "total_steps": steps,
+                 "eval_every": _EVAL_EVERY.value}
+    out.append((f"{method}_{bw}", method, overrides, bw))
+  return out
+
+
+def sweep(extra: dict) -> None:
+  """Runs the sweep's runs not already finished with the same settings, then reports."""
+  from fedjax_lm.data import shakespeare  # pylint: disable=g-import-not-at-top
+  shakespeare.prepare_shakespeare(extra.get("data.data_dir") or None)  # not inside a timed run
+  for name, method, overrides, bw in _sweep_runs():
+    workdir = os.path.join(_SWEEP_DIR.value, name)
+    path, overrides = METHODS[method][1], {**overrides, **extra}
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    try:
+      with open(os.path.join(workdir, "wan.json")) as f:
+        old = json.load(f)
+      if (old["args"], old["bandwidth"], old["queue_ms"]) == (args, bw, _QUEUE_MS.value):
+        print(f"[wan] {name}: reusing the finished run in {workdir}", flush=True)
+        continue
+    except (OSError, ValueError, KeyError):
+      pass
+    print(f"[wan] {name}: {METHODS[method][0]} at {bw}", flush=True)
+    rec = run(_resolved(path, overrides), path, args, bw, workdir, _QUEUE_MS.value,
+              _TIMEOUT.value, _JAX_CACHE.value)
+    print(f"[wan] {name}: {rec['wall_s']:.1f} s, link tx {rec['link'][0]['tx_bytes']:,} B",
+          flush=True)
+  report(extra)
+
+
+def report(extra: dict) -> None:
+  """Analyzes the sweep's runs; writes results.jsonl, summary.md and wan.png under --out."""
+  from experiments import wan_report  # pylint: disable=g-import-not-at-top
+  loaded = {}
+  for name, method, overrides, bw in _sweep_runs():
+    workdir = os.path.join(_SWEEP_DIR.value, name)
+    with open(os.path.join(workdir, "wan.json")) as f:
+      record = json.load(f)
+    metrics = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    loaded[name] = (method, bw, record, metrics, _resolved(METHODS[method][1], overrides))
+  rows = []
+  for bw in _BANDWIDTHS.value:  # DDP's final loss is the target; DiLoCo's steady step its compute
+    diloco = analyze(*loaded[f"diloco_{bw}"][2:])
+    ddp = analyze(*loaded[f"ddp_{bw}"][2:], compute_step=diloco["compute_step_s"])
+    for name, (method, run_bw, record, metrics, config) in loaded.items():
+      if run_bw == bw:
+        row = analyze(record, metrics, config, diloco["compute_step_s"] if method == "ddp"
+                      else None, target=ddp["final_eval_loss"])
+        rows.append({"run": name, "method": method, "label": METHODS[method][0],
+                     "bandwidth": bw, **row})
+  command = "python -m experiments.wan " + " ".join(sys.argv[1:])
+  wan_rep = wan_report.write(rows, _OUT.value, command=command, bandwidths=_BANDWIDTHS.value,
+                             queue_ms=_QUEUE_MS.value, latency_note=LATENCY_NOTE)
+  print(wan_rep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind: the testbed's finally removes it
+    signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+  try:
+    if _SWEEP.value or _REPORT_ONLY.value:
+      extra = {a.split("=", 1)[0][len("--config."):]: _literal(a.split("=", 1)[1])
+               for a in sys.argv[1:] if a.startswith("--config.") and "=" in a}
+      (report if _REPORT_ONLY.value else sweep)(extra)
+      return
+    args = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    record = run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]), args,
+                 _BANDWIDTH.value, _WORKDIR.value, _QUEUE_MS.value, _TIMEOUT.value,
+                 _JAX_CACHE.value)
+    metrics = metrics_lib.read_jsonl(os.path.join(_WORKDIR.value, "metrics.jsonl"))
+    result = analyze(record, metrics, _CONFIG.value)
+    print(json.dumps({k: v for k, v in result.items() if k != "evals"}, indent=1))
+  except wan_net.NotRootError as e:
+    sys.exit(f"error: {e}")
+  except (RuntimeError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
