@@ -3,6 +3,8 @@
   python -m experiments.compare --workdir runs/compare                      # DDP/FedAvg/DiLoCo
   python -m experiments.compare --set streaming --simulate --workdir runs/streaming \
       --out experiments/results/streaming/summary.md
+  python -m experiments.compare --set dropout --simulate --workdir runs/dropout \
+      --out experiments/results/dropout/summary.md
 
 Each run is ``python -m experiments.train``. By default the configs' own launch (4 local
 processes: 2 islands x 2 devices); ``--simulate`` runs every config in one process with the M
@@ -22,12 +24,16 @@ from absl import flags
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
-_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming"], "Which runs.")
+_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming", "dropout"], "Which runs.")
 _SIMULATE = flags.DEFINE_bool("simulate", False, "One process, islands simulated on 1 device.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table (and the command) here.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value applied to every run.")
 
 _STREAM = "configs/shakespeare_streaming.py"
+# DiLoCo, M=4, H=10, 240 steps (24 syncs); island 3 misses every 4th sync (6 of 24 = 25%).
+_DROP = ["islands.num=4", "outer.sync_every=10", "total_steps=240", "data.batch_size=8",
+         "eval_every=40", "log_every=20", "checkpoint_every=240"]
+_ABSENT = "islands.absent=" + ",".join(f"{s}:3" for s in range(40, 241, 40))
 RUN_SETS = {
     "methods": (
         ("DDP", "configs/shakespeare_ddp.py", []),
@@ -47,6 +53,14 @@ RUN_SETS = {
         ("SparseLoCo, 32-bit values", "configs/shakespeare_sparseloco.py",
          ["outer.topk_bits=32"]),
     ),
+    "dropout": (
+        ("DiLoCo (M=4, H=10), every island at every sync", "configs/shakespeare_diloco.py",
+         _DROP),
+        ("island 3 absent at 25% of syncs, rejoins from global (reset)",
+         "configs/shakespeare_diloco.py", [*_DROP, _ABSENT]),
+        ("island 3 absent at 25% of syncs, keeps its progress (keep)",
+         "configs/shakespeare_diloco.py", [*_DROP, _ABSENT, "islands.absent_policy=keep"]),
+    ),
 }
 _SIMULATED = ["mesh.island=1", "mesh.data=1", "launch.processes=1"]
 
@@ -62,18 +76,20 @@ def main(argv):
                     "--workdir", workdir, *args], check=True)
     last = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
     rows.append((name, last))
-  ddp_bytes, ref_loss, ref_bytes, ref_peak = (
-      rows[0][1]["island_bytes"], rows[1][1]["eval_loss"], rows[1][1]["island_bytes"],
-      rows[1][1].get("island_peak_bytes", 0))
-  lines = [f"| method | tokens | eval loss (nats/byte) | loss / {rows[1][0].split()[0]} | "
-           "island_bytes (per island) | bytes / DDP | bytes / " + rows[1][0].split()[0] +
-           " | peak bytes per sync | peak / " + rows[1][0].split()[0] + " |",
+  ref = rows[1] if rows[0][0] == "DDP" else rows[0]  # the row the others are compared to
+  ddp_bytes = rows[0][1]["island_bytes"] if rows[0][0] == "DDP" else float("nan")
+  ref_loss, ref_bytes, ref_peak = (ref[1]["eval_loss"], ref[1]["island_bytes"],
+                                   ref[1].get("island_peak_bytes", 0))
+  short = ref[0].split()[0]
+  lines = [f"| method | tokens | eval loss (nats/byte) | loss / {short} | "
+           f"island_bytes (per island) | bytes / DDP | bytes / {short} | "
+           f"peak bytes per sync | peak / {short} |",
            "|---|---|---|---|---|---|---|---|---|"]
   for name, last in rows:
     b, peak = last["island_bytes"], last.get("island_peak_bytes", 0)
     lines.append(
         f"| {name} | {last['tokens']:,} | {last['eval_loss']:.4f} | "
-        f"{last['eval_loss'] / ref_loss:.4f} | {b:,} | {b / ddp_bytes:.4f} | "
+        f"{last['eval_loss'] / ref_loss:.4f} | {b:,.0f} | {b / ddp_bytes:.4f} | "
         f"{ref_bytes / b if b else float('inf'):.2f}x fewer | {peak:,} | "
         f"{ref_peak / peak if peak else float('inf'):.2f}x lower |")
   table = "\n".join(lines)

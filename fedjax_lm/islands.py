@@ -18,6 +18,8 @@ always reads partition ``m`` of the data):
 
   The inner optimizer state is kept per island across syncs (``outer.reset_inner_opt_state``
   re-initialises it, P = 1 only).
+  Each island sends a weight beside its payload (who sent; :mod:`fedjax_lm.health`): islands
+  that skipped a non-finite step, or miss the sync (drop-out), are left out of the mean.
 
 M need not equal the island axis size A: each island shard holds M/A islands (A = 1 simulates
 all M islands on one device, with no collectives at all).

@@ -105,6 +105,10 @@ ISLANDS = ["--config.algorithm=islands", "--config.islands.num=2"]
     (["--config.data.name=no_such_dataset"], "no_such_dataset"),
     (["--config.data.seq_len=4096"], "data.seq_len=4096"),
     (["--config.data.partition=by_act"], "data.partition='by_act'"),
+    ([*ISLANDS, "--config.islands.dropout=1.5"], "islands.dropout=1.5"),
+    ([*ISLANDS, "--config.islands.absent=10-1"], "islands.absent='10-1'"),
+    ([*ISLANDS, "--config.islands.absent=10:7"], "names island 7"),
+    ([*ISLANDS, "--config.islands.absent_policy=wait"], "islands.absent_policy='wait'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, data_dir, overrides, culprit):
   (tmp_path / "notes.txt").write_text("mine")
