@@ -1,4 +1,9 @@
-"""Benchmarks: ``python -m experiments.bench --suite step [--config ...] [--out DIR]``.
+"""Benchmarks: ``python -m experiments.bench --suite step|quick|full|gpu [--out DIR]``.
+
+``quick`` / ``full``: methods table, sweeps, projected wall time over a slow link
+(``experiments/suites.py``, ``suite_report.py``, ``projection.py``); ``quick`` fits about
+15 minutes on 2 cores, ``full`` (the config's own model size) takes hours. ``gpu``: tokens/s
+and MFU of the inner step (``experiments/gpu_bench.py``; a tiny model on CPU).
 
 ``step``: the jitted inner step (and one outer sync) of a config on a fixed batch, for a ladder
 of model / XLA variants from the old defaults to the new ones and a few alternatives, on two
@@ -146,21 +151,54 @@ def step_summary(rows: list[dict], command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def run_train_suite(args, out: str, start: float, command: str) -> None:
+  from experiments import suite_report, suites  # pylint: disable=g-import-not-at-top
+  res = suites.run_suite(args.suite, out, workers=args.workers)
+  first = res["methods"][0][1]
+  info = {"suite": args.suite, "git_commit": _git_commit(), "jax": first["jax"],
+          "device": first["device"], "wall_s": time.time() - start}
+  suite_report.write(res, out, info, command, args.gbps, args.latency_ms / 1e3)
+  print(f"wrote {out}/summary.md, results.jsonl and plots in {time.time() - start:.0f} s")
+
+
+def run_gpu_suite(args, out: str, command: str) -> None:
+  from experiments import gpu_bench  # pylint: disable=g-import-not-at-top
+  row = {**gpu_bench.measure(args.size, args.peak_tflops), "git_commit": _git_commit()}
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    f.write(json.dumps(row) + "\n")
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(gpu_bench.summary(row, command))
+  print(f"{row['size']} on {row['device']}: {row['tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {row['mfu']:.1%} of {row['peak_flops'] / 1e12:.2f} TFLOP/s ({row['peak_source']})")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--suite", choices=["step"], default="step")
+  parser.add_argument("--suite", choices=["step", "quick", "full", "smoke", "gpu"],
+                      default="step")
   parser.add_argument("--config", default="configs/shakespeare_diloco.py")
   parser.add_argument("--out", default=None, help="default experiments/results/<suite>")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
+  parser.add_argument("--workers", type=int, default=2, help="sweep worker processes")
+  parser.add_argument("--gbps", type=float, default=1.0, help="projected link, Gbit/s")
+  parser.add_argument("--latency_ms", type=float, default=50.0, help="projected link latency")
+  parser.add_argument("--peak_tflops", type=float, default=None, help="gpu: device peak")
+  parser.add_argument("--size", choices=["350m", "tiny"], default=None, help="gpu: model")
   args = parser.parse_args(argv)
   if not os.path.isfile(args.config):
     sys.exit(f"error: --config {args.config}: no such file")
   out = args.out or os.path.join("experiments", "results", args.suite)
   os.makedirs(out, exist_ok=True)
   start = time.time()
-  rows = run_step_suite(args)
   command = "python -m experiments.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+  if args.suite in ("quick", "full", "smoke"):
+    run_train_suite(args, out, start, command.strip())
+    return
+  if args.suite == "gpu":
+    run_gpu_suite(args, out, command.strip())
+    return
+  rows = run_step_suite(args)
   with open(os.path.join(out, "results.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   with open(os.path.join(out, "summary.md"), "w") as f:

@@ -1,0 +1,263 @@
+"""``summary.md``, ``results.jsonl`` and PNG plots of a ``quick`` / ``full`` suite."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from experiments import projection
+
+MB = 1e6
+
+
+def _kind(over: dict) -> str:
+  if over.get("algorithm") == "ddp":
+    return "ddp"
+  return "streaming" if int(over.get("outer.fragments", 1)) > 1 else "diloco"
+
+
+def method_links(rows: list[tuple[str, dict]]) -> list[dict]:
+  """What the projection needs of each methods-table row."""
+  out = []
+  for name, r in rows:
+    over = r["overrides"]
+    m = int(over.get("islands.num", 2))
+    steps = int(over["total_steps"])
+    kind = _kind(over)
+    h = int(over.get("outer.sync_every", 50)) if kind != "ddp" else 1
+    p = int(over.get("outer.fragments", 1))
+    payload = r["island_bytes"] / steps if kind == "ddp" else r["island_peak_bytes"] * p
+    out.append({"name": name, "kind": kind, "t_c": r["step_s"], "payload": payload, "H": h,
+                "t_outer": (r.get("sync_s") or 0.0) / m, "P": p,
+                "tau": int(over.get("outer.overlap", 0)), "eval_steps": r["eval_steps"],
+                "eval_losses": r["eval_losses"], "M": m})
+  return out
+
+
+def _fmt_t(t):
+  if t is None:
+    return "not reached"
+  return f"{t:.1f} s" if t < 600 else f"{t / 3600:.2f} h"
+
+
+def _ratio(a, b):
+  return "—" if a is None or not b else f"{a / b:.1f}×"
+
+
+def methods_table(res: dict) -> tuple[list[str], dict]:
+  rows = res["methods"]
+  ddp = rows[0][1]
+  ddp1 = next((r for n, r in rows if n.startswith("DDP (M=1)")), ddp)
+  lines = ["| method | eval loss | ÷ DDP | island_bytes | peak / sync | bytes ÷ DDP | "
+           "one island's step ms | throughput ÷ plain DP | M-island step ms (simulated) | "
+           "outer sync ms | sync share at its H | "
+           "at H=50 | outer state / device (simulated) | (2 islands × 2 devices) | "
+           "÷ (param bytes / devices per island) | peak RSS MB |", "|" + "---|" * 16]
+  facts = {}
+  for name, r in rows:
+    over = r["overrides"]
+    ref = ddp1 if int(over.get("islands.num", 2)) == 1 else ddp
+    is_ddp = over.get("algorithm") == "ddp"
+    h = int(over.get("outer.sync_every", 50))
+    sync = r.get("sync_s") or 0.0
+    lay = res["layout"].get(r["key"], {})
+    sim = r["sim_step_s"]
+    share_h = sync / (h * sim + sync) if sync else None
+    share50 = sync / (50 * sim + sync) if sync else None
+    thr = r["dp_step_s"] / r["step_s"] if r.get("dp_step_s") else None
+    rel = (lay.get("outer_state_bytes", 0) /
+           (lay["param_bytes"] / lay["devices_per_island"]) if lay and not is_ddp else None)
+    lines.append(
+        f"| {name} | {r['eval_loss']:.4f} | {r['eval_loss'] / ref['eval_loss']:.4f} | "
+        f"{r['island_bytes']:,.0f} | {r['island_peak_bytes']:,} | "
+        f"{r['island_bytes'] / ref['island_bytes']:.4f} | {r['step_s'] * 1e3:.2f} | "
+        f"{'1 (is plain DP)' if thr is None else f'{thr:.3f}'} | {sim * 1e3:.1f} | "
+        + ("— | — | — | — | — | — |" if is_ddp else
+           f"{sync * 1e3:.1f} | {share_h:.2%} | {share50:.2%} | "
+           f"{r['outer_state_bytes']:,} | {lay.get('outer_state_bytes', 0):,} | {rel:.2f} |")
+        + f" {r['peak_rss_bytes'] / MB:.0f} |")
+    facts[name] = {"loss_ratio": r["eval_loss"] / ref["eval_loss"],
+                   "bytes_ratio": r["island_bytes"] / ref["island_bytes"], "H": h,
+                   "throughput": thr, "share50": share50,
+                   "outer_rel": rel, "ddp": is_ddp}
+  return lines, facts
+
+
+def projection_section(res: dict, gbps: float, latency_s: float) -> tuple[list[str], list]:
+  links = method_links(res["methods"])
+  target = res["methods"][0][1]["eval_loss"]
+  proj = projection.project(links, gbps, latency_s, target)
+  ddp_t = proj[0]["no_overlap"]["time_s"]
+  ddp_to = proj[0]["overlap"]["time_s"]
+  lines = [f"Link {gbps:g} Gbit/s, latency {latency_s * 1e3:g} ms; target = DDP (M=2)'s "
+           f"final eval loss {target:.4f}. Model: `experiments/projection.py`.", "",
+           "| method | steps to target | s/step, no overlap | time to target | × faster than DDP"
+           " | s/step, overlap | time to target | × faster than DDP (overlap) | "
+           "compute share (no overlap) |", "|" + "---|" * 9]
+  for p in proj:
+    a, b = p["no_overlap"], p["overlap"]
+    st = "not reached" if p["steps_to_target"] is None else f"{p['steps_to_target']:.0f}"
+    lines.append(f"| {p['name']} | {st} | {a['step_s']:.4f} | {_fmt_t(a['time_s'])} | "
+                 f"{_ratio(ddp_t, a['time_s'])} | {b['step_s']:.4f} | {_fmt_t(b['time_s'])} | "
+                 f"{_ratio(ddp_to, b['time_s'])} | {a['compute_share']:.1%} |")
+  return lines, proj
+
+
+def paper_section(latency_s: float) -> list[str]:
+  lines = ["| params | step s | method | " + " | ".join(f"{c:.0%} CU" for c in
+                                                     projection.CU_TARGETS) + " |",
+           "|" + "---|" * (3 + len(projection.CU_TARGETS))]
+  for r in projection.paper_table(latency_s):
+    lines.append(f"| {r['params'] / 1e9:g}B | {r['step_s']:g} | {r['method']} | " + " | ".join(
+        "∞" if g == float("inf") else f"{g:,.1f}" for g in r["gbps"]) + " |")
+  return lines
+
+
+def sweep_tables(res: dict) -> list[str]:
+  lines = []
+  groups: dict = {}
+  for sw, series, x, r in res["sweeps"]:
+    if r is not None:
+      groups.setdefault(sw, {}).setdefault(series, {})[x] = r["eval_loss"]
+  for sw, by_series in groups.items():
+    xs = []
+    for d in by_series.values():
+      xs += [x for x in d if x not in xs]
+    lines += [f"#### `{sw}`", "", f"| series | " + " | ".join(str(x) for x in xs) + " |",
+              "|" + "---|" * (len(xs) + 1)]
+    for series, d in by_series.items():
+      lines.append(f"| {series} | " + " | ".join(f"{d[x]:.4f}" if x in d else "" for x in xs)
+                   + " |")
+    lines.append("")
+  return lines
+
+
+def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
+  """Writes the PNGs; returns their file names."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = []
+  ddp = res["methods"][0][1]
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, r in res["methods"]:
+    a1.plot(r["eval_tokens"], r["eval_losses"], marker="o", ms=3, label=name)
+    steps = int(r["overrides"]["total_steps"])
+    a2.plot([r["island_bytes"] * s / steps for s in r["eval_steps"]], r["eval_losses"],
+            marker="o", ms=3, label=name)
+  a1.set(xlabel="tokens", ylabel="eval loss (nats/byte)", title="methods: loss vs tokens")
+  a2.set(xlabel="island bytes (approx., linear in steps)", xscale="log",
+         title="loss vs bytes sent per island")
+  a1.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "methods.png"), dpi=110)
+  plt.close(fig)
+  names.append("methods.png")
+  groups: dict = {}
+  for sw, series, x, r in res["sweeps"]:
+    if r is not None:
+      groups.setdefault(sw, {}).setdefault(series, []).append((x, r["eval_loss"]))
+  for sw, by_series in groups.items():
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(isinstance(x, (int, float)) for pts in by_series.values() for x, _ in pts)
+    for series, pts in by_series.items():
+      if numeric:
+        pts = sorted(pts)
+      xs = [x if numeric else str(x) for x, _ in pts]
+      ax.plot(xs, [l for _, l in pts], marker="o", label=series)
+    ax.axhline(ddp["eval_loss"], color="k", ls="--", lw=1, label="DDP (M=2)")
+    if sw in ("H", "inner_lr") and numeric:
+      ax.set_xscale("log")
+    ax.set(xlabel=sw, ylabel="final eval loss (nats/byte)", title=f"sweep: {sw}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"sweep_{sw}.png"), dpi=110)
+    plt.close(fig)
+    names.append(f"sweep_{sw}.png")
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  bws = [10 ** (e / 4) for e in range(-12, 9)]
+  target = ddp["eval_loss"]
+  for link in proj_links:
+    ys, xs = [], []
+    for b in bws:
+      t = projection.project([link], b, 0.05, target)[0]["no_overlap"]["time_s"]
+      if t is not None:
+        xs.append(b)
+        ys.append(t)
+    if xs:
+      ax.plot(xs, ys, marker=".", label=link["name"])
+  ax.set(xscale="log", yscale="log", xlabel="link bandwidth (Gbit/s), latency 50 ms",
+         ylabel="projected time to DDP's final loss (s)", title="time to loss vs bandwidth")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "time_to_loss.png"), dpi=110)
+  plt.close(fig)
+  names.append("time_to_loss.png")
+  return names
+
+
+def goals(facts: dict, proj: list) -> list[str]:
+  def mark(ok):
+    return "**met**" if ok else "**not met**"
+  ddp_t = proj[0]["no_overlap"]["time_s"]
+  lines = ["| goal | figure | |", "|---|---|---|"]
+  for name, f in facts.items():
+    if f["ddp"]:
+      continue
+    if name.startswith("DiLoCo") or name.startswith("FedAvg"):
+      lines.append(f"| {name}: bytes ÷ DDP = 1/H = {1 / f['H']:.4f} | {f['bytes_ratio']:.4f} | "
+                   f"{mark(abs(f['bytes_ratio'] - 1 / f['H']) < 1e-9)} |")
+  for name, f in facts.items():
+    if name.startswith("DiLoCo (M=2") and "paper" not in name:
+      lines.append(f"| {name}: loss ÷ DDP ≤ 1.02 | {f['loss_ratio']:.4f} | "
+                   f"{mark(f['loss_ratio'] <= 1.02)} |")
+    if name.startswith("DiLoCo (M=1"):
+      lines.append(f"| {name}: loss ÷ DDP (M=1) < 1.00 | {f['loss_ratio']:.4f} | "
+                   f"{mark(f['loss_ratio'] < 1.0)} |")
+  for name, f in facts.items():
+    if not f["ddp"]:
+      lines.append(f"| {name}: inner-step throughput ÷ plain DP ≥ 0.97 | {f['throughput']:.3f} | "
+                   f"{mark(f['throughput'] >= 0.97)} |")
+      lines.append(f"| {name}: outer-sync share at H=50 < 1% | {f['share50']:.2%} | "
+                   f"{mark(f['share50'] < 0.01)} |")
+      lines.append(f"| {name}: outer state ≤ 2 × params ÷ devices per island | "
+                   f"{f['outer_rel']:.2f} × | {mark(f['outer_rel'] <= 2.0 + 1e-9)} |")
+  for p in proj[1:]:
+    t = p["no_overlap"]["time_s"]
+    if p["name"].startswith("DiLoCo (M=2"):
+      speed = None if t is None or ddp_t is None else ddp_t / t
+      lines.append(f"| {p['name']}: ≥ 10× faster to DDP's loss at the link | "
+                   f"{'not reached' if speed is None else f'{speed:.1f}×'} | "
+                   f"{mark(speed is not None and speed >= 10)} |")
+  return lines
+
+
+def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s: float) -> None:
+  """Writes summary.md, results.jsonl and the plots under ``out``."""
+  table, facts = methods_table(res)
+  proj_lines, proj = projection_section(res, gbps, latency_s)
+  pngs = plots(res, out, method_links(res["methods"]))
+  first = res["methods"][0][1]
+  lines = [f"# Bench suite `{info['suite']}`", "", f"Regenerate: `{command}`", "",
+           f"git `{info['git_commit']}`, jax {info['jax']}, device `{info['device']}`, "
+           f"suite wall time {info['wall_s'] / 60:.1f} min. Every row: "
+           f"path **{first['path']}**, {first['tokens']:,} tokens, "
+           f"`{first['overrides']['total_steps']}` steps, one seed.", "",
+           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), "",
+           "## Projected time to DDP's loss over a slow link", "", *proj_lines, "",
+           "## Bandwidth for a compute utilisation at the paper scales (model, Gbit/s)", "",
+           *paper_section(latency_s), "", "## Sweeps (final eval loss, nats/byte)", "",
+           *sweep_tables(res), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(lines))
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    for name, r in res["methods"]:
+      f.write(json.dumps({**info, "table": "methods", "name": name, **r,
+                          "layout": res["layout"].get(r["key"])}) + "\n")
+    for sw, series, x, r in res["sweeps"]:
+      if r is not None:
+        f.write(json.dumps({**info, "table": f"sweep:{sw}", "series": series, "x": x, **r})
+                + "\n")
+    for p in proj:
+      f.write(json.dumps({**info, "table": "projection", "gbps": gbps, "latency_s": latency_s,
+                          **p}) + "\n")

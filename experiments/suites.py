@@ -1,0 +1,362 @@
+"""The ``quick`` / ``full`` bench suites: a methods table and sweeps on Shakespeare.
+
+Every run is ``configs/shakespeare_diloco.py`` (its defaults: inner AdamW, outer optimizer and
+H) with the M islands simulated on one device (island axis 1, the fast path: the same numerics
+as one island per device, no collectives), resized per suite and overridden per run. All runs of
+a suite see the same tokens: global batch ``rows`` x ``seq_len`` per step (``rows / M`` per
+island), ``steps`` steps. ``quick`` uses a 2-layer d=64 model on 64-byte rows; ``full`` the
+config's own model and rows.
+
+Phases (``run_suite``):
+1. **methods**: each method in a fresh worker process (so its peak RSS is its own): the training
+   run, then the jitted inner step timed against the plain data-parallel step of the same
+   model and per-device batch (interleaved, median), one full outer sync timed, the outer
+   state's bytes per device (global params + outer optimizer state, from ``state_shardings``).
+   A separate 4-device worker reads the same bytes for the config's real layout (2 islands x 2
+   devices).
+2. **sweeps**: every distinct run of every sweep, in ``--workers`` processes (each pinned to a
+   core), many runs per process; a persistent XLA compilation cache under the output dir shares
+   compiled programs between runs and processes.
+Finished runs are appended to ``DIR/runs.jsonl`` and reused when the suite is run again (delete
+the file to start over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+BASE = "configs/shakespeare_diloco.py"
+SIMULATED = {"mesh.island": 1, "mesh.data": 1, "launch.mode": "none", "launch.processes": 1,
+             "checkpoint_every": 10**9}
+PATH = "simulated (island axis 1)"
+_TINY = {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
+         "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,
+         "model.max_len": 64, "data.seq_len": 64}
+SUITES = {
+    # rows: global rows per step; P: Streaming fragments (divides the layer count)
+    "smoke": dict(steps=8, eval_every=4, rows=4, eval_batches=1, model=_TINY, P=2, H=4,
+                  lrs=(0.7,), Hs=(4,), Ms=(1, 2), inner_lrs=(), momenta=(), codecs=(),
+                  partitions=(), mh=((2, 4),), h_lrs=(0.7,)),
+    "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=_TINY, P=2, H=50,
+                  lrs=(0.1, 0.3, 0.5, 0.7, 1.0), Hs=(1, 5, 10, 30, 100, 300), Ms=(1, 2, 4, 8),
+                  inner_lrs=(1e-3, 3e-3, 1e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
+                  codecs=("bf16", "int8", "int4", "topk"), partitions=("by_play", "by_genre"),
+                  mh=((2, 10), (2, 30), (1, 10), (4, 10)), h_lrs=(0.3, 0.7)),
+    "full": dict(steps=1000, eval_every=100, rows=32, eval_batches=8, model={}, P=4, H=50,
+                 lrs=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), Hs=(1, 5, 10, 25, 50, 100, 250),
+                 Ms=(1, 2, 4, 8), inner_lrs=(1e-3, 2e-3, 3e-3, 6e-3, 1e-2),
+                 momenta=(0.0, 0.5, 0.8, 0.9, 0.95), codecs=("bf16", "int8", "int4", "topk"),
+                 partitions=("by_play", "by_genre"),
+                 mh=((2, 10), (2, 25), (2, 50), (1, 10), (1, 50), (4, 10), (8, 10)),
+                 h_lrs=(0.3, 0.5, 0.7)),
+}
+
+
+def suite_overrides(suite: str, run: dict) -> dict:
+  """Dotted overrides of ``BASE`` for one run of ``suite`` (``run``: dotted overrides; the
+  per-island batch is ``rows / islands.num`` unless the run sets it)."""
+  s = SUITES[suite]
+  m = int(run.get("islands.num", 2))
+  out = {**SIMULATED, **s["model"], "total_steps": s["steps"], "eval_every": s["eval_every"],
+         "log_every": s["eval_every"], "eval_batches": s["eval_batches"],
+         "data.batch_size": max(s["rows"] // m, 1)}
+  out.update(run)
+  return out
+
+
+_DEFAULTS: dict = {}
+
+
+def _key(run: dict) -> str:
+  """The run's identity: its overrides, less those equal to ``BASE``'s own values (its outer
+  lr / momentum as resolved for its outer optimizer)."""
+  from fedjax_lm import config_lib, outer  # pylint: disable=g-import-not-at-top
+  if not _DEFAULTS:
+    base = config_lib.load_file(BASE)
+    for k in ("algorithm", "islands.num", "outer.optimizer", "outer.sync_every",
+              "outer.compression", "data.partition", "inner.learning_rate"):
+      node = base
+      for part in k.split("."):
+        node = node[part]
+      _DEFAULTS[k] = node
+    _DEFAULTS["outer"] = base.outer
+  defaults = dict(_DEFAULTS)
+  if run.get("outer.optimizer", defaults["outer.optimizer"]) == defaults["outer.optimizer"]:
+    hp = outer.resolved_hparams(defaults["outer"])
+    defaults.update({f"outer.{k}": v for k, v in hp.items()})
+  return json.dumps({k: v for k, v in run.items() if defaults.get(k, object()) != v},
+                    sort_keys=True)
+
+
+def methods(suite: str) -> list[tuple[str, dict]]:
+  """(name, dotted overrides) of the methods table; the first is DDP."""
+  s = SUITES[suite]
+  h, p = s["H"], s["P"]
+  stream = {"outer.sync_every": h, "outer.fragments": p, "outer.overlap": 2,
+            "outer.mixing": 0.5}
+  rows = [
+      ("DDP (M=2)", {"algorithm": "ddp"}),
+      (f"FedAvg (M=2, H={h})", {"outer.optimizer": "fedavg", "outer.sync_every": h}),
+      (f"DiLoCo (M=2, H={h}), paper outer 0.7 / 0.9",
+       {"outer.sync_every": h, "outer.learning_rate": 0.7, "outer.momentum": 0.9}),
+      (f"DiLoCo (M=2, H={h}), config defaults", {"outer.sync_every": h}),
+      ("DiLoCo (M=2), config defaults (its H)", {}),
+      ("DDP (M=1)", {"algorithm": "ddp", "islands.num": 1}),
+      ("DiLoCo (M=1), config defaults", {"islands.num": 1}),
+      (f"Streaming (P={p}, tau=2, alpha=0.5), f32", stream),
+      (f"Streaming (P={p}) + int4", {**stream, "outer.compression": "int4"}),
+  ]
+  if suite == "full":
+    rows.append(("SparseLoCo (H=15, top-k 2-bit, EF 0.95)",
+                 {"outer.optimizer": "fedavg", "outer.sync_every": 15,
+                  "outer.compression": "topk", "outer.error_feedback": 0.95}))
+  if suite == "smoke":
+    rows = [rows[0], rows[3]]
+  return rows
+
+
+def sweeps(suite: str) -> list[tuple[str, str, object, dict]]:
+  """(sweep, series, x, dotted overrides) of every sweep point."""
+  s = SUITES[suite]
+  out = [("M", "DDP", 2, {"algorithm": "ddp"})]
+  for m, h in s["mh"]:  # outer lr for each (M, H)
+    for lr in s["lrs"]:
+      out.append(("outer_lr", f"M={m}, H={h}", lr, {"islands.num": m, "outer.sync_every": h,
+                                                   "outer.learning_rate": lr}))
+  for h in s["Hs"]:  # H, FedAvg and DiLoCo at two outer lrs
+    out.append(("H", "FedAvg", h, {"outer.optimizer": "fedavg", "outer.sync_every": h}))
+    for lr in s["h_lrs"]:
+      out.append(("H", f"DiLoCo lr {lr}", h, {"outer.sync_every": h,
+                                              "outer.learning_rate": lr}))
+  for m in s["Ms"]:  # M at fixed global batch and tokens, the config's outer defaults
+    out.append(("M", "DiLoCo (config defaults)", m, {"islands.num": m}))
+    out.append(("M", "FedAvg", m, {"islands.num": m, "outer.optimizer": "fedavg"}))
+  for mu in s["momenta"]:
+    out.append(("momentum", "DiLoCo (M=2)", mu, {"outer.momentum": mu}))
+  for lr in s["inner_lrs"]:
+    out.append(("inner_lr", "DDP", lr, {"algorithm": "ddp", "inner.learning_rate": lr}))
+    out.append(("inner_lr", "FedAvg", lr, {"outer.optimizer": "fedavg",
+                                           "inner.learning_rate": lr}))
+    out.append(("inner_lr", "DiLoCo", lr, {"inner.learning_rate": lr}))
+  for part in ("iid", *s["partitions"]):
+    for name, over in (("FedAvg", {"outer.optimizer": "fedavg"}), ("DiLoCo", {})):
+      out.append(("partition", name, part, {**over, "data.partition": part}))
+  for codec in ("none", *s["codecs"]):
+    over = {"outer.compression": codec}
+    if codec == "topk":
+      over.update({"outer.error_feedback": 0.95})
+    out.append(("codec", "DiLoCo (M=2)", codec, over if codec != "none" else {}))
+  return out
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _setup_cache(cache_dir: str | None) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _config(overrides: dict):
+  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_file(BASE)
+  with config.unlocked():
+    config_lib.override(config, overrides)
+  return config
+
+
+def train_run(suite: str, run: dict, workdir: str) -> dict:
+  """One training run in this process; its eval curve, bytes and wall time."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import simulate  # pylint: disable=g-import-not-at-top
+  over = suite_overrides(suite, run)
+  config = _config(over)
+  start = time.time()
+  records = simulate.run(config, workdir)
+  wall = time.time() - start
+  evals = [r for r in records if "eval_loss" in r]
+  last = records[-1]
+  return {"suite": suite, "key": _key(run), "run": run, "overrides": over, "path": PATH,
+          "eval_steps": [r["step"] for r in evals], "eval_tokens": [r["tokens"] for r in evals],
+          "eval_losses": [r["eval_loss"] for r in evals], "eval_loss": last["eval_loss"],
+          "tokens": last["tokens"], "island_bytes": last["island_bytes"],
+          "island_peak_bytes": last["island_peak_bytes"], "run_wall_s": wall,
+          "tokens_per_sec": last["tokens_per_sec"], "jax": jax.__version__,
+          "device": jax.devices()[0].device_kind}
+
+
+def outer_state_bytes(overrides: dict, devices) -> dict:
+  """Bytes on one device of the global params + outer optimizer state (0 for ddp), and the
+  param bytes, for ``overrides`` on ``devices``."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
+  config = _config(overrides)
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  alg = islands.build(config, mesh, model_cfg)
+  abstract = jax.eval_shape(alg.init, jax.random.key(0))
+  dev = mesh.devices.flat[0]
+  total = 0
+  for key in ("global_params", "outer_opt_state"):
+    if key not in abstract:
+      continue
+    def leaf(a, s):
+      nonlocal total
+      if hasattr(a, "shape") and s is not None:
+        shape = s.shard_shape(a.shape) if dev in s.device_set else (0,)
+        total += math.prod(shape) * a.dtype.itemsize
+    jax.tree.map(leaf, abstract[key], alg.state_shardings[key])
+  params = jax.eval_shape(alg.eval_params, abstract)
+  return {"outer_state_bytes": total,
+          "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
+          "params": model_lib.count_params(params),
+          "devices_per_island": int(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["tensor"])}
+
+
+def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 5,
+               rounds: int = 3) -> dict:
+  """A methods-table row: the training run, step / sync timing against plain DP, outer-state
+  bytes and peak memory."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  row = train_run(suite, run, workdir)
+  over = suite_overrides(suite, run)
+  spec = {"config": BASE, "steps": timing_steps, "repeats": 1}
+  sim = step_bench.step({**spec, "overrides": over, "repeats": 3})  # M islands, one device
+  # One island's step vs the plain data-parallel step of the same model and per-device batch
+  # (on the real layout each island has its own devices): interleaved, median.
+  one = {**over, "islands.num": 1}
+  own, dp = [], []
+  for _ in range(rounds if over.get("algorithm") != "ddp" else 0):
+    own.append(step_bench.step({**spec, "overrides": one})["step_s"])
+    dp.append(step_bench.step({**spec, "overrides": {**one, "algorithm": "ddp"}})["step_s"])
+  row.update({"sim_step_s": sim["step_s"], "sync_s": sim.get("sync_s"),
+              "step_s": statistics.median(own) if own else sim["step_s"] / int(
+                  over.get("islands.num", 2)),
+              "dp_step_s": statistics.median(dp) if dp else None,
+              "flops_per_token": sim["flops_per_token"],
+              "tokens_per_step": sim["tokens_per_step"]})
+  row.update(outer_state_bytes(over, jax.devices()[:1]))
+  row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+  row["peak_device_bytes"] = (stats or {}).get("peak_bytes_in_use")
+  return row
+
+
+def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
+  """Outer-state bytes per device for each run on the config's own layout (its mesh)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
+  base = config_lib.load_file(BASE)
+  mesh = {"mesh.island": int(base.mesh.island), "mesh.data": int(base.mesh.data)}
+  out = []
+  for run in runs:
+    over = {**suite_overrides(suite, run), **mesh}
+    need = mesh["mesh.island"] * mesh["mesh.data"]
+    out.append({"key": _key(run), "layout": f"{mesh['mesh.island']} islands x "
+                f"{mesh['mesh.data']} devices", **outer_state_bytes(over, jax.devices()[:need])})
+  return out
+
+
+def worker(spec: dict) -> None:
+  """Runs ``spec`` (kind ``runs`` | ``method`` | ``layout``), appending JSON rows to
+  ``spec['out']``."""
+  if spec.get("one_core") is not None:
+    os.sched_setaffinity(0, {spec["one_core"]})
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+  import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (XLA flags first)
+  _setup_cache(spec.get("cache"))
+  suite, workdir = spec["suite"], spec["workdir"]
+
+  def emit(row):
+    with open(spec["out"], "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  if spec["kind"] == "layout":
+    for row in layout_bytes(suite, spec["runs"]):
+      emit({"kind": "layout", **row})
+    return
+  for i, run in enumerate(spec["runs"]):
+    wd = os.path.join(workdir, f"run{os.getpid()}_{i}")
+    if spec["kind"] == "method":
+      row = method_run(suite, run, wd, spec.get("timing_steps", 5))
+    else:
+      row = train_run(suite, run, wd)
+    emit({"kind": spec["kind"], **row})
+    print(f"[{spec['kind']}] {row['eval_loss']:.4f} {row['run_wall_s']:.0f}s {run}", flush=True)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  if devices > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+  log = open(spec["out"] + f".{spec['kind']}.log", "a")  # pylint: disable=consider-using-with
+  return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait(procs: list) -> None:
+  for p in procs:
+    if p.wait():
+      sys.exit(f"error: suite worker {p.args[-1][:200]} failed (rc {p.returncode}); see the "
+               "*.log files next to runs.jsonl")
+
+
+def _read(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def run_suite(suite: str, out: str, workers: int = 2) -> dict:
+  """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "runs.jsonl")
+  base = {"suite": suite, "out": path, "cache": os.path.abspath(os.path.join(out, ".xla_cache")),
+          "workdir": os.path.join("/tmp", f"fedjax_lm_suite_{suite}_{os.getpid()}")}
+  have = {(r["kind"], r["key"]) for r in _read(path)}
+  meth = methods(suite)
+  for _, run in meth:  # one fresh process per method (own peak RSS), sequential (timing)
+    if ("method", _key(run)) not in have:
+      _wait([_spawn({**base, "kind": "method", "runs": [run]})])
+      have.add(("method", _key(run)))
+  if not any(k == "layout" for k, _ in have):
+    _wait([_spawn({**base, "kind": "layout", "runs": [r for _, r in meth]}, devices=4)])
+  todo, seen = [], set(k for kind, k in have if kind in ("runs", "method"))
+  for *_, run in sweeps(suite):
+    if _key(run) not in seen:
+      seen.add(_key(run))
+      todo.append(run)
+  workers = max(1, min(workers, len(todo), os.cpu_count() or 1))
+  cores = sorted(os.sched_getaffinity(0))
+  _wait([_spawn({**base, "kind": "runs", "runs": todo[w::workers],
+                 "one_core": cores[w % len(cores)] if workers > 1 else None})
+         for w in range(workers) if todo[w::workers]])
+  rows = _read(path)
+  by = {}
+  for r in rows:
+    by.setdefault(r["kind"], {})[r["key"]] = r
+  return {"methods": [(name, by["method"][_key(run)]) for name, run in meth],
+          "layout": by.get("layout", {}),
+          "sweeps": [(sw, series, x, by.get("runs", {}).get(_key(run)) or
+                      by.get("method", {}).get(_key(run))) for sw, series, x, run in sweeps(suite)]}
+
+
+if __name__ == "__main__":
+  worker(json.loads(sys.argv[1]))

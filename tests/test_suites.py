@@ -1,0 +1,107 @@
+"""The bench suites stay alive: the smallest case of the quick suite end to end (in this
+process), the projection model against hand-computed values, and the GPU suite's MFU on CPU.
+Speed and memory figures live in the bench, not here."""
+
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from experiments import gpu_bench, projection, suite_report, suites
+
+
+def test_link_and_step_times():
+  assert projection.comm_s(4e6, 1.0, 0.05) == pytest.approx(0.05 + 0.032)  # 4 MB at 1 Gbit/s
+  # DDP: the all-reduce every step; under the backward pass (2/3 of the step) with overlap.
+  assert projection.step_time("ddp", 0.1, 4e6, 1.0, 0.05, False) == pytest.approx(0.182)
+  assert projection.step_time("ddp", 0.1, 4e6, 1.0, 0.05, True) == pytest.approx(
+      0.1 + 0.082 - 0.2 / 3)
+  # DiLoCo, H=10: one exchange per 10 steps; with overlap it hides under the next round.
+  assert projection.step_time("diloco", 0.1, 4e6, 1.0, 0.05, False, H=10) == pytest.approx(
+      (1.0 + 0.082) / 10)
+  assert projection.step_time("diloco", 0.1, 4e6, 1.0, 0.05, True, H=10) == pytest.approx(0.1)
+  assert projection.step_time("diloco", 0.001, 4e6, 1.0, 0.05, True, H=10) == pytest.approx(
+      (0.01 + 0.082 - 0.01) / 10)
+  # Streaming: 4 fragments of 1 MB (8 ms + 50 ms each), tau = 0.2 s of overlap each.
+  t = projection.step_time("streaming", 0.1, 4e6, 1.0, 0.05, False, H=20, P=4, tau=2)
+  assert t == pytest.approx((2.0 + 0.0) / 20)
+  t = projection.step_time("streaming", 0.01, 4e6, 1.0, 0.05, False, H=20, P=4, tau=2)
+  assert t == pytest.approx((0.2 + 4 * (0.058 - 0.02)) / 20)
+
+
+def test_time_to_loss_and_bandwidth_for_cu():
+  assert projection.steps_to_loss([10, 20, 30], [3.0, 2.0, 1.0], 1.5) == pytest.approx(25.0)
+  assert projection.steps_to_loss([10, 20], [3.0, 2.0], 3.5) == 10.0
+  assert projection.steps_to_loss([10, 20], [3.0, 2.0], 1.0) is None
+  # 1 GB every 100 steps of 1 s, no overlap, no latency: 50% CU needs 8 Gbit / 100 s.
+  b = projection.bandwidth_for_cu(0.5, 1.0, 1e9, 0.0, H=100)
+  assert b == pytest.approx(0.08)
+  t = projection.step_time("diloco", 1.0, 1e9, b, 0.0, False, H=100)
+  assert 1.0 / t == pytest.approx(0.5)
+  assert projection.bandwidth_for_cu(0.99, 1.0, 1e9, 10.0, H=1) == math.inf
+  rows = projection.paper_table()
+  ddp = next(r for r in rows if r["params"] == 1e9 and r["method"] == "DDP")
+  stream = next(r for r in rows if r["params"] == 1e9 and r["method"].startswith("Streaming"))
+  assert all(s < d / 100 for s, d in zip(stream["gbps"], ddp["gbps"]))
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  suites._setup_cache(str(tmp_path / "xla_cache"))
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
+  del compile_cache
+  suite = "smoke"
+  res = {"methods": [], "layout": {}, "sweeps": []}
+  for name, run in suites.methods(suite):
+    row = suites.method_run(suite, run, str(tmp_path / name.split()[0]), timing_steps=1,
+                            rounds=1)
+    res["methods"].append((name, row))
+    res["layout"][row["key"]] = {"key": row["key"], "layout": "1 x 1",
+                                 **suites.outer_state_bytes(row["overrides"],
+                                                            jax.devices()[:1])}
+  ddp, diloco = (r for _, r in res["methods"])
+  h = suites.SUITES[suite]["H"]
+  assert diloco["island_bytes"] * h == ddp["island_bytes"]  # exactly 1/H of DDP
+  # Outer state: global params + Nesterov momentum = 2 x the param bytes on one device.
+  assert diloco["outer_state_bytes"] == 2 * diloco["param_bytes"]
+  assert diloco["step_s"] > 0 and diloco["dp_step_s"] > 0 and diloco["sync_s"] > 0
+  assert diloco["peak_rss_bytes"] > 0
+  sweep_run = {"outer.sync_every": h, "outer.learning_rate": 0.3}
+  res["sweeps"].append(("outer_lr", "M=2", 0.3, suites.train_run(suite, sweep_run,
+                                                                  str(tmp_path / "sw"))))
+  info = {"suite": suite, "git_commit": "test", "jax": jax.__version__, "device": "cpu",
+          "wall_s": 1.0}
+  suite_report.write(res, str(tmp_path), info, "pytest", 1.0, 0.05)
+  text = (tmp_path / "summary.md").read_text()
+  assert "## Methods" in text and "## Goals" in text and "outer_lr" in text
+  assert f"{1 / h:.4f} | **met**" in text
+  for png in ("methods.png", "sweep_outer_lr.png", "time_to_loss.png"):
+    assert os.path.getsize(tmp_path / png) > 1000
+  rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert {r["table"] for r in rows} == {"methods", "sweep:outer_lr", "projection"}
+  assert all(r["path"] == suites.PATH for r in rows if r["table"] != "projection")
+
+
+def test_sweep_grid_reuses_runs():
+  keys = [suites._key(run) for *_, run in suites.sweeps("quick")]
+  assert len(set(keys)) < len(keys)  # shared points run once
+  assert suites._key({"islands.num": 2}) == suites._key({}) == "{}"  # the config's own M
+
+
+def test_gpu_suite_mfu_on_cpu():
+  row = gpu_bench.measure("tiny", steps=1, repeats=1)
+  assert row["flops_per_token"] > 0 and row["tokens_per_s"] > 0
+  assert 0 < row["mfu"] < 1.5
+  assert row["peak_source"].startswith("measured") or row["platform"] != "cpu"
+  assert gpu_bench.device_peak("NVIDIA H200") == 989e12
+  assert gpu_bench.device_peak("some CPU") is None
