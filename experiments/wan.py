@@ -69,6 +69,8 @@ _ISLANDS_STEPS = flags.DEFINE_integer("islands_steps", 250, "Step budget of the 
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 25, "Eval interval of the sweep's runs.")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", "runs/wan", "Parent directory of sweep runs.")
 _OUT = flags.DEFINE_string("out", "experiments/results/wan", "Sweep results directory.")
+_OVERLAP = flags.DEFINE_list("overlap_methods", ["streaming_tau0"], "Extra runs at the lowest "
+                             "bandwidth, run last (also: diloco_host, diloco_tau5).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the sweep's report.")
 _JAX_CACHE = flags.DEFINE_string("jax_cache", "runs/wan/jax_cache", "Persistent compilation "
                                  "cache of the runs ('': none); saves compiling again.")
@@ -82,14 +84,17 @@ METHODS = {
                   {"outer.transport": "host"}),
     "streaming_tau0": ("Streaming DiLoCo, tau=0 (no overlap)", _STREAM,
                        {"outer.transport": "host", "outer.overlap": 0}),
-    "diloco_host": ("DiLoCo (H=50), host, tau=0", _DILOCO, {"outer.transport": "host"}),
-    "diloco_tau5": ("DiLoCo (H=50), host, tau=5", _DILOCO,
-                    {"outer.transport": "host", "outer.overlap": 5}),
+    # float32 syncs (1.6 s at 20 Mbit/s), overlapped or not; 150 steps: 3 syncs.
+    "diloco_host": ("DiLoCo (H=50), host, tau=0, 150 steps", _DILOCO,
+                    {"outer.transport": "host", "total_steps": 150}),
+    "diloco_tau5": ("DiLoCo (H=50), host, tau=5, 150 steps", _DILOCO,
+                    {"outer.transport": "host", "outer.overlap": 5, "total_steps": 150}),
 }
 SWEEP_METHODS = ("ddp", "diloco", "streaming")
-OVERLAP_METHODS = ("streaming_tau0", "diloco_host", "diloco_tau5")  # lowest bandwidth only
+# Batch 4 x 256 per island (not the config's 16) and 4 eval batches: the sweep fits ~30 min
+# on 2 cores; the model, and so every exchanged byte, is the config's.
 COMMON = {"mesh.island": 2, "mesh.data": 1, "launch.processes": 2, "log_every": 1,
-          "checkpoint_every": 100_000}
+          "checkpoint_every": 100_000, "data.batch_size": 4, "eval_batches": 4}
 LATENCY_NOTE = ("no netem in this kernel: no propagation delay; latency comes only from "
                 "queueing in tbf")
 
@@ -223,7 +228,7 @@ def analyze(record: dict, metrics: list[dict], config, compute_step: float | Non
   the time blocked in syncs is the excess over a compute-only step (``compute_step``, default
   the median of this run's steps away from syncs) of the steps at and right after a sync,
   counted after the first sync round (whose steps also trace and compile the sync programs).
-  ``train_s``: the sum of step times, step 1 (compilation) counted as a median step."""
+  ``train_s``: the sum of step times, compilation (``compile_s``) taken out."""
   recs = sorted((r for r in metrics if "tokens_per_sec" in r), key=lambda r: r["step"])
   per_step = recs[-1]["tokens"] / recs[-1]["step"]
   dur, prev = {}, 0
@@ -239,10 +244,16 @@ def analyze(record: dict, metrics: list[dict], config, compute_step: float | Non
   base = compute_step or (statistics.median(steady) if steady else None)
   every_step = len(dur) == recs[-1]["step"]  # log_every=1: one record per step
   blocked = (sum(dur[s] - base for s in near if s > warm) if base and every_step else None)
+  # Compilation: step 1 counts as a median step; a first-round sync step as base plus the mean
+  # excess of the later rounds' sync steps.
+  later = [s for s in near if s > warm]
+  typical = base + blocked / len(later) if base and later and blocked is not None else None
+  adjusted = {s: median if s == 1 else typical if (s in near and s <= warm and typical) else d
+              for s, d in dur.items()}
   stamps = {int(k): v for k, v in record["stamps"].items()}
   evals, train = [], 0.0
   for r in recs:
-    train += median if r["step"] == 1 else dur[r["step"]]
+    train += adjusted[r["step"]]
     if "eval_loss" in r:
       eval_s = stamps[r["step"]] - stamps.get(r["step"] - 1, 0.0) - dur[r["step"]]
       evals.append({"step": r["step"], "eval_loss": r["eval_loss"], "train_s": train,
@@ -262,6 +273,7 @@ def analyze(record: dict, metrics: list[dict], config, compute_step: float | Non
       "eval_total_s": sum(e["eval_s"] for e in evals),
       "startup_s": stamps[recs[0]["step"]] - dur[recs[0]["step"]],
       "first_step_s": dur[recs[0]["step"]], "median_step_s": median,
+      "compile_s": sum(dur.values()) - sum(adjusted.values()),
       "compute_step_s": base, "sync_steps": len(syncs), "blocked_from_step": warm + 1,
       "blocked_in_syncs_s": blocked,
       "blocked_per_100_steps_s": blocked and blocked * 100 / max(1, last["step"] - warm),
@@ -285,20 +297,23 @@ def _resolved(config_path: str, overrides: dict):
 
 
 def _sweep_runs() -> list[tuple[str, str, dict, str]]:
-  """(run name, method key, overrides, bandwidth) of the sweep, in run order."""
-  plan = [(m, bw) for bw in _BANDWIDTHS.value for m in SWEEP_METHODS]
-  plan += [(m, _BANDWIDTHS.value[-1]) for m in OVERLAP_METHODS]
+  """(run name, method key, overrides, bandwidth) of the sweep, in run order: the lowest
+  bandwidth and its overlap runs first."""
+  low = _BANDWIDTHS.value[-1]
+  plan = [(m, low) for m in (*SWEEP_METHODS, *_OVERLAP.value)]
+  plan += [(m, bw) for bw in _BANDWIDTHS.value[-2::-1] for m in SWEEP_METHODS]
   out = []
   for method, bw in plan:
     steps = _DDP_STEPS.value if method == "ddp" else _ISLANDS_STEPS.value
-    overrides = {**COMMON, **METHODS[method][2], "total_steps": steps,
-                 "eval_every": _EVAL_EVERY.value}
+    overrides = {**COMMON, "total_steps": steps, "eval_every": _EVAL_EVERY.value,
+                 **METHODS[method][2]}
     out.append((f"{method}_{bw}", method, overrides, bw))
   return out
 
 
 def sweep(extra: dict) -> None:
   """Runs the sweep's runs not already finished with the same settings, then reports."""
+  wan_net.require_root()
   from fedjax_lm.data import shakespeare  # pylint: disable=g-import-not-at-top
   shakespeare.prepare_shakespeare(extra.get("data.data_dir") or None)  # not inside a timed run
   for name, method, overrides, bw in _sweep_runs():
@@ -308,7 +323,8 @@ def sweep(extra: dict) -> None:
     try:
       with open(os.path.join(workdir, "wan.json")) as f:
         old = json.load(f)
-      if (old["args"], old["bandwidth"], old["queue_ms"]) == (args, bw, _QUEUE_MS.value):
+      if (sorted(old["args"]), old["bandwidth"], old["queue_ms"]) == (
+          sorted(args), bw, _QUEUE_MS.value):
         print(f"[wan] {name}: reusing the finished run in {workdir}", flush=True)
         continue
     except (OSError, ValueError, KeyError):
@@ -327,12 +343,16 @@ def report(extra: dict) -> None:
   loaded = {}
   for name, method, overrides, bw in _sweep_runs():
     workdir = os.path.join(_SWEEP_DIR.value, name)
+    if not os.path.exists(os.path.join(workdir, "wan.json")):
+      print(f"[wan] {name}: not run, left out of the report", flush=True)
+      continue
     with open(os.path.join(workdir, "wan.json")) as f:
       record = json.load(f)
     metrics = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     loaded[name] = (method, bw, record, metrics, _resolved(METHODS[method][1], overrides))
   rows = []
-  for bw in _BANDWIDTHS.value:  # DDP's final loss is the target; DiLoCo's steady step its compute
+  bandwidths = [bw for bw in _BANDWIDTHS.value if {f"ddp_{bw}", f"diloco_{bw}"} <= set(loaded)]
+  for bw in bandwidths:  # DDP's final loss is the target; DiLoCo's steady step its compute
     diloco = analyze(*loaded[f"diloco_{bw}"][2:])
     ddp = analyze(*loaded[f"ddp_{bw}"][2:], compute_step=diloco["compute_step_s"])
     for name, (method, run_bw, record, metrics, config) in loaded.items():
@@ -341,10 +361,17 @@ def report(extra: dict) -> None:
                       else None, target=ddp["final_eval_loss"])
         rows.append({"run": name, "method": method, "label": METHODS[method][0],
                      "bandwidth": bw, **row})
-  command = "python -m experiments.wan " + " ".join(sys.argv[1:])
-  wan_rep = wan_report.write(rows, _OUT.value, command=command, bandwidths=_BANDWIDTHS.value,
-                             queue_ms=_QUEUE_MS.value, latency_note=LATENCY_NOTE)
-  print(wan_rep)
+  command = " ".join(["python -m experiments.wan --sweep", *(
+      a for a in sys.argv[1:] if a.lstrip("-") not in ("sweep", "report_only"))])
+  setup = (f"Setup: `{METHODS['ddp'][1]}`, `{_DILOCO}`, `{_STREAM}` (0.98M parameters: a "
+           "float32 sync or gradient is 3.94 MB) on 2 islands x 1 process (one per core), "
+           f"overrides {', '.join(f'{k}={v}' for k, v in COMMON.items())}; DDP "
+           f"{_DDP_STEPS.value} steps (its final eval loss is the target), the islands "
+           f"methods {_ISLANDS_STEPS.value} (cosine schedules over each run's own length); "
+           f"eval every {_EVAL_EVERY.value} steps.")
+  print(wan_report.write(rows, _OUT.value, command=command, setup=setup,
+                         bandwidths=bandwidths, queue_ms=_QUEUE_MS.value,
+                         latency_note=LATENCY_NOTE))
 
 
 def main(argv):
@@ -365,9 +392,7 @@ def main(argv):
     metrics = metrics_lib.read_jsonl(os.path.join(_WORKDIR.value, "metrics.jsonl"))
     result = analyze(record, metrics, _CONFIG.value)
     print(json.dumps({k: v for k, v in result.items() if k != "evals"}, indent=1))
-  except wan_net.NotRootError as e:
-    sys.exit(f"error: {e}")
-  except (RuntimeError, ValueError) as e:
+  except (RuntimeError, ValueError) as e:  # NotRootError included: one line, no traceback
     sys.exit(f"error: {e}")
 
 

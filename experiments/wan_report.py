@@ -89,20 +89,20 @@ def plot(rows: list[dict], bandwidths: list[str], main: tuple[str, ...], path: s
         ax.plot([e["train_s"] for e in r["evals"]], [e["eval_loss"] for e in r["evals"]],
                 marker="o", ms=3, label=r["label"])
     target = next(r["target"] for r in rows if r["bandwidth"] == bw)
-    ax.axhline(target, color="gray", ls="--", lw=1, label="DDP's final loss")
-    ax.set_xscale("log")
+    ax.axhline(target, color="gray", ls="--", lw=1, label="DDP's final loss (target)")
+    ax.set_ylim(target - 0.3, target + 1.0)
     ax.set_title(f"link {bw} (tbf, each direction)")
-    ax.set_xlabel("training time (s, evals excluded)")
+    ax.set_xlabel("training time (s; compilation and evals excluded)")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
   (axes[0] if len(bandwidths) > 1 else axes).set_ylabel("eval loss (nats/byte)")
-  (axes[0] if len(bandwidths) > 1 else axes).legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def write(rows: list[dict], out: str, *, command: str, bandwidths: list[str], queue_ms: int,
-          latency_note: str, main=("ddp", "diloco", "streaming"),
+def write(rows: list[dict], out: str, *, command: str, setup: str, bandwidths: list[str],
+          queue_ms: int, latency_note: str, main=("ddp", "diloco", "streaming"),
           overlap=("streaming_tau0", "streaming", "diloco_host", "diloco_tau5")) -> str:
   """Writes the three files under ``out``; returns the tables as Markdown."""
   os.makedirs(out, exist_ok=True)
@@ -118,13 +118,15 @@ def write(rows: list[dict], out: str, *, command: str, bandwidths: list[str], qu
       *_overlap_table(rows, bandwidths[-1], overlap)])
   head = "\n".join([
       "# WAN testbed: measured time to loss over a shaped link", "",
-      f"Regenerate (as root): `{command}`", "",
+      f"Regenerate (as root): `{command}`", "", setup, "",
       f"Links: every island's veth access link shaped by `tc tbf` to the rate shown, in each "
       f"direction (queue <= {queue_ms} ms, MTU 1500, one packet per GSO segment); "
       f"{latency_note}. "
       "Training time = the sum of per-step wall times logged by the training loop "
       "(`log_every=1`; evaluation, process startup and the final checkpoint excluded; step 1, "
-      "which compiles, counted as a median step). Wall time = seconds from launching the "
+      "which compiles, counted as a median step, and each step of the first sync round, which "
+      "traces and compiles the sync programs, as a typical sync step of the later rounds). "
+      "Wall time = seconds from launching the "
       "processes until the record appeared (startup, compilation and every eval so far "
       "included). Blocked in syncs = the excess over a compute-only step of the steps at and "
       "right after a sync event, from the second sync round on (DDP: every step, against "

@@ -1,6 +1,7 @@
 """The WAN testbed (experiments.wan, experiments.wan_net): training across shaped links between
 network namespaces, bytes on the veth counters, and nothing left behind (needs root)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -46,16 +47,18 @@ def test_training_across_the_shaped_link_then_nothing_left(tmp_path, data_dir):
   config = tiny_config(**overrides)
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   record = wan.run(config, "configs/tiny.py", args, "20mbit", str(tmp_path / "run"))
-  metrics = [__import__("json").loads(line) for line in open(tmp_path / "run/metrics.jsonl")]
+  with open(tmp_path / "run/metrics.jsonl") as f:
+    metrics = [json.loads(line) for line in f]
   result = wan.analyze(record, metrics, config)
   assert result["steps"] == 6 and result["island_bytes"] > 0
   for tx, rx in zip(result["link_tx_bytes"], result["link_rx_bytes"]):
     assert tx >= result["island_bytes"] and rx >= result["island_bytes"]  # it crossed the veth
   assert 1.0 <= result["link_over_island_bytes"] < 3.0
   assert result["blocked_in_syncs_s"] is not None
-  assert not _ours(f"{wan_net.PREFIX}{os.getpid()}")
-  assert not [n for n in os.listdir("/etc/netns") if n.startswith(wan_net.PREFIX)] \
-      if os.path.isdir("/etc/netns") else True
+  tag = f"{wan_net.PREFIX}{os.getpid()}"
+  assert not _ours(tag)
+  assert not os.path.isdir("/etc/netns") or not [
+      n for n in os.listdir("/etc/netns") if n.startswith(tag)]
 
 
 @needs_root
