@@ -88,6 +88,10 @@ def remove_testbed(tag: str) -> None:
     for name in os.listdir("/etc/netns"):
       if name.startswith(tag + "-"):
         shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)
+    try:
+      os.rmdir("/etc/netns")  # only if no other namespace keeps files there
+    except OSError:
+      pass
 
 
 def _owner(name: str) -> int | None:
