@@ -337,3 +337,12 @@ def test_missing_dataset_clear_error(tmp_path, name):
     with pytest.raises(data_lib.DatasetUnavailableError) as e:
       data_lib.get_source(name, "train", data_dir=str(data_dir))
     assert name in str(e.value) and str(data_dir) in str(e.value)
+
+
+def test_corrupt_corpus_archive_is_one_clear_error(tmp_path):
+  """A truncated archive is a ValueError naming the file (one line through the CLI), raised
+  before anything is built."""
+  damaged = tmp_path / "shakespeare.tar.xz"
+  damaged.write_bytes(open(shakespeare_lib.DEFAULT_ARCHIVE, "rb").read()[:300_000])
+  with pytest.raises(ValueError, match="corrupt Shakespeare archive .*shakespeare.tar.xz"):
+    list(shakespeare_lib.read_plays(str(damaged)))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import lzma
 import os
 import re
 import tarfile
@@ -112,13 +113,19 @@ def read_plays(archive_path: str | None = None) -> Iterator[tuple[str, str, str]
   archive_path = archive_path or DEFAULT_ARCHIVE
   if not os.path.isfile(archive_path):
     raise FileNotFoundError(f"Shakespeare archive not found: {archive_path!r}")
-  with tarfile.open(archive_path, "r:xz") as tar:
-    for member in sorted(tar.getmembers(), key=lambda m: m.name):
-      parts = member.name.strip("./").split("/")
-      if not member.isfile() or len(parts) != 2 or not parts[1].endswith(".md"):
-        continue
-      data = tar.extractfile(member).read()
-      yield parts[0], parts[1][: -len(".md")], data.decode("utf-8")
+  plays = []
+  try:  # read whole first, so a damaged archive is one clear error before anything is built
+    with tarfile.open(archive_path, "r:xz") as tar:
+      for member in sorted(tar.getmembers(), key=lambda m: m.name):
+        parts = member.name.strip("./").split("/")
+        if not member.isfile() or len(parts) != 2 or not parts[1].endswith(".md"):
+          continue
+        data = tar.extractfile(member).read()
+        plays.append((parts[0], parts[1][: -len(".md")], data.decode("utf-8")))
+  except (EOFError, tarfile.TarError, lzma.LZMAError, UnicodeDecodeError) as e:
+    raise ValueError(f"corrupt Shakespeare archive {archive_path!r} ({type(e).__name__}: {e}); "
+                     "restore it (git checkout) or reinstall fedjax_lm") from e
+  yield from plays
 
 
 class ShakespearePlays(tfds.core.GeneratorBasedBuilder):
