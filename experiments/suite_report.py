@@ -70,14 +70,14 @@ def methods_table(res: dict) -> tuple[list[str], dict]:
     lines.append(
         f"| {name} | {r['eval_loss']:.4f} | {r['eval_loss'] / ref['eval_loss']:.4f} | "
         f"{r['island_bytes']:,.0f} | {r['island_peak_bytes']:,} | "
-        f"{r['island_bytes'] / ref['island_bytes']:.4f} | {r['step_s'] * 1e3:.2f} | "
+        f"{r['island_bytes'] / ddp['island_bytes']:.4f} | {r['step_s'] * 1e3:.2f} | "
         f"{'1 (is plain DP)' if thr is None else f'{thr:.3f}'} | {sim * 1e3:.1f} | "
         + ("— | — | — | — | — | — |" if is_ddp else
            f"{sync * 1e3:.1f} | {share_h:.2%} | {share50:.2%} | "
            f"{r['outer_state_bytes']:,} | {lay.get('outer_state_bytes', 0):,} | {rel:.2f} |")
         + f" {r['peak_rss_bytes'] / MB:.0f} |")
     facts[name] = {"loss_ratio": r["eval_loss"] / ref["eval_loss"],
-                   "bytes_ratio": r["island_bytes"] / ref["island_bytes"], "H": h,
+                   "bytes_ratio": r["island_bytes"] / ddp["island_bytes"], "H": h,
                    "throughput": thr, "share50": share50,
                    "outer_rel": rel, "ddp": is_ddp}
   return lines, facts
@@ -94,12 +94,26 @@ def projection_section(res: dict, gbps: float, latency_s: float) -> tuple[list[s
            "| method | steps to target | s/step, no overlap | time to target | × faster than DDP"
            " | s/step, overlap | time to target | × faster than DDP (overlap) | "
            "compute share (no overlap) |", "|" + "---|" * 9]
+  for p, link in zip(proj, links):  # equal quality: DDP's time to this method's final loss
+    own = link["eval_losses"][-1]
+    d = projection.steps_to_loss(links[0]["eval_steps"], links[0]["eval_losses"], own)
+    mine = link["eval_steps"][-1] * p["no_overlap"]["step_s"]
+    p["equal_quality"] = {"loss": own, "ddp_time_s": None if d is None else
+                          d * proj[0]["no_overlap"]["step_s"], "time_s": mine}
   for p in proj:
     a, b = p["no_overlap"], p["overlap"]
     st = "not reached" if p["steps_to_target"] is None else f"{p['steps_to_target']:.0f}"
     lines.append(f"| {p['name']} | {st} | {a['step_s']:.4f} | {_fmt_t(a['time_s'])} | "
                  f"{_ratio(ddp_t, a['time_s'])} | {b['step_s']:.4f} | {_fmt_t(b['time_s'])} | "
                  f"{_ratio(ddp_to, b['time_s'])} | {a['compute_share']:.1%} |")
+  lines += ["", "Equal quality: the time each method takes to its own final loss vs the time DDP "
+            "takes to reach that same loss on its curve (no overlap).", "",
+            "| method | its final loss | its time | DDP's time to that loss | × faster |",
+            "|---|---|---|---|---|"]
+  for p in proj:
+    q = p["equal_quality"]
+    lines.append(f"| {p['name']} | {q['loss']:.4f} | {_fmt_t(q['time_s'])} | "
+                 f"{_fmt_t(q['ddp_time_s'])} | {_ratio(q['ddp_time_s'], q['time_s'])} |")
   return lines, proj
 
 
@@ -204,7 +218,7 @@ def goals(facts: dict, proj: list) -> list[str]:
   for name, f in facts.items():
     if f["ddp"]:
       continue
-    if name.startswith("DiLoCo") or name.startswith("FedAvg"):
+    if (name.startswith("DiLoCo") or name.startswith("FedAvg")) and "M=1" not in name:
       lines.append(f"| {name}: bytes ÷ DDP = 1/H = {1 / f['H']:.4f} | {f['bytes_ratio']:.4f} | "
                    f"{mark(abs(f['bytes_ratio'] - 1 / f['H']) < 1e-9)} |")
   for name, f in facts.items():
@@ -234,13 +248,16 @@ def goals(facts: dict, proj: list) -> list[str]:
 
 def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s: float) -> None:
   """Writes summary.md, results.jsonl and the plots under ``out``."""
+  info = {**info, "runs_s": sum(r["run_wall_s"] for _, r in res["methods"]) + sum(
+      r["run_wall_s"] for *_, r in res["sweeps"] if r is not None)}
   table, facts = methods_table(res)
   proj_lines, proj = projection_section(res, gbps, latency_s)
   pngs = plots(res, out, method_links(res["methods"]))
   first = res["methods"][0][1]
   lines = [f"# Bench suite `{info['suite']}`", "", f"Regenerate: `{command}`", "",
            f"git `{info['git_commit']}`, jax {info['jax']}, device `{info['device']}`, "
-           f"suite wall time {info['wall_s'] / 60:.1f} min. Every row: "
+           f"this invocation {info['wall_s'] / 60:.1f} min (finished runs are reused), "
+           f"sum of the runs' own wall times {info['runs_s'] / 60:.1f} min. Every row: "
            f"path **{first['path']}**, {first['tokens']:,} tokens, "
            f"`{first['overrides']['total_steps']}` steps, one seed.", "",
            "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), "",

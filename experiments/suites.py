@@ -15,8 +15,8 @@ Phases (``run_suite``):
    A separate 4-device worker reads the same bytes for the config's real layout (2 islands x 2
    devices).
 2. **sweeps**: every distinct run of every sweep, in ``--workers`` processes (each pinned to a
-   core), many runs per process; a persistent XLA compilation cache under the output dir shares
-   compiled programs between runs and processes.
+   core), many runs per process; a persistent XLA compilation cache (and the worker logs)
+   under ``/tmp/fedjax_lm_suite_<suite>/`` shares compiled programs between runs and processes.
 Finished runs are appended to ``DIR/runs.jsonl`` and reused when the suite is run again (delete
 the file to start over).
 """
@@ -42,10 +42,10 @@ SUITES = {
                   lrs=(0.7,), Hs=(4,), Ms=(1, 2), inner_lrs=(), momenta=(), codecs=(),
                   partitions=(), mh=((2, 4),), h_lrs=(0.7,)),
     "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=_TINY, P=2, H=50,
-                  lrs=(0.1, 0.3, 0.5, 0.7, 1.0), Hs=(1, 5, 10, 30, 100, 300), Ms=(1, 2, 4, 8),
+                  lrs=(0.1, 0.3, 0.7, 1.0), Hs=(1, 10, 50, 150), Ms=(1, 2, 4, 8),
                   inner_lrs=(1e-3, 3e-3, 1e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
-                  codecs=("bf16", "int8", "int4", "topk"), partitions=("by_play", "by_genre"),
-                  mh=((2, 10), (2, 30), (1, 10), (4, 10)), h_lrs=(0.3, 0.7)),
+                  codecs=("bf16", "int4", "topk"), partitions=("by_play", "by_genre"),
+                  mh=((2, 10), (2, 50), (1, 10), (4, 10)), h_lrs=(0.3, 0.7)),
     "full": dict(steps=1000, eval_every=100, rows=32, eval_batches=8, model={}, P=4, H=50,
                  lrs=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), Hs=(1, 5, 10, 25, 50, 100, 250),
                  Ms=(1, 2, 4, 8), inner_lrs=(1e-3, 2e-3, 3e-3, 6e-3, 1e-2),
@@ -68,28 +68,21 @@ def suite_overrides(suite: str, run: dict) -> dict:
   return out
 
 
-_DEFAULTS: dict = {}
-
-
-def _key(run: dict) -> str:
-  """The run's identity: its overrides, less those equal to ``BASE``'s own values (its outer
-  lr / momentum as resolved for its outer optimizer)."""
-  from fedjax_lm import config_lib, outer  # pylint: disable=g-import-not-at-top
-  if not _DEFAULTS:
-    base = config_lib.load_file(BASE)
-    for k in ("algorithm", "islands.num", "outer.optimizer", "outer.sync_every",
-              "outer.compression", "data.partition", "inner.learning_rate"):
-      node = base
-      for part in k.split("."):
-        node = node[part]
-      _DEFAULTS[k] = node
-    _DEFAULTS["outer"] = base.outer
-  defaults = dict(_DEFAULTS)
-  if run.get("outer.optimizer", defaults["outer.optimizer"]) == defaults["outer.optimizer"]:
-    hp = outer.resolved_hparams(defaults["outer"])
-    defaults.update({f"outer.{k}": v for k, v in hp.items()})
-  return json.dumps({k: v for k, v in run.items() if defaults.get(k, object()) != v},
-                    sort_keys=True)
+def _key(run: dict, suite: str = "quick") -> str:
+  """The run's identity: the resolved values of the fields that define it (so a run with a
+  value equal to a default is the same run, and a changed default is a new one)."""
+  from fedjax_lm import outer  # pylint: disable=g-import-not-at-top
+  c = _config(suite_overrides(suite, run))
+  out = {"algorithm": c.algorithm, "M": int(c.islands.num), "rows": int(c.data.batch_size),
+         "steps": int(c.total_steps), "partition": c.data.partition,
+         "inner": [c.inner.optimizer, float(c.inner.learning_rate), int(c.inner.warmup_steps)],
+         "model": dict(c.model), "seq": int(c.data.seq_len)}
+  if c.algorithm == "islands":
+    out["outer"] = {**{k: c.outer[k] for k in (
+        "optimizer", "sync_every", "fragments", "overlap", "mixing", "eager", "compression",
+        "error_feedback", "topk_bits", "reset_inner_opt_state")},
+                    **outer.resolved_hparams(c.outer)}
+  return json.dumps(out, sort_keys=True)
 
 
 def methods(suite: str) -> list[tuple[str, dict]]:
@@ -182,7 +175,7 @@ def train_run(suite: str, run: dict, workdir: str) -> dict:
   wall = time.time() - start
   evals = [r for r in records if "eval_loss" in r]
   last = records[-1]
-  return {"suite": suite, "key": _key(run), "run": run, "overrides": over, "path": PATH,
+  return {"suite": suite, "key": _key(run, suite), "run": run, "overrides": over, "path": PATH,
           "eval_steps": [r["step"] for r in evals], "eval_tokens": [r["tokens"] for r in evals],
           "eval_losses": [r["eval_loss"] for r in evals], "eval_loss": last["eval_loss"],
           "tokens": last["tokens"], "island_bytes": last["island_bytes"],
@@ -261,10 +254,13 @@ def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
   mesh = {"mesh.island": int(base.mesh.island), "mesh.data": int(base.mesh.data)}
   out = []
   for run in runs:
-    over = {**suite_overrides(suite, run), **mesh}
-    need = mesh["mesh.island"] * mesh["mesh.data"]
-    out.append({"key": _key(run), "layout": f"{mesh['mesh.island']} islands x "
-                f"{mesh['mesh.data']} devices", **outer_state_bytes(over, jax.devices()[:need])})
+    over = suite_overrides(suite, run)
+    m = int(over.get("islands.num", base.islands.num))
+    lay = {**mesh, "mesh.island": mesh["mesh.island"] if m % mesh["mesh.island"] == 0 else 1}
+    need = lay["mesh.island"] * lay["mesh.data"]
+    out.append({"key": _key(run, suite), "layout": f"{lay['mesh.island']} island axis x "
+                f"{lay['mesh.data']} devices",
+                **outer_state_bytes({**over, **lay}, jax.devices()[:need])})
   return out
 
 
@@ -305,7 +301,7 @@ def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
   if devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
-  log = open(spec["out"] + f".{spec['kind']}.log", "a")  # pylint: disable=consider-using-with
+  log = open(os.path.join(spec["logs"], f"{spec['kind']}.log"), "a")  # pylint: disable=consider-using-with
   return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -314,7 +310,7 @@ def _wait(procs: list) -> None:
   for p in procs:
     if p.wait():
       sys.exit(f"error: suite worker {p.args[-1][:200]} failed (rc {p.returncode}); see the "
-               "*.log files next to runs.jsonl")
+               "*.log files in /tmp/fedjax_lm_suite_<suite>/")
 
 
 def _read(path: str) -> list[dict]:
@@ -328,20 +324,23 @@ def run_suite(suite: str, out: str, workers: int = 2) -> dict:
   """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows."""
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "runs.jsonl")
-  base = {"suite": suite, "out": path, "cache": os.path.abspath(os.path.join(out, ".xla_cache")),
-          "workdir": os.path.join("/tmp", f"fedjax_lm_suite_{suite}_{os.getpid()}")}
+  tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
+  os.makedirs(tmp, exist_ok=True)
+  base = {"suite": suite, "out": path, "cache": os.path.join(tmp, "xla_cache"),
+          "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp}
   have = {(r["kind"], r["key"]) for r in _read(path)}
   meth = methods(suite)
   for _, run in meth:  # one fresh process per method (own peak RSS), sequential (timing)
-    if ("method", _key(run)) not in have:
+    if ("method", _key(run, suite)) not in have:
       _wait([_spawn({**base, "kind": "method", "runs": [run]})])
-      have.add(("method", _key(run)))
-  if not any(k == "layout" for k, _ in have):
-    _wait([_spawn({**base, "kind": "layout", "runs": [r for _, r in meth]}, devices=4)])
+      have.add(("method", _key(run, suite)))
+  missing = [r for _, r in meth if ("layout", _key(r, suite)) not in have]
+  if missing:
+    _wait([_spawn({**base, "kind": "layout", "runs": missing}, devices=4)])
   todo, seen = [], set(k for kind, k in have if kind in ("runs", "method"))
   for *_, run in sweeps(suite):
-    if _key(run) not in seen:
-      seen.add(_key(run))
+    if _key(run, suite) not in seen:
+      seen.add(_key(run, suite))
       todo.append(run)
   workers = max(1, min(workers, len(todo), os.cpu_count() or 1))
   cores = sorted(os.sched_getaffinity(0))
@@ -352,10 +351,11 @@ def run_suite(suite: str, out: str, workers: int = 2) -> dict:
   by = {}
   for r in rows:
     by.setdefault(r["kind"], {})[r["key"]] = r
-  return {"methods": [(name, by["method"][_key(run)]) for name, run in meth],
+  return {"methods": [(name, by["method"][_key(run, suite)]) for name, run in meth],
           "layout": by.get("layout", {}),
-          "sweeps": [(sw, series, x, by.get("runs", {}).get(_key(run)) or
-                      by.get("method", {}).get(_key(run))) for sw, series, x, run in sweeps(suite)]}
+          "sweeps": [(sw, series, x, by.get("runs", {}).get(_key(run, suite)) or
+                      by.get("method", {}).get(_key(run, suite)))
+                     for sw, series, x, run in sweeps(suite)]}
 
 
 if __name__ == "__main__":

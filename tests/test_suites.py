@@ -95,7 +95,8 @@ def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
 def test_sweep_grid_reuses_runs():
   keys = [suites._key(run) for *_, run in suites.sweeps("quick")]
   assert len(set(keys)) < len(keys)  # shared points run once
-  assert suites._key({"islands.num": 2}) == suites._key({}) == "{}"  # the config's own M
+  assert suites._key({"islands.num": 2}) == suites._key({})  # the config's own M
+  assert suites._key({"outer.learning_rate": 0.123}) != suites._key({})
 
 
 def test_gpu_suite_mfu_on_cpu():
