@@ -151,7 +151,7 @@ def run(config, config_path: str, args: list[str], bandwidth: str, workdir: str,
                                       f"logs/process_{i}.log"), "wb"))
         procs.append(subprocess.Popen(
             bed.exec_argv(island, cmd), cwd=ROOT, env=_job_env(bed, i, num, island, cache),
-            stdout=logs[-1], stderr=subprocess.STDOUT, preexec_fn=wan_net.die_with_parent))
+            stdout=logs[-1], stderr=subprocess.STDOUT, preexec_fn=launch.die_with_parent))
       stamps = _watch(procs, workdir, start, timeout)
     finally:
       for p in procs:

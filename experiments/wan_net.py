@@ -21,7 +21,6 @@ dies without cleaning up (SIGKILL), and ``clean_stale()`` removes testbeds of de
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
@@ -111,15 +110,6 @@ def clean_stale() -> list[str]:
   for tag in sorted({n.rsplit("-", 1)[0] for n in stale}):
     remove_testbed(tag)
   return stale
-
-
-def die_with_parent() -> None:
-  """``preexec_fn``: SIGKILL this child when its parent dies; own process group."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
-  os.setpgrp()
 
 
 class Testbed:

@@ -61,7 +61,7 @@ def initialize(mode: str, heartbeat_seconds: int = 20) -> None:
     raise ValueError(f"launch.mode={mode!r}: expected 'local', 'cluster' or 'none'")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
   """Child-side: receive SIGKILL when the launcher dies, so no orphan waits on a peer."""
   try:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -103,7 +103,7 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
       logs.append(out)
     procs.append(subprocess.Popen(list(argv), env=_child_env(i, num_processes, coordinator),
                                   stdout=out, stderr=subprocess.STDOUT if out else None,
-                                  preexec_fn=_die_with_parent))
+                                  preexec_fn=die_with_parent))
   stop = {"signal": None}
 
   def _forward(signum, _frame):
