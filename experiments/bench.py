@@ -35,7 +35,8 @@ STEP_VARIANTS = [
     ("before: scanned layers, einsum attention, YNNPACK dots", OLD, False),
     ("+ unrolled layers", UNROLLED, False),
     ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, True),
-    ("+ fused QKV and gate-up, head-major attention", {"model.attention_block": 0}, True),
+    ("+ fused QKV and gate-up (stacked backward), head-major attention, 1/sqrt(Dh) in W_q, "
+     "softmax divided after PV", {"model.attention_block": 0}, True),
     ("+ causal query blocks of 128 = **default**", {}, True),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, True),
     ("default, scanned layers", {"model.scan_layers": True}, True),

@@ -14,6 +14,7 @@ to mesh axes with the rules from the config. The model itself never names a mesh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -179,17 +180,20 @@ def _attention(x, p, positions, cfg: ModelConfig):
 
 def _attention_fused(x, p, positions, cfg: ModelConfig):
   """The same function as the ``einsum`` path, laid out for speed: Q|K|V in one projection
-  straight into [..., heads, T, Dh]; query block b attends only to keys up to its end, so the
-  fully masked blocks above the diagonal are never computed."""
+  straight into [..., heads, T, Dh], the 1/sqrt(Dh) scale folded into the query weights (RoPE
+  is linear); query block b attends only to keys up to its end, so the fully masked blocks
+  above the diagonal are never computed; softmax's division is applied to the [.., q, Dh]
+  output instead of the [.., q, keys] probabilities."""
   cdt = x.dtype
   H, K = cfg.num_heads, cfg.num_kv_heads
+  wq = p["wq"] * jnp.asarray(cfg.head_dim**-0.5, p["wq"].dtype)
   if H == K:  # stacked on a new axis, so a sharded heads axis stays sharded
-    w = jnp.stack([p["wq"], p["wk"], p["wv"]]).astype(cdt)
+    w = jnp.stack([wq, p["wk"], p["wv"]]).astype(cdt)
     qkv = jnp.einsum("...td,sdhk->...shtk", x, w)
-    qk = rope_heads_first(qkv[..., :2, :, :, :], positions, cfg.rope_base)
-    q, k, v = qk[..., 0, :, :, :], qk[..., 1, :, :, :], qkv[..., 2, :, :, :]
+    q, k, v = unstack(qkv, axis=-4)
+    q, k = (rope_heads_first(a, positions, cfg.rope_base) for a in (q, k))
   else:
-    w = jnp.concatenate([p["wq"], p["wk"], p["wv"]], axis=1).astype(cdt)
+    w = jnp.concatenate([wq, p["wk"], p["wv"]], axis=1).astype(cdt)
     qkv = jnp.einsum("...td,dhk->...htk", x, w)
     qk = rope_heads_first(qkv[..., :H + K, :, :], positions, cfg.rope_base)
     q, k, v = qk[..., :H, :, :], qk[..., H:, :, :], qkv[..., H + K:, :, :]
@@ -202,12 +206,33 @@ def _attention_fused(x, p, positions, cfg: ModelConfig):
   for start in range(0, t, block):
     stop = start + block
     logits = jnp.einsum("...hqk,...hsk->...hqs", q[..., start:stop, :], k[..., :stop, :])
-    logits = logits.astype(jnp.float32) * cfg.head_dim**-0.5
-    logits = jnp.where(causal[start:stop, :stop], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cdt)
-    outs.append(jnp.einsum("...hqs,...hsk->...hqk", probs, v[..., :stop, :]))
+    logits = jnp.where(causal[start:stop, :stop], logits.astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)
+    # softmax(l) @ v = (exp(l - max) @ v) / sum(exp(l - max)); the max is a constant shift.
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("...hqs,...hsk->...hqk", e.astype(cdt), v[..., :stop, :])
+    outs.append((out / e.sum(axis=-1, keepdims=True)).astype(cdt))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
   return jnp.einsum("...htk,hkd->...td", out, p["wo"].astype(cdt))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+  """``x`` split into its slices along ``axis``; the backward pass stacks the slices'
+  cotangents in one concatenation (XLA would otherwise pad each with zeros and add)."""
+  axis %= x.ndim
+  return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
+
+
+def _unstack_fwd(x, axis):
+  return unstack(x, axis), None
+
+
+def _unstack_bwd(axis, _, cts):
+  return (jnp.stack(cts, axis=axis),)
+
+
+unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 def _swiglu(x, p, fused: bool = False):
@@ -215,7 +240,7 @@ def _swiglu(x, p, fused: bool = False):
   cdt = x.dtype
   if fused:
     gate_up = jnp.einsum("...d,sdf->...sf", x, jnp.stack([p["w_gate"], p["w_up"]]).astype(cdt))
-    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    gate, up = unstack(gate_up, axis=-2)
   else:
     gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
     up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
