@@ -1,6 +1,6 @@
 """Default: a 1M-param byte-level transformer on Shakespeare, data parallel over 2 processes.
 
-Runs on a 2-core laptop CPU in about 2 minutes (1 island x 2 devices, one CPU device and one
+Runs on a 2-core CPU in 2-5 minutes (1 island x 2 devices, one CPU device and one
 core per process: measured 1.9x faster than 4 processes on 2 cores, see the README's speed
 section).
 
