@@ -5,6 +5,8 @@
       --out experiments/results/streaming/summary.md
   python -m experiments.compare --set dropout --simulate --workdir runs/dropout \
       --out experiments/results/dropout/summary.md
+  python -m experiments.compare --set tuning --simulate --workdir runs/tuning \
+      --out experiments/results/tuning/summary.md
 
 Each run is ``python -m experiments.train``. By default the configs' own launch (4 local
 processes: 2 islands x 2 devices); ``--simulate`` runs every config in one process with the M
@@ -24,7 +26,8 @@ from absl import flags
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
-_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming", "dropout"], "Which runs.")
+_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming", "dropout", "tuning"],
+                         "Which runs.")
 _SIMULATE = flags.DEFINE_bool("simulate", False, "One process, islands simulated on 1 device.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table (and the command) here.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value applied to every run.")
@@ -62,21 +65,41 @@ RUN_SETS = {
          "configs/shakespeare_diloco.py", [*_DROP, _ABSENT, "islands.absent_policy=keep"]),
     ),
 }
+# The outer hyper-parameters of configs/shakespeare_diloco.py at its own size (250 steps):
+# the paper's Nesterov 0.7 / 0.9 against lower outer momentum and more outer steps.
+_DILOCO, _PAPER = "configs/shakespeare_diloco.py", ["outer.learning_rate=0.7", "outer.momentum=0.9"]
+RUN_SETS["tuning"] = (
+    ("DDP", "configs/shakespeare_ddp.py", []),
+    ("FedAvg (M=2, H=50)", _DILOCO, ["outer.optimizer=fedavg"]),
+    ("DiLoCo (M=2, H=50), paper outer lr 0.7, momentum 0.9", _DILOCO, _PAPER),
+    ("DiLoCo (M=2, H=50), outer lr 0.7, momentum 0.5", _DILOCO,
+     ["outer.learning_rate=0.7", "outer.momentum=0.5"]),
+    ("DiLoCo (M=2, H=50), outer lr 1.0, momentum 0.5", _DILOCO,
+     ["outer.learning_rate=1.0", "outer.momentum=0.5"]),
+    ("DiLoCo (M=2, H=25), outer lr 0.7, momentum 0.5", _DILOCO,
+     ["outer.learning_rate=0.7", "outer.momentum=0.5", "outer.sync_every=25"]),
+    ("DiLoCo (M=1, batch 32, H=50), outer lr 0.7, momentum 0.5", _DILOCO,
+     ["outer.learning_rate=0.7", "outer.momentum=0.5", "islands.num=1", "data.batch_size=32"]),
+    ("DiLoCo (M=1, batch 32, H=50), paper outer lr 0.7, momentum 0.9", _DILOCO,
+     [*_PAPER, "islands.num=1", "data.batch_size=32"]),
+)
 _SIMULATED = ["mesh.island=1", "mesh.data=1", "launch.processes=1"]
 
 
 def main(argv):
   del argv
-  rows = []
+  rows, curves = [], {}
   for name, config, overrides in RUN_SETS[_SET.value]:
     workdir = os.path.join(_WORKDIR.value, "".join(c if c.isalnum() else "_" for c in name))
     extra = _SIMULATED if _SIMULATE.value else []
     args = [f"--config.{o}" for o in (*overrides, *extra, *_OVERRIDES.value)]
     subprocess.run([sys.executable, "-m", "experiments.train", "--config", config,
                     "--workdir", workdir, *args], check=True)
-    last = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
-    rows.append((name, last))
-  ref = rows[1] if rows[0][0] == "DDP" else rows[0]  # the row the others are compared to
+    records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows.append((name, records[-1]))
+    curves[name] = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+  # The row the others are compared to: DiLoCo after DDP, or the first; tuning: DDP.
+  ref = rows[1] if rows[0][0] == "DDP" and _SET.value != "tuning" else rows[0]
   ddp_bytes = rows[0][1]["island_bytes"] if rows[0][0] == "DDP" else float("nan")
   ref_loss, ref_bytes, ref_peak = (ref[1]["eval_loss"], ref[1]["island_bytes"],
                                    ref[1].get("island_peak_bytes", 0))
@@ -89,9 +112,16 @@ def main(argv):
     b, peak = last["island_bytes"], last.get("island_peak_bytes", 0)
     lines.append(
         f"| {name} | {last['tokens']:,} | {last['eval_loss']:.4f} | "
-        f"{last['eval_loss'] / ref_loss:.4f} | {b:,.0f} | {b / ddp_bytes:.4f} | "
+        f"{last['eval_loss'] / ref_loss:.4f} | {b:,.0f} | "
+        f"{f'{b / ddp_bytes:.4f}' if ddp_bytes == ddp_bytes else '—'} | "
         f"{ref_bytes / b if b else float('inf'):.2f}x fewer | {peak:,} | "
         f"{ref_peak / peak if peak else float('inf'):.2f}x lower |")
+  steps = sorted({s for c in curves.values() for s in c})
+  lines += ["", "Eval loss (nats/byte) at each eval step:", "",
+            "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|" + "---|" * len(steps)]
+  lines += [f"| {name} | " + " | ".join(f"{c[s]:.4f}" if s in c else "—" for s in steps) + " |"
+            for name, c in curves.items()]
   table = "\n".join(lines)
   print("\n" + table)
   if _OUT.value:

@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.sync_every = 50  # H
   c.outer.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
   c.outer.momentum = config_dict.placeholder(float)
+  # "" : learning_rate / momentum apply to whichever outer.optimizer runs. A name: they were
+  # tuned for that optimizer; with another one (e.g. --config.outer.optimizer=fedavg on a
+  # DiLoCo config) that optimizer's defaults apply instead, and the run prints a note.
+  c.outer.hparams_for = ""
   c.outer.nesterov = False  # only for outer.optimizer=sgd
   c.outer.clip_norm = 0.0  # > 0: clip the pseudo-gradient's global norm first
   c.outer.reset_inner_opt_state = False

@@ -28,6 +28,7 @@ from fedjax_lm import islands
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
+from fedjax_lm import outer
 from fedjax_lm import steps
 
 
@@ -134,6 +135,11 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
       f"on {jax.device_count()} devices / {jax.process_count()} processes, "
       f"{tokens_per_step} tokens/step, " + (f"resumed at step {start}" if start else "fresh start"))
 
+  if config.algorithm == "islands" and outer.ignored_hparams(config.outer):
+    writer.print(f"[fedjax_lm] note: outer {outer.ignored_hparams(config.outer)} were set for "
+                 f"outer.hparams_for={config.outer.hparams_for!r}, not used by "
+                 f"outer.optimizer={config.outer.optimizer!r}: its defaults "
+                 f"{outer.resolved_hparams(config.outer)} apply")
   replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
   pending: list[jax.Array] = []
   pending_ok: list[jax.Array] = []

@@ -83,6 +83,22 @@ def test_resolved_hparams_overrides():
       "learning_rate": 1.0, "momentum": 0.0}
 
 
+def test_hparams_tuned_for_another_optimizer_do_not_apply():
+  """A DiLoCo config's tuned lr / momentum (outer.hparams_for='diloco') apply to diloco only;
+  switched to FedAvg, FedAvg's own lr 1 runs (not an error, not FedAvg with momentum)."""
+  tuned = dict(learning_rate=0.7, momentum=0.5, hparams_for="diloco")
+  assert outer.resolved_hparams(_outer_cfg("diloco", **tuned)) == {
+      "learning_rate": 0.7, "momentum": 0.5}
+  assert outer.resolved_hparams(_outer_cfg("fedavg", **tuned)) == {"learning_rate": 1.0}
+  assert outer.ignored_hparams(_outer_cfg("fedavg", **tuned)) == {
+      "learning_rate": 0.7, "momentum": 0.5}
+  assert outer.ignored_hparams(_outer_cfg("diloco", **tuned)) == {}
+  with pytest.raises(ValueError, match="not used by outer.optimizer='fedavg'"):
+    outer.resolved_hparams(_outer_cfg("fedavg", momentum=0.5))
+  with pytest.raises(ValueError, match="outer.hparams_for='lamb'"):
+    outer.resolved_hparams(_outer_cfg("diloco", hparams_for="lamb"))
+
+
 def test_diloco_is_nesterov_sgd():
   tx = outer.from_config(_outer_cfg("diloco"))
   ref = optax.sgd(0.7, momentum=0.9, nesterov=True)

@@ -81,7 +81,12 @@ def resolved_hparams(cfg) -> dict:
   """learning_rate / momentum after filling the optimizer's defaults for unset (None) keys."""
   if cfg.optimizer not in OPTIMIZERS:
     raise ValueError(f"outer.optimizer={cfg.optimizer!r}: expected one of {sorted(OPTIMIZERS)}")
+  if cfg.get("hparams_for") and cfg.hparams_for not in OPTIMIZERS:
+    raise ValueError(f"outer.hparams_for={cfg.hparams_for!r}: expected '' or one of "
+                     f"{sorted(OPTIMIZERS)}")
   out = dict(_DEFAULTS[cfg.optimizer])
+  if ignored_hparams(cfg):
+    return out
   for key in ("learning_rate", "momentum"):
     value = cfg.get(key)
     if value is not None:
@@ -89,6 +94,15 @@ def resolved_hparams(cfg) -> dict:
         raise ValueError(f"outer.{key} is not used by outer.optimizer={cfg.optimizer!r}")
       out[key] = float(value)
   return out
+
+
+def ignored_hparams(cfg) -> dict:
+  """The config's learning_rate / momentum when they were set for another optimizer
+  (``outer.hparams_for``) and so do not apply to ``outer.optimizer``; else {}."""
+  tuned_for = cfg.get("hparams_for") or cfg.optimizer
+  if tuned_for == cfg.optimizer:
+    return {}
+  return {k: cfg.get(k) for k in ("learning_rate", "momentum") if cfg.get(k) is not None}
 
 
 def from_config(cfg) -> optax.GradientTransformation:
