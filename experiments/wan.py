@@ -76,19 +76,21 @@ _JAX_CACHE = flags.DEFINE_string("jax_cache", "runs/wan/jax_cache", "Persistent 
                                  "cache of the runs ('': none); saves compiling again.")
 
 _DILOCO, _STREAM = "configs/shakespeare_diloco.py", "configs/shakespeare_streaming.py"
+_PAPER = {"outer.learning_rate": 0.7, "outer.momentum": 0.9}  # what the results were run with
 # key: (label, config, overrides); one process per island (2 cores), the islands' link shaped.
 METHODS = {
     "ddp": ("DDP", "configs/shakespeare_ddp.py", {}),
-    "diloco": ("DiLoCo (H=50)", _DILOCO, {}),
+    "diloco": ("DiLoCo (H=50)", _DILOCO, _PAPER),
     "streaming": ("Streaming DiLoCo (P=4, tau=5, 4-bit, host)", _STREAM,
                   {"outer.transport": "host"}),
     "streaming_tau0": ("Streaming DiLoCo, tau=0 (no overlap)", _STREAM,
                        {"outer.transport": "host", "outer.overlap": 0}),
     # float32 syncs (1.6 s at 20 Mbit/s), overlapped or not; 150 steps: 3 syncs.
     "diloco_host": ("DiLoCo (H=50), host, tau=0, 150 steps", _DILOCO,
-                    {"outer.transport": "host", "total_steps": 150}),
+                    {**_PAPER, "outer.transport": "host", "total_steps": 150}),
     "diloco_tau5": ("DiLoCo (H=50), host, tau=5, 150 steps", _DILOCO,
-                    {"outer.transport": "host", "outer.overlap": 5, "total_steps": 150}),
+                    {**_PAPER, "outer.transport": "host", "outer.overlap": 5,
+                     "total_steps": 150}),
 }
 SWEEP_METHODS = ("ddp", "diloco", "streaming")
 # Batch 4 x 256 per island (not the config's 16) and 4 eval batches: the sweep fits ~30 min
