@@ -23,6 +23,7 @@ import sys
 from absl import app
 from absl import flags
 
+from experiments import suites
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
@@ -35,7 +36,8 @@ _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value applied to eve
 _STREAM = "configs/shakespeare_streaming.py"
 # The methods, streaming and dropout tables were measured with the DiLoCo paper's outer
 # Nesterov 0.7 / 0.9 (the config's default then) and keep it; the tuning set varies it.
-_DILOCO, _PAPER = "configs/shakespeare_diloco.py", ["outer.learning_rate=0.7", "outer.momentum=0.9"]
+_DILOCO = "configs/shakespeare_diloco.py"
+_PAPER = [f"{k}={v}" for k, v in suites.PAPER_OUTER.items()]
 # DiLoCo, M=4, H=10, 240 steps (24 syncs); island 3 misses every 4th sync (6 of 24 = 25%).
 _DROP = [*_PAPER, "islands.num=4", "outer.sync_every=10", "total_steps=240", "data.batch_size=8",
          "eval_every=40", "log_every=20", "checkpoint_every=240"]

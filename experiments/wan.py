@@ -42,6 +42,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import suites
 from experiments import wan_net
 from fedjax_lm import config_lib
 from fedjax_lm import fragments
@@ -76,7 +77,7 @@ _JAX_CACHE = flags.DEFINE_string("jax_cache", "runs/wan/jax_cache", "Persistent 
                                  "cache of the runs ('': none); saves compiling again.")
 
 _DILOCO, _STREAM = "configs/shakespeare_diloco.py", "configs/shakespeare_streaming.py"
-_PAPER = {"outer.learning_rate": 0.7, "outer.momentum": 0.9}  # what the results were run with
+_PAPER = suites.PAPER_OUTER  # the outer optimizer the committed results were run with
 # key: (label, config, overrides); one process per island (2 cores), the islands' link shaped.
 METHODS = {
     "ddp": ("DDP", "configs/shakespeare_ddp.py", {}),
