@@ -6,13 +6,14 @@
 and MFU of the inner step (``experiments/gpu_bench.py``; a tiny model on CPU).
 
 ``step``: the jitted inner step (and one outer sync) of a config on a fixed batch, for a ladder
-of model / XLA variants from the old defaults to the new ones and a few alternatives, on two
+of model / runtime variants from the old defaults to the new ones and a few alternatives, on two
 paths: every island simulated in one process on all cores (the sweep / notebook path), and one
 island pinned to one core with single-threaded XLA (what each process does on the
 one-process-per-core multi-process path). Each measurement runs in a fresh process (XLA reads
 its flags once), variants interleaved over ``--rounds`` to spread machine noise. Reports
 tokens/s, achieved FLOP/s (``model.train_flops_per_token``), the same-run matmul peak (f32 and
-bf16, 2048^2) and a per-op breakdown of the default step from a profiler trace.
+bf16: the best over a few shapes; and the 2048^2 square) and a per-op breakdown of the default
+step from a profiler trace.
 
 Writes ``DIR/summary.md`` and ``DIR/results.jsonl`` (raw rows with git commit, jax version,
 device kind, XLA flags and config overrides). The parent process never imports jax.
@@ -30,19 +31,22 @@ import time
 
 OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_block": 0}
 UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0}
-# (name, overrides, fedjax_lm's XLA:CPU defaults on)
+NONE, XLA, ALL = (), ("xla",), ("xla", "malloc")  # fedjax_lm's runtime defaults that are on
+# (name, overrides, runtime defaults: "xla" = its XLA:CPU flags, "malloc" = its glibc tunables)
 STEP_VARIANTS = [
-    ("before: scanned layers, einsum attention, YNNPACK dots", OLD, False),
-    ("+ unrolled layers", UNROLLED, False),
-    ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, True),
+    ("before: scanned layers, einsum attention, YNNPACK dots", OLD, NONE),
+    ("+ unrolled layers", UNROLLED, NONE),
+    ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, XLA),
     ("+ fused QKV and gate-up (stacked backward), head-major attention, 1/sqrt(Dh) in W_q, "
-     "softmax divided after PV", {"model.attention_block": 0}, True),
-    ("+ causal query blocks of 128 = **default**", {}, True),
-    ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, True),
-    ("default, scanned layers", {"model.scan_layers": True}, True),
-    ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, True),
+     "softmax divided after PV", {"model.attention_block": 0}, XLA),
+    ("+ causal query blocks of 128", {}, XLA),
+    ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1) = **default**", {},
+     ALL),
+    ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
+    ("default, scanned layers", {"model.scan_layers": True}, ALL),
+    ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
 ]
-DEFAULT = STEP_VARIANTS[4][0]
+DEFAULT = STEP_VARIANTS[5][0]
 PATHS = {  # name -> (overrides, one_core)
     "simulated": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1}, False),
     "1 island / 1 core": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1,
@@ -59,11 +63,16 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def _worker(spec: dict, xla_defaults: bool = True) -> dict:
+def _worker(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
+  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f]
   env["XLA_FLAGS"] = " ".join(flags)
-  env["FEDJAX_LM_XLA_DEFAULTS"] = "1" if xla_defaults else "0"
+  env["FEDJAX_LM_XLA_DEFAULTS"] = "1" if "xla" in defaults else "0"
+  env["FEDJAX_LM_MALLOC_DEFAULTS"] = "1" if "malloc" in defaults else "0"
+  tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
+              if t and t.split("=")[0] not in {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES}]
+  env = fedjax_lm.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)})
   env.setdefault("JAX_PLATFORMS", "cpu")
   proc = subprocess.run([sys.executable, "-m", "experiments.step_bench", json.dumps(spec)],
                         capture_output=True, text=True, env=env, check=False)
@@ -75,14 +84,16 @@ def _worker(spec: dict, xla_defaults: bool = True) -> dict:
 
 def run_step_suite(args) -> list[dict]:
   rows, samples = [], {}
-  peaks = {path: _worker({"kind": "peak", "one_core": one}) for path, (_, one) in PATHS.items()}
+  peaks = {path: [] for path in PATHS}
   for rnd in range(args.rounds):
-    for name, overrides, xla_defaults in STEP_VARIANTS:
+    for path, (_, one_core) in PATHS.items():  # once per round: the machine's speed drifts
+      peaks[path].append(_worker({"kind": "peak", "one_core": one_core}))
+    for name, overrides, defaults in STEP_VARIANTS:
       for path, (path_over, one_core) in PATHS.items():
         spec = {"kind": "step", "config": args.config, "overrides": {**path_over, **overrides},
                 "one_core": one_core, "steps": args.steps, "repeats": 3,
                 "profile": name == DEFAULT and rnd == args.rounds - 1}
-        out = _worker(spec, xla_defaults)
+        out = _worker(spec, defaults)
         print(f"[round {rnd + 1}] {path:18s} {out['step_s'] * 1e3:7.0f} ms/step  {name}",
               flush=True)
         samples.setdefault((name, path), []).append(out)
@@ -90,18 +101,21 @@ def run_step_suite(args) -> list[dict]:
   for (name, path), outs in samples.items():
     last = outs[-1]
     step_s = statistics.median(s for o in outs for s in o["step_s_all"])
-    peak = peaks[path]
+    peak = {k: max(p[k] for p in peaks[path]) for k in ("peak_f32", "peak_f32_2048", "peak_bf16")}
+    peak["peak_f32_shape"] = max(peaks[path], key=lambda p: p["peak_f32"])["peak_f32_shape"]
     achieved = last["flops_per_token"] * last["tokens_per_step"] / step_s
     row = {"suite": "step", "variant": name, "path": path, "config": args.config,
            "overrides": {**PATHS[path][0], **dict(next(v[1] for v in STEP_VARIANTS
                                                        if v[0] == name))},
-           "xla_defaults": next(v[2] for v in STEP_VARIANTS if v[0] == name),
+           "runtime_defaults": list(next(v[2] for v in STEP_VARIANTS if v[0] == name)),
            "git_commit": commit, "jax": last["jax"], "device": last["device"],
-           "cores": last["cores"], "xla_flags": last["xla_flags"], "step_s": step_s,
+           "cores": last["cores"], "xla_flags": last["xla_flags"],
+           "glibc_tunables": last.get("glibc_tunables", ""), "step_s": step_s,
            "step_s_samples": [s for o in outs for s in o["step_s_all"]],
+           "page_faults_per_step": statistics.median(o["page_faults_per_step"] for o in outs),
            "tokens_per_s": last["tokens_per_step"] / step_s, "achieved_flops": achieved,
-           "peak_f32": peak["peak_f32"], "peak_bf16": peak["peak_bf16"],
-           "of_peak_f32": achieved / peak["peak_f32"], "compile_s": last["compile_s"],
+           **peak, "of_peak_f32": achieved / peak["peak_f32"],
+           "of_peak_f32_2048": achieved / peak["peak_f32_2048"], "compile_s": last["compile_s"],
            "loss_after_steps": last["loss"], "params": last["params"],
            "flops_per_token": last["flops_per_token"], "sync_s": last.get("sync_s"),
            "breakdown": next((o["breakdown"] for o in outs if "breakdown" in o), None)}
@@ -121,19 +135,27 @@ def step_summary(rows: list[dict], command: str) -> str:
       "Paths: **simulated** = every island of the config in one process on all cores (the "
       "sweep / notebook path); **1 island / 1 core** = one island's step pinned to one core "
       "with single-threaded XLA (what each process of the one-process-per-core multi-process "
-      "path runs). Peak = the same run's jitted 2048² matmul on the same cores.", "",
-      "| variant | path | ms/step | tokens/s | × before | GFLOP/s | ÷ f32 peak | compile s |",
-      "|---|---|---|---|---|---|---|---|"]
+      "path runs). Peak = the best FLOP/s of a jitted f32 matmul on the same cores over "
+      "`step_bench.PEAK_SHAPES` (squares 512–2048² and tall-skinny projection shapes), "
+      "measured once per round, best round; ÷ 2048² is the ratio to the 2048² square alone "
+      "(the issue's original yardstick, which single-threaded XLA runs far below the best).",
+      "",
+      "| variant | path | ms/step | tokens/s | × before | GFLOP/s | ÷ f32 peak | ÷ 2048² "
+      "| page faults / step | compile s |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
   before = {r["path"]: r for r in rows if r["variant"] == STEP_VARIANTS[0][0]}
   for r in rows:
     speedup = before[r["path"]]["step_s"] / r["step_s"]
     lines.append(f"| {r['variant']} | {r['path']} | {r['step_s'] * 1e3:.0f} | "
                  f"{r['tokens_per_s']:,.0f} | {speedup:.2f} | {r['achieved_flops'] / 1e9:.0f} | "
-                 f"{r['of_peak_f32']:.0%} | {r['compile_s']:.1f} |")
-  lines += ["", "| path | cores | matmul peak f32 GFLOP/s | bf16 GFLOP/s |", "|---|---|---|---|"]
+                 f"{r['of_peak_f32']:.0%} | {r['of_peak_f32_2048']:.0%} | "
+                 f"{r['page_faults_per_step']:,.0f} | {r['compile_s']:.1f} |")
+  lines += ["", "| path | cores | f32 matmul peak GFLOP/s (shape) | f32 2048² | bf16 peak |",
+            "|---|---|---|---|---|"]
   for path in PATHS:
     r = before[path]
-    lines.append(f"| {path} | {r['cores']} | {r['peak_f32'] / 1e9:.0f} | "
+    lines.append(f"| {path} | {r['cores']} | {r['peak_f32'] / 1e9:.0f} "
+                 f"({r['peak_f32_shape']}) | {r['peak_f32_2048'] / 1e9:.0f} | "
                  f"{r['peak_bf16'] / 1e9:.0f} |")
   for r in rows:
     if r["variant"] == DEFAULT and r["sync_s"] is not None and r["path"] == "simulated":
@@ -208,4 +230,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  import fedjax_lm  # pylint: disable=g-import-not-at-top
+  fedjax_lm.reexec_with_malloc_defaults()
   main()

@@ -118,13 +118,7 @@ def projection_section(res: dict, gbps: float, latency_s: float) -> tuple[list[s
 
 
 def paper_section(latency_s: float) -> list[str]:
-  lines = ["| params | step s | method | " + " | ".join(f"{c:.0%} CU" for c in
-                                                     projection.CU_TARGETS) + " |",
-           "|" + "---|" * (3 + len(projection.CU_TARGETS))]
-  for r in projection.paper_table(latency_s):
-    lines.append(f"| {r['params'] / 1e9:g}B | {r['step_s']:g} | {r['method']} | " + " | ".join(
-        "∞" if g == float("inf") else f"{g:,.1f}" for g in r["gbps"]) + " |")
-  return lines
+  return projection.paper_report(latency_s).splitlines()
 
 
 def sweep_tables(res: dict) -> list[str]:
@@ -262,7 +256,8 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
            f"`{first['overrides']['total_steps']}` steps, one seed.", "",
            "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), "",
            "## Projected time to DDP's loss over a slow link", "", *proj_lines, "",
-           "## Bandwidth for a compute utilisation at the paper scales (model, Gbit/s)", "",
+           "## Bandwidth for a compute utilisation at the paper scales: ours vs Streaming DiLoCo "
+           "Table 4 (Gbit/s)", "",
            *paper_section(latency_s), "", "## Sweeps (final eval loss, nats/byte)", "",
            *sweep_tables(res), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
   with open(os.path.join(out, "summary.md"), "w") as f:

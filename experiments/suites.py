@@ -307,7 +307,8 @@ def worker(spec: dict) -> None:
 # ----------------------------------------------------------------------------- parent side
 
 def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
-  env = dict(os.environ)
+  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
+  env = fedjax_lm.malloc_env(dict(os.environ))
   env.setdefault("JAX_PLATFORMS", "cpu")
   if devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import fedjax_lm
 from fedjax_lm import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py",
@@ -60,4 +61,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+  fedjax_lm.reexec_with_malloc_defaults()
   app.run(main, flags_parser=_parse_flags)

@@ -400,4 +400,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import fedjax_lm  # pylint: disable=g-import-not-at-top
+  fedjax_lm.reexec_with_malloc_defaults()
   app.run(main)

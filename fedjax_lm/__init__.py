@@ -21,3 +21,32 @@ def _apply_xla_defaults() -> None:
 
 
 _apply_xla_defaults()
+
+# glibc malloc default, measured by ``python -m experiments.bench --suite step``: XLA:CPU
+# allocates a step's temporaries afresh at every execution (585 MB for the default M=2 step),
+# glibc serves allocations that large with mmap and unmaps them on free, so each step faulted
+# ~150k 4 KiB pages in again; malloc's mmaps on transparent huge pages cut that ~30x.
+# glibc reads GLIBC_TUNABLES once, at start: the command-line entry points re-exec themselves
+# with it (``reexec_with_malloc_defaults``) and their child processes inherit it.
+# FEDJAX_LM_MALLOC_DEFAULTS=0 turns this off; a value the user already set wins.
+GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1",)
+
+
+def malloc_env(env: dict[str, str]) -> dict[str, str]:
+  """``env`` with fedjax_lm's glibc tunables added (unchanged off glibc or when turned off)."""
+  import platform  # pylint: disable=g-import-not-at-top
+  if env.get("FEDJAX_LM_MALLOC_DEFAULTS", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    return env
+  have = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  names = {t.split("=")[0] for t in have}
+  return {**env, "GLIBC_TUNABLES": ":".join(
+      have + [t for t in GLIBC_TUNABLES if t.split("=")[0] not in names])}
+
+
+def reexec_with_malloc_defaults() -> None:
+  """For ``__main__`` of a command: restart this process with ``malloc_env`` if it differs
+  (before any work: glibc only reads its tunables at start)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  env = malloc_env(dict(_os.environ))
+  if env.get("GLIBC_TUNABLES") != _os.environ.get("GLIBC_TUNABLES"):
+    _os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Sequence
 
+import fedjax_lm
+
 ENV_COORDINATOR = "FEDJAX_LM_COORDINATOR"
 ENV_NUM_PROCESSES = "FEDJAX_LM_NUM_PROCESSES"
 ENV_PROCESS_ID = "FEDJAX_LM_PROCESS_ID"
@@ -83,7 +85,7 @@ def _child_env(process_id: int, num_processes: int, coordinator: str) -> dict[st
     flags.append("--xla_cpu_multi_thread_eigen=false")  # no more threads than cores
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONUNBUFFERED"] = "1"
-  return env
+  return fedjax_lm.malloc_env(env)
 
 
 PREEMPTION_GRACE_SECONDS = 120.0

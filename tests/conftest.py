@@ -2,13 +2,32 @@
 programs (HLO checks, sharding rules). Anything that *executes* across devices runs as separate
 processes through the launcher (in-process CPU collectives can deadlock on small machines)."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import fedjax_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Subprocesses (CLI runs, notebook kernels) start with fedjax_lm's glibc tunables, as the
+# commands' own re-exec would give them.
+os.environ.update(fedjax_lm.malloc_env(dict(os.environ)))
+
+# One JAX persistent compilation cache for this session, this process and its subprocesses:
+# the tests compile the same tiny-model programs over and over (a resume test runs the same
+# command three times). Keyed by the HLO and compile options, so it changes no numerics.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="fedjax_lm_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

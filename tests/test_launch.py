@@ -4,12 +4,14 @@ import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
 
+import fedjax_lm
 from fedjax_lm import launch
 
 # conftest imports JAX in this process, and launch_local's preexec_fn makes subprocess fork();
@@ -105,9 +107,10 @@ def test_peer_ignoring_sigterm_is_killed_after_grace(tmp_path):
 def test_child_environment_and_logs(tmp_path, monkeypatch):
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)  # the launcher must set it itself
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)  # the launcher must set it itself
   body = """\
       keys = ["FEDJAX_LM_COORDINATOR", "FEDJAX_LM_NUM_PROCESSES", "FEDJAX_LM_PROCESS_ID",
-              "JAX_PLATFORMS", "XLA_FLAGS"]
+              "JAX_PLATFORMS", "XLA_FLAGS", "GLIBC_TUNABLES"]
       with open(os.path.join(d, f"env_{i}.json"), "w") as f:
         json.dump({k: os.environ.get(k) for k in keys}, f)
       print(f"stdout of process {i}", flush=True)
@@ -128,6 +131,7 @@ def test_child_environment_and_logs(tmp_path, monkeypatch):
     assert e["JAX_PLATFORMS"] == "cpu"
     # One device per process: the parent's forced device count is not inherited.
     assert "xla_force_host_platform_device_count" not in (e["XLA_FLAGS"] or "")
+    assert e["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # huge pages for XLA's temporaries
   # Processes i > 0 log to log_dir/process_<i>.log (stdout and stderr); process 0 does not.
   assert sorted(os.listdir(log_dir)) == ["process_1.log", "process_2.log"]
   for i in (1, 2):
@@ -154,3 +158,32 @@ def test_free_port_is_bindable():
     s.bind(("127.0.0.1", port))
     s.listen(1)
     assert s.getsockname()[1] == port
+
+
+def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
+  assert fedjax_lm.malloc_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  user = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
+  assert fedjax_lm.malloc_env(user) == user  # the user's own hugetlb wins
+  assert fedjax_lm.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[
+      "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
+  assert fedjax_lm.malloc_env(off) == off
+
+
+@pytest.mark.parametrize("preset, expected", [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
+])
+def test_command_reexecs_itself_once_with_the_tunables(preset, expected):
+  """glibc reads its tunables at start: a command restarts itself once to get them, with
+  the same arguments; a value already set is left alone (no restart)."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if preset:
+    env["GLIBC_TUNABLES"] = preset
+  code = ("import os, sys, fedjax_lm; print('start', flush=True); "
+          "fedjax_lm.reexec_with_malloc_defaults(); "
+          "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+  out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, check=True,
+                       capture_output=True, text=True).stdout.split("\n")
+  assert out[-2] == f"{expected} ['a', '--b=1']"
+  assert out.count("start") == (1 if preset else 2)
