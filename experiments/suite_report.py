@@ -273,3 +273,42 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
     for p in proj:
       f.write(json.dumps({**info, "table": "projection", "gbps": gbps, "latency_s": latency_s,
                           **p}) + "\n")
+
+
+def compare_table(rows: list, curves: dict, run_set: str) -> str:
+  """Markdown: final loss and bytes of each (name, last metrics record), then eval curves."""
+  # The row the others are compared to: DiLoCo after DDP, or the first; tuning: DDP.
+  ref = rows[1] if rows[0][0] == "DDP" and run_set != "tuning" else rows[0]
+  ddp_bytes = rows[0][1]["island_bytes"] if rows[0][0] == "DDP" else float("nan")
+  ref_loss, ref_bytes, ref_peak = (ref[1]["eval_loss"], ref[1]["island_bytes"],
+                                   ref[1].get("island_peak_bytes", 0))
+  short = ref[0].split()[0]
+  vs_ref = short != "DDP"  # bytes / DDP is already a column
+  lines = [f"| method | tokens | eval loss (nats/byte) | loss / {short} | "
+           "island_bytes (per island) | bytes / DDP | "
+           + (f"bytes: × fewer than {short} | " if vs_ref else "") + "peak bytes per sync | "
+           + (f"peak: × lower than {short} |" if vs_ref else "peak / DDP |"),
+           "|---|---|---|---|---|---|---|" + ("---|---|" if vs_ref else "---|")]
+  ref_peak = ref_peak if vs_ref else rows[0][1].get("island_peak_bytes", 0)
+  for name, last in rows:
+    b, peak = last["island_bytes"], last.get("island_peak_bytes", 0)
+    nothing = "— (none cross)"  # M=1: no island axis to cross
+    cells = [name, f"{last['tokens']:,}", f"{last['eval_loss']:.4f}",
+             f"{last['eval_loss'] / ref_loss:.4f}", f"{b:,.0f}",
+             f"{b / ddp_bytes:.4f}" if ddp_bytes == ddp_bytes and b else
+             ("—" if ddp_bytes != ddp_bytes else nothing)]
+    if vs_ref:
+      cells.append(f"{ref_bytes / b:.2f}" if b else nothing)
+    cells.append(f"{peak:,}")
+    if vs_ref:
+      cells.append(f"{ref_peak / peak:.2f}" if peak else nothing)
+    else:
+      cells.append(f"{peak / ref_peak:.4f}" if peak and ref_peak else nothing)
+    lines.append("| " + " | ".join(cells) + " |")
+  steps = sorted({s for c in curves.values() for s in c})
+  lines += ["", "Eval loss (nats/byte) at each eval step:", "",
+            "| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+            "|---|" + "---|" * len(steps)]
+  lines += [f"| {name} | " + " | ".join(f"{c[s]:.4f}" if s in c else "—" for s in steps) + " |"
+            for name, c in curves.items()]
+  return "\n".join(lines)

@@ -30,14 +30,14 @@ def test_categories():
 
 
 def test_compare_table_against_ddp_has_no_duplicate_or_infinite_ratios():
-  from experiments import compare  # pylint: disable=g-import-not-at-top
+  from experiments import suite_report  # pylint: disable=g-import-not-at-top
   rows = [("DDP", {"tokens": 100, "eval_loss": 2.0, "island_bytes": 1000,
                    "island_peak_bytes": 10}),
           ("DiLoCo (M=2)", {"tokens": 100, "eval_loss": 2.2, "island_bytes": 20,
                             "island_peak_bytes": 10}),
           ("DiLoCo (M=1)", {"tokens": 100, "eval_loss": 1.9, "island_bytes": 0,
                             "island_peak_bytes": 0})]
-  table = compare.summary_table(rows, {n: {10: r["eval_loss"]} for n, r in rows}, "tuning")
+  table = suite_report.compare_table(rows, {n: {10: r["eval_loss"]} for n, r in rows}, "tuning")
   header, _, ddp, m2, m1 = table.splitlines()[:5]
   assert header.count("bytes / DDP") == 1 and "inf" not in table
   assert m2.split(" | ")[3:6] == ["1.1000", "20", "0.0200"]
