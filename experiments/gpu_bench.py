@@ -4,7 +4,8 @@ MFU = ``model.train_flops_per_token`` (6N + 12·L·T·H·Dh per training token, 
 convention: N = matmul weights incl. the unembedding, attention over the full T×T square) ×
 tokens/s ÷ the device's peak. The peak is ``--peak_tflops`` if given, else the dense bf16
 peak of a known accelerator (``PEAKS``, by ``device_kind``), else (CPU) the measured peak of
-a jitted 2048² matmul in the step's compute dtype (``step_bench.matmul_peak``).
+a jitted matmul in the step's compute dtype, best over ``step_bench.PEAK_SHAPES``
+(``step_bench.matmul_peak``).
 
 The model: ``--size 350m`` (24 layers, d=1024, 16 heads × 64, SwiGLU 2816, vocab 32768, seq
 1024, bf16 compute, f32 params; ~0.37B params) on an accelerator, ``tiny`` (the quick suite's
@@ -58,7 +59,8 @@ def measure(size: str | None = None, peak_tflops: float | None = None, steps: in
   elif device_peak(dev.device_kind):
     peak, source = device_peak(dev.device_kind), f"datasheet ({dev.device_kind}, bf16 dense)"
   else:
-    peak, source = step_bench.matmul_peak(dtype), f"measured 2048² {dtype} matmul"
+    best = step_bench.matmul_peak(dtype)
+    peak, source = best["best"], f"measured {dtype} matmul, best shape {best['best_shape']}"
   tokens_s = out["tokens_per_step"] / out["step_s"]
   stats = getattr(dev, "memory_stats", lambda: None)() or {}
   return {"suite": "gpu", "size": size, "overrides": over, "device": dev.device_kind,
