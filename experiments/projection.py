@@ -35,8 +35,6 @@ import math
 # compute utilisation, from the paper's per-layer DAG simulator. (params, layers, seconds per
 # step: Kaplan FLOPs at 60% MFU); H = 100; fragments of 3 layers; overlap tau = 1 step.
 PAPER_SCALES = ((1e9, 24, 0.1), (10e9, 48, 0.8), (100e9, 108, 4.9))
-PAPER_METHODS = ("Data-Parallel", "DiLoCo", "Streaming DiLoCo", "+ overlapped com.",
-                 "+ overlapped FP4 com.")
 PAPER_TABLE4 = {  # (params, method) -> Gbit/s at CU_TARGETS, as printed
     (1e9, "Data-Parallel"): (86.8, 152.6, 184.2, 222.3, 569.0),
     (1e9, "DiLoCo"): (1.4, 6.2, 13.3, 23.3, 86.8),

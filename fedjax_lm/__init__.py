@@ -25,7 +25,7 @@ _apply_xla_defaults()
 # glibc malloc default, measured by ``python -m experiments.bench --suite step``: XLA:CPU
 # allocates a step's temporaries afresh at every execution (585 MB for the default M=2 step),
 # glibc serves allocations that large with mmap and unmaps them on free, so each step faulted
-# ~150k 4 KiB pages in again; malloc's mmaps on transparent huge pages cut that ~30x.
+# ~150k 4 KiB pages in again; malloc's mmaps on transparent huge pages cut that ~40x.
 # glibc reads GLIBC_TUNABLES once, at start: the command-line entry points re-exec themselves
 # with it (``reexec_with_malloc_defaults``) and their child processes inherit it.
 # FEDJAX_LM_MALLOC_DEFAULTS=0 turns this off; a value the user already set wins.
