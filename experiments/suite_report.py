@@ -141,6 +141,44 @@ def sweep_tables(res: dict) -> list[str]:
   return lines
 
 
+# (method, its baseline) pairs of the seed sweep: ratios are taken seed by seed.
+SEED_PAIRS = (("DiLoCo (M=2), config defaults", "DDP (M=2)", 1.02),
+              ("DiLoCo (M=1), config defaults", "DDP (M=1)", 1.00))
+
+
+def seed_section(res: dict) -> tuple[list[str], list[str]]:
+  """The seed sweep's spread: (table lines, goal lines); both empty without the sweep."""
+  by: dict = {}
+  for sw, series, x, r in res["sweeps"]:
+    if sw == "seed" and r is not None:
+      by.setdefault(series, {})[x] = r["eval_loss"]
+  if not by:
+    return [], []
+  lines = ["| series | seeds | mean | sd | min | max |", "|---|---|---|---|---|---|"]
+  for series, d in by.items():
+    v = list(d.values())
+    mean = sum(v) / len(v)
+    sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+    lines.append(f"| {series} | {len(v)} | {mean:.4f} | {sd:.4f} | {min(v):.4f} | "
+                 f"{max(v):.4f} |")
+  goal_lines = []
+  for method, base, bound in SEED_PAIRS:
+    seeds = sorted(set(by.get(method, {})) & set(by.get(base, {})))
+    if not seeds:
+      continue
+    ratios = [by[method][k] / by[base][k] for k in seeds]
+    mean = sum(ratios) / len(ratios)
+    lines.append(f"| {method} ÷ {base}, seed by seed | {len(seeds)} | {mean:.4f} | "
+                 f"{(sum((x - mean) ** 2 for x in ratios) / max(len(ratios) - 1, 1)) ** 0.5:.4f}"
+                 f" | {min(ratios):.4f} | {max(ratios):.4f} |")
+    op = "≤" if bound > 1 else "<"
+    ok = mean <= bound if bound > 1 else mean < bound
+    goal_lines.append(f"| {method}: loss ÷ {base} {op} {bound:.2f}, mean of {len(seeds)} seeds "
+                      f"(range) | {mean:.4f} ({min(ratios):.4f}–{max(ratios):.4f}) | "
+                      f"{'**met**' if ok else '**not met**'} |")
+  return lines, goal_lines
+
+
 def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
   """Writes the PNGs; returns their file names."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -248,14 +286,18 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
   table, facts = methods_table(res)
   proj_lines, proj = projection_section(res, gbps, latency_s)
   pngs = plots(res, out, method_links(res["methods"]))
+  seed_lines, seed_goals = seed_section(res)
   first = res["methods"][0][1]
   lines = [f"# Bench suite `{info['suite']}`", "", f"Regenerate: `{command}`", "",
            f"git `{info['git_commit']}`, jax {info['jax']}, device `{info['device']}`, "
            f"this invocation {info['wall_s'] / 60:.1f} min (finished runs are reused), "
            f"sum of the runs' own wall times {info['runs_s'] / 60:.1f} min. Every row: "
            f"path **{first['path']}**, {first['tokens']:,} tokens, "
-           f"`{first['overrides']['total_steps']}` steps, one seed.", "",
-           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), "",
+           f"`{first['overrides']['total_steps']}` steps, seed 0 (the seed sweep repeats the goals' "
+           "rows).", "",
+           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), *seed_goals, "",
+           *(["## Spread over seeds (final eval loss)", "", *seed_lines, ""] if seed_lines
+             else []),
            "## Projected time to DDP's loss over a slow link", "", *proj_lines, "",
            "## Bandwidth for a compute utilisation at the paper scales: ours vs Streaming DiLoCo "
            "Table 4 (Gbit/s, zero latency as in the paper)", "",

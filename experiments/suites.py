@@ -40,19 +40,19 @@ SUITES = {
     # rows: global rows per step; P: Streaming fragments (divides the layer count)
     "smoke": dict(steps=8, eval_every=4, rows=4, eval_batches=1, model=_TINY, P=2, H=4,
                   lrs=(0.7,), Hs=(4,), Ms=(1, 2), inner_lrs=(), momenta=(), codecs=(),
-                  partitions=(), mh=((2, 4),), h_lrs=(0.7,)),
+                  partitions=(), mh=((2, 4),), h_lrs=(0.7,), seeds=()),
     "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=_TINY, P=2, H=50,
                   lrs=(0.1, 0.3, 0.7, 1.0), Hs=(1, 10, 50, 150), Ms=(1, 2, 4, 8),
                   inner_lrs=(1e-3, 3e-3, 1e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
                   codecs=("bf16", "int4", "topk"), partitions=("by_play", "by_genre"),
-                  mh=((2, 10), (2, 50), (1, 10), (4, 10)), h_lrs=(0.3, 0.7)),
+                  mh=((2, 10), (2, 50), (1, 10), (4, 10)), h_lrs=(0.3, 0.7), seeds=(1, 2)),
     "full": dict(steps=1000, eval_every=100, rows=32, eval_batches=8, model={}, P=4, H=50,
                  lrs=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), Hs=(1, 5, 10, 25, 50, 100, 250),
                  Ms=(1, 2, 4, 8), inner_lrs=(1e-3, 2e-3, 3e-3, 6e-3, 1e-2),
                  momenta=(0.0, 0.5, 0.8, 0.9, 0.95), codecs=("bf16", "int8", "int4", "topk"),
                  partitions=("by_play", "by_genre"),
                  mh=((2, 10), (2, 25), (2, 50), (1, 10), (1, 50), (4, 10), (8, 10)),
-                 h_lrs=(0.3, 0.5, 0.7)),
+                 h_lrs=(0.3, 0.5, 0.7), seeds=(1, 2)),
 }
 
 
@@ -77,6 +77,8 @@ def _key(run: dict, suite: str = "quick") -> str:
          "steps": int(c.total_steps), "partition": c.data.partition,
          "inner": [c.inner.optimizer, float(c.inner.learning_rate), int(c.inner.warmup_steps)],
          "model": dict(c.model), "seq": int(c.data.seq_len)}
+  if int(c.seed) != 0:  # seed 0 keeps the keys of the runs recorded before seeds were swept
+    out["seed"] = int(c.seed)
   if c.algorithm == "islands":
     out["outer"] = {**{k: c.outer[k] for k in (
         "optimizer", "sync_every", "fragments", "overlap", "mixing", "eager", "compression",
@@ -113,15 +115,23 @@ def methods(suite: str) -> list[tuple[str, dict]]:
 
 
 # The sweeps vary one knob around the DiLoCo paper's outer optimizer (Nesterov 0.7 / 0.9), not
-# around the config's tuned defaults, so each sweep reads against the paper's setting.
+# around the config's tuned defaults, so each sweep reads against the paper's setting; the
+# ``seed`` sweep repeats the goals' rows (the config's defaults) to measure their spread.
 PAPER_OUTER = {"outer.learning_rate": 0.7, "outer.momentum": 0.9}
 
 
 def sweeps(suite: str) -> list[tuple[str, str, object, dict]]:
   """(sweep, series, x, dotted overrides) of every sweep point (DiLoCo's around
   ``PAPER_OUTER``)."""
-  return [(sweep, series, x, {**PAPER_OUTER, **over})
+  return [(sweep, series, x, over if sweep == "seed" else {**PAPER_OUTER, **over})
           for sweep, series, x, over in _sweep_points(suite)]
+
+
+# (series, overrides) of the ``seed`` sweep: the methods rows that the goals read.
+SEED_SERIES = (("DDP (M=2)", {"algorithm": "ddp"}),
+               ("DiLoCo (M=2), config defaults", {}),
+               ("DDP (M=1)", {"algorithm": "ddp", "islands.num": 1}),
+               ("DiLoCo (M=1), config defaults", {"islands.num": 1}))
 
 
 def _sweep_points(suite: str) -> list[tuple[str, str, object, dict]]:
@@ -154,6 +164,10 @@ def _sweep_points(suite: str) -> list[tuple[str, str, object, dict]]:
     if codec == "topk":
       over.update({"outer.error_feedback": 0.95})
     out.append(("codec", "DiLoCo (M=2)", codec, over if codec != "none" else {}))
+  if s["seeds"]:  # seed 0 is the methods row itself
+    for seed in (0, *s["seeds"]):
+      for series, over in SEED_SERIES:
+        out.append(("seed", series, seed, {**over, "seed": seed} if seed else over))
   return out
 
 

@@ -107,6 +107,24 @@ def test_sweep_grid_reuses_runs():
   assert suites._key({"outer.learning_rate": 0.123}) != suites._key({})
 
 
+def test_seed_sweep_repeats_the_goal_rows_and_reports_ratios_seed_by_seed():
+  meth = {suites._key(run) for _, run in suites.methods("quick")}
+  seeds = [(series, x, run) for sw, series, x, run in suites.sweeps("quick") if sw == "seed"]
+  assert len(seeds) == 3 * len(suites.SEED_SERIES)
+  assert all(suites._key(run) in meth for _, x, run in seeds if x == 0)  # reused, not re-run
+  assert len({suites._key(run) for *_, run in seeds}) == len(seeds)  # every seed is a new run
+  assert all("outer.momentum" not in run for *_, run in seeds)  # the config's defaults
+  loss = {("DDP (M=2)", 0): 2.0, ("DDP (M=2)", 1): 2.2,
+          ("DiLoCo (M=2), config defaults", 0): 2.1, ("DiLoCo (M=2), config defaults", 1): 2.2}
+  res = {"sweeps": [("seed", s, x, {"eval_loss": v}) for (s, x), v in loss.items()]}
+  table, goal = suite_report.seed_section(res)
+  assert "| DDP (M=2) | 2 | 2.1000 | 0.1414 | 2.0000 | 2.2000 |" in table
+  # seed by seed: 2.1 / 2.0 = 1.05 and 2.2 / 2.2 = 1.0; mean 1.025 > 1.02
+  assert goal == ["| DiLoCo (M=2), config defaults: loss ÷ DDP (M=2) ≤ 1.02, mean of 2 seeds "
+                  "(range) | 1.0250 (1.0000–1.0500) | **not met** |"]
+  assert suite_report.seed_section({"sweeps": []}) == ([], [])
+
+
 def test_gpu_suite_mfu_on_cpu():
   row = gpu_bench.measure("tiny", steps=1, repeats=1)
   assert row["flops_per_token"] > 0 and row["tokens_per_s"] > 0
