@@ -133,6 +133,7 @@ def step(spec: dict) -> dict:
     jax.block_until_ready(metrics)
 
   run(1)
+  time.sleep(max(0.0, spec.get("start_at", 0.0) - time.time()))  # concurrent workers align
   times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(int(spec.get("repeats", 3))):
     start = time.perf_counter()

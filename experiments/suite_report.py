@@ -179,6 +179,24 @@ def seed_section(res: dict) -> tuple[list[str], list[str]]:
   return lines, goal_lines
 
 
+def tuned_lr_goal(res: dict) -> list[str]:
+  """DiLoCo (config defaults) ÷ DDP, each at its best inner lr of the ``inner_lr`` sweep (the
+  papers tune the inner lr per method); names a best lr at the grid's edge."""
+  pts: dict = {}
+  for sw, series, x, r in res["sweeps"]:
+    if sw == "inner_lr" and r is not None:
+      pts.setdefault(series, {})[x] = r["eval_loss"]
+  a, b = pts.get("DiLoCo (config defaults)"), pts.get("DDP")
+  if not a or not b:
+    return []
+  (la, va), (lb, vb) = min(a.items(), key=lambda kv: kv[1]), min(b.items(), key=lambda kv: kv[1])
+  edge = [f"{n} at the grid's top" for n, lr, d in (("DiLoCo", la, a), ("DDP", lb, b))
+          if lr == max(d)]
+  return [f"| DiLoCo (M=2), config defaults: loss ÷ DDP ≤ 1.02, each at its best inner lr "
+          f"(DiLoCo {la:g}, DDP {lb:g}{'; ' + ', '.join(edge) if edge else ''}) | {va / vb:.4f} | "
+          f"{'**met**' if va / vb <= 1.02 else '**not met**'} |"]
+
+
 def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
   """Writes the PNGs; returns their file names."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -295,7 +313,7 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
            f"path **{first['path']}**, {first['tokens']:,} tokens, "
            f"`{first['overrides']['total_steps']}` steps, seed 0 (the seed sweep repeats the goals' "
            "rows).", "",
-           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), *seed_goals, "",
+           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), *seed_goals, *tuned_lr_goal(res), "",
            *(["## Spread over seeds (final eval loss)", "", *seed_lines, ""] if seed_lines
              else []),
            "## Projected time to DDP's loss over a slow link", "", *proj_lines, "",

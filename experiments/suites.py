@@ -43,7 +43,7 @@ SUITES = {
                   partitions=(), mh=((2, 4),), h_lrs=(0.7,), seeds=()),
     "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=_TINY, P=2, H=50,
                   lrs=(0.1, 0.3, 0.7, 1.0), Hs=(1, 10, 50, 150), Ms=(1, 2, 4, 8),
-                  inner_lrs=(1e-3, 3e-3, 1e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
+                  inner_lrs=(1e-3, 3e-3, 1e-2, 2e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
                   codecs=("bf16", "int4", "topk"), partitions=("by_play", "by_genre"),
                   mh=((2, 10), (2, 50), (1, 10), (4, 10)), h_lrs=(0.3, 0.7), seeds=(1, 2)),
     "full": dict(steps=1000, eval_every=100, rows=32, eval_batches=8, model={}, P=4, H=50,
@@ -127,6 +127,13 @@ def sweeps(suite: str) -> list[tuple[str, str, object, dict]]:
           for sweep, series, x, over in _sweep_points(suite)]
 
 
+def config_outer() -> dict:
+  """The config's own outer lr and momentum, as overrides (they win over ``PAPER_OUTER``)."""
+  c = _config({})
+  return {"outer.learning_rate": float(c.outer.learning_rate),
+          "outer.momentum": float(c.outer.momentum)}
+
+
 # (series, overrides) of the ``seed`` sweep: the methods rows that the goals read.
 SEED_SERIES = (("DDP (M=2)", {"algorithm": "ddp"}),
                ("DiLoCo (M=2), config defaults", {}),
@@ -156,6 +163,8 @@ def _sweep_points(suite: str) -> list[tuple[str, str, object, dict]]:
     out.append(("inner_lr", "FedAvg", lr, {"outer.optimizer": "fedavg",
                                            "inner.learning_rate": lr}))
     out.append(("inner_lr", "DiLoCo", lr, {"inner.learning_rate": lr}))
+    out.append(("inner_lr", "DiLoCo (config defaults)", lr,
+                {"inner.learning_rate": lr, **config_outer()}))
   for part in ("iid", *s["partitions"]):
     for name, over in (("FedAvg", {"outer.optimizer": "fedavg"}), ("DiLoCo", {})):
       out.append(("partition", name, part, {**over, "data.partition": part}))

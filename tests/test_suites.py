@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from experiments import gpu_bench, projection, suite_report, suites
+from experiments import gpu_bench, projection, suite_report, suites, torch_peer
 
 
 def test_link_and_step_times():
@@ -125,6 +125,20 @@ def test_seed_sweep_repeats_the_goal_rows_and_reports_ratios_seed_by_seed():
   assert suite_report.seed_section({"sweeps": []}) == ([], [])
 
 
+def test_inner_lr_sweep_compares_each_method_at_its_best_lr():
+  pts = [("inner_lr", "DDP", 1e-3, 2.3), ("inner_lr", "DDP", 1e-2, 2.0),
+         ("inner_lr", "DiLoCo (config defaults)", 1e-3, 2.2),
+         ("inner_lr", "DiLoCo (config defaults)", 1e-2, 2.03)]
+  res = {"sweeps": [(sw, s, x, {"eval_loss": v}) for sw, s, x, v in pts]}
+  assert suite_report.tuned_lr_goal(res) == [
+      "| DiLoCo (M=2), config defaults: loss ÷ DDP ≤ 1.02, each at its best inner lr (DiLoCo "
+      "0.01, DDP 0.01; DiLoCo at the grid's top, DDP at the grid's top) | 1.0150 | **met** |"]
+  over = {x: run for sw, series, x, run in suites.sweeps("quick")
+          if sw == "inner_lr" and series == "DiLoCo (config defaults)"}
+  assert over[3e-3]["outer.momentum"] == 0.5  # the config's outer, not the paper's 0.9
+  assert suites._key(over[3e-3]) == suites._key({})  # = the config-defaults methods row
+
+
 def test_gpu_suite_mfu_on_cpu():
   row = gpu_bench.measure("tiny", steps=1, repeats=1)
   assert row["flops_per_token"] > 0 and row["tokens_per_s"] > 0
@@ -132,3 +146,10 @@ def test_gpu_suite_mfu_on_cpu():
   assert row["peak_source"].startswith("measured") or row["platform"] != "cpu"
   assert gpu_bench.device_peak("NVIDIA H200") == 989e12
   assert gpu_bench.device_peak("some CPU") is None
+
+
+def test_torch_peer_report_takes_medians_and_ratios():
+  samples = {(row, fw): v for row, *_ in torch_peer.ROWS
+             for fw, v in (("ours", [800.0, 900.0, 1000.0]), ("torch", [1000.0, 1000.0, 9.0]))}
+  text = torch_peer.report(samples, 3, "cmd")
+  assert "| 1 island / 1 core | 900 | 1,000 | 0.90 |" in text

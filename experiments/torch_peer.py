@@ -1,0 +1,212 @@
+"""The step bench's peer: the same model and inner step in PyTorch, timed beside ours.
+
+``python -m experiments.torch_peer [--rounds 3]`` times, interleaved round by round (this
+machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a fixed batch:
+
+- **1 island / 1 core**: one process pinned to one core, one thread;
+- **M=2, 2 processes × 1 core**: the peer's layout (and our launcher's), one island per
+  process, both timed over the same window;
+- **M=2, 1 process, 2 cores**: ours with the islands simulated (vmapped, island axis 1);
+  PyTorch with 2 threads running the two islands one after the other.
+
+The PyTorch model is the same function: same parameter shapes, RMSNorm, NeoX-style RoPE,
+causal softmax attention (``scaled_dot_product_attention``), SwiGLU, untied unembedding;
+AdamW (b1 0.9, b2 0.95, weight decay 0.1) after global-norm clipping at 1.0, eager mode. Each
+worker first checks that both frameworks give the same loss on the same parameters and batch
+(to 1e-4), so the rows compare one computation. Needs ``torch`` (not a fedjax_lm dependency):
+``pip install torch --index-url https://download.pytorch.org/whl/cpu``. Writes
+``experiments/results/step/torch_peer.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIG = "configs/shakespeare_diloco.py"
+
+
+def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
+                 start_at: float = 0.0) -> dict:
+  """PyTorch: loss on ``params`` before any step, then the median seconds per AdamW step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  w = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+  L, H, Dh = cfg["num_layers"], cfg["num_heads"], cfg["head_dim"]
+  tokens = torch.tensor(rows[:, :-1], dtype=torch.long)
+  targets = torch.tensor(rows[:, 1:], dtype=torch.long)
+  t = tokens.shape[1]
+  half = Dh // 2
+  freqs = cfg["rope_base"] ** (-torch.arange(half, dtype=torch.float32) / half)
+  ang = torch.arange(t, dtype=torch.float32)[:, None] * freqs
+  cos, sin = ang.cos()[None, None], ang.sin()[None, None]  # [1, 1, T, half]
+
+  def rms(x, s):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * s
+
+  def rope(x):  # [B, H, T, Dh], halves rotated
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  def loss_fn():
+    x = w["embed"][tokens]
+    b = x.shape[0]
+    for i in range(L):
+      h = rms(x, w["attn_norm"][i])
+      q, k, v = (torch.einsum("btd,dhk->bhtk", h, w[n][i]) for n in ("wq", "wk", "wv"))
+      o = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+      x = x + torch.einsum("bhtk,hkd->btd", o, w["wo"][i])
+      h = rms(x, w["mlp_norm"][i])
+      x = x + (F.silu(h @ w["w_gate"][i]) * (h @ w["w_up"][i])) @ w["w_down"][i]
+    logits = rms(x, w["final_norm"]) @ w["unembed"]
+    return F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(-1))
+
+  with torch.no_grad():
+    loss0 = float(loss_fn())
+  opt = torch.optim.AdamW(list(w.values()), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(w.values()), 1.0)
+    opt.step()
+
+  step()
+  time.sleep(max(0.0, start_at - time.time()))  # concurrent workers time the same window
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      step()
+    times.append((time.perf_counter() - start) / steps)
+  return {"step_s": statistics.median(times), "loss0": loss0}
+
+
+def worker(spec: dict) -> dict:
+  """One process: ``framework`` ours | torch, ``islands`` simulated in it, one core or all."""
+  if spec["one_core"]:
+    os.sched_setaffinity(0, {spec.get("core", min(os.sched_getaffinity(0)))})
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false").strip()
+  import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  config = step_bench._load_config(CONFIG, {"mesh.island": 1, "mesh.data": 1,
+                                             "launch.processes": 1,
+                                             "islands.num": spec["islands"]})
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  b, t = int(config.data.batch_size), int(config.data.seq_len)
+  rows = np.random.default_rng(0).integers(0, 256, (b, t + 1)).astype(np.int32)
+  params = jax.device_get(model_lib.init_params(cfg, jax.random.key(0)))
+  graphdef, _ = model_lib.build(cfg)
+  ours_loss0 = float(steps_lib.mean_loss(graphdef, params, {
+      "inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((b, t), np.float32)}))
+  tokens = spec["islands"] * b * t
+  if spec["framework"] == "ours":
+    out = step_bench.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
+                           "start_at": spec.get("start_at", 0.0),
+                           "overrides": {"mesh.island": 1, "mesh.data": 1,
+                                         "launch.processes": 1, "islands.num": spec["islands"]}})
+    return {"step_s": out["step_s"], "tokens_per_step": tokens, "loss0": ours_loss0,
+            "ours_loss0": ours_loss0}
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1 if spec["one_core"] else len(os.sched_getaffinity(0)))
+  flat = {k: np.asarray(v) for k, v in params.items()}
+  out = torch_step_s(dict(cfg.__dict__), flat, rows, spec["steps"], 3, spec.get("start_at", 0))
+  if abs(out["loss0"] - ours_loss0) > 1e-4:
+    raise SystemExit(f"torch_peer: the PyTorch model's loss {out['loss0']:.6f} differs from "
+                     f"ours {ours_loss0:.6f} on the same parameters: not the same model")
+  return {"step_s": out["step_s"] * spec["islands"], "tokens_per_step": tokens,
+          "loss0": out["loss0"], "ours_loss0": ours_loss0, "torch": torch.__version__}
+
+
+def _spawn(spec: dict) -> subprocess.Popen:
+  from fedjax_lm import malloc_env  # pylint: disable=g-import-not-at-top
+  return subprocess.Popen([sys.executable, "-m", "experiments.torch_peer", "--worker",
+                           json.dumps(spec)], stdout=subprocess.PIPE, text=True,
+                          env=malloc_env(dict(os.environ)))
+
+
+def _result(proc: subprocess.Popen) -> dict:
+  out, _ = proc.communicate()
+  if proc.returncode:
+    raise SystemExit(f"torch_peer: a worker failed (exit {proc.returncode})")
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _pair(framework: str, steps: int) -> float:
+  """Tokens/s of two 1-island processes, one per core, timed over the same window."""
+  start_at = time.time() + 40  # after both have started, compiled and warmed up
+  cores = sorted(os.sched_getaffinity(0))[:2]
+  procs = [_spawn({"framework": framework, "islands": 1, "one_core": True, "core": c,
+                   "steps": steps, "start_at": start_at}) for c in cores]
+  return sum(r["tokens_per_step"] / r["step_s"] for r in map(_result, procs))
+
+
+ROWS = (("1 island / 1 core", "1 process, 1 thread"),
+        ("M=2, 2 processes × 1 core", "one island per process, both at once (the peer's layout)"),
+        ("M=2, 1 process, 2 cores", "ours: islands simulated (vmapped); PyTorch: 2 threads, the "
+         "two islands one after the other"))
+
+
+def measure(rounds: int, steps: int) -> dict:
+  """{(row, framework): [tokens/s per round]}, the rows interleaved round by round."""
+  samples: dict = {}
+  for _ in range(rounds):
+    for fw in ("ours", "torch"):
+      r = _result(_spawn({"framework": fw, "islands": 1, "one_core": True, "steps": steps}))
+      samples.setdefault((ROWS[0][0], fw), []).append(r["tokens_per_step"] / r["step_s"])
+      samples.setdefault((ROWS[1][0], fw), []).append(_pair(fw, steps))
+      r = _result(_spawn({"framework": fw, "islands": 2, "one_core": False, "steps": steps}))
+      samples.setdefault((ROWS[2][0], fw), []).append(r["tokens_per_step"] / r["step_s"])
+  return samples
+
+
+def report(samples: dict, rounds: int, command: str) -> str:
+  lines = [f"Regenerate: `{command}`", "",
+           f"Inner step of `{CONFIG}` on a fixed batch, tokens/s (median of {rounds} rounds, "
+           "interleaved). Ours: the jitted step with fedjax_lm's runtime defaults; PyTorch: "
+           "eager, same model and loss (checked on the same parameters), AdamW + clipping.", "",
+           "| path | ours | PyTorch | ours ÷ PyTorch | layout |", "|---|---|---|---|---|"]
+  for path, layout in ROWS:
+    ours = statistics.median(samples[(path, "ours")])
+    peer = statistics.median(samples[(path, "torch")])
+    lines.append(f"| {path} | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f} | {layout} |")
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
+  parser.add_argument("--out", default="experiments/results/step/torch_peer.md")
+  parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise SystemExit("torch_peer: PyTorch is not installed (pip install torch --index-url "
+                     "https://download.pytorch.org/whl/cpu)") from None
+  command = f"python -m experiments.torch_peer --rounds {args.rounds} --steps {args.steps}"
+  text = report(measure(args.rounds, args.steps), args.rounds, command)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()
