@@ -14,6 +14,8 @@ from conftest import ROOT, tiny_config
 from experiments import wan
 from experiments import wan_net
 
+# One worker runs them all (pytest -n): they create and count network namespaces.
+pytestmark = pytest.mark.xdist_group("wan_namespaces")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason=wan_net.NOT_ROOT)
 
 _ISLANDS = {"algorithm": "islands", "islands.num": 2, "mesh.island": 2, "mesh.data": 1,
