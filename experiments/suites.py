@@ -248,8 +248,8 @@ def outer_state_bytes(overrides: dict, devices) -> dict:
           "devices_per_island": int(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["tensor"])}
 
 
-def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 5,
-               rounds: int = 3) -> dict:
+def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 10,
+               rounds: int = 3, repeats: int = 5) -> dict:
   """A methods-table row: the training run, step / sync timing against plain DP, outer-state
   bytes and peak memory."""
   import resource  # pylint: disable=g-import-not-at-top
@@ -258,8 +258,8 @@ def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 5,
   from experiments import step_bench  # pylint: disable=g-import-not-at-top
   row = train_run(suite, run, workdir)
   over = suite_overrides(suite, run)
-  spec = {"config": BASE, "steps": timing_steps, "repeats": 1}
-  sim = step_bench.step({**spec, "overrides": over, "repeats": 3})  # M islands, one device
+  spec = {"config": BASE, "steps": timing_steps, "repeats": repeats}  # each: median of windows
+  sim = step_bench.step({**spec, "overrides": over})  # M islands, one device
   # One island's step vs the plain data-parallel step of the same model and per-device batch
   # (on the real layout each island has its own devices): interleaved, median.
   one = {**over, "islands.num": 1}
@@ -320,7 +320,7 @@ def worker(spec: dict) -> None:
   for i, run in enumerate(spec["runs"]):
     wd = os.path.join(workdir, f"run{os.getpid()}_{i}")
     if spec["kind"] == "method":
-      row = method_run(suite, run, wd, spec.get("timing_steps", 5))
+      row = method_run(suite, run, wd, spec.get("timing_steps", 10))
     else:
       row = train_run(suite, run, wd)
     emit({"kind": spec["kind"], **row})

@@ -66,13 +66,14 @@ def compile_cache(tmp_path):
     jax.config.update(k, v)
 
 
+@pytest.mark.slow
 def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
   del compile_cache
   suite = "smoke"
   res = {"methods": [], "layout": {}, "sweeps": []}
   for name, run in suites.methods(suite):
     row = suites.method_run(suite, run, str(tmp_path / name.split()[0]), timing_steps=1,
-                            rounds=1)
+                            rounds=1, repeats=1)
     res["methods"].append((name, row))
     res["layout"][row["key"]] = {"key": row["key"], "layout": "1 x 1",
                                  **suites.outer_state_bytes(row["overrides"],

@@ -33,6 +33,7 @@ def _ok(result):
   return result
 
 
+@pytest.mark.slow
 def test_multiprocess_training_decreases_loss(tmp_path, data_dir):
   """2 processes x 1 CPU device, data parallel: loss goes down, contract fields are logged,
   TensorBoard events and checkpoints are written."""
@@ -49,6 +50,7 @@ def test_multiprocess_training_decreases_loss(tmp_path, data_dir):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["15", "16"]
 
 
+@pytest.mark.slow
 def test_sigkill_one_process_then_resume_is_exact(tmp_path, data_dir):
   """SIGKILL process 1 after step 7: the launcher stops everyone and fails; the same command
   resumes from the step-6 checkpoint (params, optimizer and data position) and logs exactly
@@ -69,6 +71,7 @@ def test_sigkill_one_process_then_resume_is_exact(tmp_path, data_dir):
         np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"step {ra['step']}")
 
 
+@pytest.mark.slow
 def test_simulated_islands_match_one_island_per_process(tmp_path, data_dir):
   """M=2 islands simulated on one process (island axis 1) and M=2 islands on 2 processes
   (island axis 2) run the same code and give the same losses."""
@@ -149,6 +152,7 @@ def _corrupt(step_dir):
         f.write(b"garbage")
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, data_dir):
   """The final checkpoint (step 8) corrupt: a warning names it, it is moved aside (not
   deleted), the re-run resumes from step 6 and its losses match the uninterrupted run."""
@@ -197,6 +201,7 @@ def test_sigterm_saves_at_the_current_step_and_resume_is_exact(tmp_path, data_di
   assert got == want
 
 
+@pytest.mark.slow
 def test_data_does_not_depend_on_the_layout_and_resume_is_elastic(tmp_path, data_dir):
   """1 process vs 2 processes (data=2): the same tokens, so the same losses up to the float
   rounding of the gradient all-reduce. A checkpoint of the 2-process run resumes on 1 process
