@@ -146,6 +146,11 @@ SEED_PAIRS = (("DiLoCo (M=2), config defaults", "DDP (M=2)", 1.02),
               ("DiLoCo (M=1), config defaults", "DDP (M=1)", 1.00))
 
 
+def _mean_sd(v: list[float]) -> tuple[float, float]:
+  mean = sum(v) / len(v)
+  return mean, (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+
+
 def seed_section(res: dict) -> tuple[list[str], list[str]]:
   """The seed sweep's spread: (table lines, goal lines); both empty without the sweep."""
   by: dict = {}
@@ -157,8 +162,7 @@ def seed_section(res: dict) -> tuple[list[str], list[str]]:
   lines = ["| series | seeds | mean | sd | min | max |", "|---|---|---|---|---|---|"]
   for series, d in by.items():
     v = list(d.values())
-    mean = sum(v) / len(v)
-    sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+    mean, sd = _mean_sd(v)
     lines.append(f"| {series} | {len(v)} | {mean:.4f} | {sd:.4f} | {min(v):.4f} | "
                  f"{max(v):.4f} |")
   goal_lines = []
@@ -167,10 +171,9 @@ def seed_section(res: dict) -> tuple[list[str], list[str]]:
     if not seeds:
       continue
     ratios = [by[method][k] / by[base][k] for k in seeds]
-    mean = sum(ratios) / len(ratios)
-    lines.append(f"| {method} ÷ {base}, seed by seed | {len(seeds)} | {mean:.4f} | "
-                 f"{(sum((x - mean) ** 2 for x in ratios) / max(len(ratios) - 1, 1)) ** 0.5:.4f}"
-                 f" | {min(ratios):.4f} | {max(ratios):.4f} |")
+    mean, sd = _mean_sd(ratios)
+    lines.append(f"| {method} ÷ {base}, seed by seed | {len(seeds)} | {mean:.4f} | {sd:.4f} | "
+                 f"{min(ratios):.4f} | {max(ratios):.4f} |")
     op = "≤" if bound > 1 else "<"
     ok = mean <= bound if bound > 1 else mean < bound
     goal_lines.append(f"| {method}: loss ÷ {base} {op} {bound:.2f}, mean of {len(seeds)} seeds "
@@ -311,9 +314,10 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
            f"this invocation {info['wall_s'] / 60:.1f} min (finished runs are reused), "
            f"sum of the runs' own wall times {info['runs_s'] / 60:.1f} min. Every row: "
            f"path **{first['path']}**, {first['tokens']:,} tokens, "
-           f"`{first['overrides']['total_steps']}` steps, seed 0 (the seed sweep repeats the goals' "
-           "rows).", "",
-           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), *seed_goals, *tuned_lr_goal(res), "",
+           f"`{first['overrides']['total_steps']}` steps, seed 0 (the seed sweep repeats the "
+           "goals' rows).", "",
+           "## Methods", "", *table, "", "## Goals", "", *goals(facts, proj), *seed_goals,
+           *tuned_lr_goal(res), "",
            *(["## Spread over seeds (final eval loss)", "", *seed_lines, ""] if seed_lines
              else []),
            "## Projected time to DDP's loss over a slow link", "", *proj_lines, "",
