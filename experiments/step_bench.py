@@ -21,8 +21,9 @@ import tempfile
 import time
 
 
-def _pin_one_core() -> None:
-  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+def pin_one_core(core: int | None = None) -> None:
+  """This process on one core (the lowest by default), XLA single-threaded: call before jax."""
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0)) if core is None else core})
   flags = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
 
@@ -164,7 +165,7 @@ def step(spec: dict) -> dict:
 
 def main(spec: dict) -> dict:
   if spec.get("one_core"):
-    _pin_one_core()
+    pin_one_core()
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
   import jax  # pylint: disable=g-import-not-at-top
   info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

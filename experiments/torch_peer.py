@@ -89,21 +89,27 @@ def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
   return {"step_s": statistics.median(times), "loss0": loss0}
 
 
+def _overrides(islands: int) -> dict:
+  return {"mesh.island": 1, "mesh.data": 1, "launch.processes": 1, "islands.num": islands}
+
+
 def worker(spec: dict) -> dict:
   """One process: ``framework`` ours | torch, ``islands`` simulated in it, one core or all."""
+  from experiments import step_bench  # pylint: disable=g-import-not-at-top
   if spec["one_core"]:
-    os.sched_setaffinity(0, {spec.get("core", min(os.sched_getaffinity(0)))})
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false").strip()
+    step_bench.pin_one_core(spec.get("core"))
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
+  if spec["framework"] == "ours":
+    out = step_bench.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
+                           "start_at": spec.get("start_at", 0.0),
+                           "overrides": _overrides(spec["islands"])})
+    return {"step_s": out["step_s"], "tokens_per_step": out["tokens_per_step"]}
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
   from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
   from fedjax_lm import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  config = step_bench._load_config(CONFIG, {"mesh.island": 1, "mesh.data": 1,
-                                             "launch.processes": 1,
-                                             "islands.num": spec["islands"]})
+  config = step_bench._load_config(CONFIG, _overrides(spec["islands"]))
   cfg = model_lib.ModelConfig.from_config(config.model)
   b, t = int(config.data.batch_size), int(config.data.seq_len)
   rows = np.random.default_rng(0).integers(0, 256, (b, t + 1)).astype(np.int32)
@@ -111,22 +117,14 @@ def worker(spec: dict) -> dict:
   graphdef, _ = model_lib.build(cfg)
   ours_loss0 = float(steps_lib.mean_loss(graphdef, params, {
       "inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((b, t), np.float32)}))
-  tokens = spec["islands"] * b * t
-  if spec["framework"] == "ours":
-    out = step_bench.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
-                           "start_at": spec.get("start_at", 0.0),
-                           "overrides": {"mesh.island": 1, "mesh.data": 1,
-                                         "launch.processes": 1, "islands.num": spec["islands"]}})
-    return {"step_s": out["step_s"], "tokens_per_step": tokens, "loss0": ours_loss0,
-            "ours_loss0": ours_loss0}
-  import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(1 if spec["one_core"] else len(os.sched_getaffinity(0)))
-  flat = {k: np.asarray(v) for k, v in params.items()}
-  out = torch_step_s(dict(cfg.__dict__), flat, rows, spec["steps"], 3, spec.get("start_at", 0))
+  out = torch_step_s(dict(cfg.__dict__), {k: np.asarray(v) for k, v in params.items()}, rows,
+                     spec["steps"], 3, spec.get("start_at", 0.0))
   if abs(out["loss0"] - ours_loss0) > 1e-4:
     raise SystemExit(f"torch_peer: the PyTorch model's loss {out['loss0']:.6f} differs from "
                      f"ours {ours_loss0:.6f} on the same parameters: not the same model")
-  return {"step_s": out["step_s"] * spec["islands"], "tokens_per_step": tokens,
+  # PyTorch runs one island's step; M islands in one process run one after the other.
+  return {"step_s": out["step_s"] * spec["islands"], "tokens_per_step": spec["islands"] * b * t,
           "loss0": out["loss0"], "ours_loss0": ours_loss0, "torch": torch.__version__}
 
 
