@@ -175,8 +175,8 @@ def step_summary(rows: list[dict], command: str) -> str:
 
 
 def run_train_suite(args, out: str, start: float, command: str) -> None:
-  from experiments import suite_report, suites  # pylint: disable=g-import-not-at-top
-  res = suites.run_suite(args.suite, out, workers=args.workers)
+  from experiments import suite_jobs, suite_report  # pylint: disable=g-import-not-at-top
+  res = suite_jobs.run_suite(args.suite, out, workers=args.workers)
   first = res["methods"][0][1]
   info = {"suite": args.suite, "git_commit": _git_commit(), "jax": first["jax"],
           "device": first["device"], "wall_s": time.time() - start}

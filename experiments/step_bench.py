@@ -103,63 +103,85 @@ def breakdown(run_steps, hlo_text: str, steps: int, seq_len: int) -> dict:
           "categories": {k: round(v, 1) for k, v in cats.most_common()}, "top_ops": top}
 
 
+class Stepper:
+  """The jitted inner step of ``spec['config']`` (+ ``overrides``) built once on a fixed random
+  batch; ``time`` runs windows of steps on it, as often as asked."""
+
+  def __init__(self, spec: dict):
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
+    config = _load_config(spec["config"], spec.get("overrides", {}))
+    mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
+    self.model_cfg = model_lib.ModelConfig.from_config(config.model)
+    self.alg = islands.build(config, mesh, self.model_cfg)
+    self.state = self.alg.init(jax.random.key(0))
+    m, b, t = int(config.islands.num), int(config.data.batch_size), int(config.data.seq_len)
+    self.tokens_per_step, self.seq_len = m * b * t, t
+    rows = np.random.default_rng(0).integers(0, 256, (m, b, t + 1)).astype(np.int32)
+    self.batch = jax.device_put({"inputs": rows[..., :-1], "targets": rows[..., 1:],
+                                 "mask": np.ones((m, b, t), np.float32)},
+                                NamedSharding(mesh, mesh_lib.batch_spec()))
+    start = time.perf_counter()
+    self.run(1)
+    self.compile_s = time.perf_counter() - start
+    self.run(1)
+
+  def run(self, n: int) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    for _ in range(n):
+      self.state, self.metrics = self.alg.inner_step(self.state, self.batch)
+    jax.block_until_ready(self.metrics)
+
+  def time(self, steps: int, repeats: int) -> list[float]:
+    """Seconds per step of ``repeats`` windows of ``steps`` steps."""
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      self.run(steps)
+      times.append((time.perf_counter() - start) / steps)
+    return times
+
+  def sync_s(self) -> float | None:
+    """Seconds of one full outer sync (every fragment sent and merged); None for DDP."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if self.alg.schedule is None:
+      return None
+    every = self.alg.sync_every
+    self.state = self.alg.sync(self.state, every)
+    jax.block_until_ready(self.state)
+    start = time.perf_counter()
+    for _ in range(3):
+      self.state = self.alg.sync(self.state, every)
+    jax.block_until_ready(self.state)
+    return (time.perf_counter() - start) / 3
+
+
 def step(spec: dict) -> dict:
   """Median seconds per jitted inner step (and one outer sync) on a fixed random batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
-
-  config = _load_config(spec["config"], spec.get("overrides", {}))
-  mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
-  alg = islands.build(config, mesh, model_cfg)
-  state = alg.init(jax.random.key(0))
-  m, b, t = int(config.islands.num), int(config.data.batch_size), int(config.data.seq_len)
-  rows = np.random.default_rng(0).integers(0, 256, (m, b, t + 1)).astype(np.int32)
-  batch = jax.device_put({"inputs": rows[..., :-1], "targets": rows[..., 1:],
-                          "mask": np.ones((m, b, t), np.float32)},
-                         NamedSharding(mesh, mesh_lib.batch_spec()))
-  start = time.perf_counter()
-  state, metrics = alg.inner_step(state, batch)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-
-  def run(n):
-    nonlocal state, metrics
-    for _ in range(n):
-      state, metrics = alg.inner_step(state, batch)
-    jax.block_until_ready(metrics)
-
-  run(1)
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  s = Stepper(spec)
   time.sleep(max(0.0, spec.get("start_at", 0.0) - time.time()))  # concurrent workers align
-  times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(int(spec.get("repeats", 3))):
-    start = time.perf_counter()
-    run(int(spec.get("steps", 5)))
-    times.append((time.perf_counter() - start) / int(spec.get("steps", 5)))
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  steps = int(spec.get("steps", 5))
+  times = s.time(steps, int(spec.get("repeats", 3)))
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-  out = {"step_s": statistics.median(times), "step_s_all": times, "compile_s": compile_s,
-         "page_faults_per_step": faults / (len(times) * int(spec.get("steps", 5))),
-         "tokens_per_step": m * b * t,
-         "loss": float(np.mean(jax.device_get(metrics["island_loss"]))),
-         "flops_per_token": model_lib.train_flops_per_token(model_cfg, t),
-         "params": model_lib.count_params(jax.eval_shape(alg.eval_params, state))}
-  if alg.schedule is not None:  # one full outer sync (every fragment sent and merged)
-    every = alg.sync_every
-    state = alg.sync(state, every)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(3):
-      state = alg.sync(state, every)
-    jax.block_until_ready(state)
-    out["sync_s"] = (time.perf_counter() - start) / 3
+  out = {"step_s": statistics.median(times), "step_s_all": times, "compile_s": s.compile_s,
+         "page_faults_per_step": faults / (len(times) * steps),
+         "tokens_per_step": s.tokens_per_step,
+         "loss": float(np.mean(jax.device_get(s.metrics["island_loss"]))),
+         "flops_per_token": model_lib.train_flops_per_token(s.model_cfg, s.seq_len),
+         "params": model_lib.count_params(jax.eval_shape(s.alg.eval_params, s.state))}
+  if (sync_s := s.sync_s()) is not None:
+    out["sync_s"] = sync_s
   if spec.get("profile"):
-    keys = alg.inner_keys
-    hlo = alg.programs["inner"].lower({k: state[k] for k in keys}, batch).compile().as_text()
-    out["breakdown"] = breakdown(lambda: run(3), hlo, 3, t)
+    keys = s.alg.inner_keys
+    hlo = s.alg.programs["inner"].lower({k: s.state[k] for k in keys}, s.batch).compile().as_text()
+    out["breakdown"] = breakdown(lambda: s.run(3), hlo, 3, s.seq_len)
   return out
 
 

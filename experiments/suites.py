@@ -7,25 +7,17 @@ a suite see the same tokens: global batch ``rows`` x ``seq_len`` per step (``row
 island), ``steps`` steps. ``quick`` uses a 2-layer d=64 model on 64-byte rows; ``full`` the
 config's own model and rows.
 
-Phases (``run_suite``):
-1. **methods**: each method in a fresh worker process (so its peak RSS is its own): the training
-   run, then the jitted inner step timed against the plain data-parallel step of the same
-   model and per-device batch (interleaved, median), one full outer sync timed, the outer
-   state's bytes per device (global params + outer optimizer state, from ``state_shardings``).
-   A separate 4-device worker reads the same bytes for the config's real layout (2 islands x 2
-   devices).
-2. **sweeps**: every distinct run of every sweep, in ``--workers`` processes (each pinned to a
-   core), many runs per process; a persistent XLA compilation cache (and the worker logs)
-   under ``/tmp/fedjax_lm_suite_<suite>/`` shares compiled programs between runs and processes.
-Finished runs are appended to ``DIR/runs.jsonl`` and reused when the suite is run again (delete
-the file to start over).
+Worker side: ``train_run`` (one sweep run), ``method_train`` / ``methods_timing`` (a methods-table
+row: the training run; the jitted inner step timed against the plain data-parallel step of the
+same model and per-device batch, one outer sync, the outer state's bytes per device) and
+``layout_bytes``; ``python -m experiments.suites '<json spec>'`` runs one worker. The parent
+side (planning the runs as jobs, running them, resuming) is :mod:`experiments.suite_jobs`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -248,36 +240,90 @@ def outer_state_bytes(overrides: dict, devices) -> dict:
           "devices_per_island": int(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["tensor"])}
 
 
-def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 10,
-               rounds: int = 3, repeats: int = 5) -> dict:
-  """A methods-table row: the training run, step / sync timing against plain DP, outer-state
-  bytes and peak memory."""
+def peak_rss_reset() -> None:
+  """Resets this process's peak RSS (Linux ``clear_refs``), so the next reading is a run's own
+  peak (which includes the runtime already loaded); elsewhere readings stay process-wide."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def peak_rss_bytes() -> int:
+  """Peak RSS since the last ``peak_rss_reset`` (Linux ``VmHWM``), else since process start."""
   import resource  # pylint: disable=g-import-not-at-top
-  import statistics  # pylint: disable=g-import-not-at-top
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def method_train(suite: str, run: dict, workdir: str) -> dict:
+  """A methods-table row's training part, with its peak host (and device) memory."""
+  import gc  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  gc.collect()  # the previous run's arrays go before the peak is reset
+  peak_rss_reset()
   row = train_run(suite, run, workdir)
-  over = suite_overrides(suite, run)
-  spec = {"config": BASE, "steps": timing_steps, "repeats": repeats}  # each: median of windows
-  sim = step_bench.step({**spec, "overrides": over})  # M islands, one device
-  # One island's step vs the plain data-parallel step of the same model and per-device batch
-  # (on the real layout each island has its own devices): interleaved, median.
-  one = {**over, "islands.num": 1}
-  own, dp = [], []
-  for _ in range(rounds if over.get("algorithm") != "ddp" else 0):
-    own.append(step_bench.step({**spec, "overrides": one})["step_s"])
-    dp.append(step_bench.step({**spec, "overrides": {**one, "algorithm": "ddp"}})["step_s"])
-  row.update({"sim_step_s": sim["step_s"], "sync_s": sim.get("sync_s"),
-              "step_s": statistics.median(own) if own else sim["step_s"] / int(
-                  over.get("islands.num", 2)),
-              "dp_step_s": statistics.median(dp) if dp else None,
-              "flops_per_token": sim["flops_per_token"],
-              "tokens_per_step": sim["tokens_per_step"]})
-  row.update(outer_state_bytes(over, jax.devices()[:1]))
-  row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  row["peak_rss_bytes"] = peak_rss_bytes()
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   row["peak_device_bytes"] = (stats or {}).get("peak_bytes_in_use")
   return row
+
+
+def inner_program(over: dict) -> str:
+  """What the inner-step program of a run with (resolved) overrides ``over`` depends on: runs
+  that share it run the same compiled step."""
+  c = _config(over)
+  return json.dumps([c.algorithm, int(c.islands.num), int(c.data.batch_size),
+                     dict(c.inner), dict(c.model), int(c.data.seq_len)], sort_keys=True)
+
+
+def methods_timing(suite: str, runs: list[dict], timing_steps: int = 10, rounds: int = 5,
+                   repeats: int = 5) -> list[dict]:
+  """The methods-table rows' timing part (on an otherwise idle machine): each run's jitted
+  inner step (M islands, one device) and one outer sync; one island's step against the plain
+  data-parallel step of the same model and per-device batch (on the real layout each island
+  has its own devices), interleaved rounds, median; timed once per distinct one-island program
+  (FedAvg, DiLoCo and Streaming islands run the same one); the outer state's bytes per device."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  stepper = lambda o: step_bench.Stepper({"config": BASE, "overrides": o})
+  median_of = lambda s: statistics.median(s.time(timing_steps, repeats))  # of the windows
+  pairs, rows = {}, []
+  for run in runs:
+    over = suite_overrides(suite, run)
+    sim = stepper(over)
+    row = {"key": _key(run, suite), "sim_step_s": median_of(sim), "sync_s": sim.sync_s(),
+           "flops_per_token": model_lib.train_flops_per_token(sim.model_cfg, sim.seq_len),
+           "tokens_per_step": sim.tokens_per_step, "dp_step_s": None,
+           "step_s": None, **outer_state_bytes(over, jax.devices()[:1])}
+    del sim
+    if over.get("algorithm") == "ddp":
+      row["step_s"] = row["sim_step_s"] / int(over.get("islands.num", 2))
+    else:
+      one = {**over, "islands.num": 1}
+      if inner_program(one) not in pairs:
+        own_step, dp_step = stepper(one), stepper({**one, "algorithm": "ddp"})
+        own, dp = [], []
+        for _ in range(rounds):
+          own.append(median_of(own_step))
+          dp.append(median_of(dp_step))
+        pairs[inner_program(one)] = statistics.median(own), statistics.median(dp)
+      row["step_s"], row["dp_step_s"] = pairs[inner_program(one)]
+    rows.append(row)
+  return rows
+
+
+def method_run(suite: str, run: dict, workdir: str, timing_steps: int = 10, rounds: int = 5,
+               repeats: int = 5) -> dict:
+  """A whole methods-table row in this process: ``method_train`` then ``methods_timing``."""
+  return {**method_train(suite, run, workdir),
+          **methods_timing(suite, [run], timing_steps, rounds, repeats)[0]}
 
 
 def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
@@ -298,9 +344,20 @@ def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
   return out
 
 
+def _claimed(queue: str, i: int) -> bool:
+  """Atomically claims job ``i`` of ``queue`` for this process; False if another has it."""
+  try:
+    os.close(os.open(f"{queue}.claim{i}", os.O_CREAT | os.O_EXCL))
+    return True
+  except FileExistsError:
+    return False
+
+
 def worker(spec: dict) -> None:
-  """Runs ``spec`` (kind ``runs`` | ``method`` | ``layout``), appending JSON rows to
-  ``spec['out']``."""
+  """Runs ``spec``, appending JSON rows to ``spec['out']``: kind ``queue`` takes the jobs of
+  the file ``spec['jobs']`` (``[{kind, runs}]``, kind ``runs`` | ``method_train``) in order,
+  each not already claimed by another worker; ``method_timing`` and ``layout`` run
+  ``spec['runs']``."""
   if spec.get("one_core") is not None:
     os.sched_setaffinity(0, {spec["one_core"]})
     flags = os.environ.get("XLA_FLAGS", "")
@@ -309,88 +366,28 @@ def worker(spec: dict) -> None:
   _setup_cache(spec.get("cache"))
   suite, workdir = spec["suite"], spec["workdir"]
 
-  def emit(row):
+  def emit(kind, row):
     with open(spec["out"], "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps({"kind": kind, **row}) + "\n")
 
   if spec["kind"] == "layout":
     for row in layout_bytes(suite, spec["runs"]):
-      emit({"kind": "layout", **row})
-    return
-  for i, run in enumerate(spec["runs"]):
-    wd = os.path.join(workdir, f"run{os.getpid()}_{i}")
-    if spec["kind"] == "method":
-      row = method_run(suite, run, wd, spec.get("timing_steps", 10))
-    else:
-      row = train_run(suite, run, wd)
-    emit({"kind": spec["kind"], **row})
-    print(f"[{spec['kind']}] {row['eval_loss']:.4f} {row['run_wall_s']:.0f}s {run}", flush=True)
-
-
-# ----------------------------------------------------------------------------- parent side
-
-def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
-  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
-  env = fedjax_lm.malloc_env(dict(os.environ))
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  if devices > 1:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={devices}").strip()
-  log = open(os.path.join(spec["logs"], f"{spec['kind']}.log"), "a")  # pylint: disable=consider-using-with
-  return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
-                          stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def _wait(procs: list) -> None:
-  for p in procs:
-    if p.wait():
-      sys.exit(f"error: suite worker {p.args[-1][:200]} failed (rc {p.returncode}); see the "
-               "*.log files in /tmp/fedjax_lm_suite_<suite>/")
-
-
-def _read(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
-def run_suite(suite: str, out: str, workers: int = 2) -> dict:
-  """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows."""
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "runs.jsonl")
-  tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
-  os.makedirs(tmp, exist_ok=True)
-  base = {"suite": suite, "out": path, "cache": os.path.join(tmp, "xla_cache"),
-          "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp}
-  have = {(r["kind"], r["key"]) for r in _read(path)}
-  meth = methods(suite)
-  for _, run in meth:  # one fresh process per method (own peak RSS), sequential (timing)
-    if ("method", _key(run, suite)) not in have:
-      _wait([_spawn({**base, "kind": "method", "runs": [run]})])
-      have.add(("method", _key(run, suite)))
-  missing = [r for _, r in meth if ("layout", _key(r, suite)) not in have]
-  if missing:
-    _wait([_spawn({**base, "kind": "layout", "runs": missing}, devices=4)])
-  todo, seen = [], set(k for kind, k in have if kind in ("runs", "method"))
-  for *_, run in sweeps(suite):
-    if _key(run, suite) not in seen:
-      seen.add(_key(run, suite))
-      todo.append(run)
-  workers = max(1, min(workers, len(todo), os.cpu_count() or 1))
-  cores = sorted(os.sched_getaffinity(0))
-  _wait([_spawn({**base, "kind": "runs", "runs": todo[w::workers],
-                 "one_core": cores[w % len(cores)] if workers > 1 else None})
-         for w in range(workers) if todo[w::workers]])
-  rows = _read(path)
-  by = {}
-  for r in rows:
-    by.setdefault(r["kind"], {})[r["key"]] = r
-  return {"methods": [(name, by["method"][_key(run, suite)]) for name, run in meth],
-          "layout": by.get("layout", {}),
-          "sweeps": [(sw, series, x, by.get("runs", {}).get(_key(run, suite)) or
-                      by.get("method", {}).get(_key(run, suite)))
-                     for sw, series, x, run in sweeps(suite)]}
+      emit("layout", row)
+  elif spec["kind"] == "method_timing":
+    for row in methods_timing(suite, spec["runs"]):
+      emit("method_timing", row)
+  else:
+    with open(spec["jobs"]) as f:
+      jobs = json.load(f)
+    for i, job in enumerate(jobs):
+      if not _claimed(spec["jobs"], i):
+        continue
+      for j, run in enumerate(job["runs"]):
+        wd = os.path.join(workdir, f"run{i}_{j}")
+        row = (method_train if job["kind"] == "method_train" else train_run)(suite, run, wd)
+        emit(job["kind"], row)
+        print(f"[{job['kind']}] {row['eval_loss']:.4f} {row['run_wall_s']:.0f}s {run}",
+              flush=True)
 
 
 if __name__ == "__main__":

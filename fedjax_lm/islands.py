@@ -93,6 +93,9 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   guard = bool(config.islands.nonfinite_guard)
   train_step = steps.make_train_step(loss_fn, tx, guard=guard)
   named = lambda tree: mesh_lib.shardings(mesh, tree)
+  # init: the params in their own program (shared by every algorithm of a model), then the state
+  make_params = jax.jit(init_fn, out_shardings=named(specs))
+  init_from = lambda build_state: lambda key: build_state(make_params(key))
   island_loss_sharding = NamedSharding(mesh, P("island"))
   batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec())
   payload = tree_bytes(abstract) if num > 1 else 0
@@ -111,8 +114,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                    "failures_in_a_row": P()}
     shard = named(state_specs)
 
-    def init(key):
-      params = init_fn(key)
+    def init(params):
       return {"params": params, "opt_state": tx.init(params), "failures_in_a_row": jnp.int32(0)}
 
     def inner(state, batch):
@@ -135,7 +137,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     inner_step = jax.jit(inner, in_shardings=(shard, batch_sharding),
                          out_shardings=(shard, metric_shardings), donate_argnums=0)
     return Algorithm(
-        name="ddp", num_islands=num, init=jax.jit(init, out_shardings=shard),
+        name="ddp", num_islands=num, init=init_from(jax.jit(init, out_shardings=shard)),
         inner_step=inner_step, eval_params=lambda s: s["params"], state_shardings=shard,
         params_sharding=shard["params"], programs={"inner": inner_step},
         inner_keys=tuple(state_specs),
@@ -205,8 +207,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return jax.lax.with_sharding_constraint(jax.vmap(tx.init)(inner_params),
                                             shard["inner_opt_state"])
 
-  def init(key):
-    params = init_fn(key)
+  def init(params):
     inner_params = broadcast(params)
     zeros = lambda: jax.tree.map(jnp.zeros_like, inner_params)
     state = {"global_params": params,
@@ -392,7 +393,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   payload_size = lambda p: (tree_bytes(frag_abstract[p]) if codec is None
                             else codecs.payload_bytes(codec, padded[p]))
   return Algorithm(
-      name="islands", num_islands=num, init=jax.jit(init, out_shardings=shard),
+      name="islands", num_islands=num, init=init_from(jax.jit(init, out_shardings=shard)),
       inner_step=inner_step, eval_params=lambda s: s["global_params"], state_shardings=shard,
       params_sharding=shard["global_params"], programs=programs, inner_keys=tuple(inner_rw),
       fragment_bytes=tuple(payload_size(p) if num > 1 else 0 for p in range(frags.num)),

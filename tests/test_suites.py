@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from experiments import gpu_bench, projection, suite_report, suites, torch_peer
+from experiments import gpu_bench, projection, suite_jobs, suite_report, suites, torch_peer
 
 
 def test_link_and_step_times():
@@ -106,6 +106,43 @@ def test_sweep_grid_reuses_runs():
   assert len(set(keys)) < len(keys)  # shared points run once
   assert suites._key({"islands.num": 2}) == suites._key({})  # the config's own M
   assert suites._key({"outer.learning_rate": 0.123}) != suites._key({})
+
+
+def test_job_plan_runs_each_point_once_and_compiles_each_new_program_in_one_job():
+  key = suites._key
+  jobs, untimed = suite_jobs.plan("quick", set())
+  meth = {key(run) for _, run in suites.methods("quick")}
+  assert [j["kind"] for j in jobs[:len(meth)]] == ["method_train"] * len(meth)  # first, once
+  assert {key(j["runs"][0]) for j in jobs[:len(meth)]} == meth and len(untimed) == len(meth)
+  sweep_runs = [key(r) for j in jobs if j["kind"] == "runs" for r in j["runs"]]
+  assert sorted(sweep_runs) == sorted({key(r) for *_, r in suites.sweeps("quick")} - meth)
+  program = lambda run: suite_jobs._inner_program(run, "quick")
+  compiled = {program(run) for _, run in suites.methods("quick")}
+  owner = {}  # a program no method compiled: all its runs in one job
+  for i, job in enumerate(jobs):
+    for run in job["runs"]:
+      if program(run) not in compiled:
+        assert owner.setdefault(program(run), i) == i
+  # Inner lr and M change the inner program; outer lr, H, seed, partition and codec do not.
+  assert program({"inner.learning_rate": 1e-2}) != program({})
+  assert program({"islands.num": 4}) != program({})
+  assert len({program(r) for r in ({}, {"outer.learning_rate": 0.1}, {"outer.sync_every": 10},
+                                  {"seed": 3}, {"data.partition": "by_play"},
+                                  {"outer.compression": "int4"})}) == 1
+  have = ({("runs", key(r)) for *_, r in suites.sweeps("quick")} |
+          {("method", key(r)) for _, r in suites.methods("quick")})
+  assert suite_jobs.plan("quick", have) == ([], [])  # resumed: nothing left
+
+
+def test_queue_claims_each_job_once_and_peak_rss_resets(tmp_path):
+  q = str(tmp_path / "jobs.json")
+  assert suites._claimed(q, 0) and not suites._claimed(q, 0) and suites._claimed(q, 1)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  big = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed
+  before = suites.peak_rss_bytes()
+  del big
+  suites.peak_rss_reset()
+  assert suites.peak_rss_bytes() < before - 32 * 2**20
 
 
 def test_seed_sweep_repeats_the_goal_rows_and_reports_ratios_seed_by_seed():

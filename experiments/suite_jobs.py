@@ -1,0 +1,148 @@
+"""The parent side of the ``quick`` / ``full`` suites: plans the runs as jobs and runs them.
+
+Phases (``run_suite``):
+1. **training, in parallel**: ``--workers`` long-lived processes, each pinned to its own core
+   with single-threaded XLA, take jobs from one queue in order (each claims the next job no
+   other took). A job is a list of runs:
+   - each methods-table run alone (``method_train``, with its peak RSS: the process's, reset at
+     the run's start); these go first, and compile the programs most sweep runs share;
+   - the sweep runs (``runs``), grouped by their inner-step program (algorithm, M, per-island
+     batch, inner optimizer, model): a group whose program no method compiled is one job, so
+     one process compiles it (largest first); the runs whose program is compiled already are
+     cut into jobs of ``CHUNK`` runs that fill in at the end.
+   A persistent XLA compilation cache under ``/tmp/fedjax_lm_suite_<suite>/`` (with the
+   worker logs and the queue) shares compiled programs between the processes.
+2. **timing, alone**: one process on the otherwise idle machine times every method's inner
+   step (M islands, one device) and one outer sync, and one island's step against the plain
+   data-parallel step (interleaved rounds, median; once per distinct one-island program), and
+   reads the outer state's bytes (``suites.methods_timing``).
+3. **layout**: a 4-device process reads the same bytes on the config's real layout.
+Finished rows are appended to ``DIR/runs.jsonl`` and reused when the suite is run again
+(delete the file to start over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from experiments import suites
+
+CHUNK = 1  # sweep runs per job when their programs are compiled already
+
+
+def _inner_program(run: dict, suite: str) -> str:
+  """What the run's inner-step program depends on (runs that share it compile it once)."""
+  return suites.inner_program(suites.suite_overrides(suite, run))
+
+
+def plan(suite: str, have: set[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+  """(parallel jobs ``{"kind", "runs"}``, methods still to time) given the (kind, key) rows
+  already recorded."""
+  key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
+  meth = list({key(run): run for _, run in suites.methods(suite)}.values())  # distinct runs
+  trained = {k for kind, k in have if kind in ("method", "method_train")}
+  jobs = [{"kind": "method_train", "runs": [run]} for run in meth if key(run) not in trained]
+  seen = {k for kind, k in have if kind == "runs"} | trained | {key(run) for run in meth}
+  groups: dict[str, list[dict]] = {}
+  for *_, run in suites.sweeps(suite):
+    if key(run) not in seen:
+      seen.add(key(run))
+      groups.setdefault(_inner_program(run, suite), []).append(run)
+  compiled = {_inner_program(run, suite) for run in meth}
+  new = sorted((g for p, g in groups.items() if p not in compiled), key=len, reverse=True)
+  ready = [run for p, g in groups.items() if p in compiled for run in g]
+  jobs += [{"kind": "runs", "runs": g} for g in new]
+  jobs += [{"kind": "runs", "runs": ready[i:i + CHUNK]} for i in range(0, len(ready), CHUNK)]
+  timed = {k for kind, k in have if kind in ("method", "method_timing")}
+  return jobs, [run for run in meth if key(run) not in timed]
+
+
+def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
+  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
+  env = fedjax_lm.malloc_env(dict(os.environ))
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  if devices > 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={devices}").strip()
+  log = open(os.path.join(spec["logs"], f"{spec['kind']}.log"), "a")  # pylint: disable=consider-using-with
+  return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
+                          stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _fail(p: subprocess.Popen) -> None:
+  sys.exit(f"error: suite worker {p.args[-1][:200]} failed (rc {p.returncode}); see the "
+           "*.log files in /tmp/fedjax_lm_suite_<suite>/")
+
+
+def _run_queue(jobs: list[dict], base: dict, workers: int) -> None:
+  """``workers`` processes, each pinned to its own core, take ``jobs`` in order until none is
+  left (each claims the next job no other took)."""
+  queue = os.path.join(base["logs"], "jobs.json")
+  for name in os.listdir(base["logs"]):
+    if name.startswith("jobs.json"):
+      os.remove(os.path.join(base["logs"], name))
+  with open(queue, "w") as f:
+    json.dump(jobs, f)
+  cores = sorted(os.sched_getaffinity(0))
+  n = max(1, min(workers, len(cores), len(jobs)))
+  procs = [_spawn({**base, "kind": "queue", "jobs": queue,
+                   "one_core": cores[w] if n > 1 else None}) for w in range(n)]
+  while procs:
+    time.sleep(0.2)
+    for p in [p for p in procs if p.poll() is not None]:
+      procs.remove(p)
+      if p.returncode:
+        for q in procs:
+          q.kill()
+        _fail(p)
+
+
+def _read(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def run_suite(suite: str, out: str, workers: int = 2) -> dict:
+  """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "runs.jsonl")
+  tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
+  os.makedirs(tmp, exist_ok=True)
+  base = {"suite": suite, "out": path, "cache": os.path.join(tmp, "xla_cache"),
+          "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp}
+  key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
+  jobs, untimed = plan(suite, {(r["kind"], r["key"]) for r in _read(path)})
+  if jobs:
+    _run_queue(jobs, base, workers)
+  if untimed:
+    p = _spawn({**base, "kind": "method_timing", "runs": untimed})
+    if p.wait():
+      _fail(p)
+  by: dict[str, dict] = {}
+  for r in _read(path):
+    by.setdefault(r["kind"], {})[r["key"]] = r
+  meth = suites.methods(suite)
+  with open(path, "a") as f:  # a method's row: its training and its timing, joined
+    for _, run in meth:
+      if key(run) not in by.get("method", {}):
+        row = {**by["method_train"][key(run)], **by["method_timing"][key(run)], "kind": "method"}
+        by.setdefault("method", {})[key(run)] = row
+        f.write(json.dumps(row) + "\n")
+  missing = [r for _, r in meth if key(r) not in by.get("layout", {})]
+  if missing:
+    p = _spawn({**base, "kind": "layout", "runs": missing}, devices=4)
+    if p.wait():
+      _fail(p)
+    for r in _read(path):
+      by.setdefault(r["kind"], {})[r["key"]] = r
+  return {"methods": [(name, by["method"][key(run)]) for name, run in meth],
+          "layout": by.get("layout", {}),
+          "sweeps": [(sw, series, x, by.get("runs", {}).get(key(run)) or
+                      by.get("method", {}).get(key(run)))
+                     for sw, series, x, run in suites.sweeps(suite)]}
