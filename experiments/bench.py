@@ -29,8 +29,11 @@ import subprocess
 import sys
 import time
 
-OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_block": 0}
-UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0}
+ONE_VMAP = {"islands.simulated_groups": 1}  # the M islands as one vmap (before per-core groups)
+OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_block": 0,
+       **ONE_VMAP}
+UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0,
+            **ONE_VMAP}
 NONE, XLA, ALL = (), ("xla",), ("xla", "malloc")  # fedjax_lm's runtime defaults that are on
 # (name, overrides, runtime defaults: "xla" = its XLA:CPU flags, "malloc" = its glibc tunables)
 STEP_VARIANTS = [
@@ -38,15 +41,15 @@ STEP_VARIANTS = [
     ("+ unrolled layers", UNROLLED, NONE),
     ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, XLA),
     ("+ fused QKV and gate-up (stacked backward), head-major attention, 1/sqrt(Dh) in W_q, "
-     "softmax divided after PV", {"model.attention_block": 0}, XLA),
-    ("+ causal query blocks of 128", {}, XLA),
-    ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1) = **default**", {},
-     ALL),
+     "softmax divided after PV", {"model.attention_block": 0, **ONE_VMAP}, XLA),
+    ("+ causal query blocks of 128", ONE_VMAP, XLA),
+    ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1)", ONE_VMAP, ALL),
+    ("+ simulated islands in per-core groups (islands.simulated_groups) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
     ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
 ]
-DEFAULT = STEP_VARIANTS[5][0]
+DEFAULT = STEP_VARIANTS[6][0]
 PATHS = {  # name -> (overrides, one_core)
     "simulated": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1}, False),
     "1 island / 1 core": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1,

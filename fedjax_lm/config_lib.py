@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.islands = ml_collections.ConfigDict()
   c.islands.num = 1  # M
+  # Island axis 1 (all M islands on each device): run them as this many concurrent vmapped
+  # groups; 0 = one per core on CPU (mesh.island_groups).
+  c.islands.simulated_groups = 0
   # Health (fedjax_lm/health.py): skip non-finite steps, mask their islands out of the sync.
   c.islands.nonfinite_guard = True
   c.islands.max_nonfinite = 3  # stop after this many syncs (DDP: steps) in a row with none healthy
@@ -161,6 +164,8 @@ def validate(c) -> None:
   _check(float(c.outer.clip_norm) >= 0, f"outer.clip_norm={c.outer.clip_norm} must be >= 0")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
+  _check(int(c.islands.simulated_groups) >= 0,
+         f"islands.simulated_groups={c.islands.simulated_groups} must be >= 0")
   _check(int(c.islands.max_nonfinite) >= 1,
          f"islands.max_nonfinite={c.islands.max_nonfinite} must be >= 1")
   _check(c.islands.absent_policy in health.ABSENT_POLICIES,

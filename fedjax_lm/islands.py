@@ -90,6 +90,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   abstract, specs = abstract_params, param_specs
   mesh_lib.check_divisible(abstract, specs, dict(mesh.shape))
   tx = inner_tx or steps.inner_optimizer(config.inner, int(config.total_steps))
+  groups = mesh_lib.island_groups(num, mesh, int(config.islands.get("simulated_groups", 0)))
   guard = bool(config.islands.nonfinite_guard)
   train_step = steps.make_train_step(loss_fn, tx, guard=guard)
   named = lambda tree: mesh_lib.shardings(mesh, tree)
@@ -120,8 +121,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     def inner(state, batch):
       # Per-island mean gradients (no cross-island traffic), then one hierarchical mean over
       # islands: each device sends only its ZeRO shard, so one gradient copy per island crosses.
-      per_island_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0),
-                                 spmd_axis_name="island")
+      per_island_grad = mesh_lib.vmap_islands(jax.value_and_grad(loss_fn), groups, (None, 0))
       losses, grads = per_island_grad(state["params"], batch)
       island_ok = jax.vmap(health.all_finite)((losses, grads))  # island-local checks
       grads = island_mean(grads)
@@ -225,7 +225,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return state
 
   def inner(sub, batch):
-    params, opt_state, loss, ok = jax.vmap(train_step, spmd_axis_name="island")(
+    params, opt_state, loss, ok = mesh_lib.vmap_islands(train_step, groups)(
         sub["inner_params"], sub["inner_opt_state"], batch)
     return ({"inner_params": params, "inner_opt_state": opt_state,
              "tainted": sub["tainted"] | ~ok[:, None]}, {"island_loss": loss, "island_ok": ok})

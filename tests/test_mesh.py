@@ -1,6 +1,10 @@
 """Mesh shapes, axis order/types, logical-to-mesh rules and ZeRO-style specs (no execution)."""
 
+import types
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
@@ -182,3 +186,22 @@ def test_check_divisible_names_the_param():
   mesh_lib.check_divisible(abstract, specs, {"fsdp": 2, "tensor": 2, "data": 1, "island": 1})
   with pytest.raises(ValueError, match="'w'"):
     mesh_lib.check_divisible(abstract, specs, {"fsdp": 4, "tensor": 2, "data": 1, "island": 1})
+
+
+def test_island_groups_divide_m_and_grouped_vmap_equals_one_vmap():
+  one_device = mesh_lib.make_mesh({"island": 1, "data": 1}, jax.devices()[:1])
+  assert mesh_lib.island_groups(8, one_device, requested=3) == 2  # the largest divisor <= 3
+  assert mesh_lib.island_groups(6, one_device, requested=4) == 3
+  assert mesh_lib.island_groups(1, one_device, requested=4) == 1
+  assert mesh_lib.island_groups(4, one_device, requested=16) == 4
+  island_axis_2 = types.SimpleNamespace(shape={"island": 2})  # slicing it would move islands
+  assert mesh_lib.island_groups(4, island_axis_2, requested=2) == 1
+  f = lambda w, x: jnp.tanh(x @ w).sum(-1)
+  w = jax.random.normal(jax.random.key(0), (6, 5, 3))
+  x = jax.random.normal(jax.random.key(1), (6, 4, 5))
+  shared = jax.random.normal(jax.random.key(2), (5, 3))
+  want = jax.vmap(f)(w, x)
+  for groups in (1, 2, 3, 6):
+    np.testing.assert_allclose(mesh_lib.vmap_islands(f, groups)(w, x), want, rtol=1e-6)
+  np.testing.assert_allclose(mesh_lib.vmap_islands(f, 3, in_axes=(None, 0))(shared, x),
+                             jax.vmap(f, in_axes=(None, 0))(shared, x), rtol=1e-6)
