@@ -68,7 +68,8 @@ def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
   if devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}").strip()
-  log = open(os.path.join(spec["logs"], f"{spec['kind']}.log"), "a")  # pylint: disable=consider-using-with
+  path = os.path.join(spec["logs"], f"{spec['kind']}.log")
+  log = open(path, "a")  # pylint: disable=consider-using-with
   return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
 
