@@ -7,7 +7,8 @@ always reads partition ``m`` of the data):
   M > 1 the gradient crosses the island axis every step. With M = 1 it is plain training.
 * ``islands``: params and inner optimizer state carry a leading ``[M]`` dim sharded over the
   ``island`` mesh axis; the inner step is the single-island step under
-  ``jax.vmap(..., spmd_axis_name="island")`` and moves no byte across islands. The outer sync
+  ``jax.vmap(..., spmd_axis_name="island")`` (:func:`mesh.vmap_islands`: per-core groups on the
+  simulated path) and moves no byte across islands. The outer sync
   runs per fragment (:mod:`fedjax_lm.fragments`; P = 1 is the whole model, DiLoCo), through
   the stages of :mod:`fedjax_lm.sync`, each its own jitted program:
 
