@@ -359,9 +359,8 @@ def worker(spec: dict) -> None:
   each not already claimed by another worker; ``method_timing`` and ``layout`` run
   ``spec['runs']``."""
   if spec.get("one_core") is not None:
-    os.sched_setaffinity(0, {spec["one_core"]})
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    from experiments import step_bench  # pylint: disable=g-import-not-at-top  (no jax)
+    step_bench.pin_one_core(spec["one_core"])
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (XLA flags first)
   _setup_cache(spec.get("cache"))
   suite, workdir = spec["suite"], spec["workdir"]
