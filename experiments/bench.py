@@ -179,10 +179,12 @@ def step_summary(rows: list[dict], command: str) -> str:
 
 def run_train_suite(args, out: str, start: float, command: str) -> None:
   from experiments import suite_jobs, suite_report  # pylint: disable=g-import-not-at-top
-  res = suite_jobs.run_suite(args.suite, out, workers=args.workers)
+  res = suite_jobs.run_suite(args.suite, out, workers=args.workers,
+                             methods_only=args.methods_only)
   first = res["methods"][0][1]
   info = {"suite": args.suite, "git_commit": _git_commit(), "jax": first["jax"],
-          "device": first["device"], "wall_s": time.time() - start}
+          "device": first["device"], "wall_s": time.time() - start,
+          "methods_only": args.methods_only}
   suite_report.write(res, out, info, command, args.gbps, args.latency_ms / 1e3)
   print(f"wrote {out}/summary.md, results.jsonl and plots in {time.time() - start:.0f} s")
 
@@ -207,6 +209,8 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
   parser.add_argument("--workers", type=int, default=2, help="sweep worker processes")
+  parser.add_argument("--methods_only", action="store_true",
+                      help="quick / full: the methods table, goals and projections, no sweeps")
   parser.add_argument("--gbps", type=float, default=1.0, help="projected link, Gbit/s")
   parser.add_argument("--latency_ms", type=float, default=50.0, help="projected link latency")
   parser.add_argument("--peak_tflops", type=float, default=None, help="gpu: device peak")

@@ -39,16 +39,17 @@ def _inner_program(run: dict, suite: str) -> str:
   return suites.inner_program(suites.suite_overrides(suite, run))
 
 
-def plan(suite: str, have: set[tuple[str, str]]) -> tuple[list[dict], list[dict]]:
+def plan(suite: str, have: set[tuple[str, str]],
+         sweeps: bool = True) -> tuple[list[dict], list[dict]]:
   """(parallel jobs ``{"kind", "runs"}``, methods still to time) given the (kind, key) rows
-  already recorded."""
+  already recorded; ``sweeps=False``: the methods table's runs only."""
   key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
   meth = list({key(run): run for _, run in suites.methods(suite)}.values())  # distinct runs
   trained = {k for kind, k in have if kind in ("method", "method_train")}
   jobs = [{"kind": "method_train", "runs": [run]} for run in meth if key(run) not in trained]
   seen = {k for kind, k in have if kind == "runs"} | trained | {key(run) for run in meth}
   groups: dict[str, list[dict]] = {}
-  for *_, run in suites.sweeps(suite):
+  for *_, run in suites.sweeps(suite) if sweeps else ():
     if key(run) not in seen:
       seen.add(key(run))
       groups.setdefault(_inner_program(run, suite), []).append(run)
@@ -109,8 +110,10 @@ def _read(path: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def run_suite(suite: str, out: str, workers: int = 2) -> dict:
-  """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows."""
+def run_suite(suite: str, out: str, workers: int = 2,
+              methods_only: bool = False) -> dict:
+  """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows
+  (``methods_only``: no sweeps, ``sweeps`` empty)."""
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "runs.jsonl")
   tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
@@ -118,7 +121,7 @@ def run_suite(suite: str, out: str, workers: int = 2) -> dict:
   base = {"suite": suite, "out": path, "cache": os.path.join(tmp, "xla_cache"),
           "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp}
   key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
-  jobs, untimed = plan(suite, {(r["kind"], r["key"]) for r in _read(path)})
+  jobs, untimed = plan(suite, {(r["kind"], r["key"]) for r in _read(path)}, not methods_only)
   if jobs:
     _run_queue(jobs, base, workers)
   if untimed:
@@ -146,4 +149,5 @@ def run_suite(suite: str, out: str, workers: int = 2) -> dict:
           "layout": by.get("layout", {}),
           "sweeps": [(sw, series, x, by.get("runs", {}).get(key(run)) or
                       by.get("method", {}).get(key(run)))
-                     for sw, series, x, run in suites.sweeps(suite)]}
+                     for sw, series, x, run in ([] if methods_only else
+                                                suites.sweeps(suite))]}

@@ -324,7 +324,8 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
            "## Bandwidth for a compute utilisation at the paper scales: ours vs Streaming DiLoCo "
            "Table 4 (Gbit/s, zero latency as in the paper)", "",
            *paper_section(), "", "## Sweeps (final eval loss, nats/byte)", "",
-           *sweep_tables(res), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
+           *(["Not run (`--methods_only`).", ""] if info.get("methods_only") else
+             sweep_tables(res)), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(out, "results.jsonl"), "w") as f:

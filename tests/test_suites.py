@@ -99,6 +99,14 @@ def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
   rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert {r["table"] for r in rows} == {"methods", "sweep:outer_lr", "projection"}
   assert all(r["path"] == suites.PATH for r in rows if r["table"] != "projection")
+  only = tmp_path / "methods_only"  # --methods_only: the same table, no sweeps
+  only.mkdir()
+  suite_report.write({**res, "sweeps": []}, str(only), {**info, "methods_only": True}, "pytest",
+                     1.0, 0.05)
+  text = (only / "summary.md").read_text()
+  assert "## Goals" in text and "Not run (`--methods_only`)." in text and "outer_lr" not in text
+  assert sorted(os.listdir(only)) == ["methods.png", "results.jsonl", "summary.md",
+                                      "time_to_loss.png"]
 
 
 def test_sweep_grid_reuses_runs():
@@ -132,6 +140,8 @@ def test_job_plan_runs_each_point_once_and_compiles_each_new_program_in_one_job(
   have = ({("runs", key(r)) for *_, r in suites.sweeps("quick")} |
           {("method", key(r)) for _, r in suites.methods("quick")})
   assert suite_jobs.plan("quick", have) == ([], [])  # resumed: nothing left
+  only, untimed = suite_jobs.plan("quick", set(), sweeps=False)  # --methods_only
+  assert [j["kind"] for j in only] == ["method_train"] * len(meth) and len(untimed) == len(meth)
 
 
 def test_queue_claims_each_job_once_and_peak_rss_resets(tmp_path):
