@@ -8,9 +8,9 @@ always reads partition ``m`` of the data):
 * ``islands``: params and inner optimizer state carry a leading ``[M]`` dim sharded over the
   ``island`` mesh axis; the inner step is the single-island step under
   ``jax.vmap(..., spmd_axis_name="island")`` (:func:`mesh.vmap_islands`: per-core groups on the
-  simulated path) and moves no byte across islands. The outer sync
-  runs per fragment (:mod:`fedjax_lm.fragments`; P = 1 is the whole model, DiLoCo), through
-  the stages of :mod:`fedjax_lm.sync`, each its own jitted program:
+  simulated path) and moves no byte across islands. The outer sync runs per fragment
+  (:mod:`fedjax_lm.fragments`; P = 1 is the whole model, DiLoCo), through the stages of
+  :mod:`fedjax_lm.sync`, each its own jitted program:
 
     ``encode/p``   island-local: delta_m = global_p - inner_m,p; error feedback; codec
     ``exchange/p`` the one cross-island exchange of the encoded payload; decode, mean, the
@@ -18,9 +18,9 @@ always reads partition ``m`` of the data):
     ``merge/p``    tau steps later: islands take the new global fragment (alpha-mixed)
 
   The inner optimizer state is kept per island across syncs (``outer.reset_inner_opt_state``
-  re-initialises it, P = 1 only).
-  Each island sends a weight beside its payload (who sent; :mod:`fedjax_lm.health`): islands
-  that skipped a non-finite step, or miss the sync (drop-out), are left out of the mean.
+  re-initialises it, P = 1 only). Each island sends a weight beside its payload (who sent;
+  :mod:`fedjax_lm.health`): islands that skipped a non-finite step, or miss the sync
+  (drop-out), are left out of the mean.
 
 M need not equal the island axis size A: each island shard holds M/A islands (A = 1 simulates
 all M islands on one device, with no collectives at all).
@@ -28,12 +28,11 @@ all M islands on one device, with no collectives at all).
 Global params and the outer optimizer state are replicated over ``island`` but ZeRO-sharded
 over the in-island data axes, so their bytes per device shrink with the island's size.
 
-Communication accounting (``island_bytes``): the payload each island sends across the island
-axis: per fragment sync, the encoded pseudo-gradient (values + scales + indices; float32 when
-uncompressed); for ``ddp``, the gradient every step. A ring all-reduce moves about 2(A-1)/A of
-that per device; we report the payload, the same convention for all, and tests check it
-against the compiled HLO. Logging gathers M float32 losses per logged step across islands;
-that is not counted.
+Communication accounting (``island_bytes``): the payload each island sends across the island axis:
+per fragment sync, the encoded pseudo-gradient (values + scales + indices; float32 when
+uncompressed); for ``ddp``, the gradient every step. A ring all-reduce moves about 2(A-1)/A of that
+per device; we report the payload, the same convention for all, and tests check it against the
+compiled HLO. Logging's M float32 losses per logged step are not counted.
 """
 
 from __future__ import annotations
@@ -106,7 +105,6 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                             is_leaf=lambda x: isinstance(x, P))
   stacked_zero_shard = named(jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"),
                                           zero_specs, is_leaf=lambda x: isinstance(x, P)))
-
   island_mean = functools.partial(sync.island_mean, stacked_sharding=stacked_zero_shard,
                                   mean_sharding=named(zero_specs))
 
@@ -141,8 +139,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
         name="ddp", num_islands=num, init=init_from(jax.jit(init, out_shardings=shard)),
         inner_step=inner_step, eval_params=lambda s: s["params"], state_shardings=shard,
         params_sharding=shard["params"], programs={"inner": inner_step},
-        inner_keys=tuple(state_specs),
-        bytes_per_inner_step=payload)
+        inner_keys=tuple(state_specs), bytes_per_inner_step=payload)
 
   if config.algorithm != "islands":
     raise ValueError(f"algorithm={config.algorithm!r}: expected one of {ALGORITHMS}")
@@ -350,8 +347,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return (pick(state, enc_rw), {**pick(state, enc_ro),
                                   "outer_opt_state": state["outer_opt_state"][p]}, done, present)
 
-  def exchange_args(state, p):
-    return {**pick(state, exch_rw), "outer_opt_state": state["outer_opt_state"][p]}
+  exchange_args = lambda state, p: {**pick(state, exch_rw),
+                                    "outer_opt_state": state["outer_opt_state"][p]}
 
   def apply_exchange(state, p, payload):
     new = programs[f"exchange/{p}"](exchange_args(state, p), payload)
@@ -399,5 +396,5 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
       params_sharding=shard["global_params"], programs=programs, inner_keys=tuple(inner_rw),
       fragment_bytes=tuple(payload_size(p) if num > 1 else 0 for p in range(frags.num)),
       control_bytes_per_send=4 * in_island if num > 1 else 0,
-      participation=None if who.always_all else who.present, schedule=schedule, sync_fn=run_sync, settle_fn=settle if host else None,
-      lower_sync=lower_sync)
+      participation=None if who.always_all else who.present, schedule=schedule,
+      sync_fn=run_sync, settle_fn=settle if host else None, lower_sync=lower_sync)
