@@ -356,8 +356,8 @@ def _claimed(queue: str, i: int) -> bool:
 def worker(spec: dict) -> None:
   """Runs ``spec``, appending JSON rows to ``spec['out']``: kind ``queue`` takes the jobs of
   the file ``spec['jobs']`` (``[{kind, runs}]``, kind ``runs`` | ``method_train``) in order,
-  each not already claimed by another worker; ``method_timing`` and ``layout`` run
-  ``spec['runs']``."""
+  each not already claimed by another worker; ``method_timing``, ``layout`` and ``runs`` (training
+  runs outside the suite's grid, one after another) run ``spec['runs']``."""
   if spec.get("one_core") is not None:
     from experiments import step_bench  # pylint: disable=g-import-not-at-top  (no jax)
     step_bench.pin_one_core(spec["one_core"])
@@ -375,6 +375,9 @@ def worker(spec: dict) -> None:
   elif spec["kind"] == "method_timing":
     for row in methods_timing(suite, spec["runs"]):
       emit("method_timing", row)
+  elif spec["kind"] == "runs":
+    for j, run in enumerate(spec["runs"]):
+      emit("runs", train_run(suite, run, os.path.join(workdir, f"run{j}")))
   else:
     with open(spec["jobs"]) as f:
       jobs = json.load(f)

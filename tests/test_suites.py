@@ -109,6 +109,19 @@ def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
                                       "time_to_loss.png"]
 
 
+def test_runs_worker_trains_points_outside_the_grid(tmp_path, compile_cache):
+  del compile_cache
+  out = tmp_path / "side_runs.jsonl"
+  runs = [{"outer.sync_every": 2}, {"outer.sync_every": 4}]
+  suites.worker({"kind": "runs", "suite": "smoke", "runs": runs, "out": str(out),
+                 "workdir": str(tmp_path / "w")})
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["kind"] for r in rows] == ["runs", "runs"]
+  assert [r["key"] for r in rows] == [suites._key(r, "smoke") for r in runs]
+  assert rows[0]["island_bytes"] == 2 * rows[1]["island_bytes"] > 0  # twice the syncs
+  assert all(math.isfinite(r["eval_loss"]) for r in rows)
+
+
 def test_sweep_grid_reuses_runs():
   keys = [suites._key(run) for *_, run in suites.sweeps("quick")]
   assert len(set(keys)) < len(keys)  # shared points run once
