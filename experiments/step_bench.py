@@ -66,12 +66,13 @@ def _load_config(path: str, overrides: dict):
 
 
 def _categorise(name: str, shape: str, op: str, seq_len: int) -> str:
+  dims = re.findall(r"\d+", shape.split("[", 1)[-1].split("]")[0])  # not the dtype's bits
   if op in ("dot", "convolution") or name.startswith(("dot", "ynn_fusion", "convolution")):
-    return "matmul"
+    # [..., heads, queries, keys | Dh]: attention; projections are [(M,) rows, features]
+    return "attention matmul" if len(dims) >= 4 else "matmul"
   if "reduce" in name:
     return "reduction"
-  dims = re.findall(r"\d+", shape.split("{")[0])
-  if len(dims) >= 4 and dims[-1] == str(seq_len):  # [..., queries, keys]: scores / probs
+  if len(dims) >= 3 and dims[-1] == str(seq_len):  # [..., queries, keys]: scores / probs
     return "attention scores elementwise"
   if name.startswith(("copy", "transpose")) or "transpose" in name:
     return "copy / transpose"

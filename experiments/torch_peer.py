@@ -32,8 +32,9 @@ CONFIG = "configs/shakespeare_diloco.py"
 
 
 def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
-                 start_at: float = 0.0) -> dict:
-  """PyTorch: loss on ``params`` before any step, then the median seconds per AdamW step."""
+                 start_at: float = 0.0, profile: bool = False) -> dict:
+  """PyTorch: loss on ``params`` before any step, then the median seconds per AdamW step
+  (``profile``: and ms per step by category over ``steps`` more, from ``torch.profiler``)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -86,7 +87,24 @@ def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
     for _ in range(steps):
       step()
     times.append((time.perf_counter() - start) / steps)
-  return {"step_s": statistics.median(times), "loss0": loss0}
+  out = {"step_s": statistics.median(times), "loss0": loss0}
+  if profile:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+      for _ in range(steps):
+        step()
+    cats = dict.fromkeys(CATEGORIES, 0.0)
+    for e in prof.key_averages():
+      cat = ("matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm") else
+             "attention" if "scaled_dot_product" in e.key else "elementwise, copies, reductions")
+      cats[cat] += e.self_cpu_time_total / 1e3 / steps
+    out["breakdown"] = cats
+  return out
+
+
+# The categories of the breakdown, and which of the step bench's categories each one holds.
+CATEGORIES = {"matmul": ("matmul",),
+              "attention": ("attention matmul", "attention scores elementwise"),
+              "elementwise, copies, reductions": ("elementwise", "copy / transpose", "reduction")}
 
 
 def _overrides(islands: int) -> dict:
@@ -101,9 +119,13 @@ def worker(spec: dict) -> dict:
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
   if spec["framework"] == "ours":
     out = step_bench.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
-                           "start_at": spec.get("start_at", 0.0),
+                           "start_at": spec.get("start_at", 0.0), "profile": spec.get("profile"),
                            "overrides": _overrides(spec["islands"])})
-    return {"step_s": out["step_s"], "tokens_per_step": out["tokens_per_step"]}
+    row = {"step_s": out["step_s"], "tokens_per_step": out["tokens_per_step"]}
+    if spec.get("profile"):
+      cats = out["breakdown"]["categories"]
+      row["breakdown"] = {k: sum(cats.get(c, 0.0) for c in v) for k, v in CATEGORIES.items()}
+    return row
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -119,13 +141,14 @@ def worker(spec: dict) -> dict:
       "inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((b, t), np.float32)}))
   torch.set_num_threads(1 if spec["one_core"] else len(os.sched_getaffinity(0)))
   out = torch_step_s(dict(cfg.__dict__), {k: np.asarray(v) for k, v in params.items()}, rows,
-                     spec["steps"], 3, spec.get("start_at", 0.0))
+                     spec["steps"], 3, spec.get("start_at", 0.0), bool(spec.get("profile")))
   if abs(out["loss0"] - ours_loss0) > 1e-4:
     raise SystemExit(f"torch_peer: the PyTorch model's loss {out['loss0']:.6f} differs from "
                      f"ours {ours_loss0:.6f} on the same parameters: not the same model")
   # PyTorch runs one island's step; M islands in one process run one after the other.
   return {"step_s": out["step_s"] * spec["islands"], "tokens_per_step": spec["islands"] * b * t,
-          "loss0": out["loss0"], "ours_loss0": ours_loss0, "torch": torch.__version__}
+          "loss0": out["loss0"], "ours_loss0": ours_loss0, "torch": torch.__version__,
+          **({"breakdown": out["breakdown"]} if "breakdown" in out else {})}
 
 
 def _spawn(spec: dict) -> subprocess.Popen:
@@ -183,11 +206,43 @@ def report(samples: dict, rounds: int, command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def breakdown(rounds: int, steps: int) -> dict:
+  """{framework: [breakdown row per round]} of the 1-island / 1-core step, interleaved."""
+  out: dict = {}
+  for _ in range(rounds):
+    for fw in ("ours", "torch"):
+      out.setdefault(fw, []).append(_result(_spawn(
+          {"framework": fw, "islands": 1, "one_core": True, "steps": steps, "profile": True})))
+  return out
+
+
+def breakdown_report(rows: dict, command: str) -> str:
+  """Markdown: median ms per step of each category, ours beside PyTorch."""
+  med = lambda fw, f: statistics.median(f(r) for r in rows[fw])
+  lines = [f"Regenerate: `{command}`", "",
+           f"Where the time of one island's step goes (`{CONFIG}`, 1 core, 1 thread), ms per step, "
+           f"median of {len(rows['ours'])} interleaved rounds. Ours: XLA:CPU op time from the JAX "
+           "profiler (`step_bench.breakdown`); PyTorch: self CPU time from `torch.profiler`.", "",
+           "| category | ours | PyTorch | ours ÷ PyTorch | ours: the step bench's categories |",
+           "|---|---|---|---|---|"]
+  for cat, parts in [*CATEGORIES.items(), ("all ops", ())]:
+    get = ((lambda r, c=cat: r["breakdown"][c]) if parts else
+           (lambda r: sum(r["breakdown"].values())))
+    a, b = med("ours", get), med("torch", get)
+    lines.append(f"| {cat} | {a:.0f} | {b:.0f} | {a / b:.2f} | {', '.join(parts) or '—'} |")
+  a, b = (med(fw, lambda r: r["step_s"] * 1e3) for fw in ("ours", "torch"))
+  lines.append(f"| step, timed without the profiler | {a:.0f} | {b:.0f} | {a / b:.2f} | — |")
+  return "\n".join(lines) + "\n"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
-  parser.add_argument("--out", default="experiments/results/step/torch_peer.md")
+  parser.add_argument("--out", default=None, help="default experiments/results/step/"
+                      "torch_peer.md (torch_peer_breakdown.md with --breakdown)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="per-category time of the 1-core step, ours beside PyTorch")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -199,9 +254,15 @@ def main() -> None:
     raise SystemExit("torch_peer: PyTorch is not installed (pip install torch --index-url "
                      "https://download.pytorch.org/whl/cpu)") from None
   command = f"python -m experiments.torch_peer --rounds {args.rounds} --steps {args.steps}"
-  text = report(measure(args.rounds, args.steps), args.rounds, command)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  if args.breakdown:
+    command += " --breakdown"
+    text = breakdown_report(breakdown(args.rounds, args.steps), command)
+  else:
+    text = report(measure(args.rounds, args.steps), args.rounds, command)
+  out = args.out or os.path.join("experiments", "results", "step", "torch_peer_breakdown.md"
+                                 if args.breakdown else "torch_peer.md")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
     f.write(text)
   print(text)
 

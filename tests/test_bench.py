@@ -27,6 +27,13 @@ def test_categories():
   assert step_bench._categorise("wrapped_reduce-window.1", scores, "fusion", 256) == "reduction"
   assert step_bench._categorise("copy_bitcast_fusion", "f32[384,4096]", "fusion", 256) == (
       "copy / transpose")
+  # Attention's batched dots ([..., heads, q, k | Dh]) apart from the projections, vmapped too.
+  assert step_bench._categorise("dot.77", "f32[16,4,128,256]{3,2,1,0}", "dot", 256) == (
+      "attention matmul")
+  assert step_bench._categorise("dot.9", "f32[2,4096,768]{2,1,0}", "dot", 256) == "matmul"
+  assert step_bench._categorise("add_fusion", "f32[16,256,256]", "fusion", 256) == (
+      "attention scores elementwise")
+  assert step_bench._categorise("add_fusion", "f32[4096,256]", "fusion", 256) == "elementwise"
 
 
 def test_compare_table_against_ddp_has_no_duplicate_or_infinite_ratios():

@@ -214,3 +214,19 @@ def test_torch_peer_report_takes_medians_and_ratios():
              for fw, v in (("ours", [800.0, 900.0, 1000.0]), ("torch", [1000.0, 1000.0, 9.0]))}
   text = torch_peer.report(samples, 3, "cmd")
   assert "| 1 island / 1 core | 900 | 1,000 | 0.90 |" in text
+
+
+
+def test_torch_peer_breakdown_maps_our_categories_and_takes_medians():
+  assert sorted(c for parts in torch_peer.CATEGORIES.values() for c in parts) == sorted(
+      ["matmul", "attention matmul", "attention scores elementwise", "elementwise",
+       "copy / transpose", "reduction"])  # every category of step_bench._categorise, once
+  row = lambda m, a, e, s: {"breakdown": {"matmul": m, "attention": a,
+                                          "elementwise, copies, reductions": e}, "step_s": s}
+  rows = {"ours": [row(440, 230, 430, 1.0), row(460, 250, 520, 1.2), row(450, 240, 500, 9.0)],
+          "torch": [row(400, 180, 200, 0.8), row(420, 170, 220, 0.9), row(410, 175, 210, 0.1)]}
+  text = torch_peer.breakdown_report(rows, "cmd")
+  assert "| matmul | 450 | 410 | 1.10 | matmul |" in text
+  assert "| elementwise, copies, reductions | 500 | 210 | 2.38 |" in text
+  assert "| all ops | 1190 | 795 | 1.50 | — |" in text  # medians of the per-round sums
+  assert "| step, timed without the profiler | 1200 | 800 | 1.50 | — |" in text
