@@ -102,7 +102,8 @@ class Transformer(nnx.Module):
     cdt = DTYPES[cfg.compute_dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
     fused = cfg.attention == "fused"
-    positions = jnp.arange(tokens.shape[-1])
+    with jax.ensure_compile_time_eval():  # a constant, so RoPE's tables are constants too
+      positions = jnp.arange(tokens.shape[-1])
     layer_params = {name: getattr(self, name)[...] for name in
                     ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")}
 
@@ -144,13 +145,17 @@ def rope_heads_first(x: jax.Array, positions: jax.Array, base: float) -> jax.Arr
   """:func:`rope` for x [..., heads, T, Dh], with the half rotation [x1, x2] -> [-x2, x1] as a
   product with a signed permutation matrix (exact; faster than slice + concatenate on CPU)."""
   half = x.shape[-1] // 2
-  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions[:, None].astype(jnp.float32) * freqs  # [T, half]
-  angles = jnp.concatenate([angles, angles], axis=-1)
+  # Constant positions give constant [T, Dh] tables; computed in the step, XLA fuses cos and
+  # sin into their broadcast consumers and recomputes them for every batch row and head.
+  with jax.ensure_compile_time_eval():
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[:, None].astype(jnp.float32) * freqs  # [T, half]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
   eye, zero = jnp.eye(half, dtype=jnp.float32), jnp.zeros((half, half), jnp.float32)
   rotate_half = jnp.block([[zero, eye], [-eye, zero]])
   x32 = x.astype(jnp.float32)
-  out = x32 * jnp.cos(angles) + jnp.einsum("...k,kj->...j", x32, rotate_half) * jnp.sin(angles)
+  out = x32 * cos + jnp.einsum("...k,kj->...j", x32, rotate_half) * sin
   return out.astype(x.dtype)
 
 

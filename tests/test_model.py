@@ -167,6 +167,22 @@ def test_rope_heads_first_equals_rope():
   np.testing.assert_allclose(jnp.swapaxes(got, 1, 2), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_rope_tables_are_constants_of_the_compiled_step(kv_heads):
+  """cos / sin of the [T, Dh] angles are computed once, at trace time, not per element of
+  every head's q and k inside the step (the same logits as with traced positions)."""
+  cfg = _cfg(num_kv_heads=kv_heads)
+  graphdef, params = _init(cfg)
+  tokens = _tokens(2, 16, cfg.vocab_size)
+  loss = lambda p: model_lib.apply(graphdef, p, tokens).mean()
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+  assert "cosine(" not in hlo and "sine(" not in hlo
+  x = jax.random.normal(jax.random.key(2), (2, 3, 16, 8))
+  traced = jax.jit(lambda x, pos: model_lib.rope_heads_first(x, pos, 1e4))(x, jnp.arange(16))
+  const = jax.jit(lambda x: model_lib.rope_heads_first(x, np.arange(16), 1e4))(x)
+  np.testing.assert_array_equal(const, traced)  # XLA's own cos / sin either way
+
+
 def test_unknown_attention_is_rejected():
   c = config_lib.base_config().model
   c["attention"] = "flash"
