@@ -18,7 +18,9 @@ Phases (``run_suite``):
    reads the outer state's bytes (``suites.methods_timing``).
 3. **layout**: a 4-device process reads the same bytes on the config's real layout.
 Finished rows are appended to ``DIR/runs.jsonl`` and reused when the suite is run again
-(delete the file to start over).
+(delete the file to start over). The ``full`` suite's training runs also checkpoint at every
+eval under ``/tmp/fedjax_lm_suite_full/resume/``: run again, a run that was killed part-way
+continues from there, exactly (delete that directory to start them over).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def run_suite(suite: str, out: str, workers: int = 2,
   tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
   os.makedirs(tmp, exist_ok=True)
   base = {"suite": suite, "out": path, "cache": os.path.join(tmp, "xla_cache"),
-          "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp}
+          "workdir": os.path.join(tmp, f"runs_{os.getpid()}"), "logs": tmp,
+          "resume_dir": os.path.join(tmp, "resume") if suite in suites.RESUMABLE else None}
   key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
   jobs, untimed = plan(suite, {(r["kind"], r["key"]) for r in _read(path)}, not methods_only)
   if jobs:

@@ -302,8 +302,9 @@ def goals(facts: dict, proj: list) -> list[str]:
 
 def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s: float) -> None:
   """Writes summary.md, results.jsonl and the plots under ``out``."""
-  info = {**info, "runs_s": sum(r["run_wall_s"] for _, r in res["methods"]) + sum(
-      r["run_wall_s"] for *_, r in res["sweeps"] if r is not None)}
+  rows = [r for _, r in res["methods"]] + [r for *_, r in res["sweeps"] if r is not None]
+  info = {**info, "runs_s": sum(r["run_wall_s"] for r in rows),
+          "resumed": sum(bool(r.get("resumed_at_step")) for r in rows)}
   table, facts = methods_table(res)
   proj_lines, proj = projection_section(res, gbps, latency_s)
   pngs = plots(res, out, method_links(res["methods"]))
@@ -312,7 +313,9 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
   lines = [f"# Bench suite `{info['suite']}`", "", f"Regenerate: `{command}`", "",
            f"git `{info['git_commit']}`, jax {info['jax']}, device `{info['device']}`, "
            f"this invocation {info['wall_s'] / 60:.1f} min (finished runs are reused), "
-           f"sum of the runs' own wall times {info['runs_s'] / 60:.1f} min. Every row: "
+           f"sum of the runs' own wall times {info['runs_s'] / 60:.1f} min" + (
+               f" ({info['resumed']} runs resumed from a checkpoint count only their wall "
+               "time after it)" if info["resumed"] else "") + ". Every row: "
            f"path **{first['path']}**, {first['tokens']:,} tokens, "
            f"`{first['overrides']['total_steps']}` steps, seed 0 (the seed sweep repeats the "
            "goals' rows).", "",

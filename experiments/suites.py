@@ -16,14 +16,19 @@ side (planning the runs as jobs, running them, resuming) is :mod:`experiments.su
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+
+from experiments import suite_memory
 
 BASE = "configs/shakespeare_diloco.py"
 SIMULATED = {"mesh.island": 1, "mesh.data": 1, "launch.mode": "none", "launch.processes": 1,
              "checkpoint_every": 10**9}
+RESUMABLE = ("full",)  # suites whose runs checkpoint at every eval and resume when re-run
 PATH = "simulated (island axis 1)"
 _TINY = {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
          "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,
@@ -190,14 +195,26 @@ def _config(overrides: dict):
   return config
 
 
-def train_run(suite: str, run: dict, workdir: str) -> dict:
-  """One training run in this process; its eval curve, bytes and wall time."""
+def checkpointed_step(workdir: str) -> int:
+  """The last complete checkpoint's step in ``workdir`` (0 if none)."""
+  d = os.path.join(workdir, "checkpoints")
+  return max((int(n) for n in os.listdir(d) if n.isdigit()), default=0) if os.path.isdir(
+      d) else 0
+
+
+def train_run(suite: str, run: dict, workdir: str, resume: bool = False) -> dict:
+  """One training run in this process; its eval curve, bytes and wall time. ``resume``: it
+  checkpoints at every eval and continues from ``workdir``'s last checkpoint (exactly: the
+  same losses as a run never stopped); its ``run_wall_s`` is then this process's part only."""
   import jax  # pylint: disable=g-import-not-at-top
   from fedjax_lm import simulate  # pylint: disable=g-import-not-at-top
   over = suite_overrides(suite, run)
+  if resume:
+    over["checkpoint_every"] = over["eval_every"]
   config = _config(over)
+  resumed_at = checkpointed_step(workdir) if resume else 0
   start = time.time()
-  records = simulate.run(config, workdir)
+  records = simulate.run(config, workdir, fresh=not resume)
   wall = time.time() - start
   evals = [r for r in records if "eval_loss" in r]
   last = records[-1]
@@ -206,68 +223,18 @@ def train_run(suite: str, run: dict, workdir: str) -> dict:
           "eval_losses": [r["eval_loss"] for r in evals], "eval_loss": last["eval_loss"],
           "tokens": last["tokens"], "island_bytes": last["island_bytes"],
           "island_peak_bytes": last["island_peak_bytes"], "run_wall_s": wall,
-          "tokens_per_sec": last["tokens_per_sec"], "jax": jax.__version__,
-          "device": jax.devices()[0].device_kind}
+          "tokens_per_sec": last["tokens_per_sec"], "resumed_at_step": resumed_at,
+          "jax": jax.__version__, "device": jax.devices()[0].device_kind}
 
 
-def outer_state_bytes(overrides: dict, devices) -> dict:
-  """Bytes on one device of the global params + outer optimizer state (0 for ddp), and the
-  param bytes, for ``overrides`` on ``devices``."""
-  import math  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
-  config = _config(overrides)
-  mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
-  alg = islands.build(config, mesh, model_cfg)
-  abstract = jax.eval_shape(alg.init, jax.random.key(0))
-  dev = mesh.devices.flat[0]
-  total = 0
-  for key in ("global_params", "outer_opt_state"):
-    if key not in abstract:
-      continue
-    def leaf(a, s):
-      nonlocal total
-      if hasattr(a, "shape") and s is not None:
-        shape = s.shard_shape(a.shape) if dev in s.device_set else (0,)
-        total += math.prod(shape) * a.dtype.itemsize
-    jax.tree.map(leaf, abstract[key], alg.state_shardings[key])
-  params = jax.eval_shape(alg.eval_params, abstract)
-  return {"outer_state_bytes": total,
-          "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
-          "params": model_lib.count_params(params),
-          "devices_per_island": int(mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["tensor"])}
-
-
-def peak_rss_reset() -> None:
-  """Resets this process's peak RSS (Linux ``clear_refs``), so the next reading is a run's own
-  peak (which includes the runtime already loaded); elsewhere readings stay process-wide."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def peak_rss_bytes() -> int:
-  """Peak RSS since the last ``peak_rss_reset`` (Linux ``VmHWM``), else since process start."""
-  import resource  # pylint: disable=g-import-not-at-top
-  try:
-    with open("/proc/self/status") as f:
-      return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-  except (OSError, StopIteration):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def method_train(suite: str, run: dict, workdir: str) -> dict:
+def method_train(suite: str, run: dict, workdir: str, resume: bool = False) -> dict:
   """A methods-table row's training part, with its peak host (and device) memory."""
   import gc  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   gc.collect()  # the previous run's arrays go before the peak is reset
-  peak_rss_reset()
-  row = train_run(suite, run, workdir)
-  row["peak_rss_bytes"] = peak_rss_bytes()
+  suite_memory.peak_rss_reset()
+  row = train_run(suite, run, workdir, resume)
+  row["peak_rss_bytes"] = suite_memory.peak_rss_bytes()
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   row["peak_device_bytes"] = (stats or {}).get("peak_bytes_in_use")
   return row
@@ -301,7 +268,7 @@ def methods_timing(suite: str, runs: list[dict], timing_steps: int = 10, rounds:
     row = {"key": _key(run, suite), "sim_step_s": median_of(sim), "sync_s": sim.sync_s(),
            "flops_per_token": model_lib.train_flops_per_token(sim.model_cfg, sim.seq_len),
            "tokens_per_step": sim.tokens_per_step, "dp_step_s": None,
-           "step_s": None, **outer_state_bytes(over, jax.devices()[:1])}
+           "step_s": None, **suite_memory.outer_state_bytes(over, jax.devices()[:1])}
     del sim
     if over.get("algorithm") == "ddp":
       row["step_s"] = row["sim_step_s"] / int(over.get("islands.num", 2))
@@ -340,7 +307,7 @@ def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
     need = lay["mesh.island"] * lay["mesh.data"]
     out.append({"key": _key(run, suite), "layout": f"{lay['mesh.island']} island axis x "
                 f"{lay['mesh.data']} devices",
-                **outer_state_bytes({**over, **lay}, jax.devices()[:need])})
+                **suite_memory.outer_state_bytes({**over, **lay}, jax.devices()[:need])})
   return out
 
 
@@ -357,7 +324,10 @@ def worker(spec: dict) -> None:
   """Runs ``spec``, appending JSON rows to ``spec['out']``: kind ``queue`` takes the jobs of
   the file ``spec['jobs']`` (``[{kind, runs}]``, kind ``runs`` | ``method_train``) in order,
   each not already claimed by another worker; ``method_timing``, ``layout`` and ``runs`` (training
-  runs outside the suite's grid, one after another) run ``spec['runs']``."""
+  runs outside the suite's grid, one after another) run ``spec['runs']``. With
+  ``spec['resume_dir']`` a queue's run lives in ``resume_dir/<hash of its key>``: a run killed
+  part-way (a session's end) continues from its last checkpoint when the queue runs again,
+  and its directory goes once its row is written."""
   if spec.get("one_core") is not None:
     from experiments import step_bench  # pylint: disable=g-import-not-at-top  (no jax)
     step_bench.pin_one_core(spec["one_core"])
@@ -385,9 +355,15 @@ def worker(spec: dict) -> None:
       if not _claimed(spec["jobs"], i):
         continue
       for j, run in enumerate(job["runs"]):
-        wd = os.path.join(workdir, f"run{i}_{j}")
-        row = (method_train if job["kind"] == "method_train" else train_run)(suite, run, wd)
+        resume = spec.get("resume_dir") is not None
+        wd = (os.path.join(spec["resume_dir"], hashlib.sha1(
+            _key(run, suite).encode()).hexdigest()[:16]) if resume else
+              os.path.join(workdir, f"run{i}_{j}"))
+        row = (method_train if job["kind"] == "method_train" else train_run)(
+            suite, run, wd, resume)
         emit(job["kind"], row)
+        if resume:
+          shutil.rmtree(wd, ignore_errors=True)
         print(f"[{job['kind']}] {row['eval_loss']:.4f} {row['run_wall_s']:.0f}s {run}",
               flush=True)
 

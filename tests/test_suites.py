@@ -9,7 +9,8 @@ import os
 import jax
 import pytest
 
-from experiments import gpu_bench, projection, suite_jobs, suite_report, suites, torch_peer
+from experiments import (gpu_bench, projection, suite_jobs, suite_memory, suite_report, suites,
+                         torch_peer)
 
 
 def test_link_and_step_times():
@@ -76,7 +77,7 @@ def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
                             rounds=1, repeats=1)
     res["methods"].append((name, row))
     res["layout"][row["key"]] = {"key": row["key"], "layout": "1 x 1",
-                                 **suites.outer_state_bytes(row["overrides"],
+                                 **suite_memory.outer_state_bytes(row["overrides"],
                                                             jax.devices()[:1])}
   ddp, diloco = (r for _, r in res["methods"])
   h = suites.SUITES[suite]["H"]
@@ -122,6 +123,33 @@ def test_runs_worker_trains_points_outside_the_grid(tmp_path, compile_cache):
   assert all(math.isfinite(r["eval_loss"]) for r in rows)
 
 
+def test_a_killed_full_suite_run_resumes_exactly_where_its_queue_left_it(tmp_path,
+                                                                          compile_cache):
+  del compile_cache
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  run = {"outer.sync_every": 4, "outer.fragments": 2, "outer.overlap": 1}  # Streaming
+  jobs = tmp_path / "jobs.json"
+  jobs.write_text(json.dumps([{"kind": "runs", "runs": [run]}]))
+  out, resume = tmp_path / "runs.jsonl", tmp_path / "resume"
+  spec = {"kind": "queue", "suite": "smoke", "jobs": str(jobs), "out": str(out),
+          "workdir": str(tmp_path / "w"), "resume_dir": str(resume)}
+  env = {**os.environ, "XLA_FLAGS": "", "FEDJAX_LM_KILL_AT_STEP": "6"}
+  killed = subprocess.run([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILLed after step 6
+  (wd,) = resume.iterdir()
+  assert suites.checkpointed_step(str(wd)) == 4 and not out.exists()  # the eval at 4 saved
+  os.remove(f"{jobs}.claim0")  # what run_suite does before a queue runs again
+  suites.worker(spec)
+  (row,) = [json.loads(l) for l in out.read_text().splitlines()]
+  assert row["resumed_at_step"] == 4 and not wd.exists()  # done: its directory goes
+  never_stopped = suites.train_run("smoke", run, str(tmp_path / "ref"))
+  assert never_stopped["resumed_at_step"] == 0
+  assert row["eval_losses"] == never_stopped["eval_losses"]
+  assert row["island_bytes"] == never_stopped["island_bytes"] > 0
+
+
 def test_sweep_grid_reuses_runs():
   keys = [suites._key(run) for *_, run in suites.sweeps("quick")]
   assert len(set(keys)) < len(keys)  # shared points run once
@@ -162,10 +190,10 @@ def test_queue_claims_each_job_once_and_peak_rss_resets(tmp_path):
   assert suites._claimed(q, 0) and not suites._claimed(q, 0) and suites._claimed(q, 1)
   import numpy as np  # pylint: disable=g-import-not-at-top
   big = np.ones(64 * 2**20 // 8)  # 64 MiB touched, then freed
-  before = suites.peak_rss_bytes()
+  before = suite_memory.peak_rss_bytes()
   del big
-  suites.peak_rss_reset()
-  assert suites.peak_rss_bytes() < before - 32 * 2**20
+  suite_memory.peak_rss_reset()
+  assert suite_memory.peak_rss_bytes() < before - 32 * 2**20
 
 
 def test_seed_sweep_repeats_the_goal_rows_and_reports_ratios_seed_by_seed():
