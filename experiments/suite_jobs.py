@@ -9,7 +9,9 @@ Phases (``run_suite``):
    - the sweep runs (``runs``), grouped by their inner-step program (algorithm, M, per-island
      batch, inner optimizer, model): a group whose program no method compiled is one job, so
      one process compiles it (largest first); the runs whose program is compiled already are
-     cut into jobs of ``CHUNK`` runs that fill in at the end.
+     cut into jobs of ``CHUNK`` runs that fill in at the end. The ``full`` suite's runs (half
+     an hour each, a compile is noise) are one per job instead, sweep by sweep in the order
+     of ``suites.FULL_ORDER``.
    A persistent XLA compilation cache under ``/tmp/fedjax_lm_suite_<suite>/`` (with the
    worker logs and the queue) shares compiled programs between the processes.
 2. **timing, alone**: one process on the otherwise idle machine times every method's inner
@@ -41,27 +43,41 @@ def _inner_program(run: dict, suite: str) -> str:
   return suites.inner_program(suites.suite_overrides(suite, run))
 
 
+def _priority(suite: str):
+  """Sort key of sweep points: the ``full`` suite (days) runs the sweeps in the order of
+  ``suites.FULL_ORDER``, so each session's share completes whole sweeps first; others keep
+  the grid's order."""
+  order = suites.FULL_ORDER if suite in suites.RESUMABLE else ()
+  return lambda point: order.index(point[0]) if point[0] in order else len(order)
+
+
 def plan(suite: str, have: set[tuple[str, str]],
          sweeps: bool = True) -> tuple[list[dict], list[dict]]:
   """(parallel jobs ``{"kind", "runs"}``, methods still to time) given the (kind, key) rows
   already recorded; ``sweeps=False``: the methods table's runs only."""
   key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
+  timed = {k for kind, k in have if kind in ("method", "method_timing")}
+  untimed = lambda runs: [run for run in runs if key(run) not in timed]
   meth = list({key(run): run for _, run in suites.methods(suite)}.values())  # distinct runs
   trained = {k for kind, k in have if kind in ("method", "method_train")}
   jobs = [{"kind": "method_train", "runs": [run]} for run in meth if key(run) not in trained]
   seen = {k for kind, k in have if kind == "runs"} | trained | {key(run) for run in meth}
-  groups: dict[str, list[dict]] = {}
-  for *_, run in suites.sweeps(suite) if sweeps else ():
+  todo = []
+  for *_, run in sorted(suites.sweeps(suite) if sweeps else (), key=_priority(suite)):
     if key(run) not in seen:
       seen.add(key(run))
-      groups.setdefault(_inner_program(run, suite), []).append(run)
+      todo.append(run)
+  if suite in suites.RESUMABLE:  # long runs: one per job, the sweeps in order of priority
+    return jobs + [{"kind": "runs", "runs": [run]} for run in todo], untimed(meth)
+  groups: dict[str, list[dict]] = {}
+  for run in todo:
+    groups.setdefault(_inner_program(run, suite), []).append(run)
   compiled = {_inner_program(run, suite) for run in meth}
   new = sorted((g for p, g in groups.items() if p not in compiled), key=len, reverse=True)
   ready = [run for p, g in groups.items() if p in compiled for run in g]
   jobs += [{"kind": "runs", "runs": g} for g in new]
   jobs += [{"kind": "runs", "runs": ready[i:i + CHUNK]} for i in range(0, len(ready), CHUNK)]
-  timed = {k for kind, k in have if kind in ("method", "method_timing")}
-  return jobs, [run for run in meth if key(run) not in timed]
+  return jobs, untimed(meth)
 
 
 def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:

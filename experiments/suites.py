@@ -29,6 +29,8 @@ BASE = "configs/shakespeare_diloco.py"
 SIMULATED = {"mesh.island": 1, "mesh.data": 1, "launch.mode": "none", "launch.processes": 1,
              "checkpoint_every": 10**9}
 RESUMABLE = ("full",)  # suites whose runs checkpoint at every eval and resume when re-run
+# The full suite's sweeps, most telling first: the goals' spread, then H, outer lr, M, ...
+FULL_ORDER = ("seed", "H", "outer_lr", "M", "momentum", "inner_lr", "partition", "codec")
 PATH = "simulated (island axis 1)"
 _TINY = {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
          "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,

@@ -183,6 +183,14 @@ def test_job_plan_runs_each_point_once_and_compiles_each_new_program_in_one_job(
   assert suite_jobs.plan("quick", have) == ([], [])  # resumed: nothing left
   only, untimed = suite_jobs.plan("quick", set(), sweeps=False)  # --methods_only
   assert [j["kind"] for j in only] == ["method_train"] * len(meth) and len(untimed) == len(meth)
+  full, _ = suite_jobs.plan("full", set())  # days: one run per job, whole sweeps in order
+  rank = {}  # a point shared by sweeps runs with the first of them in FULL_ORDER
+  for sw, *_, r in suites.sweeps("full"):
+    k = suites._key(r, "full")
+    rank[k] = min(rank.get(k, 99), suites.FULL_ORDER.index(sw))
+  order = [rank[suites._key(j["runs"][0], "full")] for j in full if j["kind"] == "runs"]
+  assert all(len(j["runs"]) == 1 for j in full) and order[0] == 0  # the seed sweep first
+  assert order == sorted(order)
 
 
 def test_queue_claims_each_job_once_and_peak_rss_resets(tmp_path):
