@@ -180,7 +180,7 @@ def step_summary(rows: list[dict], command: str) -> str:
 def run_train_suite(args, out: str, start: float, command: str) -> None:
   from experiments import suite_jobs, suite_report  # pylint: disable=g-import-not-at-top
   res = suite_jobs.run_suite(args.suite, out, workers=args.workers,
-                             methods_only=args.methods_only)
+                             methods_only=args.methods_only, hours=args.hours)
   first = res["methods"][0][1]
   info = {"suite": args.suite, "git_commit": _git_commit(), "jax": first["jax"],
           "device": first["device"], "wall_s": time.time() - start,
@@ -211,6 +211,9 @@ def main(argv=None) -> None:
   parser.add_argument("--workers", type=int, default=2, help="sweep worker processes")
   parser.add_argument("--methods_only", action="store_true",
                       help="quick / full: the methods table, goals and projections, no sweeps")
+  parser.add_argument("--hours", type=float, default=None,
+                      help="quick / full: stop training after this long, then time and report "
+                      "what is done (run again to continue)")
   parser.add_argument("--gbps", type=float, default=1.0, help="projected link, Gbit/s")
   parser.add_argument("--latency_ms", type=float, default=50.0, help="projected link latency")
   parser.add_argument("--peak_tflops", type=float, default=None, help="gpu: device peak")

@@ -28,6 +28,7 @@ continues from there, exactly (delete that directory to start them over).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -98,9 +99,10 @@ def _fail(p: subprocess.Popen) -> None:
            "*.log files in /tmp/fedjax_lm_suite_<suite>/")
 
 
-def _run_queue(jobs: list[dict], base: dict, workers: int) -> None:
+def _run_queue(jobs: list[dict], base: dict, workers: int, deadline: float = math.inf) -> None:
   """``workers`` processes, each pinned to its own core, take ``jobs`` in order until none is
-  left (each claims the next job no other took)."""
+  left (each claims the next job no other took) or until ``deadline`` (``time.time()``), when
+  they are killed (a resumable suite's runs continue from their last checkpoint next time)."""
   queue = os.path.join(base["logs"], "jobs.json")
   for name in os.listdir(base["logs"]):
     if name.startswith("jobs.json"):
@@ -113,6 +115,13 @@ def _run_queue(jobs: list[dict], base: dict, workers: int) -> None:
                    "one_core": cores[w] if n > 1 else None}) for w in range(n)]
   while procs:
     time.sleep(0.2)
+    if time.time() > deadline:
+      for p in procs:
+        p.kill()
+        p.wait()
+      print(f"--hours: the training phase's budget is spent; {len(procs)} worker(s) stopped",
+            flush=True)
+      return
     for p in [p for p in procs if p.poll() is not None]:
       procs.remove(p)
       if p.returncode:
@@ -128,10 +137,12 @@ def _read(path: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def run_suite(suite: str, out: str, workers: int = 2,
-              methods_only: bool = False) -> dict:
+def run_suite(suite: str, out: str, workers: int = 2, methods_only: bool = False,
+              hours: float | None = None) -> dict:
   """Runs (or completes) every phase of ``suite``; returns {methods, layout, sweeps} rows
-  (``methods_only``: no sweeps, ``sweeps`` empty)."""
+  (``methods_only``: no sweeps, ``sweeps`` empty; ``hours``: the training phase stops after
+  that long, and the sweep points not trained yet are None)."""
+  deadline = time.time() + hours * 3600 if hours else math.inf
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "runs.jsonl")
   tmp = os.path.join("/tmp", f"fedjax_lm_suite_{suite}")
@@ -142,7 +153,11 @@ def run_suite(suite: str, out: str, workers: int = 2,
   key = lambda run: suites._key(run, suite)  # pylint: disable=protected-access
   jobs, untimed = plan(suite, {(r["kind"], r["key"]) for r in _read(path)}, not methods_only)
   if jobs:
-    _run_queue(jobs, base, workers)
+    _run_queue(jobs, base, workers, deadline)
+  trained = {r["key"] for r in _read(path) if r["kind"] in ("method", "method_train")}
+  if any(key(run) not in trained for _, run in suites.methods(suite)):
+    sys.exit(f"--hours {hours}: the methods table's training runs are not all done; run the "
+             "same command again to continue them (finished rows are kept)")
   if untimed:
     p = _spawn({**base, "kind": "method_timing", "runs": untimed})
     if p.wait():

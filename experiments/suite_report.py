@@ -300,6 +300,14 @@ def goals(facts: dict, proj: list) -> list[str]:
   return lines
 
 
+def sweeps_done(res: dict) -> list[str]:
+  """A line saying how many sweep points are still to run (none if all are done)."""
+  todo, points = sum(r is None for *_, r in res["sweeps"]), len(res["sweeps"])
+  return [] if not todo else [
+      f"**{points - todo} of {points} sweep points done** (the command ran with "
+      "`--hours`); the empty cells are the rest. Run the same command again to continue.", ""]
+
+
 def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s: float) -> None:
   """Writes summary.md, results.jsonl and the plots under ``out``."""
   rows = [r for _, r in res["methods"]] + [r for *_, r in res["sweeps"] if r is not None]
@@ -328,7 +336,7 @@ def write(res: dict, out: str, info: dict, command: str, gbps: float, latency_s:
            "Table 4 (Gbit/s, zero latency as in the paper)", "",
            *paper_section(), "", "## Sweeps (final eval loss, nats/byte)", "",
            *(["Not run (`--methods_only`).", ""] if info.get("methods_only") else
-             sweep_tables(res)), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
+             sweeps_done(res) + sweep_tables(res)), "## Plots", "", *[f"![{p}]({p})" for p in pngs], ""]
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines))
   with open(os.path.join(out, "results.jsonl"), "w") as f:

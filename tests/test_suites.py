@@ -91,9 +91,13 @@ def test_smallest_quick_case_end_to_end(tmp_path, compile_cache):
                                                                   str(tmp_path / "sw"))))
   info = {"suite": suite, "git_commit": "test", "jax": jax.__version__, "device": "cpu",
           "wall_s": 1.0}
+  suite_report.write({**res, "sweeps": res["sweeps"] + [("outer_lr", "M=2", 0.7, None)]},
+                     str(tmp_path), info, "pytest", 1.0, 0.05)  # --hours ran out: one to go
+  assert "**1 of 2 sweep points done**" in (tmp_path / "summary.md").read_text()
   suite_report.write(res, str(tmp_path), info, "pytest", 1.0, 0.05)
   text = (tmp_path / "summary.md").read_text()
   assert "## Methods" in text and "## Goals" in text and "outer_lr" in text
+  assert "sweep points done" not in text
   assert f"{1 / h:.4f} | **met**" in text
   for png in ("methods.png", "sweep_outer_lr.png", "time_to_loss.png"):
     assert os.path.getsize(tmp_path / png) > 1000
@@ -148,6 +152,12 @@ def test_a_killed_full_suite_run_resumes_exactly_where_its_queue_left_it(tmp_pat
   assert never_stopped["resumed_at_step"] == 0
   assert row["eval_losses"] == never_stopped["eval_losses"]
   assert row["island_bytes"] == never_stopped["island_bytes"] > 0
+
+
+def test_hours_stops_the_training_phase_and_says_what_is_left(tmp_path):
+  with pytest.raises(SystemExit, match="not all done; run the same command again"):
+    suite_jobs.run_suite("smoke", str(tmp_path), workers=1, hours=1e-9)  # no time at all
+  assert not (tmp_path / "runs.jsonl").exists()  # its worker was stopped before any row
 
 
 def test_sweep_grid_reuses_runs():
