@@ -30,6 +30,7 @@ import sys
 import time
 
 ONE_VMAP = {"islands.simulated_groups": 1}  # the M islands as one vmap (before per-core groups)
+AUTODIFF = {"model.hand_backward": False}  # autodiff's backward order (before hand_backward)
 OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_block": 0,
        **ONE_VMAP}
 UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0,
@@ -41,15 +42,18 @@ STEP_VARIANTS = [
     ("+ unrolled layers", UNROLLED, NONE),
     ("+ XLA's own dots (no YNNPACK fusions)", UNROLLED, XLA),
     ("+ fused QKV and gate-up (stacked backward), head-major attention, 1/sqrt(Dh) in W_q, "
-     "softmax divided after PV", {"model.attention_block": 0, **ONE_VMAP}, XLA),
-    ("+ causal query blocks of 128", ONE_VMAP, XLA),
-    ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1)", ONE_VMAP, ALL),
-    ("+ simulated islands in per-core groups (islands.simulated_groups) = **default**", {}, ALL),
+     "softmax divided after PV", {"model.attention_block": 0, **ONE_VMAP, **AUTODIFF}, XLA),
+    ("+ causal query blocks of 128", {**ONE_VMAP, **AUTODIFF}, XLA),
+    ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1)",
+     {**ONE_VMAP, **AUTODIFF}, ALL),
+    ("+ simulated islands in per-core groups (islands.simulated_groups)", AUTODIFF, ALL),
+    ("+ QKV projected token-major, weight gradients as x^T @ dy, SwiGLU's backward written out "
+     "(model.hand_backward) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
     ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
 ]
-DEFAULT = STEP_VARIANTS[6][0]
+DEFAULT = next(name for name, _, _ in STEP_VARIANTS if "**default**" in name)
 PATHS = {  # name -> (overrides, one_core)
     "simulated": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1}, False),
     "1 island / 1 core": ({"mesh.island": 1, "mesh.data": 1, "launch.processes": 1,

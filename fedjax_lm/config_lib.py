@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=512, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, head_dim=32,
       mlp_dim=512, max_len=256, rope_base=10_000.0, tie_embeddings=False,
       compute_dtype="float32", param_dtype="float32", scan_layers=False, attention="fused",
-      attention_block=128))
+      attention_block=128, hand_backward=True))
 
   # Mesh axis sizes; one may be -1 (all remaining devices).
   c.mesh = ml_collections.ConfigDict({"island": 1, "data": -1, "fsdp": 1, "tensor": 1})

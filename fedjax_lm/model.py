@@ -45,6 +45,9 @@ class ModelConfig:
   scan_layers: bool = False  # True: lax.scan over layers (compile time flat in depth)
   attention: str = "fused"  # fused | einsum (reference) | dot_product (jax.nn's)
   attention_block: int = 128  # fused: causal query-block size; 0 or not dividing T = one block
+  # fused: QKV projected token-major, the weight gradients as x^T @ dy (`dense`), SwiGLU's
+  # backward written out (`silu_glu`); False: autodiff's own order (the same function)
+  hand_backward: bool = True
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -103,6 +106,7 @@ class Transformer(nnx.Module):
     cdt = DTYPES[cfg.compute_dtype]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cdt)
     fused = cfg.attention == "fused"
+    project = dense if fused and cfg.hand_backward else jnp.tensordot
     with jax.ensure_compile_time_eval():  # a constant, so RoPE's tables are constants too
       positions = jnp.arange(tokens.shape[-1])
     layer_params = {name: getattr(self, name)[...] for name in
@@ -110,7 +114,7 @@ class Transformer(nnx.Module):
 
     def block(h, p):
       h = h + _attention(rms_norm(h, p["attn_norm"]), p, positions, cfg)
-      h = h + _swiglu(rms_norm(h, p["mlp_norm"]), p, fused)
+      h = h + _swiglu(rms_norm(h, p["mlp_norm"]), p, fused, cfg.hand_backward)
       return h, None
 
     if cfg.scan_layers:
@@ -122,7 +126,7 @@ class Transformer(nnx.Module):
     unembed = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     if cfg.tie_embeddings:
       x = x * cfg.embed_dim**-0.5  # keep tied logits O(1) at init
-    return dense(x, unembed.astype(cdt)).astype(jnp.float32)
+    return project(x, unembed.astype(cdt), 1).astype(jnp.float32)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -193,16 +197,19 @@ def _attention_fused(x, p, positions, cfg: ModelConfig):
   cdt = x.dtype
   H, K = cfg.num_heads, cfg.num_kv_heads
   wq = p["wq"] * jnp.asarray(cfg.head_dim**-0.5, p["wq"].dtype)
-  # The projection is token-major ([T, D] @ [D, 3 H Dh], XLA:CPU's fast dot layout), then one
-  # transpose to head-major: 12% faster a step than projecting straight into [.., heads, T, Dh].
+  # hand_backward: the projection token-major ([T, D] @ [D, 3 H Dh], XLA:CPU's fast layout),
+  # then one transpose to head-major: 12% a step faster than projecting into [.., heads, T, Dh].
+  hand = cfg.hand_backward
   if H == K:  # stacked on a new axis, so a sharded heads axis stays sharded
-    w = jnp.stack([wq, p["wk"], p["wv"]], axis=1).astype(cdt)
-    qkv = jnp.moveaxis(jnp.einsum("...td,dshk->...tshk", x, w), -4, -2)
+    w = jnp.stack([wq, p["wk"], p["wv"]], axis=1 if hand else 0).astype(cdt)
+    qkv = (jnp.moveaxis(jnp.einsum("...td,dshk->...tshk", x, w), -4, -2) if hand
+           else jnp.einsum("...td,sdhk->...shtk", x, w))
     q, k, v = unstack(qkv, axis=-4)
     q, k = (rope_heads_first(a, positions, cfg.rope_base) for a in (q, k))
   else:
     w = jnp.concatenate([wq, p["wk"], p["wv"]], axis=1).astype(cdt)
-    qkv = jnp.moveaxis(jnp.einsum("...td,dhk->...thk", x, w), -3, -2)
+    qkv = (jnp.moveaxis(jnp.einsum("...td,dhk->...thk", x, w), -3, -2) if hand
+           else jnp.einsum("...td,dhk->...htk", x, w))
     qk = rope_heads_first(qkv[..., :H + K, :, :], positions, cfg.rope_base)
     q, k, v = qk[..., :H, :, :], qk[..., H:, :, :], qkv[..., H + K:, :, :]
   if H > K:
@@ -221,7 +228,9 @@ def _attention_fused(x, p, positions, cfg: ModelConfig):
     out = jnp.einsum("...hqs,...hsk->...hqk", e.astype(cdt), v[..., :stop, :])
     outs.append((out / e.sum(axis=-1, keepdims=True)).astype(cdt))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
-  return dense(jnp.moveaxis(out, -3, -2), p["wo"].astype(cdt), contract=2)
+  if not hand:
+    return jnp.einsum("...htk,hkd->...td", out, p["wo"].astype(cdt))
+  return dense(jnp.moveaxis(out, -3, -2), p["wo"].astype(cdt), 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -243,12 +252,16 @@ def _unstack_bwd(axis, _, cts):
 unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
-def _swiglu(x, p, fused: bool = False):
+def _swiglu(x, p, fused: bool = False, hand_backward: bool = True):
   """SwiGLU MLP; ``fused``: gate and up projections as one matmul."""
   cdt = x.dtype
-  if fused:
+  if fused and hand_backward:
     gate_up = dense(x, jnp.stack([p["w_gate"], p["w_up"]], axis=1).astype(cdt))
     return dense(silu_glu(gate_up), p["w_down"].astype(cdt))
+  if fused:
+    gate_up = jnp.einsum("...d,sdf->...sf", x, jnp.stack([p["w_gate"], p["w_up"]]).astype(cdt))
+    gate, up = unstack(gate_up, axis=-2)
+    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))
   gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
   up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
   return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))

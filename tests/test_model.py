@@ -136,8 +136,8 @@ def test_gqa_runs_and_matches_repeated_kv_heads():
 
 @pytest.mark.parametrize("kv_heads,block,seq", [(4, 8, 32), (2, 8, 32), (4, 0, 12), (4, 5, 12)])
 def test_formulations_agree_in_f32(kv_heads, block, seq):
-  """fused (stacked QKV, head-major, causal query blocks, rotation as a matmul), unrolled or
-  scanned layers, and jax.nn.dot_product_attention compute the reference function: same
+  """fused (stacked QKV, head-major, causal query blocks, rotation as a matmul), with its
+  written-out backward passes or autodiff's, unrolled or scanned layers, and jax.nn.dot_product_attention compute the reference function: same
   logits and gradients within f32 rounding (blocks that do not divide T fall back to one)."""
   ref = _cfg(num_kv_heads=kv_heads, attention="einsum", scan_layers=True)
   graphdef, params = _init(ref)
@@ -151,6 +151,7 @@ def test_formulations_agree_in_f32(kv_heads, block, seq):
   want_loss, want_grad = loss_and_grad(ref)
   for variant in (dict(attention="fused", attention_block=block, scan_layers=False),
                   dict(attention="fused", attention_block=block, scan_layers=True),
+                  dict(attention="fused", attention_block=block, hand_backward=False),
                   dict(attention="einsum", scan_layers=False),
                   dict(attention="dot_product", scan_layers=False)):
     loss, grad = loss_and_grad(_cfg(num_kv_heads=kv_heads, **variant))
@@ -365,3 +366,34 @@ def test_unstack_matches_slicing_forward_and_backward():
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(jax.grad(lambda x: loss(ours, x))(x),
                                 jax.grad(lambda x: loss(sliced, x))(x))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,contract", [
+    ((2, 5, 3), (3, 2, 4), 1),   # x narrower than the output: x^T @ dy
+    ((2, 5, 6), (6, 4), 1),      # x wider: (dy^T @ x)^T
+    ((2, 5, 2, 3), (2, 3, 4), 2)])
+def test_dense_equals_tensordot_forward_and_backward(x_shape, w_shape, contract):
+  """model.dense's written-out backward (either operand order) equals autodiff's."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, contract)))
+  np.testing.assert_allclose(model_lib.dense(x, w, contract), jnp.tensordot(x, w, contract),
+                             rtol=1e-6)
+  for got, want in zip(jax.grad(loss(model_lib.dense), (0, 1))(x, w),
+                       jax.grad(loss(jnp.tensordot), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_silu_glu_backward_by_hand_and_against_autodiff():
+  """silu_glu's written-out backward: silu'(0) = 1/2 and d/dup = silu(gate) by hand, and
+  autodiff's gradient of silu(gate) * up elsewhere."""
+  gate_up = jnp.array([[0.0, -1.5, 2.0], [3.0, 0.5, -2.0]])[None]  # [1, 2 (gate, up), 3]
+  dh = jnp.array([[1.0, 2.0, -1.0]])
+  _, vjp = jax.vjp(model_lib.silu_glu, gate_up)
+  (got,) = vjp(dh)
+  np.testing.assert_allclose(got[0, 0, 0], 1.0 * 3.0 * 0.5)  # dh * up * silu'(0)
+  np.testing.assert_allclose(got[0, 1, 0], 0.0)  # dh * silu(0)
+  ref = lambda gu: jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
+  (want,) = jax.vjp(ref, gate_up)[1](dh)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(model_lib.silu_glu(gate_up), ref(gate_up), rtol=1e-7)
