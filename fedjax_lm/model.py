@@ -306,12 +306,13 @@ def _dense_fwd(x, w, contract):
 def _dense_bwd(contract, res, dy):
   x, w = res
   out = w.ndim - contract
-  dx = jnp.tensordot(dy, w, axes=(tuple(range(dy.ndim - out, dy.ndim)), tuple(range(contract, w.ndim))))
+  outs = tuple(range(contract, w.ndim))
+  dx = jnp.tensordot(dy, w, axes=(tuple(range(dy.ndim - out, dy.ndim)), outs))
   lead = tuple(range(x.ndim - contract))
   if math.prod(x.shape[-contract:]) <= math.prod(w.shape[contract:]):  # transpose the narrower
     return dx, jnp.tensordot(x, dy, axes=(lead, lead))
   dw_t = jnp.tensordot(dy, x, axes=(lead, lead))  # [*out, *c]
-  return dx, jnp.moveaxis(dw_t, tuple(range(out)), tuple(range(contract, w.ndim)))
+  return dx, jnp.moveaxis(dw_t, tuple(range(out)), outs)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
