@@ -263,9 +263,9 @@ def _swiglu(x, p, fused: bool = False, hand_backward: bool = True):
   if fused:
     gate_up = jnp.einsum("...d,sdf->...sf", x, jnp.stack([p["w_gate"], p["w_up"]]).astype(cdt))
     gate, up = unstack(gate_up, axis=-2)
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))
-  gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
-  up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
+  else:
+    gate = jnp.einsum("...d,df->...f", x, p["w_gate"].astype(cdt))
+    up = jnp.einsum("...d,df->...f", x, p["w_up"].astype(cdt))
   return jnp.einsum("...f,fd->...d", jax.nn.silu(gate) * up, p["w_down"].astype(cdt))
 
 

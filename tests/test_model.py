@@ -137,8 +137,9 @@ def test_gqa_runs_and_matches_repeated_kv_heads():
 @pytest.mark.parametrize("kv_heads,block,seq", [(4, 8, 32), (2, 8, 32), (4, 0, 12), (4, 5, 12)])
 def test_formulations_agree_in_f32(kv_heads, block, seq):
   """fused (stacked QKV, head-major, causal query blocks, rotation as a matmul), with its
-  written-out backward passes or autodiff's, unrolled or scanned layers, and jax.nn.dot_product_attention compute the reference function: same
-  logits and gradients within f32 rounding (blocks that do not divide T fall back to one)."""
+  written-out backward passes or autodiff's, unrolled or scanned layers, and
+  jax.nn.dot_product_attention compute the reference function: same logits and gradients
+  within f32 rounding (blocks that do not divide T fall back to one)."""
   ref = _cfg(num_kv_heads=kv_heads, attention="einsum", scan_layers=True)
   graphdef, params = _init(ref)
   tokens = _tokens(2, seq, ref.vocab_size)
