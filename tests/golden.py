@@ -1,0 +1,99 @@
+"""Golden numerics: eleven short runs whose per-step losses, final eval loss and byte counts
+were recorded before the engine was restructured (``tests/golden/engine.json``), so that a
+refactor that changes numerics fails ``tests/test_golden.py``.
+
+Regenerate (only when a numerics change is intended, and say so in the commit), under the
+tests' own XLA configuration:
+
+    FEDJAX_LM_WRITE_GOLDEN=1 python -m pytest -q -n 2 tests/test_golden.py
+
+Every run but ``host_transport`` trains in this process on one device (all islands simulated);
+``host_transport`` runs the CLI with 2 processes, one island each, over the host link.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GOLDEN = os.path.join(HERE, "golden", "engine.json")
+
+_COMMON = {"total_steps": 16, "log_every": 1, "eval_every": 8, "checkpoint_every": 1000,
+           "mesh.island": 1, "mesh.data": 1, "launch.processes": 1, "launch.mode": "none"}
+_ISLANDS = {"algorithm": "islands", "islands.num": 2, "outer.sync_every": 4}
+
+RUNS: dict[str, dict] = {
+    "ddp": {"algorithm": "ddp", "islands.num": 2},
+    "fedavg": {**_ISLANDS, "outer.optimizer": "fedavg"},
+    "diloco": {**_ISLANDS, "outer.optimizer": "diloco"},
+    "streaming_int4_ef": {**_ISLANDS, "outer.sync_every": 8, "outer.fragments": 4,
+                          "outer.overlap": 2, "outer.mixing": 0.5, "outer.compression": "int4",
+                          "outer.quant_block": 64, "outer.error_feedback": 0.9},
+    "eager": {**_ISLANDS, "outer.fragments": 2, "outer.overlap": 1, "outer.mixing": 0.5,
+              "outer.eager": True},
+    "sparseloco_topk": {**_ISLANDS, "outer.optimizer": "fedavg", "outer.compression": "topk",
+                        "outer.topk_fraction": 1 / 8, "outer.topk_chunk": 64,
+                        "outer.topk_bits": 2, "outer.error_feedback": 0.95},
+    "dropout_keep": {**_ISLANDS, "islands.num": 3, "islands.absent": "4:1,8:0,12:2",
+                     "islands.absent_policy": "keep"},
+    "dropout_reset": {**_ISLANDS, "islands.num": 3, "islands.dropout": 0.4,
+                      "islands.absent_policy": "reset"},
+    "nonfinite_guard": {**_ISLANDS, "env": {"FEDJAX_LM_NONFINITE_AT": "3:1,10:0"}},
+    "host_transport": {**_ISLANDS, "outer.fragments": 2, "outer.overlap": 1,
+                       "outer.mixing": 0.5, "outer.compression": "int8",
+                       "outer.quant_block": 64, "outer.transport": "host", "mesh.island": 2,
+                       "launch.processes": 2, "launch.mode": "local"},
+    "muloco": {**_ISLANDS, "inner.optimizer": "muon", "inner.learning_rate": 1e-2},
+}
+
+
+def overrides(name: str, data_dir: str) -> dict:
+  run = {k: v for k, v in RUNS[name].items() if k != "env"}
+  return {**_COMMON, "data.data_dir": data_dir, **run}
+
+
+def summary(records: list[dict]) -> dict:
+  """What the golden file keeps of one run's ``metrics.jsonl``."""
+  last = records[-1]
+  return {"island_loss": [r["island_loss"] for r in records],
+          "steps": [r["step"] for r in records],
+          "eval_loss": [r["eval_loss"] for r in records if "eval_loss" in r],
+          "island_bytes": last["island_bytes"], "island_peak_bytes": last["island_peak_bytes"],
+          "island_control_bytes": last["island_control_bytes"],
+          "nonfinite": [r["nonfinite"] for r in records]}
+
+
+def run(name: str, workdir: str, data_dir: str) -> dict:
+  """Trains run ``name`` into ``workdir`` and returns its :func:`summary`."""
+  from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  cfg = overrides(name, data_dir)
+  env = RUNS[name].get("env", {})
+  if cfg["launch.processes"] > 1:
+    args = ["--config", "configs/tiny.py", "--workdir", workdir,
+            *(f"--config.{k}={v}" for k, v in cfg.items())]
+    full_env = {**os.environ, "XLA_FLAGS": "", **env}
+    done = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=600)
+    if done.returncode:
+      raise RuntimeError(f"golden run {name} failed:\n{done.stderr[-3000:]}")
+  else:
+    import jax  # pylint: disable=g-import-not-at-top
+    from configs import tiny  # pylint: disable=g-import-not-at-top
+    from fedjax_lm import config_lib, train  # pylint: disable=g-import-not-at-top
+    config = tiny.get_config()
+    config.unlock()
+    config_lib.override(config, cfg)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+      train.train(config, workdir, devices=jax.devices()[:1])
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+  return summary(metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
