@@ -67,10 +67,11 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        item_names=("state", "data", "config"),
+        item_names=("state", "data", "config", "clock"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
+                       "config": ocp.JsonCheckpointHandler(),
+                       "clock": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1),
                                              max_to_keep=int(keep), create=True))
 
@@ -78,17 +79,23 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: Any, force: bool = False,
-           layout: dict | None = None) -> bool:
+           layout: dict | None = None, clock: dict | None = None) -> bool:
+    """Saves the state, the data position, the layout and the clock's JSON (what the engine's
+    host-side clock says at ``step``: schedule, drop-out, what is in flight)."""
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_iterator.global_state()),
-        config=ocp.args.JsonSave(layout or {})), force=force)
+        config=ocp.args.JsonSave(layout or {}),
+        clock=ocp.args.JsonSave(clock or {"step": step})), force=force)
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any,
-                     layout: dict) -> tuple[int | None, Any]:
-    """(step, state) of the newest good checkpoint, or (None, None) if there is none."""
+  def restore_latest(self, abstract_state: Any, data_iterator: Any, layout: dict,
+                     clock_state: Any = None) -> tuple[int | None, Any]:
+    """(step, state) of the newest good checkpoint, or (None, None) if there is none.
+    ``clock_state(step)``: this run's clock JSON at a step, checked against the saved one."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       self._check_layout(step, layout)
+      if clock_state is not None:
+        self._check_clock(step, clock_state(step))
       try:
         return step, self.restore(step, abstract_state, data_iterator)
       except RuntimeError as e:
@@ -107,6 +114,18 @@ class Checkpointer:
             if k in saved and saved[k] != v]
     if diff:
       raise ValueError(f"checkpoint step {step} in {self.directory} is from a different config: "
+                       + ", ".join(diff) + ". Use another --workdir or the same settings.")
+
+  def _check_clock(self, step: int, mine: dict) -> None:
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(
+          clock=ocp.args.JsonRestore()))["clock"]
+    except Exception:  # pylint: disable=broad-except  (damaged: the state decides)
+      return
+    diff = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in mine.items()
+            if k in saved and saved[k] != v]
+    if diff:
+      raise ValueError(f"checkpoint step {step} in {self.directory} is on a different clock: "
                        + ", ".join(diff) + ". Use another --workdir or the same settings.")
 
   def _move_aside(self, step: int) -> None:

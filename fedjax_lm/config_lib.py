@@ -6,8 +6,15 @@ an unknown key (``--config.inner.lr=...``) fails naming the key. ``validate`` ch
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
+
+from fedjax_lm import engine
+from fedjax_lm import health
+from fedjax_lm import steps
 
 PARTITIONS = ("iid", "by_play", "by_genre")
 
@@ -110,8 +117,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 def load_file(path: str) -> ml_collections.ConfigDict:
   """``get_config()`` of a config file (what ``--config PATH`` loads)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -150,10 +155,8 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(c) -> None:
   """One clear error naming the first bad value."""
-  # pylint: disable-next=g-import-not-at-top
-  from fedjax_lm import codecs, fragments, health, islands, outer, steps
-  _check(c.algorithm in islands.ALGORITHMS,
-         f"algorithm={c.algorithm!r}: expected one of {islands.ALGORITHMS}")
+  _check(c.algorithm in engine.ALGORITHMS,
+         f"algorithm={c.algorithm!r}: expected one of {engine.ALGORITHMS}")
   _check(c.inner.optimizer in steps.INNER_OPTIMIZERS,
          f"inner.optimizer={c.inner.optimizer!r}: expected one of {steps.INNER_OPTIMIZERS}")
   _check(c.data.partition in PARTITIONS,
@@ -171,35 +174,11 @@ def validate(c) -> None:
   _check(c.islands.absent_policy in health.ABSENT_POLICIES,
          f"islands.absent_policy={c.islands.absent_policy!r}: expected one of "
          f"{health.ABSENT_POLICIES}")
-  health.Participation(int(c.islands.num), float(c.islands.dropout), c.islands.absent, 0)
-  _check(c.algorithm == "islands" or (not float(c.islands.dropout) and not c.islands.absent),
-         "islands.dropout / islands.absent need algorithm=islands (DDP has no syncs to miss)")
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
-  if c.algorithm == "islands":
-    outer.resolved_hparams(c.outer)
-    _check(int(c.outer.sync_every) >= 1, f"outer.sync_every={c.outer.sync_every} must be >= 1")
-    fragments.Schedule(int(c.outer.sync_every), int(c.outer.fragments), int(c.outer.overlap),
-                       int(c.total_steps))
-    check_streaming_options(c.outer, codecs.from_config(c.outer))
+  engine.validate(c)
   _check(c.launch.mode in ("local", "cluster", "none"),
          f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")
-
-
-def check_streaming_options(oc, codec) -> None:
-  """One clear error for a bad combination of streaming / compression options."""
-  from fedjax_lm import islands  # pylint: disable=g-import-not-at-top
-  _check(0.0 <= float(oc.mixing) <= 1.0, f"outer.mixing={oc.mixing} must be in [0, 1]")
-  _check(0.0 <= float(oc.error_feedback) <= 1.0,
-         f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
-  _check(not (float(oc.error_feedback) > 0 and codec is None),
-         "outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
-  _check(not (oc.eager and int(oc.overlap) < 1),
-         "outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
-  _check(oc.transport in islands.TRANSPORTS,
-         f"outer.transport={oc.transport!r}: expected one of {islands.TRANSPORTS}")
-  _check(not (oc.reset_inner_opt_state and int(oc.fragments) > 1),
-         "outer.reset_inner_opt_state is only defined for outer.fragments=1")

@@ -15,8 +15,11 @@ import os
 import shutil
 from typing import Any
 
+import jax
+
 from fedjax_lm import config_lib
 from fedjax_lm import metrics as metrics_lib
+from fedjax_lm import train
 
 SMOKE = dict(total_steps=40, eval_every=20, log_every=10, eval_batches=2,
              data=dict(seq_len=64, batch_size=8),
@@ -53,8 +56,6 @@ def run(config, workdir: str, outer_tx=None, fresh: bool = True) -> list[dict]:
   """Trains ``config`` in this process on its first device (``fresh``: from scratch, deleting
   ``workdir``) and
   returns the ``metrics.jsonl`` records; ``outer_tx`` replaces the configured outer optimizer."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fedjax_lm import train  # pylint: disable=g-import-not-at-top
   if fresh and os.path.isdir(workdir):
     shutil.rmtree(workdir)
   train.train(config, workdir, devices=jax.devices()[:1], outer_tx=outer_tx)

@@ -24,7 +24,7 @@ from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import health
 from fedjax_lm import input as input_lib
-from fedjax_lm import islands
+from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
@@ -104,7 +104,7 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={config.data.tokenizer!r})")
-  alg = islands.build(config, mesh, model_cfg, outer_tx=outer_tx)
+  alg = engine.build(config, mesh, model_cfg, outer_tx=outer_tx)
   graphdef, abstract_params = model_lib.build(model_cfg)
   total = int(config.total_steps)
   batches = input_lib.TrainBatches(config.data, mesh, num_islands=alg.num_islands,
@@ -117,7 +117,7 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   start, state = None, None
   if checkpointer.latest_step() is not None:
     abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
-    start, state = checkpointer.restore_latest(abstract, batches, layout)
+    start, state = checkpointer.restore_latest(abstract, batches, layout, alg.clock_state)
     if start is None:
       raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored (each "
                          "was moved aside to corrupt_checkpoints/); use another --workdir")
@@ -162,7 +162,7 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
       if done % config.log_every == 0 or is_eval:
         island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
         island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
-        nonfinite = check_health(island_ok, done, _fetch(state["failures_in_a_row"]))
+        nonfinite = check_health(island_ok, done, _fetch(alg.failures_in_a_row(state)))
         now = time.time()
         record = {"step": done, "tokens": done * tokens_per_step,
                   "train_loss": float(np.nanmean(island_loss)) if nonfinite else
@@ -181,8 +181,9 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
       preempted = preemption.reached(done)
       if done % config.checkpoint_every == 0 or done == total or preempted:
         state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
-        check_health(None, done, _fetch(state["failures_in_a_row"]))
-        checkpointer.save(done, state, batches, force=True, layout=layout)
+        check_health(None, done, _fetch(alg.failures_in_a_row(state)))
+        checkpointer.save(done, state, batches, force=True, layout=layout,
+                        clock=alg.clock_state(done))
       _maybe_inject_fault(done, checkpointer)
       if preempted and done < total:
         break

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from fedjax_lm import config_lib
-from fedjax_lm import islands
+from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 
@@ -64,10 +64,10 @@ def test_c4_150m_resolves_on_its_cluster_mesh():
   c.unlock()
   c.mesh.update({"island": 2, "data": 1, "fsdp": 2, "tensor": 1})
   mesh = mesh_lib.make_mesh(dict(c.mesh), jax.devices()[:4])
-  alg = islands.build(c, mesh, model_cfg)
+  alg = engine.build(c, mesh, model_cfg)
   state = jax.eval_shape(alg.init, jax.random.key(0))
-  assert state["inner_params"]["wq"].shape == (2, 12, 768, 12, 64)
-  shard = alg.state_shardings["inner_params"]["wq"].shard_shape((2, 12, 768, 12, 64))
+  assert state.islands.params["wq"].shape == (2, 12, 768, 12, 64)
+  shard = alg.state_shardings.islands.params["wq"].shard_shape((2, 12, 768, 12, 64))
   assert shard == (1, 12, 384, 12, 64)
 
 

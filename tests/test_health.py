@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli, tiny_config
 from fedjax_lm import health
-from fedjax_lm import islands
+from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import simulate
@@ -28,7 +28,7 @@ def _build(devices, **overrides):
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 3,
                           "outer.optimizer": "fedavg", "total_steps": 12, **overrides})
   mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1}, devices)
-  return islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+  return engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
 
 
 def _island(tree, m):
@@ -50,18 +50,18 @@ def test_nonfinite_island_is_skipped_masked_and_restarted(one_device):
   alg = _build(one_device)
   state = alg.init(jax.random.key(0))
   state, m1 = alg.inner_step(state, _batch(2, 1))
-  before = _island(state["inner_params"], 1)
+  before = _island(state.islands.params, 1)
   state, m2 = alg.inner_step(state, health.poison(_batch(2, 2), np.array([False, True])))
   assert list(np.asarray(m1["island_ok"])) == [True, True]
   assert list(np.asarray(m2["island_ok"])) == [True, False]
-  _assert_tree_close(_island(state["inner_params"], 1), before, rtol=0, atol=0)
+  _assert_tree_close(_island(state.islands.params, 1), before, rtol=0, atol=0)
   state, _ = alg.inner_step(state, _batch(2, 3))
-  island0 = _island(state["inner_params"], 0)
+  island0 = _island(state.islands.params, 0)
   state = alg.sync(state, 3)
-  _assert_tree_close(state["global_params"], island0, rtol=1e-6, atol=1e-7)
+  _assert_tree_close(state.server.params, island0, rtol=1e-6, atol=1e-7)
   for m in range(2):
-    _assert_tree_close(_island(state["inner_params"], m), island0, rtol=1e-6, atol=1e-7)
-  assert int(state["failures_in_a_row"]) == 0 and not np.asarray(state["tainted"]).any()
+    _assert_tree_close(_island(state.islands.params, m), island0, rtol=1e-6, atol=1e-7)
+  assert int(alg.failures_in_a_row(state)) == 0 and not np.asarray(state.islands.health.tainted).any()
   assert _all_finite(state)
 
 
@@ -74,28 +74,29 @@ def test_nonfinite_pseudo_gradient_is_masked(one_device, compression):
   state = alg.init(jax.random.key(0))
   for step in range(3):
     state, _ = alg.inner_step(state, _batch(2, step))
-  state["inner_params"] = jax.tree.map(lambda x: x.at[1].set(jnp.nan), state["inner_params"])
-  island0 = _island(state["inner_params"], 0)
+  state = state._replace(islands=state.islands._replace(
+      params=jax.tree.map(lambda x: x.at[1].set(jnp.nan), state.islands.params)))
+  island0 = _island(state.islands.params, 0)
   state = alg.sync(state, 3)
   tol = dict(rtol=1e-6, atol=1e-7) if compression == "none" else dict(rtol=0, atol=2e-3)
-  _assert_tree_close(state["global_params"], island0, **tol)
-  _assert_tree_close(_island(state["inner_params"], 1), state["global_params"], rtol=0, atol=0)
+  _assert_tree_close(state.server.params, island0, **tol)
+  _assert_tree_close(_island(state.islands.params, 1), state.server.params, rtol=0, atol=0)
   assert _all_finite(state)
 
 
 def test_ddp_skips_a_nonfinite_step(one_device):
   config = tiny_config(**{"algorithm": "ddp", "islands.num": 2, "total_steps": 12})
   mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1}, one_device)
-  alg = islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(0))
   state, _ = alg.inner_step(state, _batch(2, 1))
-  before = jax.tree.map(np.asarray, state["params"])
+  before = jax.tree.map(np.asarray, state.params)
   state, metrics = alg.inner_step(state, health.poison(_batch(2, 2), np.array([True, False])))
   assert list(np.asarray(metrics["island_ok"])) == [False, False]  # the mean is non-finite
-  _assert_tree_close(state["params"], before, rtol=0, atol=0)
-  assert int(state["failures_in_a_row"]) == 1
+  _assert_tree_close(state.params, before, rtol=0, atol=0)
+  assert int(alg.failures_in_a_row(state)) == 1
   state, metrics = alg.inner_step(state, _batch(2, 3))
-  assert int(state["failures_in_a_row"]) == 0 and _all_finite(state)
+  assert int(alg.failures_in_a_row(state)) == 0 and _all_finite(state)
 
 
 @pytest.mark.parametrize("policy", ["reset", "keep"])
@@ -106,14 +107,14 @@ def test_absent_island_is_left_out_and_rejoins(one_device, policy):
   state = alg.init(jax.random.key(0))
   for step in range(3):
     state, _ = alg.inner_step(state, _batch(2, step))
-  island0, island1 = _island(state["inner_params"], 0), _island(state["inner_params"], 1)
+  island0, island1 = _island(state.islands.params, 0), _island(state.islands.params, 1)
   state = alg.sync(state, 3)
-  _assert_tree_close(state["global_params"], island0, rtol=1e-6, atol=1e-7)
-  _assert_tree_close(_island(state["inner_params"], 1),
+  _assert_tree_close(state.server.params, island0, rtol=1e-6, atol=1e-7)
+  _assert_tree_close(_island(state.islands.params, 1),
                      island0 if policy == "reset" else island1, rtol=1e-6, atol=1e-7)
   assert alg.island_bytes(3) == alg.bytes_per_sync / 2  # only island 0 sent
   assert alg.island_bytes(6) == alg.bytes_per_sync * 1.5
-  assert int(state["failures_in_a_row"]) == 0
+  assert int(alg.failures_in_a_row(state)) == 0
 
 
 def test_dropout_schedule_is_seeded_and_has_the_rate():

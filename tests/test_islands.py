@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_config
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import hlo
-from fedjax_lm import islands
+from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 
@@ -32,7 +32,7 @@ def _batches(num_islands, rows, seq, steps, seed=0):
 def _run(config, devices, steps=5):
   config.total_steps = steps  # the sync schedule (final flush) and the lr schedule
   mesh = _mesh(devices)
-  alg = islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(config.seed))
   losses = []
   for step, batch in enumerate(_batches(config.islands.num, 4, 16, steps)):
@@ -92,7 +92,7 @@ def test_two_islands_linear_model_by_hand(one_device):
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 2,
                           "outer.optimizer": "diloco"})
   loss_fn = lambda p, b: jnp.mean(0.5 * (b["x"][:, 0] * p["w"][0] - b["y"]) ** 2)
-  alg = islands.build_for_loss(
+  alg = engine.build_for_loss(
       config, _mesh(one_device), loss_fn=loss_fn, init_fn=lambda key: {"w": jnp.zeros(1)},
       abstract_params={"w": jax.ShapeDtypeStruct((1,), jnp.float32)},
       param_specs={"w": P(None)}, inner_tx=optax.sgd(0.5))
@@ -104,30 +104,29 @@ def test_two_islands_linear_model_by_hand(one_device):
     if step == 0:
       np.testing.assert_allclose(metrics["island_loss"], [2.0, 0.5])
     if step == 1:
-      np.testing.assert_allclose(state["inner_params"]["w"][:, 0], [1.5, -0.75])
-    if alg.schedule.sends(step + 1):
+      np.testing.assert_allclose(state.islands.params["w"][:, 0], [1.5, -0.75])
+    if alg.clock.schedule.sends(step + 1):
       state = alg.sync(state, step + 1)
-      np.testing.assert_allclose(state["global_params"]["w"][0], expected_global[step],
+      np.testing.assert_allclose(state.server.params["w"][0], expected_global[step],
                                  rtol=1e-6)
-      np.testing.assert_allclose(state["inner_params"]["w"][:, 0], [expected_global[step]] * 2,
+      np.testing.assert_allclose(state.islands.params["w"][:, 0], [expected_global[step]] * 2,
                                  rtol=1e-6)
   assert alg.island_bytes(4) == 2 * 4  # two syncs of one float32 each
 
 
 def _compiled_collectives(config, mesh):
   model_cfg = model_lib.ModelConfig.from_config(config.model)
-  alg = islands.build(config, mesh, model_cfg)
+  alg = engine.build(config, mesh, model_cfg)
   state = ckpt_lib.abstract_like(jax.eval_shape(alg.init, jax.random.key(0)),
                                  alg.state_shardings)
   m, b, t = config.islands.num, config.data.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((m, b, t), jnp.float32 if k == "mask" else jnp.int32)
            for k in ("inputs", "targets", "mask")}
   n = mesh.devices.size
-  inner_state = {k: state[k] for k in alg.inner_keys}
-  inner = hlo.collectives(alg.programs["inner"].lower(inner_state, batch).compile().as_text(), n)
-  outer = [c for p in range(alg.schedule.fragments if alg.schedule else 0)
-           for lowered in alg.lower_sync(state, p).values()
-           for c in hlo.collectives(lowered.compile().as_text(), n)]
+  lowered = alg.lower(state, batch)
+  inner = hlo.collectives(lowered.pop("inner").compile().as_text(), n)
+  outer = [c for program in lowered.values()
+           for c in hlo.collectives(program.compile().as_text(), n)]
   return alg, state, batch, inner, outer
 
 
@@ -145,7 +144,7 @@ def test_hlo_inner_step_stays_inside_islands(num_islands):
   control = alg.control_bytes_per_send * num_islands // 2
   assert control == 8 * num_islands // 2
   assert hlo.island_payload_bytes(outer, 2) == alg.bytes_per_sync + control
-  n_params = model_lib.count_params(jax.eval_shape(alg.init, jax.random.key(0))["global_params"])
+  n_params = model_lib.count_params(jax.eval_shape(alg.init, jax.random.key(0)).server.params)
   assert alg.bytes_per_sync == 4 * n_params
 
 
@@ -158,8 +157,8 @@ def test_hlo_check_catches_a_cross_island_mean():
 
   def leaky_inner(state, batch):
     state, metrics = alg.inner_step(state, batch)
-    mixed = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), state["inner_params"])
-    return {**state, "inner_params": mixed}, metrics
+    mixed = jax.tree.map(lambda x: jnp.broadcast_to(x.mean(0), x.shape), state.islands.params)
+    return state._replace(islands=state.islands._replace(params=mixed)), metrics
 
   leaky = jax.jit(leaky_inner, in_shardings=(alg.state_shardings, None),
                   out_shardings=(alg.state_shardings, None))
@@ -179,14 +178,14 @@ def test_island_bytes_diloco_vs_ddp_ratio(one_device):
   size and dtype: the ratio is exactly 1/50."""
   mesh = _mesh(one_device)
   model_cfg = model_lib.ModelConfig.from_config(tiny_config().model)
-  diloco = islands.build(tiny_config(**{"algorithm": "islands", "islands.num": 2,
+  diloco = engine.build(tiny_config(**{"algorithm": "islands", "islands.num": 2,
                                         "outer.sync_every": 50, "total_steps": 500}),
                          mesh, model_cfg)
-  ddp = islands.build(tiny_config(**{"algorithm": "ddp", "islands.num": 2,
+  ddp = engine.build(tiny_config(**{"algorithm": "ddp", "islands.num": 2,
                                      "total_steps": 500}), mesh, model_cfg)
   assert diloco.island_bytes(500) * 50 == ddp.island_bytes(500)
   assert diloco.island_bytes(499) == 9 * diloco.bytes_per_sync
-  one = islands.build(tiny_config(**{"algorithm": "islands", "islands.num": 1}), mesh, model_cfg)
+  one = engine.build(tiny_config(**{"algorithm": "islands", "islands.num": 1}), mesh, model_cfg)
   assert one.island_bytes(500) == 0  # a single island sends nothing
 
 
@@ -194,15 +193,15 @@ def test_outer_state_is_sharded_inside_the_island():
   """Global params / outer momentum are ZeRO-sharded over the island's data devices."""
   mesh = _mesh(jax.devices()[:4], island=2, data=2)
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2})
-  alg = islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
   state = jax.eval_shape(alg.init, jax.random.key(0))
-  for name in ("global_params", "inner_params"):
-    total = sum(x.size for x in jax.tree.leaves(state[name]))
+  for name, part in (("global", lambda s: s.server.params), ("inner", lambda s: s.islands.params)):
+    total = sum(x.size for x in jax.tree.leaves(part(state)))
     per_device = sum(int(np.prod(s.shard_shape(x.shape))) for x, s in zip(
-        jax.tree.leaves(state[name]), jax.tree.leaves(alg.state_shardings[name])))
+        jax.tree.leaves(part(state)), jax.tree.leaves(part(alg.state_shardings))))
     # inner: [M=2] over island=2 -> 1 island's copy per device; global: halved over data=2.
-    assert per_device == (total // 2 if name == "inner_params" else total // 2)
-  embed = alg.state_shardings["global_params"]["embed"]
+    assert per_device == total // 2, name
+  embed = alg.state_shardings.server.params["embed"]
   assert "data" in str(embed.spec) and "island" not in str(embed.spec)
 
 
@@ -210,7 +209,7 @@ def test_islands_num_must_fit_the_island_axis():
   mesh = _mesh(jax.devices()[:4], island=2, data=2)
   config = tiny_config(**{"algorithm": "islands", "islands.num": 3})
   with pytest.raises(ValueError, match="islands.num=3"):
-    islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+    engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
 
 
 @pytest.mark.parametrize("reset", [False, True])
@@ -219,12 +218,12 @@ def test_inner_optimizer_state_kept_or_reset_at_sync(one_device, reset):
   them (count back to 0, moments zero)."""
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 2,
                           "outer.reset_inner_opt_state": reset})
-  alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(0))
   for step, batch in enumerate(_batches(2, 4, 16, 2)):
     state, _ = alg.inner_step(state, batch)
     state = alg.sync(state, step + 1)
-  adam = state["inner_opt_state"][1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+  adam = state.islands.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
   mu_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(adam.mu))
   if reset:
     assert np.all(np.asarray(adam.count) == 0) and mu_norm == 0.0

@@ -16,7 +16,7 @@ from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config_lib
 from fedjax_lm import fragments
 from fedjax_lm import hlo
-from fedjax_lm import islands
+from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
@@ -94,7 +94,7 @@ def test_streaming_matches_numpy_reference(one_device, num_frags, overlap, alpha
       "outer.optimizer": "diloco", "outer.learning_rate": 0.7, "outer.momentum": 0.9,
       "outer.fragments": num_frags, "outer.overlap": overlap, "outer.mixing": alpha,
       "outer.eager": eager, "total_steps": total})
-  alg = islands.build_for_loss(
+  alg = engine.build_for_loss(
       config, _mesh(one_device), loss_fn=lambda p, b: 0.5 * jnp.sum((p["w"] - b["y"][0]) ** 2),
       init_fn=lambda key: {"w": jnp.zeros(r)},
       abstract_params={"w": jax.ShapeDtypeStruct((r,), jnp.float32)},
@@ -106,8 +106,8 @@ def test_streaming_matches_numpy_reference(one_device, num_frags, overlap, alpha
     state = alg.sync(state, step)
   g, local = _reference(y, lr_in=0.5, lr=0.7, mu=0.9, num_frags=num_frags, every=every,
                         overlap=overlap, alpha=alpha, eager=eager, total=total)
-  np.testing.assert_allclose(state["global_params"]["w"], g, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state["inner_params"]["w"], local, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.server.params["w"], g, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.islands.params["w"], local, rtol=1e-5, atol=1e-6)
 
 
 def test_p1_no_overlap_no_compression_is_diloco(one_device):
@@ -116,27 +116,27 @@ def test_p1_no_overlap_no_compression_is_diloco(one_device):
   transformer with AdamW inside, losses and params."""
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 3,
                           "total_steps": 8})
-  alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   outer_tx = optax.sgd(0.7, momentum=0.9, nesterov=True)
   state = alg.init(jax.random.key(0))
-  ref = {"inner": {k: state[k] for k in ("inner_params", "inner_opt_state", "tainted")},
-         "global": state["global_params"], "opt": outer_tx.init(state["global_params"])}
+  ref = {"inner": state.islands, "global": state.server.params, "opt": outer_tx.init(state.server.params)}
   ref = jax.tree.map(jnp.copy, ref)
   for step, batch in enumerate(_batches(2, 8)):
     state, metrics = alg.inner_step(state, batch)
     state = alg.sync(state, step + 1)
-    ref["inner"], ref_metrics = alg.programs["inner"](ref["inner"], batch)
+    ref["inner"], ref_metrics = alg.programs.inner(ref["inner"], batch)
     np.testing.assert_allclose(metrics["island_loss"], ref_metrics["island_loss"], rtol=1e-5)
     if (step + 1) % 3 == 0 or step + 1 == 8:
-      mean = jax.tree.map(lambda x: x.mean(0), ref["inner"]["inner_params"])
+      mean = jax.tree.map(lambda x: x.mean(0), ref["inner"].params)
       delta = jax.tree.map(jnp.subtract, ref["global"], mean)
       updates, ref["opt"] = outer_tx.update(delta, ref["opt"], ref["global"])
       ref["global"] = optax.apply_updates(ref["global"], updates)
-      ref["inner"]["inner_params"] = jax.tree.map(lambda g: jnp.stack([g, g]), ref["global"])
+      ref["inner"] = ref["inner"]._replace(
+          params=jax.tree.map(lambda g: jnp.stack([g, g]), ref["global"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               state["global_params"], ref["global"])
+               state.server.params, ref["global"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               state["inner_params"], ref["inner"]["inner_params"])
+               state.islands.params, ref["inner"].params)
 
 
 def test_fragments_send_diloco_bytes_at_a_quarter_of_the_peak(one_device):
@@ -147,15 +147,15 @@ def test_fragments_send_diloco_bytes_at_a_quarter_of_the_peak(one_device):
             "total_steps": 20, "model.num_layers": 4, "model.vocab_size": 256}
   mesh = _mesh(one_device)
   model_cfg = model_lib.ModelConfig.from_config(tiny_config(**common).model)
-  diloco = islands.build(tiny_config(**common), mesh, model_cfg)
-  stream = islands.build(tiny_config(**common, **{"outer.fragments": 4}), mesh, model_cfg)
+  diloco = engine.build(tiny_config(**common), mesh, model_cfg)
+  stream = engine.build(tiny_config(**common, **{"outer.fragments": 4}), mesh, model_cfg)
   assert stream.fragment_bytes == (diloco.bytes_per_sync // 4,) * 4
   for done in (8, 16):
     assert stream.island_bytes(done) == diloco.island_bytes(done)
   assert stream.island_bytes(7) == 3 * diloco.bytes_per_sync // 4  # sent at 2, 4, 6
   assert stream.island_peak_bytes(16) * 4 == diloco.island_peak_bytes(16)
   # Step 20: fragment 2 syncs on schedule, 0, 1 and 3 are flushed; DiLoCo flushes all at 20.
-  assert stream.schedule.sends(20) == [2, 0, 1, 3]
+  assert stream.clock.schedule.sends(20) == [2, 0, 1, 3]
   assert diloco.island_bytes(20) == 3 * diloco.bytes_per_sync  # 8, 16, 20
   assert stream.island_bytes(20) == 13 * diloco.bytes_per_sync // 4  # 2, 4, ..., 18 + 4 at 20
 
@@ -163,10 +163,10 @@ def test_fragments_send_diloco_bytes_at_a_quarter_of_the_peak(one_device):
 def test_outer_momentum_moves_only_when_its_fragment_syncs(one_device):
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 4,
                           "outer.fragments": 2, "total_steps": 8})
-  alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(0))
   trace = lambda s, p: sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(
-      s["outer_opt_state"][p]))
+      s.server.outer[p]))
   for step, batch in enumerate(_batches(2, 2)):  # fragment 1 sends at step 2 (offset H/2)
     state, _ = alg.inner_step(state, batch)
     state = alg.sync(state, step + 1)
@@ -196,14 +196,14 @@ def test_hlo_exchange_sends_the_encoded_payload(compression, dtype):
                           "outer.overlap": 1, "outer.compression": compression,
                           "outer.quant_block": 64, "outer.topk_chunk": 256,
                           "outer.error_feedback": 0.0 if compression == "bf16" else 1.0})
-  alg = islands.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
   state = ckpt_lib.abstract_like(jax.eval_shape(alg.init, jax.random.key(0)),
                                  alg.state_shardings)
   for p in range(2):
     lowered = alg.lower_sync(state, p)
     enc = hlo.collectives(lowered["encode"].compile().as_text(), 4)
     assert hlo.cross_island(enc, 2) == []
-    text = lowered["exchange"].compile().as_text()
+    text = lowered["receive"].compile().as_text()
     crossing = hlo.cross_island(hlo.collectives(text, 4), 2)
     assert crossing and {c.op for c in crossing} == {"all-gather"}
     assert (hlo.island_payload_bytes(crossing, 2) ==
@@ -231,7 +231,7 @@ def test_muon_inner_optimizer_trains(one_device):
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 4,
                           "inner.optimizer": "muon", "inner.learning_rate": 1e-2,
                           "total_steps": 12})
-  alg = islands.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
+  alg = engine.build(config, _mesh(one_device), model_lib.ModelConfig.from_config(config.model))
   state = alg.init(jax.random.key(0))
   batch = next(_batches(2, 1))
   losses = []

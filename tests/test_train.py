@@ -247,7 +247,7 @@ def test_loop_compiles_once_and_never_reads_back_implicitly(tmp_path, data_dir, 
   with jax.log_compiles(True), caplog.at_level(logging.WARNING):
     record = train_lib.train(config, str(tmp_path), devices=one_device)
   compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-  for name, times in (("inner", 1), ("encode", fragments), ("exchange", fragments),
+  for name, times in (("inner_step", 1), ("encode", fragments), ("receive", fragments),
                       ("merge", fragments)):
     assert sum(f"Compiling jit({name})" in m for m in compiles) == times, [
         m[:80] for m in compiles]

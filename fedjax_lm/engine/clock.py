@@ -1,0 +1,105 @@
+"""The clock: host-side, deterministic from (config, step), and the only place that decides
+*when* something happens between islands.
+
+After each inner step ``done`` (1..T) it says which events are due, in order:
+
+* ``SEND p``    islands encode fragment p's pseudo-gradient and hand it to the link; ``who``
+                names the islands that take part (drop-out, :class:`health.Participation`);
+* ``RECEIVE p`` the link's mean lands and the outer optimizer steps fragment p's global copy;
+* ``MERGE p``   islands take the new global fragment (tau steps after its send).
+
+When fragments send and merge is :class:`fragments.Schedule` (staggered by H / P, flushed at T).
+When the mean is *received* is the link's: an XLA collective is queued on the device right after
+the send (``RECEIVE`` follows ``SEND``); the host link exchanges on a thread during the overlap
+window, so ``RECEIVE`` comes just before its ``MERGE``.
+
+Its state (:meth:`Clock.state`) is JSON saved in every checkpoint: the step, the schedule, who
+is absent, what is in flight, and per-island local-step counts and speeds (all islands step
+together here; an asynchronous policy is a clock that lets them differ).
+
+Byte accounting lives here too, since it counts events: an island sends fragment p's payload at
+each of its ``SEND p`` events it takes part in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from fedjax_lm import fragments
+from fedjax_lm import health
+
+SEND, RECEIVE, MERGE = "send", "receive", "merge"
+
+
+class Event(NamedTuple):
+  kind: str  # SEND | RECEIVE | MERGE
+  fragment: int
+  who: np.ndarray | None = None  # bool [M]: the islands that send (SEND only)
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+  schedule: fragments.Schedule
+  participation: health.Participation
+  receive_at_merge: bool = False  # the link exchanges during the overlap window
+
+  @classmethod
+  def from_config(cls, config, receive_at_merge: bool = False) -> "Clock":
+    oc = config.outer
+    schedule = fragments.Schedule(int(oc.sync_every), int(oc.fragments), int(oc.overlap),
+                                  int(config.total_steps))
+    who = health.Participation(int(config.islands.num), float(config.islands.dropout),
+                               config.islands.absent, int(config.seed))
+    return cls(schedule, who, receive_at_merge)
+
+  @property
+  def num_islands(self) -> int:
+    return self.participation.num
+
+  def events(self, done: int) -> list[Event]:
+    """The events due after inner step ``done``, in the order they must run."""
+    out = []
+    for kind, p in self.schedule.events(done):
+      if kind == "send":
+        out.append(Event(SEND, p, self.participation.present(done, p)))
+        if not self.receive_at_merge:
+          out.append(Event(RECEIVE, p))
+      else:
+        if self.receive_at_merge:
+          out.append(Event(RECEIVE, p))
+        out.append(Event(MERGE, p))
+    return out
+
+  def in_flight(self, done: int) -> list[int]:
+    """Fragments sent but not yet merged after step ``done`` (at most one sync each, tau < H)."""
+    if done >= self.schedule.total:
+      return []
+    return sorted({p for s in range(max(1, done - self.schedule.overlap + 1), done + 1)
+                   for p in self.schedule.regular_sends(s)} if self.schedule.overlap else set())
+
+  def state(self, done: int) -> dict:
+    """JSON for the checkpoint: enough to check that a resumed run is on the same clock."""
+    s, who = self.schedule, self.participation
+    return {"step": done, "sync_every": s.every, "fragments": s.fragments, "overlap": s.overlap,
+            "dropout": who.dropout, "seed": who.seed,
+            "absent": {str(k): sorted(v) for k, v in sorted(who.absent.items())},
+            "in_flight": self.in_flight(done), "local_steps": [done] * self.num_islands,
+            "speeds": [1.0] * self.num_islands}
+
+  # ---------------------------------------------------------------- byte accounting
+  def sent(self, done: int, per_send: Callable[[int], float]) -> float:
+    """Sum over the sends so far of ``per_send(p)``, each weighted by the share of islands
+    that took part (an absent island sends nothing): what one island sent, on average."""
+    if self.participation.always_all:
+      return sum(self.schedule.send_count(p, done) * per_send(p)
+                 for p in range(self.schedule.fragments))
+    return sum(per_send(p) * float(np.mean(self.participation.present(s, p)))
+               for s in range(1, done + 1) for p in self.schedule.sends(s))
+
+  def peak(self, done: int, fragment_bytes: Sequence[int]) -> int:
+    """The largest single sync (one fragment's payload) sent so far."""
+    return max([b for p, b in enumerate(fragment_bytes) if self.schedule.send_count(p, done)],
+               default=0)

@@ -1,0 +1,95 @@
+"""The engine's state as typed pytrees, and their partition specs.
+
+Mesh-axis islands (``algorithm=islands``) hold two parts:
+
+* :class:`Islands`, every leaf with a leading ``[M]`` island dim (sharded over ``island``):
+  each island's params and inner optimizer state, its codec state (the error-feedback residual,
+  or nothing), its merge state (the eager buffers, or nothing) and its health.
+* :class:`Server`, the global copy (replicated over ``island``, ZeRO-sharded over the island's
+  data axes): global params, one outer optimizer state per fragment, the server's merge state
+  (the last mean, for eager) and its failure count.
+
+A part a configuration does not use is ``optax.EmptyState()``: absent by type, with no leaves,
+so programs, shardings and checkpoints follow from the structure alone. DDP's state is
+:class:`fedjax_lm.engine.ddp.DdpState`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from fedjax_lm import mesh as mesh_lib
+
+Absent = optax.EmptyState  # a state part this configuration does not have
+
+
+class Health(NamedTuple):
+  """Per island and fragment (``[M, P]``): tainted by a skipped non-finite step since the
+  fragment's last send, and what the fragment's next merge does (:mod:`fedjax_lm.health`)."""
+  tainted: jax.Array  # bool
+  merge_mode: jax.Array  # int32: health.MERGE | RESTART | KEEP
+
+
+class ErrorFeedback(NamedTuple):
+  """Codec state: what each island has not yet sent (``[M, ...]``, like params)."""
+  residual: Any
+
+
+class EagerIslands(NamedTuple):
+  """Eager merge state per island: its own last pseudo-gradient, and the point its eager
+  outer step started from (both ``[M, ...]``)."""
+  own_prev: Any
+  base: Any
+
+
+class EagerServer(NamedTuple):
+  """Eager merge state of the server: the last mean pseudo-gradient."""
+  avg_prev: Any
+
+
+class Islands(NamedTuple):
+  params: Any
+  opt_state: Any
+  codec: ErrorFeedback | Absent
+  merge: EagerIslands | Absent
+  health: Health
+
+
+class Server(NamedTuple):
+  params: Any
+  outer: tuple  # one outer optimizer state per fragment
+  merge: EagerServer | Absent
+  failures_in_a_row: jax.Array  # int32: syncs in a row with nothing healthy applied
+
+
+class State(NamedTuple):
+  islands: Islands
+  server: Server
+
+
+def _stack(specs: Any) -> Any:
+  return jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def specs(*, param_specs: Any, zero_specs: Any, inner_opt_specs: Any, outer_specs: tuple,
+          error_feedback: bool, eager: bool) -> State:
+  """The partition specs of :class:`State`, shaped like it."""
+  stacked = _stack(param_specs)
+  islands = Islands(
+      params=stacked, opt_state=_stack(inner_opt_specs),
+      codec=ErrorFeedback(stacked) if error_feedback else Absent(),
+      merge=EagerIslands(stacked, stacked) if eager else Absent(),
+      health=Health(P("island"), P("island")))
+  server = Server(params=zero_specs, outer=tuple(outer_specs),
+                  merge=EagerServer(zero_specs) if eager else Absent(), failures_in_a_row=P())
+  return State(islands, server)
+
+
+def tree_bytes(tree: Any) -> int:
+  """Bytes of every leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+  return sum(int(x.size) * jax.numpy.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
