@@ -1,5 +1,7 @@
-"""Data for fedjax_lm: Shakespeare TFDS builder, tokenizers, grain pipelines."""
+"""Data for fedjax_lm: Shakespeare and local_c4 TFDS builders, tokenizers, grain pipelines."""
 
+from fedjax_lm.data.local_c4 import LocalC4
+from fedjax_lm.data.local_c4 import prepare_local_c4
 from fedjax_lm.data.pipeline import DatasetUnavailableError
 from fedjax_lm.data.pipeline import ExampleMetadata
 from fedjax_lm.data.pipeline import example_metadata
@@ -23,6 +25,7 @@ __all__ = [
     "ByteTokenizer",
     "DatasetUnavailableError",
     "ExampleMetadata",
+    "LocalC4",
     "PARTITIONS",
     "SentencePieceTokenizer",
     "ShakespearePlays",
@@ -33,6 +36,7 @@ __all__ = [
     "make_eval_batches",
     "make_train_iterator",
     "partition_indices",
+    "prepare_local_c4",
     "prepare_shakespeare",
     "restore_iterator_state",
     "save_iterator_state",
