@@ -112,6 +112,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.launch.mode = "local"  # local (spawn launch.processes here) | cluster | none
   c.launch.processes = 1
   c.launch.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
+  # Network paths between processes (the host link): the job's shared secret (the local
+  # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
+  # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
+  c.launch.secret_file = ""
+  c.launch.interface = ""
   return c
 
 

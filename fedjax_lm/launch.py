@@ -21,6 +21,7 @@ import time
 from typing import Sequence
 
 import fedjax_lm
+from fedjax_lm import wire
 
 ENV_COORDINATOR = "FEDJAX_LM_COORDINATOR"
 ENV_NUM_PROCESSES = "FEDJAX_LM_NUM_PROCESSES"
@@ -72,7 +73,8 @@ def die_with_parent() -> None:
   os.setpgrp()
 
 
-def _child_env(process_id: int, num_processes: int, coordinator: str) -> dict[str, str]:
+def _child_env(process_id: int, num_processes: int, coordinator: str,
+               secret: str) -> dict[str, str]:
   env = dict(os.environ)
   env[ENV_COORDINATOR] = coordinator
   env[ENV_NUM_PROCESSES] = str(num_processes)
@@ -85,6 +87,7 @@ def _child_env(process_id: int, num_processes: int, coordinator: str) -> dict[st
     flags.append("--xla_cpu_multi_thread_eigen=false")  # no more threads than cores
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONUNBUFFERED"] = "1"
+  env.setdefault(wire.ENV_SECRET, secret)
   return fedjax_lm.malloc_env(env)
 
 
@@ -96,6 +99,7 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
   """Runs ``argv`` as ``num_processes`` joined processes; returns the job's exit code."""
   os.makedirs(log_dir, exist_ok=True)
   coordinator = f"127.0.0.1:{free_port()}"
+  secret = wire.new_secret()  # this job's processes authenticate each other with it
   procs, logs = [], []
   for i in range(num_processes):
     if i == 0:
@@ -103,7 +107,8 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
     else:
       out = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
       logs.append(out)
-    procs.append(subprocess.Popen(list(argv), env=_child_env(i, num_processes, coordinator),
+    env = _child_env(i, num_processes, coordinator, secret)
+    procs.append(subprocess.Popen(list(argv), env=env,
                                   stdout=out, stderr=subprocess.STDOUT if out else None,
                                   preexec_fn=die_with_parent))
   stop = {"signal": None}

@@ -88,7 +88,7 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   outer_tx = outer_tx or outer.from_config(oc)
   codec = codecs.from_config(oc)
   check_streaming_options(oc, codec)
-  link = links.from_config(oc)
+  link = links.from_config(config)
   clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink))
   frags = fragments.Fragments(abstract_params, clock.schedule.fragments)
   frag_abstract = tuple(frags.abstract(abstract_params, p) for p in range(frags.num))

@@ -24,15 +24,22 @@ while the device keeps running inner steps; the reduce program then sees every i
 already gathered and runs no collective. Every process publishes the shards it holds (one
 island's slice per device; replicated copies once) and reads every other process's; exchanges
 run in submission order on one thread, every process submits them in the same order, and each
-message carries (step, fragment): a mismatch is an error. ``FEDJAX_LM_TRANSPORT_HOST``
-overrides the address a process advertises.
+message carries (step, fragment): a mismatch is an error.
+
+The host link's wire (:mod:`fedjax_lm.wire`): every connection starts with a nonce handshake
+proving the peer holds the job's secret (a peer that fails it is refused and logged, and the
+exchange goes on with the real peers); every message is a signed typed header plus raw shard
+bytes, checked against the shards this process expects (leaf, index, dtype, shape) before use.
+No pickle. The listener binds the address the process advertises (``launch.interface``, else
+``FEDJAX_LM_TRANSPORT_HOST``, else loopback when the coordinator is on loopback, else the host's
+own address), never 0.0.0.0.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
-import pickle
 import socket
 import struct
 import threading
@@ -45,6 +52,7 @@ from jax._src import distributed  # the jax.distributed client's key-value store
 from jax.sharding import PartitionSpec as P
 
 from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import wire
 
 TRANSPORTS = ("xla", "host")
 _TIMEOUT_MS = 10 * 60 * 1000
@@ -82,9 +90,9 @@ class HostLink:
 
   lead = None
 
-  def __init__(self):
+  def __init__(self, secret: bytes = b"", interface: str = ""):
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="island-exchange")
-    self._peers = _Peers() if jax.process_count() > 1 else None
+    self._peers = _Peers(secret, interface) if jax.process_count() > 1 else None
 
   @staticmethod
   def gather(x: jax.Array) -> jax.Array:
@@ -109,19 +117,21 @@ class HostLink:
     mine = {}
     for i, leaf in enumerate(leaves):
       for shard in leaf.addressable_shards:
-        key = (i, tuple((s.start, s.stop) for s in shard.index))
+        key = (i, tuple(s.indices(d)[:2] for s, d in zip(shard.index, leaf.shape)))
         if key not in mine:
           mine[key] = jax.device_get(shard.data)
     parts = dict(mine)
     if self._peers is not None:
-      blob = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
+      keys = list(mine)
+      meta = {"step": int(step), "fragment": int(fragment),
+              "shards": [[i, [list(b) for b in index]] for i, index in keys]}
       try:
-        received = self._peers.all_gather(blob, step, fragment)
+        received = self._peers.all_gather(meta, [mine[k] for k in keys], leaves)
       except (OSError, ConnectionError) as e:
         raise RuntimeError(f"island exchange of fragment {fragment} at step {step} failed: "
                            f"{type(e).__name__}: {e}") from e
-      for theirs in received.values():
-        parts.update(pickle.loads(theirs))
+      for theirs in received:
+        parts.update(theirs)
     full = []
     for i, leaf in enumerate(leaves):
       out = np.zeros(leaf.shape, leaf.dtype)
@@ -135,10 +145,16 @@ class HostLink:
         for x, s in zip(full, shardings)])
 
 
-def from_config(outer_cfg) -> XlaLink | HostLink:
-  if outer_cfg.transport not in TRANSPORTS:
-    raise ValueError(f"outer.transport={outer_cfg.transport!r}: expected one of {TRANSPORTS}")
-  return HostLink() if outer_cfg.transport == "host" else XlaLink()
+def from_config(config) -> XlaLink | HostLink:
+  """The link ``config.outer.transport`` names; the host link between processes needs the job
+  secret (:func:`wire.job_secret`)."""
+  transport = config.outer.transport
+  if transport not in TRANSPORTS:
+    raise ValueError(f"outer.transport={transport!r}: expected one of {TRANSPORTS}")
+  if transport == "xla":
+    return XlaLink()
+  secret = wire.job_secret(config.launch.secret_file) if jax.process_count() > 1 else b""
+  return HostLink(secret, config.launch.interface)
 
 
 def exchange(codec: Any, payload: dict, weights: jax.Array, mesh: Any, link: Any) -> jax.Array:
@@ -167,7 +183,8 @@ def gather_weights(weight: jax.Array, mesh: Any, link: Any) -> jax.Array:
 
 
 # ------------------------------------------------------------------ the host link's wire
-_HEADER = struct.Struct("!qqQ")  # step, fragment, payload length
+_LEN = struct.Struct("!Q")
+_ID = struct.Struct("!q")
 
 
 def _client():
@@ -185,16 +202,24 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
   return bytes(buf)
 
 
-class _Peers:
-  """One TCP connection to and from every other process, made on first use."""
+def advertised_host(interface: str = "") -> str:
+  """The address this process listens on and advertises: ``interface``, else
+  ``FEDJAX_LM_TRANSPORT_HOST``, else loopback if the coordinator is on loopback, else the
+  host's own address."""
+  coordinator = os.environ.get("FEDJAX_LM_COORDINATOR", "")
+  return (interface or os.environ.get("FEDJAX_LM_TRANSPORT_HOST") or
+          ("127.0.0.1" if coordinator.startswith("127.") or not coordinator else
+           socket.gethostbyname(socket.gethostname())))
 
-  def __init__(self):
+
+class _Peers:
+  """One authenticated TCP connection to and from every other process, made on first use."""
+
+  def __init__(self, secret: bytes, interface: str = ""):
+    self.secret = secret
     self.me, self.count = jax.process_index(), jax.process_count()
-    self.listener = socket.create_server(("0.0.0.0", 0))
-    coordinator = os.environ.get("FEDJAX_LM_COORDINATOR", "")
-    host = os.environ.get("FEDJAX_LM_TRANSPORT_HOST") or (
-        "127.0.0.1" if coordinator.startswith("127.") else
-        socket.gethostbyname(socket.gethostname()))
+    host = advertised_host(interface)
+    self.listener = socket.create_server((host, 0))
     _client().key_value_set(f"fedjax_lm/transport/{self.me}",
                             f"{host}:{self.listener.getsockname()[1]}")
     self.send: dict[int, socket.socket] = {}
@@ -203,34 +228,98 @@ class _Peers:
   def connect(self):
     if self.send:
       return
+    accepted = {}  # every process accepts while it connects (each side waits for a nonce)
+    acceptor = threading.Thread(target=lambda: accepted.update(
+        accept_peers(self.listener, self.secret, self.me, self.count)), daemon=True)
+    acceptor.start()
     for q in range(self.count):
       if q != self.me:
         host, port = _client().blocking_key_value_get(
             f"fedjax_lm/transport/{q}", _TIMEOUT_MS).rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=_TIMEOUT_MS / 1000)
-        sock.sendall(struct.pack("!q", self.me))
+        hello(sock, self.secret, self.me)
         self.send[q] = sock
-    self.listener.settimeout(_TIMEOUT_MS / 1000)
-    while len(self.recv) < self.count - 1:
-      conn, _ = self.listener.accept()
-      conn.settimeout(_TIMEOUT_MS / 1000)
-      self.recv[struct.unpack("!q", _recv_exactly(conn, 8))[0]] = conn
+    acceptor.join()
+    if len(accepted) != self.count - 1:
+      raise ConnectionError(f"only {len(accepted)} of {self.count - 1} peers connected")
+    self.recv = accepted
 
-  def all_gather(self, blob: bytes, step: int, fragment: int) -> dict[int, bytes]:
+  def all_gather(self, meta: dict, arrays: list, leaves: list) -> list[dict]:
+    """Sends this process's shards to every peer and returns each peer's, as
+    ``{(leaf, index): array}``, every shard checked against ``leaves`` (dtype, bounds)."""
     self.connect()
-    message = _HEADER.pack(step, fragment, len(blob)) + blob
-    senders = [threading.Thread(target=sock.sendall, args=(message,), daemon=True)
+    message = wire.pack(self.secret, "island_exchange", meta, arrays)
+    framed = _LEN.pack(len(message)) + message
+    senders = [threading.Thread(target=sock.sendall, args=(framed,), daemon=True)
                for sock in self.send.values()]
     for t in senders:
       t.start()
-    out = {}
+    limit = (sum(x.nbytes for x in leaves) + wire.MAX_HEADER_BYTES + wire.MAC_BYTES + 4 +
+             16 * sum(x.ndim for x in leaves))
+    out = []
     for q, sock in self.recv.items():
-      got_step, got_fragment, n = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
-      if (got_step, got_fragment) != (step, fragment):
-        raise RuntimeError(f"island exchange out of order: expected step {step} fragment "
-                           f"{fragment} from process {q}, got step {got_step} fragment "
-                           f"{got_fragment}")
-      out[q] = _recv_exactly(sock, n)
+      (n,) = _LEN.unpack(_recv_exactly(sock, _LEN.size))
+      if n > limit:
+        raise wire.WireError(f"process {q} announced a {n}-byte message (at most {limit})")
+      _, got, arrays = wire.unpack(self.secret, _recv_exactly(sock, n), "island_exchange")
+      if (got.get("step"), got.get("fragment")) != (meta["step"], meta["fragment"]):
+        raise RuntimeError(f"island exchange out of order: expected step {meta['step']} "
+                           f"fragment {meta['fragment']} from process {q}, got step "
+                           f"{got.get('step')} fragment {got.get('fragment')}")
+      out.append(_check_shards(q, got.get("shards"), arrays, leaves))
     for t in senders:
       t.join()
     return out
+
+
+def hello(sock: socket.socket, secret: bytes, me: int) -> None:
+  """Connector's half of the handshake: answer the listener's nonce as process ``me``."""
+  nonce = _recv_exactly(sock, 32)
+  sock.sendall(_ID.pack(me) + wire.answer(secret, nonce, f"process/{me}"))
+
+
+def accept_peers(listener: socket.socket, secret: bytes, me: int, count: int,
+                 timeout_s: float = _TIMEOUT_MS / 1000) -> dict[int, socket.socket]:
+  """Accepts one authenticated connection from each of the other ``count - 1`` processes. A
+  connection that fails the handshake (no secret, a wrong one, an unexpected or duplicate
+  process id) is refused and logged before a byte of its payload is read."""
+  listener.settimeout(timeout_s)
+  peers: dict[int, socket.socket] = {}
+  while len(peers) < count - 1:
+    conn, address = listener.accept()
+    conn.settimeout(timeout_s)
+    try:
+      nonce = wire.challenge()
+      conn.sendall(nonce)
+      (who,) = _ID.unpack(_recv_exactly(conn, _ID.size))
+      wire.check_answer(secret, nonce, f"process/{who}", _recv_exactly(conn, 32))
+      if who == me or not 0 <= who < count or who in peers:
+        raise wire.WireError(f"peer claims process {who}, which is not expected here")
+    except (wire.WireError, ConnectionError, OSError) as e:
+      logging.warning("island exchange: refused a connection from %s: %s", address, e)
+      conn.close()
+      continue
+    peers[who] = conn
+  return peers
+
+
+def _check_shards(q: int, shards: Any, arrays: list, leaves: list) -> dict:
+  """``{(leaf, index): array}`` of a peer's message, each shard in bounds and of its leaf's
+  dtype and the shape its index says; one clear error otherwise."""
+  if not isinstance(shards, list) or len(shards) != len(arrays):
+    raise wire.WireError(f"process {q}: shard list does not match its {len(arrays)} arrays")
+  out = {}
+  for entry, array in zip(shards, arrays):
+    try:
+      i, bounds = entry
+      leaf = leaves[i]
+      index = tuple((int(a), int(b)) for a, b in bounds)
+      ok = (len(index) == leaf.ndim and array.dtype == leaf.dtype and
+            all(0 <= a <= b <= d for (a, b), d in zip(index, leaf.shape)) and
+            array.shape == tuple(b - a for a, b in index))
+    except (TypeError, ValueError, IndexError):
+      ok = False
+    if not ok:
+      raise wire.WireError(f"process {q}: shard {entry!r} does not fit the payload")
+    out[(i, index)] = array
+  return out

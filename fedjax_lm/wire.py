@@ -1,0 +1,139 @@
+"""What crosses a network between processes: a typed header plus raw array bytes, signed.
+
+No pickle, ever. A message is
+
+    mac[32] | header_len[4] | header (JSON, <= 64 KiB) | array bytes
+
+``mac`` is HMAC-SHA256 over everything after it with the job's secret; :func:`unpack` checks it
+(constant time) before reading a byte of the header, then checks the header against a fixed
+schema: the message ``kind`` expected, array dtypes from an allow-list, non-negative shapes whose
+sizes add up to exactly the bytes that follow. Only then are arrays made (``np.frombuffer``,
+read-only views). Anything else raises :class:`WireError` with one line naming what was wrong;
+the caller refuses the peer and leaves its state untouched.
+
+Peers prove they hold the secret before any message is read: :func:`challenge` /
+:func:`answer` / :func:`check_answer` are a nonce handshake (HMAC of the nonce and the peer's
+claimed identity), used on every new connection.
+
+The secret comes from ``FEDJAX_LM_JOB_SECRET`` (the local launcher makes a random one per job
+and hands it to its children) or the file ``launch.secret_file`` names (on a cluster, the
+scheduler distributes it like any credential).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import struct
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+
+ENV_SECRET = "FEDJAX_LM_JOB_SECRET"
+MAC_BYTES = 32
+MAX_HEADER_BYTES = 64 * 1024
+DTYPES = ("float32", "bfloat16", "float16", "int32", "int8", "uint8", "uint16", "uint32",
+          "bool")
+_LEN = struct.Struct("!I")
+
+
+class WireError(ValueError):
+  """A message or handshake that is not authentic or not well formed."""
+
+
+def new_secret() -> str:
+  return secrets.token_hex(32)
+
+
+def job_secret(secret_file: str = "") -> bytes:
+  """The job's shared secret: ``FEDJAX_LM_JOB_SECRET``, else the contents of ``secret_file``;
+  one clear error if neither is set (a network path never runs unauthenticated)."""
+  value = os.environ.get(ENV_SECRET, "")
+  if not value and secret_file:
+    try:
+      with open(secret_file, encoding="utf-8") as f:
+        value = f.read().strip()
+    except OSError as e:
+      raise WireError(f"launch.secret_file={secret_file!r}: {e.strerror}") from e
+  if len(value) < 16:
+    raise WireError(f"no job secret: set {ENV_SECRET} (16+ characters) or launch.secret_file "
+                    "(the local launcher makes one itself)")
+  return value.encode()
+
+
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def pack(secret: bytes, kind: str, meta: dict, arrays: Sequence[np.ndarray] = ()) -> bytes:
+  """A signed message of ``kind`` with JSON-able ``meta`` and raw ``arrays``."""
+  specs = []
+  for a in arrays:
+    name = str(a.dtype)
+    if name not in DTYPES:
+      raise WireError(f"dtype {name} cannot be sent (allowed: {', '.join(DTYPES)})")
+    specs.append({"dtype": name, "shape": [int(d) for d in a.shape]})
+  header = json.dumps({"kind": kind, "meta": meta, "arrays": specs},
+                      sort_keys=True, separators=(",", ":")).encode()
+  if len(header) > MAX_HEADER_BYTES:
+    raise WireError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+  body = b"".join([_LEN.pack(len(header)), header] +
+                  [np.ascontiguousarray(a).tobytes() for a in arrays])
+  return hmac.new(secret, body, hashlib.sha256).digest() + body
+
+
+def unpack(secret: bytes, message: bytes, kind: str | Sequence[str]
+           ) -> tuple[str, dict, list[np.ndarray]]:
+  """(kind, meta, arrays) of an authentic, well-formed message of an expected ``kind``."""
+  view = memoryview(message)
+  if len(view) < MAC_BYTES + _LEN.size:
+    raise WireError(f"message of {len(view)} bytes is too short")
+  mac, body = bytes(view[:MAC_BYTES]), view[MAC_BYTES:]
+  if not hmac.compare_digest(mac, hmac.new(secret, body, hashlib.sha256).digest()):
+    raise WireError("bad message authentication code (wrong secret, or altered in transit)")
+  (n,) = _LEN.unpack(body[:_LEN.size])
+  if n > MAX_HEADER_BYTES or _LEN.size + n > len(body):
+    raise WireError(f"header length {n} out of range")
+  try:
+    header = json.loads(bytes(body[_LEN.size:_LEN.size + n]))
+    got, meta, specs = header["kind"], header["meta"], header["arrays"]
+    if not isinstance(meta, dict) or not isinstance(specs, list):
+      raise TypeError("meta must be an object and arrays a list")
+  except (ValueError, KeyError, TypeError) as e:
+    raise WireError(f"malformed header: {e}") from e
+  kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+  if got not in kinds:
+    raise WireError(f"message kind {got!r}, expected {' or '.join(kinds)}")
+  arrays, offset = [], _LEN.size + n
+  for spec in specs:
+    if (not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or
+        not isinstance(spec.get("shape"), list) or
+        not all(isinstance(d, int) and d >= 0 for d in spec["shape"])):
+      raise WireError(f"bad array spec {spec!r}")
+    dtype = _dtype(spec["dtype"])
+    size = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+    if offset + size > len(body):
+      raise WireError(f"truncated payload: {len(body) - offset} bytes left, {size} declared")
+    arrays.append(np.frombuffer(body[offset:offset + size], dtype).reshape(spec["shape"]))
+    offset += size
+  if offset != len(body):
+    raise WireError(f"{len(body) - offset} bytes after the declared arrays")
+  return got, meta, arrays
+
+
+def challenge() -> bytes:
+  return secrets.token_bytes(32)
+
+
+def answer(secret: bytes, nonce: bytes, identity: str) -> bytes:
+  return hmac.new(secret, b"fedjax_lm/hello|" + nonce + b"|" + identity.encode(),
+                  hashlib.sha256).digest()
+
+
+def check_answer(secret: bytes, nonce: bytes, identity: str, got: bytes) -> None:
+  if not hmac.compare_digest(answer(secret, nonce, identity), bytes(got)):
+    raise WireError(f"peer claiming to be {identity!r} failed the handshake (wrong secret)")
