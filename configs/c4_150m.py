@@ -13,8 +13,25 @@
 | steps                | 30,000 (~15.7B tokens)                       |
 
 Prepare C4 as array_record first (``tfds build c4/en --file_format=array_record``) and train a
-tokenizer (``experiments/train_tokenizer.py`` or an existing 32k SentencePiece model). One
+tokenizer (``experiments/train_tokenizer.py`` or an existing 32k SentencePiece model); point the
+config at both: ``--config.data.data_dir=DIR --config.data.tokenizer=sentencepiece:PATH``. One
 process per host: ``--config.launch.mode=cluster``.
+
+Offline, on one machine (no C4, no accelerator): ``local_c4`` is a C4-shaped TFDS dataset built
+from the vendored corpus and read through the same TFDS + grain path; the 32k tokenizer is
+trained on it; ~20 steps with one outer sync run on 16 emulated CPU devices (2 islands x fsdp 4
+x tensor 2) at a reduced batch (measured figures: ``experiments/results/scale/summary.md``):
+
+    python -m fedjax_lm.data.local_c4 --data_dir /tmp/scale/tfds
+    python -m experiments.train_tokenizer --dataset local_c4 --data_dir /tmp/scale/tfds \
+        --vocab_size 32768 --model_type bpe --out /tmp/scale/c4_32k
+    python -m experiments.bench.scale run --config configs/c4_150m.py --devices 16 --set \
+        data.name=local_c4 data.data_dir=/tmp/scale/tfds \
+        data.tokenizer=sentencepiece:/tmp/scale/c4_32k.model \
+        mesh.data=1 mesh.fsdp=4 mesh.tensor=2 data.batch_size=4 data.seq_len=256 \
+        outer.sync_every=10 total_steps=20 inner.warmup_steps=2
+
+The same overrides work as ``--config.KEY=VALUE`` for ``experiments.train``.
 """
 
 from fedjax_lm import config_lib

@@ -1,0 +1,57 @@
+"""A 1.06B-parameter DiLoCo run on C4 for two GPU nodes (compiled on an emulated mesh, not trained).
+
+| hyper-parameter      | value                                        |
+|----------------------|----------------------------------------------|
+| model                | 18 layers, d=2048, 16 heads x 128, SwiGLU 5632, vocab 32768 (1.06B params) |
+| tokens               | SentencePiece 32k, sequences of 1024         |
+| islands (M)          | 2 (two 8-GPU nodes; TPU: two v5p-32 slices)  |
+| in-island mesh       | fsdp 8 (16 devices in all)                   |
+| batch per island     | 128 x 1024 tokens (16 rows per device)       |
+| inner optimizer      | AdamW, lr 3e-4, warm-up 2000, cosine to 10%  |
+| outer optimizer      | DiLoCo: SGD + Nesterov, lr 0.7, momentum 0.9 |
+| sync every (H)       | 500 inner steps                              |
+| steps                | 80,000 (~21B tokens, ~20 tokens per param)   |
+
+There is no activation recomputation or gradient accumulation in this codebase, so the batch per
+device is what fits: 16 rows of 1024 (see ``experiments/results/scale/summary.md`` for the
+compiled memory per device, GPU and TPU layouts). TPU layout (two v5p-32 slices, 16 chips
+each): ``--config.mesh.data=2 --config.data.batch_size=256``.
+
+Compile it (and read XLA's memory per device) without a cluster:
+
+    python -m experiments.bench.scale compile --config configs/c4_1b.py --devices 16
+
+On a cluster, as ``configs/c4_150m.py``: ``--config.data.tokenizer=sentencepiece:PATH``, C4
+prepared as array_record in ``--config.data.data_dir``; one process per host.
+"""
+
+from fedjax_lm import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.algorithm = "islands"
+  c.islands.num = 2
+  c.outer.optimizer = "diloco"
+  c.outer.sync_every = 500
+  c.total_steps = 80_000
+  c.log_every = 50
+  c.eval_every = 2000
+  c.eval_batch_size = 128
+  c.eval_batches = 16
+  c.checkpoint_every = 1000
+  c.inner.learning_rate = 3e-4
+  c.inner.warmup_steps = 2000
+  c.inner.weight_decay = 0.1
+  c.data.name = "c4/en"
+  c.data.tokenizer = "sentencepiece:/data/tokenizers/c4_32k.model"
+  c.data.seq_len = 1024
+  c.data.batch_size = 128
+  c.data.append_eos = True
+  c.model.update(dict(vocab_size=32768, num_layers=18, embed_dim=2048, num_heads=16,
+                      num_kv_heads=16, head_dim=128, mlp_dim=5632, max_len=1024,
+                      compute_dtype="bfloat16", scan_layers=True))
+  c.mesh.update({"island": 2, "data": 1, "fsdp": 8, "tensor": 1})
+  c.launch.mode = "cluster"
+  c.lock()
+  return c

@@ -1,0 +1,537 @@
+"""Real size on an emulated CPU mesh: compile, memory per device, the island HLO check, bytes,
+a short training run, the input pipeline's rate, and the WAN testbed's link ratio.
+
+Each command emulates ``--devices N`` CPU devices in this one process
+(``--xla_force_host_platform_device_count``) and takes a config file plus ``--set key=value``
+overrides (the same keys as ``--config.key=value`` of ``experiments.train``):
+
+  # compile only (abstract state, nothing allocated): the cluster layout of c4_150m
+  python -m experiments.bench.scale compile --config configs/c4_150m.py --devices 32
+  # ~20 steps with one outer sync on 2 islands x fsdp 4 x tensor 2 = 16 devices
+  python -m experiments.bench.scale run --config configs/c4_150m.py --devices 16 \\
+      --set mesh.data=1 mesh.fsdp=4 mesh.tensor=2 data.batch_size=4 data.seq_len=256 \\
+      outer.sync_every=10 total_steps=20 inner.warmup_steps=2 \\
+      data.name=local_c4 data.data_dir=/tmp/scale/tfds \\
+      data.tokenizer=sentencepiece:/tmp/scale/c4_32k.model
+  # tokens/s of the input pipeline (SentencePiece + grain) against one H100 island's need
+  python -m experiments.bench.scale pipeline --config configs/c4_150m.py --set ...
+  # the WAN testbed's link rate at c4_150m's DDP link/compute ratio on 2 x 8 H100
+  python -m experiments.bench.scale wan_ratio
+
+``--json FILE`` writes the result. In-process CPU collectives of many devices deadlock when
+several programs are in flight at once (measured: 16 devices, two programs queued), so ``run``
+blocks on every program before dispatching the next one; that changes no numerics.
+
+Memory: XLA's ``compiled.memory_analysis()`` of each program (per device: arguments, outputs,
+aliased (donated) bytes, temporaries), beside an analytic estimate from the state's exact
+shard shapes (params, gradients, AdamW moments, global params + outer momentum) plus
+activations by Korthikanti et al. 2022 (no recomputation) and the float32 logits. The CPU
+compiler's buffer assignment is not a GPU's or a TPU's (other fusions, no rematerialisation
+pass under memory pressure): read the measured figure as the program's own footprint at this
+sharding, not as an HBM reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+H100_PEAK_BF16 = 989e12  # FLOP/s, dense, SXM
+TPU_V5P_PEAK_BF16 = 459e12
+
+
+def _set_devices(n: int) -> None:
+  """N emulated CPU devices; must run before jax is imported."""
+  if "jax" in sys.modules:
+    import jax  # pylint: disable=g-import-not-at-top
+    if len(jax.devices()) < n:
+      raise RuntimeError(f"jax already started with {len(jax.devices())} devices; need {n}")
+    return
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def load_config(path: str, overrides: dict[str, Any] | list[str] | None = None):
+  """``get_config()`` of ``path`` with dotted overrides (``["a.b=1", ...]`` or a dict)."""
+  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(overrides, (list, tuple)):
+    overrides = dict(kv.split("=", 1) for kv in overrides)
+    overrides = {k: parse_value(v) for k, v in overrides.items()}
+  c = config_lib.load_file(path)
+  c.unlock()
+  config_lib.override(c, overrides or {})
+  c.launch.mode = "none"
+  config_lib.validate(c)
+  return c
+
+
+def build(config, devices=None):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import engine, mesh as mesh_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  devices = list(jax.devices() if devices is None else devices)
+  n = math.prod(mesh_lib.mesh_shape(dict(config.mesh), len(devices)))
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices[:n])
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  return mesh, model_cfg, engine.build(config, mesh, model_cfg)
+
+
+# ------------------------------------------------------------------------ memory, analytic
+
+
+def _shard_bytes(abstract, shardings) -> int:
+  """Bytes of ``abstract``'s leaves on the mesh's first device under ``shardings``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  total = 0
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    dev = next(iter(s.mesh.devices.flat))
+    shape = s.shard_shape(a.shape) if dev in s.device_set else (0,)
+    total += math.prod(shape) * a.dtype.itemsize
+  return int(total)
+
+
+def analytic_memory(config, mesh, model_cfg, eng) -> dict:
+  """Per-device bytes by component (one device of island 0), from shapes and shardings."""
+  import jax  # pylint: disable=g-import-not-at-top
+  state = jax.eval_shape(eng.init, jax.random.key(0))
+  sh = eng.state_shardings
+  ddp = config.algorithm == "ddp"
+  if ddp:
+    params = _shard_bytes(state.params, sh.params)
+    inner_opt = _shard_bytes(state.opt_state, sh.opt_state)
+    outer = 0
+  else:
+    params = _shard_bytes(state.islands.params, sh.islands.params)
+    inner_opt = _shard_bytes(state.islands.opt_state, sh.islands.opt_state)
+    outer = (_shard_bytes(state.server.params, sh.server.params) +
+             _shard_bytes(state.server.outer, sh.server.outer))
+  grads = params  # float32, sharded like the params
+  # Activations kept for the backward pass, per device: Korthikanti et al. 2022 (Eq. 2, no
+  # recomputation, tensor parallel t, 2-byte activations): per layer s*b*h*(10 + 24/t) +
+  # 5*a*s^2*b/t bytes; our MLP is SwiGLU with F = mlp_dim (their 24 assumes F = 4h: scaled).
+  t_axis = mesh.shape["tensor"]
+  rows = int(config.data.batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"])
+  rows *= int(config.islands.num) // mesh.shape["island"]  # islands per island shard
+  s, h, a = int(config.data.seq_len), model_cfg.embed_dim, model_cfg.num_heads
+  act_bytes = 2 if model_cfg.compute_dtype == "bfloat16" else 4
+  mlp_scale = (3 * model_cfg.mlp_dim) / (2 * 4 * h)  # SwiGLU: 3 F-wide tensors vs 2 x 4h
+  per_layer = (s * rows * h * (10 + (8 + 16 * mlp_scale) / t_axis) * act_bytes / 2 +
+               5 * a * s * s * rows / t_axis * act_bytes / 2)
+  activations = per_layer * model_cfg.num_layers
+  # Logits in float32 [rows, s, vocab / t], plus the softmax cotangent of the same size.
+  logits = 2 * rows * s * model_cfg.vocab_size // t_axis * 4
+  total = params + grads + inner_opt + outer + activations + logits
+  return {"params": params, "grads": grads, "inner_opt_state": inner_opt,
+          "global_params_and_outer_state": outer, "activations": int(activations),
+          "logits": int(logits), "total": int(total), "rows_per_device": rows}
+
+
+# ------------------------------------------------------------------------ compile + HLO
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in
+         ("argument", "output", "alias", "temp", "generated_code")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
+          "s64": 8, "f64": 8}
+
+
+def largest_buffers(hlo_text: str, k: int = 10) -> list[str]:
+  """The ``k`` largest distinct array shapes an HLO module defines (what to look at first
+  when its temporaries are large), with the op that makes each."""
+  import re  # pylint: disable=g-import-not-at-top
+  seen, rows = set(), []
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT\s+)?%\S+\s*=\s*(\w+)\[([\d,]*)\]\S*\s+([\w-]+)\(", line)
+    if not m or m.group(1) not in _BYTES:
+      continue
+    shape = f"{m.group(1)}[{m.group(2)}]"
+    if shape in seen:
+      continue
+    seen.add(shape)
+    n = math.prod(int(d) for d in m.group(2).split(",") if d) * _BYTES[m.group(1)]
+    rows.append((n, f"{n / 2**30:.2f} GiB {shape} {m.group(3)}"))
+  return [r for _, r in sorted(rows, reverse=True)[:k]]
+
+
+def abstract_inputs(config, eng):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  state = ckpt_lib.abstract_like(jax.eval_shape(eng.init, jax.random.key(0)),
+                                 eng.state_shardings)
+  m, b, t = int(config.islands.num), int(config.data.batch_size), int(config.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct((m, b, t), jnp.float32 if k == "mask" else jnp.int32)
+           for k in ("inputs", "targets", "mask")}
+  return state, batch
+
+
+def compile_report(config, devices=None, hlo_dir: str | None = None) -> dict:
+  """Lowers and compiles every program of ``config`` on abstract inputs: compile seconds,
+  XLA's memory analysis per program, the island HLO check and the bytes per sync."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import hlo, model as model_lib  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  mesh, model_cfg, eng = build(config, devices)
+  state, batch = abstract_inputs(config, eng)
+  t_build = time.perf_counter() - t0
+  n = mesh.devices.size
+  per_island = n // mesh.shape["island"]
+  programs, inner, outer = {}, [], []
+  t0 = time.perf_counter()
+  if config.algorithm == "ddp":
+    lowered = {"inner": eng.lower(state, batch)["inner"]} if hasattr(eng, "lower") else {}
+  else:
+    lowered = eng.lower(state, batch)
+  t_lower = time.perf_counter() - t0
+  for name, low in lowered.items():
+    t0 = time.perf_counter()
+    compiled = low.compile()
+    seconds = time.perf_counter() - t0
+    text = compiled.as_text()
+    colls = hlo.collectives(text, n)
+    (inner if name == "inner" else outer).extend(colls)
+    programs[name] = {"compile_s": round(seconds, 2), "memory": _memory(compiled),
+                      "collectives": len(colls),
+                      "cross_island": len(hlo.cross_island(colls, per_island))}
+    if name == "inner":
+      programs[name]["largest_buffers"] = largest_buffers(text)
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, name.replace("/", "_") + ".hlo.txt"), "w") as f:
+        f.write(text)
+  abstract_params = (state.server.params if config.algorithm == "islands" else state.params)
+  n_params = model_lib.count_params(abstract_params)
+  out = {
+      "config": _config_summary(config, mesh, model_cfg, n_params),
+      "build_s": round(t_build, 2), "lower_s": round(t_lower, 2),
+      "compile_s_total": round(sum(p["compile_s"] for p in programs.values()), 2),
+      "programs": programs,
+      "analytic_memory": analytic_memory(config, mesh, model_cfg, eng),
+      "params": n_params,
+      "inner_collectives": len(inner),
+      "inner_cross_island": [f"{c.op} {c.result_bytes} B" for c in
+                             hlo.cross_island(inner, per_island)],
+  }
+  if config.algorithm == "islands":
+    control = eng.control_bytes_per_send * int(config.islands.num) // mesh.shape["island"]
+    wire = expected_wire_bytes(state.server.params, eng.state_shardings.server.params,
+                               per_island)
+    out.update({
+        "hlo_expected_payload_bytes": wire + control,
+        "duplicate_bytes": wire - int(eng.bytes_per_sync),
+        "bytes_per_sync": int(eng.bytes_per_sync),
+        "params_x_4": 4 * n_params,
+        "hlo_outer_payload_bytes": hlo.island_payload_bytes(outer, per_island),
+        "control_bytes": control,
+        "island_bytes_at_total": eng.island_bytes(int(config.total_steps)),
+    })
+  return out
+
+
+def expected_wire_bytes(abstract, shardings, devices_per_island: int) -> int:
+  """What one island's devices put on the island link for one uncompressed sync: each device
+  all-reduces its ZeRO shard of every global-params leaf, so a leaf whose shard is replicated
+  over k of the island's devices crosses k times. Equals ``bytes_per_sync`` when every leaf is
+  split over all in-island devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  total = 0
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard = math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+    total += shard * devices_per_island
+  return int(total)
+
+
+def _config_summary(config, mesh, model_cfg, n_params) -> dict:
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  return {"mesh": {k: int(v) for k, v in mesh.shape.items()},
+          "islands": int(config.islands.num), "algorithm": config.algorithm,
+          "H": int(config.outer.sync_every), "batch_per_island": int(config.data.batch_size),
+          "seq_len": int(config.data.seq_len), "params": n_params,
+          "model": {k: getattr(model_cfg, k) for k in
+                    ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim",
+                     "mlp_dim", "vocab_size", "compute_dtype", "scan_layers")},
+          "train_flops_per_token": model_lib.train_flops_per_token(model_cfg,
+                                                                   int(config.data.seq_len))}
+
+
+# ------------------------------------------------------------------------ a short run
+
+
+def _blocking(fn):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def call(*args):
+    return jax.block_until_ready(fn(*args))
+
+  call.lower = getattr(fn, "lower", None)
+  return call
+
+
+def make_blocking(eng) -> None:
+  """Every program of ``eng`` waits for its result before returning (see the module doc)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  p = eng.programs
+  eng.programs = dataclasses.replace(
+      p, init=_blocking(p.init), inner=_blocking(p.inner),
+      encode=tuple(map(_blocking, p.encode)), receive=tuple(map(_blocking, p.receive)),
+      merge=tuple(map(_blocking, p.merge)))
+
+
+def run(config, steps: int | None = None, devices=None, log=print) -> dict:
+  """Trains ``config`` for ``steps`` (default ``total_steps``) on real data through the
+  training input path (``fedjax_lm.input.TrainBatches``), every program blocking; per step:
+  the mean island loss and wall seconds (step 1 includes compiling)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import data as data_lib, input as input_lib  # pylint: disable=g-import-not-at-top
+  steps = int(steps or config.total_steps)
+  mesh, model_cfg, eng = build(config, devices)
+  make_blocking(eng)
+  tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} > model.vocab_size")
+  if config.data.name == "local_c4":
+    data_lib.prepare_local_c4(config.data.data_dir or None)
+  batches = input_lib.TrainBatches(config.data, mesh, num_islands=eng.num_islands,
+                                   tokenizer=tokenizer, seed=int(config.seed))
+  t0 = time.perf_counter()
+  state = eng.init(jax.random.key(int(config.seed)))
+  init_s = time.perf_counter() - t0
+  records, data_s = [], 0.0
+  for step in range(steps):
+    t0 = time.perf_counter()
+    batch = next(batches)
+    jax.block_until_ready(batch)
+    t1 = time.perf_counter()
+    state, metrics = eng.inner_step(state, batch)
+    t2 = time.perf_counter()
+    done = step + 1
+    state = eng.sync(state, done)
+    t3 = time.perf_counter()
+    losses = np.asarray(jax.device_get(metrics["island_loss"]))
+    rec = {"step": done, "loss": float(losses.mean()),
+           "island_loss": [round(float(x), 4) for x in losses],
+           "data_s": round(t1 - t0, 3), "inner_s": round(t2 - t1, 2),
+           "sync_s": round(t3 - t2, 2), "synced": bool(t3 - t2 > 1e-3 and
+                                                        config.algorithm == "islands"),
+           "island_bytes": eng.island_bytes(done)}
+    data_s += t1 - t0
+    records.append(rec)
+    log(json.dumps(rec))
+  n_params = sum(int(x.size) for x in jax.tree.leaves(eng.eval_params(state)))
+  return {"config": _config_summary(config, mesh, model_cfg, n_params), "init_s": round(init_s, 2),
+          "steps": records, "first_step_s": records[0]["inner_s"],
+          "steady_step_s": (round(float(np.median([r["inner_s"] for r in records[2:]])), 2)
+                            if len(records) > 2 else None),
+          "island_bytes": eng.island_bytes(steps),
+          "bytes_per_sync": int(getattr(eng, "bytes_per_sync", 0)), "params": n_params,
+          "tokens_per_step": int(np.prod(batches.shape))}
+
+
+# ------------------------------------------------------------------------ input pipeline
+
+
+def pipeline_rate(config, *, batches: int = 20, num_threads: int = 0, workers: int = 0,
+                  prefetch: int = 0) -> dict:
+  """Tokens/s of one island's training iterator (``make_train_iterator``: read, SentencePiece,
+  pack, batch) on this host; ``workers`` > 0 runs it in grain worker processes
+  (``mp_prefetch``)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import data as data_lib  # pylint: disable=g-import-not-at-top
+  if config.data.name == "local_c4":
+    data_lib.prepare_local_c4(config.data.data_dir or None)
+  source = data_lib.get_source(config.data.name, "train", data_dir=config.data.data_dir or None)
+  tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
+  b, t = int(config.data.batch_size), int(config.data.seq_len)
+  it = data_lib.make_train_iterator(
+      source, tokenizer=tokenizer, seq_len=t, batch_size=b, seed=int(config.seed),
+      append_eos=bool(config.data.append_eos), text_key=config.data.text_key,
+      num_threads=num_threads, prefetch_batches=prefetch)
+  if workers > 0:
+    ds = _WorkerDataset(config, workers)
+    it = iter(ds)
+  next(it)  # warm-up: worker start, first documents
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    batch = next(it)
+  seconds = time.perf_counter() - t0
+  tokens = batches * b * t
+  assert batch["inputs"].shape == (b, t)
+  del grain
+  return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+          "num_threads": num_threads, "workers": workers, "prefetch": prefetch,
+          "batch": [b, t]}
+
+
+class _WorkerDataset:
+  """The training pipeline of :func:`fedjax_lm.data.make_train_iterator`, split over grain
+  worker processes: each worker packs its own shard of the island's examples
+  (``shard_index`` / ``shard_count``), and batches interleave round-robin."""
+
+  def __init__(self, config, workers: int):
+    self.config, self.workers = config, workers
+
+  def __iter__(self):
+    import grain  # pylint: disable=g-import-not-at-top
+    ds = grain.MapDataset.range(self.workers).to_iter_dataset()
+    ds = _ShardedTrain(ds, self.config, self.workers)
+    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers)))
+
+
+def _ShardedTrain(parent, config, workers):  # pylint: disable=invalid-name
+  import grain  # pylint: disable=g-import-not-at-top
+
+  class Sharded(grain.IterDataset):
+    """Worker ``w`` of ``workers`` (grain slices the dataset per worker) iterates its shard."""
+
+    def __init__(self):
+      super().__init__(parent)
+
+    def __iter__(self):
+      return _ShardIterator(self, config, workers)
+
+  return Sharded()
+
+
+class _ShardIterator:
+  """Holds one shard's train iterator; the shard is the worker's slice of ``range(workers)``."""
+
+  def __init__(self, ds, config, workers):
+    self._parent = iter(ds._parents[0])  # pylint: disable=protected-access
+    self._config, self._workers, self._it = config, workers, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._it is None:
+      from fedjax_lm import data as data_lib  # pylint: disable=g-import-not-at-top
+      shard = next(self._parent)
+      c = self._config
+      source = data_lib.get_source(c.data.name, "train", data_dir=c.data.data_dir or None)
+      self._it = data_lib.make_train_iterator(
+          source, tokenizer=data_lib.get_tokenizer(c.data.tokenizer),
+          seq_len=int(c.data.seq_len), batch_size=int(c.data.batch_size), seed=int(c.seed),
+          shard_index=int(shard), shard_count=self._workers,
+          append_eos=bool(c.data.append_eos), text_key=c.data.text_key)
+    return next(self._it)
+
+
+def h100_requirement(config, gpus: int = 8, mfu: float = 0.4,
+                     peak: float = H100_PEAK_BF16) -> dict:
+  """Tokens/s that ``gpus`` H100s training ``config``'s model consume: MFU x peak / FLOPs per
+  token (``model.train_flops_per_token``, PaLM's 6N + 12 L T H Dh)."""
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  fpt = model_lib.train_flops_per_token(model_cfg, int(config.data.seq_len))
+  per_gpu = mfu * peak / fpt
+  return {"flops_per_token": fpt, "mfu": mfu, "peak_flops": peak, "gpus": gpus,
+          "tokens_per_s_per_gpu": per_gpu, "tokens_per_s_island": per_gpu * gpus}
+
+
+# ------------------------------------------------------------------------ WAN ratio
+
+
+def wan_ratio(config_path: str = "configs/c4_150m.py", *, gpus_per_island: int = 8,
+              mfu: float = 0.4, link_bits: float = 1e9, testbed_params: int | None = None,
+              testbed_step_s: float | None = None) -> dict:
+  """DDP's link time / compute time per step for c4_150m on 2 islands of ``gpus_per_island``
+  H100 over ``link_bits``/s, and the testbed link rate that gives the same ratio for a model
+  of ``testbed_params`` float32 params stepping in ``testbed_step_s`` seconds."""
+  from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  c = load_config(config_path)
+  model_cfg = model_lib.ModelConfig.from_config(c.model)
+  _, abstract = model_lib.build(model_cfg)
+  n = model_lib.count_params(abstract)
+  fpt = model_lib.train_flops_per_token(model_cfg, int(c.data.seq_len))
+  tokens = int(c.data.batch_size) * int(c.data.seq_len)  # per island per step
+  compute_s = tokens * fpt / (gpus_per_island * mfu * H100_PEAK_BF16)
+  grad_bytes = 4 * n  # float32 gradient each island sends per DDP step (island_bytes)
+  link_s = grad_bytes * 8 / link_bits
+  out = {"params": n, "flops_per_token": fpt, "tokens_per_island_step": tokens,
+         "h100_step_s": compute_s, "grad_bytes": grad_bytes, "link_s": link_s,
+         "ratio": link_s / compute_s, "mfu": mfu, "gpus_per_island": gpus_per_island,
+         "link_bits_per_s": link_bits}
+  if testbed_params and testbed_step_s:
+    out["testbed_link_bits_per_s"] = 4 * testbed_params * 8 / (out["ratio"] * testbed_step_s)
+  return out
+
+
+# ------------------------------------------------------------------------ command line
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("command", choices=["compile", "run", "pipeline", "wan_ratio"])
+  p.add_argument("--config", default="configs/c4_150m.py")
+  p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+  p.add_argument("--devices", type=int, default=16)
+  p.add_argument("--steps", type=int, default=0)
+  p.add_argument("--hlo_dir", default=None)
+  p.add_argument("--json", default=None, help="write the result here")
+  p.add_argument("--batches", type=int, default=20)
+  p.add_argument("--threads", type=int, default=0)
+  p.add_argument("--workers", type=int, default=0)
+  p.add_argument("--prefetch", type=int, default=0)
+  p.add_argument("--testbed_params", type=int, default=0)
+  p.add_argument("--testbed_step_s", type=float, default=0.0)
+  p.add_argument("--mfu", type=float, default=0.4)
+  args = p.parse_args(argv)
+  if args.command in ("compile", "run"):
+    _set_devices(args.devices)
+    import jax  # pylint: disable=g-import-not-at-top
+    # A cache of this invocation only: the run's programs, compiled once for the HLO check,
+    # are loaded from it when the run first calls them (cold compile times stay honest).
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="scale_xla_"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.command == "wan_ratio":
+    out = wan_ratio(args.config, mfu=args.mfu, testbed_params=args.testbed_params or None,
+                    testbed_step_s=args.testbed_step_s or None)
+  else:
+    config = load_config(args.config, args.set)
+    if args.command == "compile":
+      out = compile_report(config, hlo_dir=args.hlo_dir)
+    elif args.command == "run":
+      out = {"compile": compile_report(config, hlo_dir=args.hlo_dir)}
+      print(json.dumps(out["compile"], indent=1), flush=True)
+      out["run"] = run(config, args.steps or None)
+    else:
+      out = pipeline_rate(config, batches=args.batches, num_threads=args.threads,
+                          workers=args.workers, prefetch=args.prefetch)
+      out["h100"] = h100_requirement(config, mfu=args.mfu)
+  out["argv"] = sys.argv if argv is None else ["scale.py", *argv]
+  text = json.dumps(out, indent=1, default=str)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      f.write(text + "\n")
+  print(text)
+  return out
+
+
+if __name__ == "__main__":
+  main()
