@@ -13,7 +13,9 @@ processes: 2 islands x 2 devices); ``--simulate`` runs every config in one proce
 islands simulated on one device (island axis 1): the same numerics (tested), no collectives.
 Extra ``--override key=value`` flags go to every run (e.g. ``--override total_steps=100``).
 A run whose workdir already holds its final checkpoint resumes there and trains no further,
-so adding a row re-runs only that row.
+so adding a row re-runs only that row. The benchmark suites' methods table and sweeps (one
+resized config, simulated, timed, projected over a slow link) are ``python -m experiments.bench
+--suite quick|full``; the same methods over a shaped network link, ``python -m experiments.wan``.
 """
 
 import os
@@ -23,8 +25,8 @@ import sys
 from absl import app
 from absl import flags
 
-from experiments import suite_report
-from experiments import suites
+from experiments.bench import report
+from experiments.bench import suites
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
@@ -103,7 +105,7 @@ def main(argv):
     records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     rows.append((name, records[-1]))
     curves[name] = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-  table = suite_report.compare_table(rows, curves, _SET.value)
+  table = report.compare_table(rows, curves, _SET.value)
   print("\n" + table)
   if _OUT.value:
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)

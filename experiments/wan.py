@@ -9,6 +9,12 @@ The sweep (DDP, DiLoCo and Streaming DiLoCo at each bandwidth; table, jsonl and 
 
   python -m experiments.wan --sweep --out experiments/results/wan
 
+Does the exchange really overlap compute? Streaming DiLoCo with tau = 0 against tau >= 1, the
+exchange as an XLA collective and on a host thread, each run timed with the link shaped to
+``--rate`` and unshaped (the difference: the communication the run did not hide):
+
+  python -m experiments.wan --overlap_study --out experiments/results/overlap/summary.md
+
 Each run builds a fresh testbed (``experiments/wan_net.py``: a namespace per island, a hub
 bridge, every island's access link shaped by ``tc tbf`` to ``--bandwidth`` in each direction)
 and starts the job's processes itself, as a plain scheduler would (``launch.mode=cluster``):
@@ -42,8 +48,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import suites
 from experiments import wan_net
+from experiments.bench import suites
 from fedjax_lm import config_lib
 from fedjax_lm import fragments
 from fedjax_lm import launch
@@ -58,8 +64,10 @@ _BANDWIDTH = flags.DEFINE_string("bandwidth", "20mbit",
                                  "tc rate of every island's link, each direction; 'none': "
                                  "unshaped.")
 _QUEUE_MS = flags.DEFINE_integer("queue_ms", 100, "Longest queueing delay of a shaped hop "
-                                 "(tbf latency; a full queue drops).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/wan/run", "Run directory (replaced).")
+                                 "(tbf latency; a full queue drops); --overlap_study: 2000 "
+                                 "unless given.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/wan/run", "Run directory (replaced); "
+                                "--overlap_study: parent of its runs (default runs/overlap).")
 _TIMEOUT = flags.DEFINE_integer("timeout", 1800, "Seconds before a run is stopped as failed.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Run the sweep (each finished run is reused).")
 _BANDWIDTHS = flags.DEFINE_list("bandwidths", ["1000mbit", "100mbit", "20mbit"],
@@ -69,12 +77,25 @@ _DDP_STEPS = flags.DEFINE_integer("ddp_steps", 100, "DDP's steps: its final eval
 _ISLANDS_STEPS = flags.DEFINE_integer("islands_steps", 250, "Step budget of the islands runs.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 25, "Eval interval of the sweep's runs.")
 _SWEEP_DIR = flags.DEFINE_string("sweep_dir", "runs/wan", "Parent directory of sweep runs.")
-_OUT = flags.DEFINE_string("out", "experiments/results/wan", "Sweep results directory.")
+_OUT = flags.DEFINE_string("out", "experiments/results/wan", "Sweep results directory; "
+                           "--overlap_study: also write its table to this file (default: "
+                           "only print it).")
 _OVERLAP = flags.DEFINE_list("overlap_methods", ["streaming_tau0"], "Extra runs at the lowest "
                              "bandwidth, run last (also: diloco_host, diloco_tau5).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the sweep's report.")
 _JAX_CACHE = flags.DEFINE_string("jax_cache", "runs/wan/jax_cache", "Persistent compilation "
-                                 "cache of the runs ('': none); saves compiling again.")
+                                 "cache of the runs ('': none); saves compiling again. "
+                                 "--overlap_study: none unless given (the free and the shaped "
+                                 "run of a pair both compile).")
+# --overlap_study (formerly experiments.overlap)
+_OVERLAP_STUDY = flags.DEFINE_bool("overlap_study", False, "Time tau=0 against --overlap, "
+                                   "transport xla and host, each run with the link shaped to "
+                                   "--rate and unshaped; print the table (and write --out).")
+_RATE = flags.DEFINE_string("rate", "8mbit", "--overlap_study: tc rate of the shaped link.")
+_STEPS = flags.DEFINE_integer("steps", 60, "--overlap_study: inner steps per run.")
+_TAU = flags.DEFINE_integer("overlap", 4, "--overlap_study: tau of the overlapped runs.")
+_COMPRESSION = flags.DEFINE_string("compression", "none",
+                                   "--overlap_study: outer.compression of every run.")
 
 _DILOCO, _STREAM = "configs/shakespeare_diloco.py", "configs/shakespeare_streaming.py"
 _PAPER = suites.PAPER_OUTER  # the outer optimizer the committed results were run with
@@ -377,16 +398,82 @@ def report(extra: dict) -> None:
                          latency_note=LATENCY_NOTE))
 
 
+def _given(name: str, default):
+  """Flag ``name``'s value if the command line set it, else ``default`` (a mode's own)."""
+  return flags.FLAGS[name].value if flags.FLAGS[name].present else default
+
+
+def overlap_study(extra: dict) -> None:
+  """``--overlap_study``: ``configs/shakespeare_streaming.py`` (P=4, H=20: a fragment sync
+  every 5 steps) on 2 islands x 1 process, tau = 0 (merge right after the send) against tau =
+  ``--overlap``, the exchange as an XLA collective (``transport=xla``) and on a host thread
+  (``transport=host``). Each run is timed with the islands' link unshaped (``free``) and shaped
+  to ``--rate``; the difference is the communication the run did *not* hide. A failed run is
+  retried twice (counted in the table). Prints the table; ``--out``: also writes it there."""
+  wan_net.require_root()
+  from fedjax_lm.data import shakespeare  # pylint: disable=g-import-not-at-top
+  shakespeare.prepare_shakespeare(extra.get("data.data_dir") or None)  # not inside a timed run
+  parent = _given("workdir", "runs/overlap")
+  queue_ms = _given("queue_ms", 2000)  # deep: no drops and retransmits inside the timing
+  cache = _given("jax_cache", "")
+  steps = _STEPS.value
+  base = {"mesh.island": 2, "mesh.data": 1, "launch.processes": 2, "total_steps": steps,
+          "outer.sync_every": 20, "outer.compression": _COMPRESSION.value, "log_every": 1000,
+          "eval_every": steps, "checkpoint_every": steps}
+  rows, failed = [], 0
+  for tau, transport in ((0, "xla"), (_TAU.value, "xla"), (0, "host"), (_TAU.value, "host")):
+    walls = {}
+    for shaped in (False, True):
+      name = f"tau{tau}_{transport}_{'shaped' if shaped else 'free'}"
+      over = {**base, "outer.overlap": tau, "outer.transport": transport, **extra}
+      args = [f"--config.{k}={v}" for k, v in over.items()]
+      workdir = os.path.join(parent, name)
+      for attempt in range(3):
+        try:
+          record = run(_resolved(_STREAM, over), _STREAM, args,
+                       _RATE.value if shaped else "none", workdir, queue_ms, _TIMEOUT.value,
+                       cache)
+          break
+        except RuntimeError as e:
+          if attempt == 2:
+            raise RuntimeError(f"{name} failed 3 times; see {workdir}/console.log and "
+                               "logs/") from e
+          failed += 1
+          print(f"{name}: attempt {attempt + 1} failed ({str(e).splitlines()[0]}), see "
+                f"{workdir}", flush=True)
+      walls[shaped] = record["wall_s"]
+      last = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+      print(f"{name}: {walls[shaped]:.1f}s eval {last['eval_loss']:.4f}", flush=True)
+    rows.append((tau, transport, walls[False], walls[True], last))
+  lines = [f"Link: every island's link shaped by tc tbf to {_RATE.value} in each direction "
+           f"(queue <= {queue_ms} ms), or unshaped (free); {steps} steps, P=4, H=20 (a fragment "
+           f"sync every 5 steps), compression {_COMPRESSION.value}, 2 processes (one island "
+           f"each). Failed attempts retried: {failed}.", "",
+           "| tau | transport | wall, free link (s) | wall, shaped link (s) | not hidden (s) | "
+           "eval loss | island_bytes |", "|---|---|---|---|---|---|---|"]
+  for tau, transport, free, shaped, last in rows:
+    lines.append(f"| {tau} | {transport} | {free:.1f} | {shaped:.1f} | {shaped - free:.1f} | "
+                 f"{last['eval_loss']:.4f} | {last['island_bytes']:,} |")
+  table = "\n".join(lines)
+  print(table)
+  out = _given("out", None)
+  if out:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+      f.write(f"Regenerate: `python -m experiments.wan {' '.join(sys.argv[1:])}`\n\n"
+              f"{table}\n")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind: the testbed's finally removes it
     signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
   try:
-    if _SWEEP.value or _REPORT_ONLY.value:
+    if _SWEEP.value or _REPORT_ONLY.value or _OVERLAP_STUDY.value:
       extra = {a.split("=", 1)[0][len("--config."):]: _literal(a.split("=", 1)[1])
                for a in sys.argv[1:] if a.startswith("--config.") and "=" in a}
-      (report if _REPORT_ONLY.value else sweep)(extra)
+      (overlap_study if _OVERLAP_STUDY.value else report if _REPORT_ONLY.value else sweep)(extra)
       return
     args = [a for a in sys.argv[1:] if a.startswith("--config.")]
     record = run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS["config"]), args,

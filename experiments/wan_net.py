@@ -9,8 +9,8 @@ Each ``wan0`` <-> ``p<k>`` veth pair is island k's access link: its two egress s
 ``wan0``, download on ``p<k>``) carry a ``tc tbf`` qdisc at the given rate, so any two islands
 talk at that rate in each direction. ``netem`` is not in this kernel: there is no added delay,
 the only latency is queueing in tbf (at most ``queue_ms`` per shaped hop). MTU 1500 and GSO/TSO
-segments of one packet (as on a WAN; 64 KiB packets on a tbf'd link stall TCP, see
-``experiments.overlap``), so the veth byte counters count every packet's headers.
+segments of one packet (as on a WAN; 64 KiB GSO packets exceed the tbf bucket, are dropped for
+good and stall TCP), so the veth byte counters count every packet's headers.
 Addresses come from the benchmarking range 198.18.0.0/15 and exist only inside the namespaces;
 IPv6 is off there. ``/etc/netns/<ns>/hosts`` (bind-mounted by ``ip netns exec``) maps this
 machine's hostname to the island's address: gloo binds to the hostname's address.

@@ -4,7 +4,7 @@ Pre-norm blocks: RMSNorm -> causal multi-head attention with RoPE -> RMSNorm -> 
 Layer weights are stacked along a leading ``layers`` dimension; the forward pass unrolls the
 layers (fastest here) or, with ``scan_layers``, scans over them so compile time does not grow
 with depth. ``attention`` picks one of three formulations of the same function (the tests check
-they agree); ``fused`` is the fast one on CPU (see ``experiments/bench.py --suite step``), with
+they agree); ``fused`` is the fast one on CPU (see ``python -m experiments.bench --suite step``), with
 ``hand_backward``: :func:`dense` and :func:`silu_glu` write their backward passes out so that
 XLA:CPU transposes the narrow operands.
 

@@ -1,7 +1,7 @@
 """The step bench's measurement: runs a config's inner step and outer sync and attributes the
 profiled op time to categories of the compiled HLO."""
 
-from experiments import step_bench
+from experiments.bench import step as step_bench
 
 ISLANDS = {"algorithm": "islands", "islands.num": 2, "outer.sync_every": 2, "mesh.data": 1,
            "launch.processes": 1}
@@ -37,7 +37,7 @@ def test_categories():
 
 
 def test_compare_table_against_ddp_has_no_duplicate_or_infinite_ratios():
-  from experiments import suite_report  # pylint: disable=g-import-not-at-top
+  from experiments.bench import report as suite_report  # pylint: disable=g-import-not-at-top
   rows = [("DDP", {"tokens": 100, "eval_loss": 2.0, "island_bytes": 1000,
                    "island_peak_bytes": 10}),
           ("DiLoCo (M=2)", {"tokens": 100, "eval_loss": 2.2, "island_bytes": 20,

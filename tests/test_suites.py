@@ -9,8 +9,13 @@ import os
 import jax
 import pytest
 
-from experiments import (gpu_bench, projection, suite_jobs, suite_memory, suite_report, suites,
-                         torch_peer)
+from experiments.bench import gpu as gpu_bench
+from experiments.bench import jobs as suite_jobs
+from experiments.bench import memory as suite_memory
+from experiments.bench import projection
+from experiments.bench import report as suite_report
+from experiments.bench import suites
+from experiments.bench import torch_peer
 
 
 def test_link_and_step_times():
@@ -141,7 +146,7 @@ def test_a_killed_full_suite_run_resumes_exactly_where_its_queue_left_it(tmp_pat
   # (run_suite's workers share one too): XLA:CPU splits some dots differently with 1 host
   # device than with this process's 4, which moves the 7th digit of the losses.
   env = {**os.environ, "FEDJAX_LM_KILL_AT_STEP": "6"}
-  killed = subprocess.run([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
+  killed = subprocess.run([sys.executable, "-m", "experiments.bench.suites", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILLed after step 6

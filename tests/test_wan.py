@@ -42,6 +42,16 @@ def test_not_root_fails_with_one_clear_line(monkeypatch):
   assert done.stderr.strip().splitlines()[-1] == f"error: {wan_net.NOT_ROOT}", done.stderr
 
 
+def test_overlap_study_not_root_fails_with_one_clear_line():
+  code = ("import os, runpy, sys; os.geteuid = lambda: 1000; "
+          "sys.argv = ['wan', '--overlap_study', '--workdir', sys.argv[1]]; "
+          "runpy.run_module('experiments.wan', run_name='__main__')")
+  done = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "runs", "never")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0
+  assert done.stderr.strip().splitlines()[-1] == f"error: {wan_net.NOT_ROOT}", done.stderr
+
+
 @needs_root
 @pytest.mark.slow
 def test_training_across_the_shaped_link_then_nothing_left(tmp_path, data_dir):

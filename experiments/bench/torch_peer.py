@@ -1,6 +1,6 @@
 """The step bench's peer: the same model and inner step in PyTorch, timed beside ours.
 
-``python -m experiments.torch_peer [--rounds 3]`` times, interleaved round by round (this
+``python -m experiments.bench.torch_peer [--rounds 3]`` times, interleaved round by round (this
 machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a fixed batch:
 
 - **1 island / 1 core**: one process pinned to one core, one thread;
@@ -15,7 +15,8 @@ AdamW (b1 0.9, b2 0.95, weight decay 0.1) after global-norm clipping at 1.0, eag
 worker first checks that both frameworks give the same loss on the same parameters and batch
 (to 1e-4), so the rows compare one computation. Needs ``torch`` (not a fedjax_lm dependency):
 ``pip install torch --index-url https://download.pytorch.org/whl/cpu``. Writes
-``experiments/results/step/torch_peer.md``.
+``experiments/results/step/torch_peer.md`` (``--breakdown``: ``torch_peer_breakdown.md``, where
+the 1-core step's time goes, ours beside PyTorch's).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
   return out
 
 
-# The categories of the breakdown, and which of the step bench's categories each one holds.
+# The categories of the breakdown, and which of the step bench's categories (``step._categorise``)
+# each one holds.
 CATEGORIES = {"matmul": ("matmul",),
               "attention": ("attention matmul", "attention scores elementwise"),
               "elementwise, copies, reductions": ("elementwise", "copy / transpose", "reduction")}
@@ -113,12 +115,12 @@ def _overrides(islands: int) -> dict:
 
 def worker(spec: dict) -> dict:
   """One process: ``framework`` ours | torch, ``islands`` simulated in it, one core or all."""
-  from experiments import step_bench  # pylint: disable=g-import-not-at-top
+  from experiments.bench import step  # pylint: disable=g-import-not-at-top  (no jax)
   if spec["one_core"]:
-    step_bench.pin_one_core(spec.get("core"))
+    step.pin_one_core(spec.get("core"))
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
   if spec["framework"] == "ours":
-    out = step_bench.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
+    out = step.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
                            "start_at": spec.get("start_at", 0.0), "profile": spec.get("profile"),
                            "overrides": _overrides(spec["islands"])})
     row = {"step_s": out["step_s"], "tokens_per_step": out["tokens_per_step"]}
@@ -131,7 +133,7 @@ def worker(spec: dict) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
   from fedjax_lm import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  config = step_bench._load_config(CONFIG, _overrides(spec["islands"]))
+  config = step.load_config(CONFIG, _overrides(spec["islands"]))
   cfg = model_lib.ModelConfig.from_config(config.model)
   b, t = int(config.data.batch_size), int(config.data.seq_len)
   rows = np.random.default_rng(0).integers(0, 256, (b, t + 1)).astype(np.int32)
@@ -153,7 +155,7 @@ def worker(spec: dict) -> dict:
 
 def _spawn(spec: dict) -> subprocess.Popen:
   from fedjax_lm import malloc_env  # pylint: disable=g-import-not-at-top
-  return subprocess.Popen([sys.executable, "-m", "experiments.torch_peer", "--worker",
+  return subprocess.Popen([sys.executable, "-m", "experiments.bench.torch_peer", "--worker",
                            json.dumps(spec)], stdout=subprocess.PIPE, text=True,
                           env=malloc_env(dict(os.environ)))
 
@@ -222,7 +224,7 @@ def breakdown_report(rows: dict, command: str) -> str:
   lines = [f"Regenerate: `{command}`", "",
            f"Where the time of one island's step goes (`{CONFIG}`, 1 core, 1 thread), ms per step, "
            f"median of {len(rows['ours'])} interleaved rounds. Ours: XLA:CPU op time from the JAX "
-           "profiler (`step_bench.breakdown`); PyTorch: self CPU time from `torch.profiler`.", "",
+           "profiler (`bench.step.breakdown`); PyTorch: self CPU time from `torch.profiler`.", "",
            "| category | ours | PyTorch | ours ÷ PyTorch | ours: the step bench's categories |",
            "|---|---|---|---|---|"]
   for cat, parts in [*CATEGORIES.items(), ("all ops", ())]:
@@ -253,7 +255,7 @@ def main() -> None:
   except ImportError:
     raise SystemExit("torch_peer: PyTorch is not installed (pip install torch --index-url "
                      "https://download.pytorch.org/whl/cpu)") from None
-  command = f"python -m experiments.torch_peer --rounds {args.rounds} --steps {args.steps}"
+  command = f"python -m experiments.bench.torch_peer --rounds {args.rounds} --steps {args.steps}"
   if args.breakdown:
     command += " --breakdown"
     text = breakdown_report(breakdown(args.rounds, args.steps), command)

@@ -1,11 +1,12 @@
-"""``summary.md``, ``results.jsonl`` and PNG plots of a ``quick`` / ``full`` suite."""
+"""``summary.md``, ``results.jsonl`` and PNG plots of a ``quick`` / ``full`` suite (``write``),
+and the table of ``python -m experiments.compare`` (``compare_table``)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from experiments import projection
+from experiments.bench import projection
 
 MB = 1e6
 
@@ -90,7 +91,7 @@ def projection_section(res: dict, gbps: float, latency_s: float) -> tuple[list[s
   ddp_t = proj[0]["no_overlap"]["time_s"]
   ddp_to = proj[0]["overlap"]["time_s"]
   lines = [f"Link {gbps:g} Gbit/s, latency {latency_s * 1e3:g} ms; target = DDP (M=2)'s "
-           f"final eval loss {target:.4f}. Model: `experiments/projection.py`.", "",
+           f"final eval loss {target:.4f}. Model: `experiments/bench/projection.py`.", "",
            "| method | steps to target | s/step, no overlap | time to target | × faster than DDP"
            " | s/step, overlap | time to target | × faster than DDP (overlap) | "
            "compute share (no overlap) |", "|" + "---|" * 9]

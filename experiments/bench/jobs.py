@@ -1,5 +1,9 @@
 """The parent side of the ``quick`` / ``full`` suites: plans the runs as jobs and runs them.
 
+``python -m experiments.bench --suite quick|full`` calls ``run_suite``; the runs themselves are
+:mod:`experiments.bench.suites`' (its worker processes), the report
+:mod:`experiments.bench.report`'s.
+
 Phases (``run_suite``):
 1. **training, in parallel**: ``--workers`` long-lived processes, each pinned to its own core
    with single-threaded XLA, take jobs from one queue in order (each claims the next job no
@@ -34,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from experiments import suites
+from experiments.bench import suites
 
 CHUNK = 1  # sweep runs per job when their programs are compiled already
 
@@ -90,7 +94,7 @@ def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
                         f" --xla_force_host_platform_device_count={devices}").strip()
   path = os.path.join(spec["logs"], f"{spec['kind']}.log")
   log = open(path, "a")  # pylint: disable=consider-using-with
-  return subprocess.Popen([sys.executable, "-m", "experiments.suites", json.dumps(spec)],
+  return subprocess.Popen([sys.executable, "-m", "experiments.bench.suites", json.dumps(spec)],
                           stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

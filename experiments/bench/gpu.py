@@ -1,11 +1,12 @@
-"""``--suite gpu``: tokens/s and model-FLOPs utilisation (MFU) of the inner step on one device.
+"""``python -m experiments.bench --suite gpu``: tokens/s and model-FLOPs utilisation (MFU) of the
+inner step on one device (``measure``; ``summary`` is its ``summary.md``).
 
 MFU = ``model.train_flops_per_token`` (6N + 12·L·T·H·Dh per training token, PaLM's
 convention: N = matmul weights incl. the unembedding, attention over the full T×T square) ×
 tokens/s ÷ the device's peak. The peak is ``--peak_tflops`` if given, else the dense bf16
 peak of a known accelerator (``PEAKS``, by ``device_kind``), else (CPU) the measured peak of
-a jitted matmul in the step's compute dtype, best over ``step_bench.PEAK_SHAPES``
-(``step_bench.matmul_peak``).
+a jitted matmul in the step's compute dtype, best over ``step.PEAK_SHAPES``
+(``step.matmul_peak``).
 
 The model: ``--size 350m`` (24 layers, d=1024, 16 heads × 64, SwiGLU 2816, vocab 32768, seq
 1024, bf16 compute, f32 params; ~0.37B params) on an accelerator, ``tiny`` (the quick suite's
@@ -15,7 +16,8 @@ island, one device) on a fixed random batch; median of the timed repeats.
 
 from __future__ import annotations
 
-import statistics
+from experiments.bench import step
+from experiments.bench import suites
 
 PEAKS = {  # dense bf16 TFLOP/s per chip (vendor datasheets, no sparsity)
     "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L4": 121.0,
@@ -27,9 +29,7 @@ SIZES = {
              "model.num_kv_heads": 16, "model.head_dim": 64, "model.mlp_dim": 2816,
              "model.vocab_size": 32768, "model.max_len": 1024, "data.seq_len": 1024,
              "data.batch_size": 8, "model.compute_dtype": "bfloat16"},
-    "tiny": {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
-             "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,
-             "model.max_len": 64, "data.seq_len": 64, "data.batch_size": 8},
+    "tiny": {**suites.TINY, "data.batch_size": 8},
 }
 BASE = {"algorithm": "ddp", "islands.num": 1, "mesh.island": 1, "mesh.data": 1,
         "launch.processes": 1, "launch.mode": "none"}
@@ -45,13 +45,12 @@ def measure(size: str | None = None, peak_tflops: float | None = None, steps: in
             repeats: int = 3, batch_size: int | None = None) -> dict:
   """One MFU measurement on the first device (``size`` None: 350m off CPU, tiny on CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import step_bench  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
   size = size or ("tiny" if dev.platform == "cpu" else "350m")
   over = {**BASE, **SIZES[size]}
   if batch_size:
     over["data.batch_size"] = batch_size
-  out = step_bench.step({"config": "configs/shakespeare.py", "overrides": over,
+  out = step.step({"config": "configs/shakespeare.py", "overrides": over,
                          "steps": steps, "repeats": repeats})
   dtype = over.get("model.compute_dtype", "float32")
   if peak_tflops:
@@ -59,7 +58,7 @@ def measure(size: str | None = None, peak_tflops: float | None = None, steps: in
   elif device_peak(dev.device_kind):
     peak, source = device_peak(dev.device_kind), f"datasheet ({dev.device_kind}, bf16 dense)"
   else:
-    best = step_bench.matmul_peak(dtype)
+    best = step.matmul_peak(dtype)
     peak, source = best["best"], f"measured {dtype} matmul, best shape {best['best_shape']}"
   tokens_s = out["tokens_per_step"] / out["step_s"]
   stats = getattr(dev, "memory_stats", lambda: None)() or {}
@@ -87,7 +86,3 @@ def summary(row: dict, command: str) -> str:
       f"{'n/a' if mem is None else f'{mem / 2**30:.2f} GiB'} |", "",
       f"FLOPs per token: {row['flops_per_token']:,} (`model.train_flops_per_token`: "
       "6N + 12·L·T·H·Dh).", ""])
-
-
-def median(xs):
-  return statistics.median(xs)

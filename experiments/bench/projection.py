@@ -1,5 +1,9 @@
 """Projected wall time over a slow link between islands, from measured step times and bytes.
 
+Used by the ``quick`` / ``full`` suites' report (:mod:`experiments.bench.report`);
+``python -m experiments.bench.projection [OUT]`` writes our bandwidth-for-utilisation model beside
+Streaming DiLoCo's Table 4 (default ``experiments/results/projection/paper_table4.md``).
+
 The model (one island per site, all islands identical, the link the only shared resource):
 
 * ``comm(S) = L + 8 S / B``: a payload of S bytes per island over a link of B bit/s and
@@ -165,7 +169,7 @@ if __name__ == "__main__":
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     f.write("# Our bandwidth-for-utilisation model vs Streaming DiLoCo's Table 4\n\n"
-            "Regenerate: `python -m experiments.projection`. Gbit/s needed to reach each "
+            "Regenerate: `python -m experiments.bench.projection`. Gbit/s needed to reach each "
             "compute utilisation; ours from `projection.paper_table` (closed form, zero "
             "latency), the paper's as printed.\n\n" + paper_report())
   print(open(out).read())

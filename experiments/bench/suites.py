@@ -10,8 +10,10 @@ config's own model and rows.
 Worker side: ``train_run`` (one sweep run), ``method_train`` / ``methods_timing`` (a methods-table
 row: the training run; the jitted inner step timed against the plain data-parallel step of the
 same model and per-device batch, one outer sync, the outer state's bytes per device) and
-``layout_bytes``; ``python -m experiments.suites '<json spec>'`` runs one worker. The parent
-side (planning the runs as jobs, running them, resuming) is :mod:`experiments.suite_jobs`.
+``layout_bytes``; ``python -m experiments.bench.suites '<json spec>'`` runs one worker. The parent
+side (planning the runs as jobs, running them, resuming) is :mod:`experiments.bench.jobs`, the
+report :mod:`experiments.bench.report`; the command is ``python -m experiments.bench --suite
+quick|full``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import shutil
 import sys
 import time
 
-from experiments import suite_memory
+from experiments.bench import memory
+from experiments.bench import step
 
 BASE = "configs/shakespeare_diloco.py"
 SIMULATED = {"mesh.island": 1, "mesh.data": 1, "launch.mode": "none", "launch.processes": 1,
@@ -32,15 +35,16 @@ RESUMABLE = ("full",)  # suites whose runs checkpoint at every eval and resume w
 # The full suite's sweeps, most telling first: the goals' spread, then H, outer lr, M, ...
 FULL_ORDER = ("seed", "H", "outer_lr", "M", "momentum", "inner_lr", "partition", "codec")
 PATH = "simulated (island axis 1)"
-_TINY = {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
-         "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,
-         "model.max_len": 64, "data.seq_len": 64}
+# The quick suite's model (also ``gpu``'s ``tiny``).
+TINY = {"model.num_layers": 2, "model.embed_dim": 64, "model.num_heads": 2,
+        "model.num_kv_heads": 2, "model.head_dim": 32, "model.mlp_dim": 192,
+        "model.max_len": 64, "data.seq_len": 64}
 SUITES = {
     # rows: global rows per step; P: Streaming fragments (divides the layer count)
-    "smoke": dict(steps=8, eval_every=4, rows=4, eval_batches=1, model=_TINY, P=2, H=4,
+    "smoke": dict(steps=8, eval_every=4, rows=4, eval_batches=1, model=TINY, P=2, H=4,
                   lrs=(0.7,), Hs=(4,), Ms=(1, 2), inner_lrs=(), momenta=(), codecs=(),
                   partitions=(), mh=((2, 4),), h_lrs=(0.7,), seeds=()),
-    "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=_TINY, P=2, H=50,
+    "quick": dict(steps=300, eval_every=50, rows=16, eval_batches=2, model=TINY, P=2, H=50,
                   lrs=(0.1, 0.3, 0.7, 1.0), Hs=(1, 10, 50, 150), Ms=(1, 2, 4, 8),
                   inner_lrs=(1e-3, 3e-3, 1e-2, 2e-2), momenta=(0.0, 0.5, 0.8, 0.9, 0.95),
                   codecs=("bf16", "int4", "topk"), partitions=("by_play", "by_genre"),
@@ -190,11 +194,7 @@ def _setup_cache(cache_dir: str | None) -> None:
 
 
 def _config(overrides: dict):
-  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_file(BASE)
-  with config.unlocked():
-    config_lib.override(config, overrides)
-  return config
+  return step.load_config(BASE, overrides)
 
 
 def checkpointed_step(workdir: str) -> int:
@@ -234,9 +234,9 @@ def method_train(suite: str, run: dict, workdir: str, resume: bool = False) -> d
   import gc  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   gc.collect()  # the previous run's arrays go before the peak is reset
-  suite_memory.peak_rss_reset()
+  memory.peak_rss_reset()
   row = train_run(suite, run, workdir, resume)
-  row["peak_rss_bytes"] = suite_memory.peak_rss_bytes()
+  row["peak_rss_bytes"] = memory.peak_rss_bytes()
   stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   row["peak_device_bytes"] = (stats or {}).get("peak_bytes_in_use")
   return row
@@ -259,9 +259,8 @@ def methods_timing(suite: str, runs: list[dict], timing_steps: int = 10, rounds:
   (FedAvg, DiLoCo and Streaming islands run the same one); the outer state's bytes per device."""
   import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import step_bench  # pylint: disable=g-import-not-at-top
   from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
-  stepper = lambda o: step_bench.Stepper({"config": BASE, "overrides": o})
+  stepper = lambda o: step.Stepper({"config": BASE, "overrides": o})
   median_of = lambda s: statistics.median(s.time(timing_steps, repeats))  # of the windows
   pairs, rows = {}, []
   for run in runs:
@@ -270,7 +269,7 @@ def methods_timing(suite: str, runs: list[dict], timing_steps: int = 10, rounds:
     row = {"key": _key(run, suite), "sim_step_s": median_of(sim), "sync_s": sim.sync_s(),
            "flops_per_token": model_lib.train_flops_per_token(sim.model_cfg, sim.seq_len),
            "tokens_per_step": sim.tokens_per_step, "dp_step_s": None,
-           "step_s": None, **suite_memory.outer_state_bytes(over, jax.devices()[:1])}
+           "step_s": None, **memory.outer_state_bytes(over, jax.devices()[:1])}
     del sim
     if over.get("algorithm") == "ddp":
       row["step_s"] = row["sim_step_s"] / int(over.get("islands.num", 2))
@@ -309,7 +308,7 @@ def layout_bytes(suite: str, runs: list[dict]) -> list[dict]:
     need = lay["mesh.island"] * lay["mesh.data"]
     out.append({"key": _key(run, suite), "layout": f"{lay['mesh.island']} island axis x "
                 f"{lay['mesh.data']} devices",
-                **suite_memory.outer_state_bytes({**over, **lay}, jax.devices()[:need])})
+                **memory.outer_state_bytes({**over, **lay}, jax.devices()[:need])})
   return out
 
 
@@ -331,8 +330,7 @@ def worker(spec: dict) -> None:
   part-way (a session's end) continues from its last checkpoint when the queue runs again,
   and its directory goes once its row is written."""
   if spec.get("one_core") is not None:
-    from experiments import step_bench  # pylint: disable=g-import-not-at-top  (no jax)
-    step_bench.pin_one_core(spec["one_core"])
+    step.pin_one_core(spec["one_core"])
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (XLA flags first)
   _setup_cache(spec.get("cache"))
   suite, workdir = spec["suite"], spec["workdir"]

@@ -1,5 +1,6 @@
-"""Memory readings of the bench suites: the outer state's bytes per device (from the abstract
-state and its shardings, no allocation) and a run's own peak host RSS."""
+"""Memory readings of the bench suites (:mod:`experiments.bench.suites`): the outer state's
+bytes per device (from the abstract state and its shardings, no allocation) and a run's own peak
+host RSS."""
 
 from __future__ import annotations
 
@@ -8,26 +9,27 @@ def outer_state_bytes(overrides: dict, devices) -> dict:
   """Bytes on one device of the global params + outer optimizer state (0 for ddp), and the
   param bytes, for ``overrides`` on ``devices``."""
   import math  # pylint: disable=g-import-not-at-top
-  from experiments import suites  # pylint: disable=g-import-not-at-top  (it imports this)
+  from experiments.bench import suites  # pylint: disable=g-import-not-at-top  (it imports this)
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from fedjax_lm import islands, mesh as mesh_lib, model as model_lib
+  from fedjax_lm import engine, mesh as mesh_lib, model as model_lib
   config = suites._config(overrides)  # pylint: disable=protected-access
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
-  alg = islands.build(config, mesh, model_cfg)
+  alg = engine.build(config, mesh, model_cfg)
   abstract = jax.eval_shape(alg.init, jax.random.key(0))
   dev = mesh.devices.flat[0]
   total = 0
-  for key in ("global_params", "outer_opt_state"):
-    if key not in abstract:
-      continue
+  server = getattr(abstract, "server", None)  # DDP has no global copy or outer state
+  parts = [] if server is None else [(server.params, alg.state_shardings.server.params),
+                                     (server.outer, alg.state_shardings.server.outer)]
+  for tree, shardings in parts:
     def leaf(a, s):
       nonlocal total
       if hasattr(a, "shape") and s is not None:
         shape = s.shard_shape(a.shape) if dev in s.device_set else (0,)
         total += math.prod(shape) * a.dtype.itemsize
-    jax.tree.map(leaf, abstract[key], alg.state_shardings[key])
+    jax.tree.map(leaf, tree, shardings)
   params = jax.eval_shape(alg.eval_params, abstract)
   return {"outer_state_bytes": total,
           "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
