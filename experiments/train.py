@@ -32,6 +32,8 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
   num = int(config.launch.processes)
+  if config.launch.mode == "decoupled":
+    sys.exit(_decoupled(config, workdir))
   if config.launch.mode == "local" and num > 1 and not launch.is_launched_child():
     command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
     sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
@@ -48,6 +50,27 @@ def main(argv):
     if os.environ.get("FEDJAX_LM_TRACEBACK") == "1":
       raise
     sys.exit(f"error: {e}".splitlines()[0])  # one line; FEDJAX_LM_TRACEBACK=1 shows the trace
+
+
+def _decoupled(config, workdir) -> int:
+  """``launch.mode=decoupled``: every role here (no ``launch.role``), or the one named."""
+  # pylint: disable-next=g-import-not-at-top  (jax only after the role is known)
+  from fedjax_lm import config_lib
+  from fedjax_lm.decoupled import channel, island, launch as decoupled_launch, syncer
+  try:
+    config_lib.validate(config)
+    if not config.launch.role:
+      command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
+      return decoupled_launch.run(command, config, workdir)
+    if config.launch.role == "syncer":
+      syncer.serve(config, workdir)
+    else:
+      island.run(config, workdir)
+  except (ValueError, RuntimeError, OSError, channel.SyncerUnreachable) as e:
+    if os.environ.get("FEDJAX_LM_TRACEBACK") == "1":
+      raise
+    return f"error: {e}".splitlines()[0]
+  return 0
 
 
 def _parse_flags(argv):

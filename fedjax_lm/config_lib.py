@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.islands.dropout = 0.0  # probability that an island misses a send (seeded schedule)
   c.islands.absent = ""  # explicit misses, "step:island,step:island" (sends after that step)
   c.islands.absent_policy = "reset"  # a missing island at the merge: reset (to global) | keep
+  # Decoupled mode (launch.mode=decoupled): data partitions (0 = islands.num; more lets islands
+  # join later), and per-island speed factors "1,1,0.25" (emulated slower hardware).
+  c.islands.max_num = 0
+  c.islands.speed = ""
 
   c.outer = ml_collections.ConfigDict()
   c.outer.optimizer = "diloco"  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
@@ -64,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   # xla: the exchange is a collective in its own program (serialised with the inner steps on
   # one device queue); host: a background thread exchanges while the device computes.
   c.outer.transport = "xla"
+  # Decoupled mode: how the syncer closes a round. sync: when every live island has sent, or
+  # (quorum > 0) when that many have and round_timeout_seconds passed since the first.
+  c.outer.policy = "sync"
+  c.outer.quorum = 0
+  c.outer.round_timeout_seconds = 0.0
   # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
   c.outer.compression = "none"
   c.outer.quant_block = 256  # values per scale (int8 / int4)
@@ -109,9 +118,14 @@ def base_config() -> ml_collections.ConfigDict:
       "layers": config_dict.placeholder(str)})
 
   c.launch = ml_collections.ConfigDict()
-  c.launch.mode = "local"  # local (spawn launch.processes here) | cluster | none
+  # local (spawn launch.processes here) | cluster | none | decoupled (a syncer and M island
+  # jobs: here, or one role per scheduler job with launch.role / island / syncer)
+  c.launch.mode = "local"
   c.launch.processes = 1
   c.launch.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
+  c.launch.role = ""  # decoupled: "" (start every role here) | syncer | island
+  c.launch.island = 0  # decoupled island: which one (its data partition)
+  c.launch.syncer = ""  # decoupled: the syncer's HOST:PORT
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
@@ -182,8 +196,19 @@ def validate(c) -> None:
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
   engine.validate(c)
-  _check(c.launch.mode in ("local", "cluster", "none"),
-         f"launch.mode={c.launch.mode!r}: expected local, cluster or none")
+  _check(c.launch.mode in ("local", "cluster", "none", "decoupled"),
+         f"launch.mode={c.launch.mode!r}: expected local, cluster, none or decoupled")
+  if c.launch.mode == "decoupled":
+    _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
+    _check(c.outer.policy in ("sync",), f"outer.policy={c.outer.policy!r}: expected sync")
+    _check(not c.outer.eager, "outer.eager is not available with launch.mode=decoupled yet")
+    _check(c.launch.role in ("", "syncer", "island"),
+           f"launch.role={c.launch.role!r}: expected '', syncer or island")
+    _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
+    _check(not c.launch.role or ":" in c.launch.syncer,
+           f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
+    _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
+           f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")

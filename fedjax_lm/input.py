@@ -44,7 +44,10 @@ def _assemble(sharding, shape, per_device: dict) -> dict[str, jax.Array]:
 class TrainBatches:
   """Iterator of global train batches ``{"inputs", "targets", "mask"}`` of shape [M, B, T]."""
 
-  def __init__(self, data_cfg, mesh, *, num_islands: int, tokenizer, seed: int):
+  def __init__(self, data_cfg, mesh, *, num_islands: int, tokenizer, seed: int,
+               part: tuple[int, int] | None = None):
+    """``part = (k, K)``: a single island (``num_islands=1``) that reads partition k of K (a
+    decoupled island job); by default island m reads partition m of ``num_islands``."""
     self.shape = (num_islands, int(data_cfg.batch_size), int(data_cfg.seq_len))
     self.sharding = NamedSharding(mesh, mesh_lib.batch_spec())
     rows_per_shard = self.shape[1] // (mesh.shape["data"] * mesh.shape["fsdp"])
@@ -58,11 +61,14 @@ class TrainBatches:
     for device, (islands, rows, _) in _local_slices(self.sharding, self.shape):
       m0, m1 = _bounds(islands, num_islands)
       keys = [f"island{m}" for m in range(m0, m1)]
+      if part is not None:
+        keys = [f"island{part[0]}"]
       for m, key in zip(range(m0, m1), keys):
+        index, count = part or (m, num_islands)
         if key not in self._iterators:
           self._iterators[key] = data_lib.make_train_iterator(
               source, tokenizer=tokenizer, seq_len=self.shape[2], batch_size=self.shape[1],
-              seed=seed, partition=data_cfg.partition, part_index=m, part_count=num_islands,
+              seed=seed, partition=data_cfg.partition, part_index=index, part_count=count,
               append_eos=bool(data_cfg.append_eos), text_key=data_cfg.text_key)
       self._plan.append((device, keys, slice(*_bounds(rows, self.shape[1]))))
 

@@ -133,14 +133,14 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
         print(f"[launch] process {i} exited with {c}: stopping all {num_processes} processes",
               file=sys.stderr)
         if i > 0:
-          _print_tail(os.path.join(log_dir, f"process_{i}.log"))
+          print_tail(os.path.join(log_dir, f"process_{i}.log"))
         break
       if all(c == 0 for c in codes):
         return 0
       time.sleep(poll_seconds)
   finally:
     # A signal means preemption: give the processes time to write their checkpoint.
-    _terminate(procs, grace_seconds=PREEMPTION_GRACE_SECONDS if stop["signal"] else 5.0)
+    terminate(procs, grace_seconds=PREEMPTION_GRACE_SECONDS if stop["signal"] else 5.0)
     for f in logs:
       f.close()
     for s, h in old.items():
@@ -148,7 +148,7 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
   return code
 
 
-def _terminate(procs: list[subprocess.Popen], grace_seconds: float = 5.0) -> None:
+def terminate(procs: list[subprocess.Popen], grace_seconds: float = 5.0) -> None:
   for p in procs:
     if p.poll() is None:
       os.killpg(p.pid, signal.SIGTERM)
@@ -161,7 +161,7 @@ def _terminate(procs: list[subprocess.Popen], grace_seconds: float = 5.0) -> Non
       p.wait()
 
 
-def _print_tail(path: str, lines: int = 30) -> None:
+def print_tail(path: str, lines: int = 30) -> None:
   try:
     with open(path, "rb") as f:
       tail = f.read().decode(errors="replace").splitlines()[-lines:]

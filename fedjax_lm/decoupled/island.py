@@ -1,0 +1,161 @@
+"""One decoupled island: its own JAX job training alone, talking only to the syncer.
+
+The island builds the same engine as the mesh-axis mode with M = 1 on its own devices (its own
+in-island mesh, its own batch), reads data partition ``launch.island`` of ``islands.max_num``
+(default ``islands.num``), and follows the same clock: at a SEND it runs the same encode program
+(pseudo-gradient against its copy of the global fragment, error feedback, codec) and sends the
+encoded payload; at the RECEIVE (just before the MERGE, tau steps later) it asks the syncer for
+the new global fragment; at the MERGE it runs the same merge program. It heartbeats on a
+thread. On start it joins: the syncer checks its fingerprint and hands it the current global
+params, the step to start at and its data position (live recovery after a crash).
+
+``islands.speed`` emulates slower hardware: with speed f < 1 the island sleeps after each step
+so that the step takes 1/f of its measured compute time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+
+from fedjax_lm import data as data_lib
+from fedjax_lm import engine
+from fedjax_lm import input as input_lib
+from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import wire
+from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import syncer as syncer_lib
+from fedjax_lm.engine import clock as clock_lib
+
+ENV_KILL = "FEDJAX_LM_KILL_ISLAND"  # fault injection: "island:step" SIGKILLs that island once
+
+
+def speeds(config) -> list[float]:
+  text = str(config.islands.speed).strip()
+  if not text:
+    return [1.0] * max(int(config.islands.num), int(config.islands.max_num))
+  values = [float(v) for v in text.split(",")]
+  if any(not 0 < v <= 1 for v in values):
+    raise ValueError(f"islands.speed={text!r}: each factor must be in (0, 1]")
+  return values
+
+
+def _maybe_kill(workdir: str, island: int, step: int) -> None:
+  spec = os.environ.get(ENV_KILL, "")
+  if spec and spec == f"{island}:{step}":
+    marker = os.path.join(workdir, f".killed_island_{island}_{step}")
+    if not os.path.exists(marker):
+      open(marker, "w").close()
+      os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run(config, workdir: str) -> None:
+  k = int(config.launch.island)
+  parts = int(config.islands.max_num) or int(config.islands.num)
+  if not 0 <= k < parts:
+    raise ValueError(f"launch.island={k} must be in [0, {parts}) (islands.max_num or "
+                     "islands.num data partitions)")
+  secret = wire.job_secret(config.launch.secret_file)
+  client = channel.Client(config.launch.syncer, secret, f"island/{k}",
+                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)))
+  single = syncer_lib.single_island_config(config)
+  mesh = mesh_lib.make_mesh(dict(single.mesh))
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  eng = engine.build(single, mesh, model_cfg)
+  _, abstract = model_lib.build(model_cfg)
+  tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
+  batches = input_lib.TrainBatches(single.data, mesh, num_islands=1, tokenizer=tokenizer,
+                                   seed=int(config.seed), part=(k, parts))
+  everyone = copy.deepcopy(config)  # the clock's drop-out schedule over every partition
+  everyone.islands.num = parts
+  clock = clock_lib.Clock.from_config(everyone, receive_at_merge=True)
+  factor = speeds(config)[k] if k < len(speeds(config)) else 1.0
+
+  _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
+      secret, "join", {"island": k, "fingerprint": syncer_lib.fingerprint(config, abstract)})),
+      "joined")
+  leaves, treedef = jax.tree.flatten(abstract)
+  if [a.shape for a in arrays] != [x.shape for x in leaves]:
+    raise wire.WireError("the syncer's global params do not match this model")
+  params = jax.device_put(jax.tree.unflatten(treedef, list(arrays)),
+                          eng.state_shardings.server.params)
+  state = eng.programs.init(params)
+  start = int(meta["step"])
+  if meta["data"]:
+    batches.set_global_state({f"island{k}": meta["data"]})
+  out_dir = os.path.join(workdir, "islands", str(k))
+  os.makedirs(out_dir, exist_ok=True)
+  log = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+  stop = threading.Event()
+
+  def beat():
+    while not stop.wait(float(config.launch.heartbeat_seconds) / 4):
+      try:
+        client.call("Heartbeat", wire.pack(secret, "heartbeat", {"island": k}), deadline_s=5.0)
+      except (channel.SyncerUnreachable, wire.WireError):
+        pass
+
+  threading.Thread(target=beat, daemon=True).start()
+  frags = eng.spec.frags
+  put = [jax.jit(lambda server, values, p=p: server._replace(
+      params=frags.put(server.params, p, values))) for p in range(frags.num)]
+  sent_bytes, in_flight = 0, {}
+  try:
+    for step in range(start, int(config.total_steps)):
+      began = time.perf_counter()
+      state, metrics = eng.inner_step(state, next(batches))
+      done = step + 1
+      for event in clock.events(done):
+        p = event.fragment
+        if event.kind == clock_lib.SEND:
+          islands, sent = eng.programs.encode[p](state.islands, state.server, np.int32(done),
+                                                 event.who[k:k + 1])
+          state = state._replace(islands=islands)
+          payload = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
+          position = batches.global_state()[f"island{k}"]
+          message = wire.pack(secret, "send", {"island": k, "fragment": p, "step": done,
+                                               "data": position}, payload)
+          client.call("Send", message)
+          sent_bytes += sum(a.nbytes for a in payload[:-1])
+          in_flight[p] = (done, message)
+        elif event.kind == clock_lib.RECEIVE:
+          values = _receive(client, secret, k, p, *in_flight.pop(p))
+          state = state._replace(server=put[p](state.server, tuple(values)))
+        else:
+          state = state._replace(islands=eng.programs.merge[p](state.islands, state.server))
+      jax.block_until_ready(metrics["island_loss"])
+      if factor < 1.0:
+        time.sleep((time.perf_counter() - began) * (1.0 / factor - 1.0))
+      loss = float(np.asarray(jax.device_get(metrics["island_loss"]))[0])
+      log.write(json.dumps({"step": done, "island_loss": loss, "island_bytes": sent_bytes,
+                            "wire_sent_bytes": client.sent_bytes,
+                            "wire_received_bytes": client.received_bytes,
+                            "time": time.time()}) + "\n")
+      log.flush()
+      _maybe_kill(workdir, k, done)
+    client.call("Leave", wire.pack(secret, "leave", {"island": k}))
+  finally:
+    stop.set()
+    log.close()
+    client.close()
+
+
+def _receive(client, secret, k: int, p: int, step: int, message: bytes) -> list:
+  """The global fragment after round (p, step), resending our contribution if the syncer
+  lost it (it restarted from an older checkpoint)."""
+  while True:
+    kind, _, arrays = wire.unpack(secret, client.call("Receive", wire.pack(
+        secret, "receive", {"island": k, "fragment": p, "step": step})),
+        ("global", "pending", "resend"))
+    if kind == "global":
+      return arrays
+    if kind == "resend":
+      client.call("Send", message)

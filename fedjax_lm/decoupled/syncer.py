@@ -1,0 +1,396 @@
+"""The syncer: owns the global params and the per-fragment outer states of decoupled islands.
+
+Islands are independent jobs (:mod:`fedjax_lm.decoupled.island`); each encodes its own
+pseudo-gradient (codec, error feedback) exactly as in the mesh-axis mode and sends it here. For
+fragment p, the contributions sent after step s form round (p, s). Policy ``sync``: the round
+closes when every live island has sent, or, with ``outer.quorum`` = Q > 0, when Q have and
+``outer.round_timeout_seconds`` passed since the first arrived. Closing runs the reduce and
+outer-step stages of :mod:`fedjax_lm.engine.stages` on this process's device: the mean of the
+decoded payloads over the islands that sent, then the fragment's outer optax step. A send that
+arrives after its round closed is carried into the fragment's next round (its sender gets the
+current global fragment at once). With every island present this is DiLoCo / Streaming DiLoCo.
+
+Membership: an island joins (its config fingerprint and param shapes must match, or it is
+refused with one line naming the difference), heartbeats, and is dropped when no heartbeat came
+for ``launch.heartbeat_seconds``. A restarted island pulls the current global params and its
+data position from here (live recovery) and joins at the next round.
+
+Data rule under churn: island k always reads data partition k of ``islands.max_num`` (default
+``islands.num``). A token counts as seen when the round holding the pseudo-gradient that consumed
+it closes; the syncer records each island's data position at its accepted sends, and a restarted
+island resumes from it, so no token is skipped and none enters the global model twice.
+
+State (global params, outer states, round counters, membership, data positions, byte counts)
+is checkpointed with orbax when a round closes, before anyone sees the result; a restarted
+syncer resumes from it and islands resend what it had not yet applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fedjax_lm import config_lib
+from fedjax_lm import data as data_lib
+from fedjax_lm import engine
+from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import train as train_lib
+from fedjax_lm import wire
+from fedjax_lm.decoupled import channel
+from fedjax_lm.engine import stages
+
+POLICIES = ("sync",)
+
+
+def single_island_config(config):
+  """The config one island job (or the syncer) builds its engine from: M = 1, island axis 1,
+  the in-island axes as configured."""
+  c = copy.deepcopy(config)
+  c.islands.num = 1
+  c.islands.dropout, c.islands.absent = 0.0, ""
+  c.mesh.island = 1
+  return c
+
+
+def fingerprint(config, abstract_params) -> dict:
+  """What every island and the syncer must agree on."""
+  shapes = {jax.tree_util.keystr(k): [list(v.shape), str(v.dtype)]
+            for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  oc = config.outer
+  return {**config_lib.layout(config), "outer.sync_every": int(oc.sync_every),
+          "outer.overlap": int(oc.overlap), "outer.quant_block": int(oc.quant_block),
+          "outer.topk": [float(oc.topk_fraction), int(oc.topk_chunk), int(oc.topk_bits)],
+          "total_steps": int(config.total_steps), "seed": int(config.seed),
+          "data.seq_len": int(config.data.seq_len), "params": shapes}
+
+
+def difference(mine: dict, theirs: dict) -> str | None:
+  for key in sorted(set(mine) | set(theirs)):
+    if mine.get(key) != theirs.get(key):
+      if key == "params":
+        for name in sorted(set(mine[key]) | set(theirs.get(key, {}))):
+          if mine[key].get(name) != theirs.get(key, {}).get(name):
+            return f"param {name}: {theirs.get(key, {}).get(name)} (syncer: {mine[key].get(name)})"
+      return f"{key}={theirs.get(key)!r} (syncer: {mine.get(key)!r})"
+  return None
+
+
+@dataclasses.dataclass
+class _Round:
+  contributions: list  # (island, payload arrays, weight, data position)
+  first_at: float
+
+
+class Syncer:
+  """The syncer service's state and methods (``join``, ``heartbeat``, ``send``, ``receive``,
+  ``leave``), each a bytes -> bytes handler of :mod:`fedjax_lm.decoupled.channel`."""
+
+  def __init__(self, config, workdir: str, secret: bytes):
+    self.config, self.workdir, self.secret = config, workdir, secret
+    self.num = int(config.islands.num)
+    self.heartbeat_s = float(config.launch.heartbeat_seconds)
+    self.quorum = int(config.outer.quorum)
+    self.timeout_s = float(config.outer.round_timeout_seconds)
+    self.total = int(config.total_steps)
+    single = single_island_config(config)
+    mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1},
+                              jax.devices()[:1])
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    self.engine = engine.build(single, mesh, model_cfg)
+    self.spec = self.engine.spec
+    self.schedule = self.engine.clock.schedule
+    graphdef, abstract = model_lib.build(model_cfg)
+    self.fingerprint = fingerprint(config, abstract)
+    tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
+    self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
+                                        tokenizer)
+    self.server = self.engine.init(jax.random.key(int(config.seed))).server
+    frags = range(self.spec.frags.num)
+    self._decode = [jax.jit(lambda payload: jax.vmap(self.spec.codec.decode)(payload)[0])
+                    if self.spec.codec else None for _ in frags]
+    self._outer = [jax.jit(lambda server, reduced, p=p: stages.outer_step(
+        self.spec, p, server, reduced), donate_argnums=0) for p in frags]
+    self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
+    self.lock = threading.Condition()
+    self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
+    self.closed: dict[int, int] = {p: 0 for p in frags}  # last closed send step per fragment
+    self.members: dict[int, dict] = {}  # island -> {"last": time, "live": bool}
+    self.data_positions: dict[str, str] = {}
+    self.payload_bytes: dict[str, int] = {}  # island -> payload bytes accepted
+    self.events: list[dict] = []
+    self.version = 0  # rounds closed
+    self.evaluated = 0  # last step evaluated
+    self.done = False
+    self.ckpt = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "syncer_checkpoints")),
+        item_names=("server", "meta"),
+        item_handlers={"server": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    self._restore()
+    self.metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  # ------------------------------------------------------------------ checkpoint
+  def _meta(self) -> dict:
+    return {"closed": {str(k): v for k, v in self.closed.items()}, "version": self.version,
+            "members": sorted(self.members), "data_positions": self.data_positions,
+            "payload_bytes": self.payload_bytes, "evaluated": self.evaluated}
+
+  def _save(self) -> None:
+    self.ckpt.save(self.version, args=ocp.args.Composite(
+        server=ocp.args.StandardSave(self.server), meta=ocp.args.JsonSave(self._meta())),
+        force=True)
+    self.ckpt.wait_until_finished()
+
+  def _restore(self) -> None:
+    step = self.ckpt.latest_step()
+    if step is None:
+      return
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.server, self.engine.state_shardings.server)
+    got = self.ckpt.restore(step, args=ocp.args.Composite(
+        server=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    self.server, meta = got["server"], got["meta"]
+    self.closed = {int(k): v for k, v in meta["closed"].items()}
+    self.version, self.evaluated = meta["version"], meta["evaluated"]
+    self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
+    now = time.time()
+    self.members = {int(k): {"last": now, "live": True} for k in meta["members"]}
+    self._log("syncer_restored", version=self.version, closed=self.closed)
+
+  def _log(self, kind: str, **fields) -> None:
+    record = {"event": kind, "time": time.time(), **fields}
+    self.events.append(record)
+    logging.warning("syncer: %s", json.dumps(record))
+    with open(os.path.join(self.workdir, "events.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+
+  # ------------------------------------------------------------------ membership
+  def _live(self) -> set[int]:
+    now = time.time()
+    for k, m in self.members.items():
+      if m["live"] and now - m["last"] > self.heartbeat_s:
+        m["live"] = False
+        self._log("island_left", island=k, reason=f"no heartbeat for {self.heartbeat_s:.0f} s")
+    return {k for k, m in self.members.items() if m["live"]}
+
+  def join(self, request: bytes) -> bytes:
+    _, meta, _ = wire.unpack(self.secret, request, "join")
+    island = int(meta["island"])
+    why = difference(self.fingerprint, meta.get("fingerprint", {}))
+    if why is not None:
+      raise channel.Refused(f"island {island} refused: {why}")
+    with self.lock:
+      rejoin = island in self.members
+      self.members[island] = {"last": time.time(), "live": True}
+      start = min(self.closed.values()) if any(self.closed.values()) else 0
+      self._log("island_rejoined" if rejoin else "island_joined", island=island, step=start)
+      leaves = jax.tree.leaves(self.server.params)
+      arrays = [np.asarray(jax.device_get(x)) for x in leaves]
+      position = self.data_positions.get(str(island), "")
+    return wire.pack(self.secret, "joined", {"step": start, "data": position}, arrays)
+
+  def heartbeat(self, request: bytes) -> bytes:
+    _, meta, _ = wire.unpack(self.secret, request, "heartbeat")
+    with self.lock:
+      m = self.members.get(int(meta["island"]))
+      if m is not None:
+        if not m["live"]:
+          self._log("island_back", island=int(meta["island"]))
+        m["last"], m["live"] = time.time(), True
+      self.lock.notify_all()
+    return wire.pack(self.secret, "ok", {})
+
+  def leave(self, request: bytes) -> bytes:
+    _, meta, _ = wire.unpack(self.secret, request, "leave")
+    with self.lock:
+      island = int(meta["island"])
+      if island in self.members:
+        del self.members[island]
+        self._log("island_finished", island=island)
+      self.lock.notify_all()
+    return wire.pack(self.secret, "ok", {})
+
+  # ------------------------------------------------------------------ rounds
+  def _check_payload(self, p: int, arrays: list) -> None:
+    expected = jax.tree.leaves(jax.eval_shape(
+        self.engine.programs.encode[p], *self._abstract_encode_args())[1])
+    if len(arrays) != len(expected):
+      raise wire.WireError(f"fragment {p}: {len(arrays)} arrays, expected {len(expected)}")
+    for a, e in zip(arrays, expected):
+      if a.shape != tuple(e.shape) or a.dtype != e.dtype:
+        raise wire.WireError(f"fragment {p}: array {a.dtype}{list(a.shape)}, expected "
+                             f"{e.dtype}{list(e.shape)}")
+
+  def _abstract_encode_args(self):
+    state = jax.eval_shape(self.engine.init, jax.random.key(0))
+    return (state.islands, state.server, jax.ShapeDtypeStruct((), jnp.int32),
+            jax.ShapeDtypeStruct((1,), jnp.bool_))
+
+  def send(self, request: bytes) -> bytes:
+    _, meta, arrays = wire.unpack(self.secret, request, "send")
+    island, p, step = int(meta["island"]), int(meta["fragment"]), int(meta["step"])
+    if not 0 <= p < self.spec.frags.num or step < 1 or step > self.total:
+      raise wire.WireError(f"send of fragment {p} at step {step} is out of range")
+    self._check_payload(p, arrays)
+    weight = float(arrays[-1].reshape(-1)[0])
+    with self.lock:
+      if island not in self.members:
+        raise channel.Refused(f"island {island} has not joined")
+      late = step <= self.closed[p]
+      key = min((s for s in self.rounds[p] if s > step), default=None) if late else step
+      if late and key is None:
+        key = self.closed[p] + self.schedule.every  # the fragment's next round
+      rnd = self.rounds[p].setdefault(key, _Round([], time.time()))
+      if not any(c[0] == island for c in rnd.contributions if not late):
+        rnd.contributions.append((island, arrays[:-1], weight, meta.get("data", "")))
+      if late:
+        self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
+      self._maybe_close(p)
+    return wire.pack(self.secret, "ok", {"late": late})
+
+  def receive(self, request: bytes) -> bytes:
+    """Long poll: the global fragment once round (p, step) closed; "pending" after a few
+    seconds (the island asks again); "resend" if the syncer holds no contribution of the island
+    for an open round (it restarted from a checkpoint that predates it)."""
+    _, meta, _ = wire.unpack(self.secret, request, "receive")
+    island, p, step = int(meta["island"]), int(meta["fragment"]), int(meta["step"])
+    deadline = time.time() + 5.0
+    with self.lock:
+      while self.closed[p] < step:
+        rnd = self.rounds[p].get(step)
+        if rnd is None or not any(c[0] == island for c in rnd.contributions):
+          return wire.pack(self.secret, "resend", {})
+        if time.time() > deadline:
+          return wire.pack(self.secret, "pending", {})
+        self._maybe_close(p)
+        self.lock.wait(0.05)
+      values = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
+    return wire.pack(self.secret, "global", {"version": self.version}, values)
+
+  def _maybe_close(self, p: int) -> None:
+    """Closes fragment p's oldest open round if the policy says so (lock held)."""
+    if not self.rounds[p]:
+      return
+    step = min(self.rounds[p])
+    rnd = self.rounds[p][step]
+    senders = {c[0] for c in rnd.contributions}
+    live = self._live()
+    everyone = live <= senders
+    quorum = (self.quorum > 0 and len(senders) >= self.quorum and
+              time.time() - rnd.first_at >= self.timeout_s)
+    if not (everyone or quorum):
+      return
+    self._close(p, step, rnd, live - senders)
+
+  def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
+    sent = [c for c in rnd.contributions if c[2] > 0]
+    count = len(sent)
+    like = self.spec.frag_abstract[p]
+    if count:
+      if self.spec.codec is None:
+        decoded = [tuple(np.asarray(x[0], np.float32) for x in c[1]) for c in sent]
+        mean = tuple(sum(d[i] for d in decoded) / count for i in range(len(like)))
+      else:
+        n = sum(int(np.prod(x.shape)) for x in like)
+        flat = sum(np.asarray(self._decode[p](self._payload_tree(p, c[1])))[:n]
+                   for c in sent) / count
+        mean, start = [], 0
+        for x in like:
+          size = int(np.prod(x.shape))
+          mean.append(flat[start:start + size].reshape(x.shape))
+          start += size
+        mean = tuple(mean)
+    else:
+      mean = tuple(np.zeros(x.shape, np.float32) for x in like)
+    masked = any(c[2] < 0 for c in rnd.contributions)
+    reduced = stages.Reduced(tuple(jnp.asarray(m) for m in mean), jnp.float32(count),
+                             jnp.bool_(masked))
+    self.server = self._outer[p](self.server, reduced)
+    for island, arrays, _, position in rnd.contributions:
+      if position:
+        self.data_positions[str(island)] = position
+      self.payload_bytes[str(island)] = (self.payload_bytes.get(str(island), 0) +
+                                         sum(a.nbytes for a in arrays))
+    del self.rounds[p][step]
+    self.closed[p] = step
+    self.version += 1
+    if missing:
+      self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
+    self._save()
+    self._maybe_evaluate()
+    self.lock.notify_all()
+
+  def _payload_tree(self, p: int, arrays: list) -> Any:
+    _, sent = jax.eval_shape(self.engine.programs.encode[p], *self._abstract_encode_args())
+    treedef = jax.tree.structure(sent[0])
+    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
+
+  def _maybe_evaluate(self) -> None:
+    """Evaluates the global model at every eval step all of whose sends have closed."""
+    # an eval step e is due once no fragment has a send in (closed, e] still open
+    for e in [s for s in range(self.evaluated + 1, self.total + 1)
+              if s % int(self.config.eval_every) == 0 or s == self.total]:
+      if any(self._next_send(p) <= e for p in self.closed):
+        break
+      record = {"step": e, **self.evaluate(self.server.params),
+                "island_bytes": (sum(self.payload_bytes.values()) /
+                                 max(len(self.payload_bytes), 1)),
+                "rounds": self.version, "members": sorted(self.members)}
+      self.metrics.write(json.dumps(record) + "\n")
+      self.metrics.flush()
+      self.evaluated = e
+      if e == self.total:
+        self.done = True
+
+  def _next_send(self, p: int) -> int:
+    """The first send step of fragment p after its last closed round."""
+    for s in range(self.closed[p] + 1, self.total + 1):
+      if p in self.schedule.sends(s):
+        return s
+    return self.total + 1
+
+  def tick(self) -> None:
+    """Periodic: membership timeouts and quorum timeouts."""
+    with self.lock:
+      for p in self.rounds:
+        self._maybe_close(p)
+      self.lock.notify_all()
+
+  def methods(self) -> dict:
+    return {"Join": self.join, "Heartbeat": self.heartbeat, "Send": self.send,
+            "Receive": self.receive, "Leave": self.leave}
+
+
+def serve(config, workdir: str) -> None:
+  """Runs the syncer until every island that joined has finished the run."""
+  os.makedirs(workdir, exist_ok=True)
+  secret = wire.job_secret(config.launch.secret_file)
+  host, port = config.launch.syncer.rsplit(":", 1)
+  syncer = Syncer(config, workdir, secret)
+  server, _ = channel.serve(secret, config.launch.interface or host, int(port),
+                            syncer.methods())
+  logging.warning("syncer: listening on %s:%s", host, port)
+  try:
+    while True:
+      time.sleep(0.1)
+      syncer.tick()
+      with syncer.lock:
+        if syncer.done and not syncer.members:
+          break
+  finally:
+    server.stop(grace=1.0)
+    syncer.metrics.close()
+    syncer.ckpt.close()

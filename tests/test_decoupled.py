@@ -1,0 +1,148 @@
+"""Decoupled islands (fedjax_lm/decoupled/): independent island jobs and a syncer over an
+authenticated gRPC channel; equivalence with the mesh-axis mode, an island crash and rejoin,
+and bad peers refused without touching the global state."""
+
+import copy
+import json
+import os
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import golden
+from conftest import run_cli, tiny_config
+from fedjax_lm import metrics as metrics_lib
+from fedjax_lm import model as model_lib
+from fedjax_lm import wire
+from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import syncer as syncer_lib
+
+SECRET = b"k" * 32
+
+
+def _decoupled(workdir, data_dir, run, *extra, env=None):
+  cfg = golden.overrides(run, data_dir)
+  cfg.update({"launch.mode": "decoupled", "launch.processes": 1, "mesh.island": 1})
+  args = ["--config", "configs/tiny.py", "--workdir", str(workdir),
+          *(f"--config.{k}={v}" for k, v in cfg.items()), *extra]
+  return run_cli(args, env=env, timeout=900)
+
+
+def _island_losses(workdir, k):
+  """The last logged loss of every step of island k (a restarted island logs again)."""
+  by_step = {}
+  for r in metrics_lib.read_jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl")):
+    by_step[r["step"]] = r["island_loss"]
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def _no_orphans(workdir):
+  roles = json.load(open(os.path.join(workdir, "roles.json")))
+  for role in roles.values():
+    assert subprocess.run(["kill", "-0", str(role["pid"])], capture_output=True).returncode
+  return roles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["diloco", "streaming_int4_ef"])
+def test_decoupled_sync_with_every_island_is_the_mesh_axis_run(tmp_path, data_dir, run):
+  """2 island jobs + a syncer, policy sync, everyone present: the per-step losses of each
+  island, the evals and island_bytes are those of the mesh-axis run (tests/golden)."""
+  result = _decoupled(tmp_path, data_dir, run)
+  assert result.returncode == 0, result.stderr[-3000:]
+  want = json.load(open(golden.GOLDEN))[run]
+  for k in range(2):
+    np.testing.assert_allclose(_island_losses(tmp_path, k),
+                               [row[k] for row in want["island_loss"]], rtol=1e-5)
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  np.testing.assert_allclose([r["eval_loss"] for r in evals], want["eval_loss"], rtol=1e-5)
+  assert evals[-1]["island_bytes"] == want["island_bytes"]
+  _no_orphans(tmp_path)
+
+
+@pytest.mark.slow
+def test_island_crash_is_survived_and_the_island_rejoins(tmp_path, data_dir):
+  """SIGKILL island 1 after step 6 (of 16, H=4): the syncer drops it after its heartbeat
+  stops, island 0 keeps going, the launcher restarts island 1, which pulls the global params
+  and its data position and rejoins; the run finishes and every process is gone."""
+  result = _decoupled(tmp_path, data_dir, "diloco", "--config.launch.heartbeat_seconds=2",
+                      env={"FEDJAX_LM_KILL_ISLAND": "1:6"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  events = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+  kinds = [(e["event"], e.get("island")) for e in events]
+  assert ("island_left", 1) in kinds and ("island_rejoined", 1) in kinds, kinds
+  assert "island_1 exited with -9: restarting it" in result.stderr
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert evals[-1]["step"] == 16 and np.isfinite(evals[-1]["eval_loss"])
+  assert _island_losses(tmp_path, 0)[-1] < _island_losses(tmp_path, 0)[0]
+  assert _no_orphans(tmp_path)["island_1"]["restarts"] == 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, data_dir):
+  """A syncer for the tiny DiLoCo config, in this process, on loopback."""
+  config = tiny_config(**{**golden.overrides("diloco", data_dir), "launch.mode": "decoupled"})
+  workdir = str(tmp_path_factory.mktemp("syncer"))
+  syncer = syncer_lib.Syncer(config, workdir, SECRET)
+  server, port = channel.serve(SECRET, "127.0.0.1", 0, syncer.methods())
+  yield config, syncer, f"127.0.0.1:{port}"
+  server.stop(grace=0)
+
+
+def _join(address, c, secret=SECRET):
+  _, abstract = model_lib.build(model_lib.ModelConfig.from_config(c.model))
+  client = channel.Client(address, secret, "island/0", give_up_s=5)
+  return client.call("Join", wire.pack(secret, "join", {
+      "island": 0, "fingerprint": syncer_lib.fingerprint(c, abstract)}))
+
+
+def test_client_without_the_secret_is_refused_before_its_payload_is_read(served, caplog):
+  config, syncer, address = served
+  with pytest.raises(wire.WireError, match="UNAUTHENTICATED|refused Join"):
+    _join(address, config, secret=b"x" * 32)
+  assert 0 not in syncer.members
+  assert any("bad fedjax-auth token" in r.getMessage() for r in caplog.records)
+
+
+def test_island_with_another_model_is_refused_naming_the_difference(served):
+  config, syncer, address = served
+  c = copy.deepcopy(config)
+  c.model.num_layers = 3
+  with pytest.raises(wire.WireError, match=r"island 0 refused: model.num_layers=3 \(syncer: 2\)"):
+    _join(address, c)
+  assert 0 not in syncer.members
+
+
+def test_corrupt_or_truncated_payload_leaves_the_global_state_alone(served):
+  config, syncer, address = served
+  _join(address, config)
+  before = jax.tree.map(np.asarray, syncer.server)
+  client = channel.Client(address, SECRET, "island/0", give_up_s=5)
+  good_shapes = [np.zeros((1, 8), np.float32)]  # not the fragment's layout
+  with pytest.raises(wire.WireError, match="fragment 0"):
+    client.call("Send", wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": 4},
+                                  good_shapes))
+  message = wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": 4},
+                      [np.zeros(100, np.float32)])
+  with pytest.raises(wire.WireError, match="authentication"):
+    client.call("Send", message[:-7])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), syncer.server,
+               before)
+  assert not any(syncer.rounds.values())
+
+
+def test_unreachable_syncer_is_one_clear_line_after_the_deadline(tmp_path, data_dir):
+  start = time.time()
+  result = run_cli(["--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                    f"--config.data.data_dir={data_dir}", "--config.launch.mode=decoupled",
+                    "--config.algorithm=islands", "--config.islands.num=2",
+                    "--config.launch.role=island", "--config.launch.syncer=127.0.0.1:9",
+                    "--config.launch.heartbeat_seconds=1"],
+                   env={wire.ENV_SECRET: "s" * 32}, timeout=300)
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: syncer 127.0.0.1:9 did not answer Join within"), last
+  assert "Traceback" not in result.stderr and time.time() - start < 200
