@@ -81,6 +81,26 @@ def test_island_crash_is_survived_and_the_island_rejoins(tmp_path, data_dir):
   assert _no_orphans(tmp_path)["island_1"]["restarts"] == 1
 
 
+@pytest.mark.slow
+def test_syncer_crash_is_survived_and_it_resumes_from_its_checkpoint(tmp_path, data_dir):
+  """SIGKILL the syncer on the first send after 2 rounds (of 4): the islands retry, the
+  launcher restarts it, it resumes from its checkpoint, the islands resend what it lost, and
+  the run ends with the fault-free run's losses (nothing applied twice or lost)."""
+  result = _decoupled(tmp_path, data_dir, "diloco",
+                      env={syncer_lib.ENV_KILL: "2"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "syncer exited with -9: restarting it" in result.stderr
+  events = [json.loads(l)["event"] for l in open(tmp_path / "events.jsonl")]
+  assert "syncer_restored" in events
+  want = json.load(open(golden.GOLDEN))["diloco"]
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  np.testing.assert_allclose(evals[-1]["eval_loss"], want["eval_loss"][-1], rtol=1e-5)
+  for k in range(2):
+    np.testing.assert_allclose(_island_losses(tmp_path, k),
+                               [row[k] for row in want["island_loss"]], rtol=1e-5)
+  assert _no_orphans(tmp_path)["syncer"]["restarts"] == 1
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, data_dir):
   """A syncer for the tiny DiLoCo config, in this process, on loopback."""

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -52,6 +53,7 @@ from fedjax_lm.decoupled import channel
 from fedjax_lm.engine import stages
 
 POLICIES = ("sync",)
+ENV_KILL = "FEDJAX_LM_KILL_SYNCER_AT"
 
 
 def single_island_config(config):
@@ -258,6 +260,7 @@ class Syncer:
         rnd.contributions.append((island, arrays[:-1], weight, meta.get("data", "")))
       if late:
         self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
+      _maybe_kill(self.workdir, self.version)
       self._maybe_close(p)
     return wire.pack(self.secret, "ok", {"late": late})
 
@@ -372,6 +375,16 @@ class Syncer:
   def methods(self) -> dict:
     return {"Join": self.join, "Heartbeat": self.heartbeat, "Send": self.send,
             "Receive": self.receive, "Leave": self.leave}
+
+
+def _maybe_kill(workdir: str, version: int) -> None:
+  """Fault injection: ``FEDJAX_LM_KILL_SYNCER_AT=V`` SIGKILLs the syncer once, on the first
+  send after V rounds closed (that send's contribution is lost with it)."""
+  at = os.environ.get(ENV_KILL)
+  marker = os.path.join(workdir, ".killed_syncer")
+  if at is not None and version >= int(at) and not os.path.exists(marker):
+    open(marker, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def serve(config, workdir: str) -> None:
