@@ -73,6 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.policy = "sync"
   c.outer.quorum = 0
   c.outer.round_timeout_seconds = 0.0
+  # async (Liu et al. 2024): each pseudo-gradient applied on arrival through Delayed Nesterov
+  # (momentum once per delay_every arrivals; 0 = islands.num), each island's H scaled to its
+  # measured speed (dynamic local updates).
+  c.outer.delay_every = 0
+  c.outer.dynamic_local_steps = True
   # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
   c.outer.compression = "none"
   c.outer.quant_block = 256  # values per scale (int8 / int4)
@@ -200,7 +205,11 @@ def validate(c) -> None:
          f"launch.mode={c.launch.mode!r}: expected local, cluster, none or decoupled")
   if c.launch.mode == "decoupled":
     _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
-    _check(c.outer.policy in ("sync",), f"outer.policy={c.outer.policy!r}: expected sync")
+    _check(c.outer.policy in ("sync", "async"),
+           f"outer.policy={c.outer.policy!r}: expected sync or async")
+    _check(c.outer.policy == "sync" or (int(c.outer.fragments) == 1 and
+                                        int(c.outer.overlap) == 0),
+           "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
     _check(not c.outer.eager, "outer.eager is not available with launch.mode=decoupled yet")
     _check(c.launch.role in ("", "syncer", "island"),
            f"launch.role={c.launch.role!r}: expected '', syncer or island")

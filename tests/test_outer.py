@@ -8,6 +8,7 @@ import pytest
 
 from fedjax_lm import config_lib
 from fedjax_lm import outer
+from fedjax_lm.outer import delayed
 
 
 def _outer_cfg(optimizer, **kw):
@@ -250,3 +251,26 @@ def test_negative_clip_norms_are_rejected():
   c.outer.clip_norm, c.inner.grad_clip = 0.0, -1.0
   with pytest.raises(ValueError, match="inner.grad_clip"):
     config_lib.validate(c)
+
+
+# ------------------------------------------------------------------------- delayed Nesterov
+def test_delayed_nesterov_over_one_round_is_one_nesterov_step_on_the_mean():
+  """N = M arrivals from the same params (a synchronous round delivered one by one) add up to
+  optax's Nesterov step on their mean, round after round (momentum carried); between the N-th
+  arrivals no momentum is applied."""
+  rng = np.random.default_rng(0)
+  dn = delayed.delayed_nesterov(0.7, 0.9, every=3)
+  ref = optax.sgd(0.7, momentum=0.9, nesterov=True)
+  x = {"w": jnp.zeros(5)}
+  x_ref, s, s_ref = x, dn.init(x), ref.init(x)
+  for _ in range(4):
+    deltas = [{"w": jnp.asarray(rng.normal(size=5), jnp.float32)} for _ in range(3)]
+    for i, d in enumerate(deltas):
+      u, s = dn.update(d, s, x)
+      if i < 2:  # no momentum yet: a plain step of lr / N
+        np.testing.assert_allclose(u["w"], -0.7 / 3 * d["w"], rtol=1e-6)
+      x = optax.apply_updates(x, u)
+    mean = jax.tree.map(lambda *a: sum(a) / 3, *deltas)
+    u_ref, s_ref = ref.update(mean, s_ref, x_ref)
+    x_ref = optax.apply_updates(x_ref, u_ref)
+    np.testing.assert_allclose(x["w"], x_ref["w"], rtol=1e-5, atol=1e-6)

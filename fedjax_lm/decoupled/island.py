@@ -96,10 +96,14 @@ def run(config, workdir: str) -> None:
   log = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
   stop = threading.Event()
 
+  timing = {"step_s": 0.0}  # measured seconds per step (EMA), for dynamic local updates
+
   def beat():
     while not stop.wait(float(config.launch.heartbeat_seconds) / 4):
       try:
-        client.call("Heartbeat", wire.pack(secret, "heartbeat", {"island": k}), deadline_s=5.0)
+        client.call("Heartbeat", wire.pack(secret, "heartbeat",
+                                           {"island": k, "step_s": timing["step_s"]}),
+                    deadline_s=5.0)
       except (channel.SyncerUnreachable, wire.WireError):
         pass
 
@@ -108,32 +112,50 @@ def run(config, workdir: str) -> None:
   put = [jax.jit(lambda server, values, p=p: server._replace(
       params=frags.put(server.params, p, values))) for p in range(frags.num)]
   sent_bytes, in_flight = 0, {}
+  asynchronous = config.outer.policy == "async"
+  version, local_h, last_sync = int(meta.get("version", 0)), int(config.outer.sync_every), start
+  limit = int(config.total_steps) * (4 if asynchronous else 1)  # async: until the syncer stops
+  stopping = False
   try:
-    for step in range(start, int(config.total_steps)):
+    for step in range(start, limit):
       began = time.perf_counter()
       state, metrics = eng.inner_step(state, next(batches))
       done = step + 1
-      for event in clock.events(done):
+      if asynchronous:
+        events = [] if done - last_sync < local_h else [
+            clock_lib.Event(clock_lib.SEND, 0, np.ones(1, bool)),
+            clock_lib.Event(clock_lib.RECEIVE, 0), clock_lib.Event(clock_lib.MERGE, 0)]
+      else:
+        events = clock.events(done)
+      for event in events:
         p = event.fragment
         if event.kind == clock_lib.SEND:
-          islands, sent = eng.programs.encode[p](state.islands, state.server, np.int32(done),
-                                                 event.who[k:k + 1])
+          who = event.who if asynchronous else event.who[k:k + 1]
+          islands, sent = eng.programs.encode[p](state.islands, state.server, np.int32(done), who)
           state = state._replace(islands=islands)
           payload = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
           position = batches.global_state()[f"island{k}"]
-          message = wire.pack(secret, "send", {"island": k, "fragment": p, "step": done,
-                                               "data": position}, payload)
+          message = wire.pack(secret, "send", {
+              "island": k, "fragment": p, "step": min(done, int(config.total_steps)),
+              "data": position, "version": version, "local_steps": done - last_sync},
+              payload)
           client.call("Send", message)
           sent_bytes += sum(a.nbytes for a in payload[:-1])
           in_flight[p] = (done, message)
         elif event.kind == clock_lib.RECEIVE:
-          values = _receive(client, secret, k, p, *in_flight.pop(p))
+          values, reply = _receive(client, secret, k, p, *in_flight.pop(p))
           state = state._replace(server=put[p](state.server, tuple(values)))
+          version, last_sync = int(reply.get("version", 0)), done
+          local_h = int(reply.get("local_steps", local_h))
+          stopping = asynchronous and bool(reply.get("stop", False))
         else:
           state = state._replace(islands=eng.programs.merge[p](state.islands, state.server))
       jax.block_until_ready(metrics["island_loss"])
-      if factor < 1.0:
-        time.sleep((time.perf_counter() - began) * (1.0 / factor - 1.0))
+      if step > start:  # (the first step compiles: it is neither emulated nor timed)
+        if factor < 1.0:
+          time.sleep((time.perf_counter() - began) * (1.0 / factor - 1.0))
+        took = time.perf_counter() - began
+        timing["step_s"] = took if not timing["step_s"] else 0.9 * timing["step_s"] + 0.1 * took
       loss = float(np.asarray(jax.device_get(metrics["island_loss"]))[0])
       log.write(json.dumps({"step": done, "island_loss": loss, "island_bytes": sent_bytes,
                             "wire_sent_bytes": client.sent_bytes,
@@ -141,6 +163,8 @@ def run(config, workdir: str) -> None:
                             "time": time.time()}) + "\n")
       log.flush()
       _maybe_kill(workdir, k, done)
+      if stopping:
+        break
     client.call("Leave", wire.pack(secret, "leave", {"island": k}))
   finally:
     stop.set()
@@ -152,10 +176,10 @@ def _receive(client, secret, k: int, p: int, step: int, message: bytes) -> list:
   """The global fragment after round (p, step), resending our contribution if the syncer
   lost it (it restarted from an older checkpoint)."""
   while True:
-    kind, _, arrays = wire.unpack(secret, client.call("Receive", wire.pack(
+    kind, meta, arrays = wire.unpack(secret, client.call("Receive", wire.pack(
         secret, "receive", {"island": k, "fragment": p, "step": step})),
         ("global", "pending", "resend"))
     if kind == "global":
-      return arrays
+      return arrays, meta
     if kind == "resend":
       client.call("Send", message)

@@ -47,12 +47,14 @@ from fedjax_lm import data as data_lib
 from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
+from fedjax_lm import outer
 from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
 from fedjax_lm.engine import stages
+from fedjax_lm.outer import delayed
 
-POLICIES = ("sync",)
+POLICIES = ("sync", "async")
 ENV_KILL = "FEDJAX_LM_KILL_SYNCER_AT"
 
 
@@ -110,7 +112,13 @@ class Syncer:
     mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1},
                               jax.devices()[:1])
     model_cfg = model_lib.ModelConfig.from_config(config.model)
-    self.engine = engine.build(single, mesh, model_cfg)
+    self.asynchronous = config.outer.policy == "async"
+    outer_tx = None
+    if self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
+      hp = outer.resolved_hparams(config.outer)
+      outer_tx = delayed.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0),
+                                          int(config.outer.delay_every) or self.num)
+    self.engine = engine.build(single, mesh, model_cfg, outer_tx=outer_tx)
     self.spec = self.engine.spec
     self.schedule = self.engine.clock.schedule
     graphdef, abstract = model_lib.build(model_cfg)
@@ -132,7 +140,9 @@ class Syncer:
     self.data_positions: dict[str, str] = {}
     self.payload_bytes: dict[str, int] = {}  # island -> payload bytes accepted
     self.events: list[dict] = []
-    self.version = 0  # rounds closed
+    self.version = 0  # rounds closed (async: pseudo-gradients applied)
+    self.applied_steps: dict[str, int] = {}  # async: inner steps each island's updates hold
+    self.step_s: dict[int, float] = {}  # async: each island's measured seconds per step
     self.evaluated = 0  # last step evaluated
     self.done = False
     self.ckpt = ocp.CheckpointManager(
@@ -148,7 +158,8 @@ class Syncer:
   def _meta(self) -> dict:
     return {"closed": {str(k): v for k, v in self.closed.items()}, "version": self.version,
             "members": sorted(self.members), "data_positions": self.data_positions,
-            "payload_bytes": self.payload_bytes, "evaluated": self.evaluated}
+            "payload_bytes": self.payload_bytes, "evaluated": self.evaluated,
+            "applied_steps": self.applied_steps}
 
   def _save(self) -> None:
     self.ckpt.save(self.version, args=ocp.args.Composite(
@@ -168,6 +179,7 @@ class Syncer:
     self.closed = {int(k): v for k, v in meta["closed"].items()}
     self.version, self.evaluated = meta["version"], meta["evaluated"]
     self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
+    self.applied_steps = meta.get("applied_steps", {})
     now = time.time()
     self.members = {int(k): {"last": now, "live": True} for k in meta["members"]}
     self._log("syncer_restored", version=self.version, closed=self.closed)
@@ -198,16 +210,21 @@ class Syncer:
       rejoin = island in self.members
       self.members[island] = {"last": time.time(), "live": True}
       start = min(self.closed.values()) if any(self.closed.values()) else 0
+      if self.asynchronous:
+        start = self.applied_steps.get(str(island), 0)
       self._log("island_rejoined" if rejoin else "island_joined", island=island, step=start)
       leaves = jax.tree.leaves(self.server.params)
       arrays = [np.asarray(jax.device_get(x)) for x in leaves]
       position = self.data_positions.get(str(island), "")
-    return wire.pack(self.secret, "joined", {"step": start, "data": position}, arrays)
+    return wire.pack(self.secret, "joined", {"step": start, "data": position,
+                                             "version": self.version}, arrays)
 
   def heartbeat(self, request: bytes) -> bytes:
     _, meta, _ = wire.unpack(self.secret, request, "heartbeat")
     with self.lock:
       m = self.members.get(int(meta["island"]))
+      if meta.get("step_s"):
+        self.step_s[int(meta["island"])] = float(meta["step_s"])
       if m is not None:
         if not m["live"]:
           self._log("island_back", island=int(meta["island"]))
@@ -251,6 +268,9 @@ class Syncer:
     with self.lock:
       if island not in self.members:
         raise channel.Refused(f"island {island} has not joined")
+      if self.asynchronous:
+        self._apply_async(island, meta, arrays[:-1], weight)
+        return wire.pack(self.secret, "ok", {"late": False})
       late = step <= self.closed[p]
       key = min((s for s in self.rounds[p] if s > step), default=None) if late else step
       if late and key is None:
@@ -271,6 +291,12 @@ class Syncer:
     _, meta, _ = wire.unpack(self.secret, request, "receive")
     island, p, step = int(meta["island"]), int(meta["fragment"]), int(meta["step"])
     deadline = time.time() + 5.0
+    if self.asynchronous:
+      with self.lock:
+        values = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
+        return wire.pack(self.secret, "global", {
+            "version": self.version, "stop": self.done,
+            "local_steps": self._local_steps(island)}, values)
     with self.lock:
       while self.closed[p] < step:
         rnd = self.rounds[p].get(step)
@@ -299,7 +325,45 @@ class Syncer:
     self._close(p, step, rnd, live - senders)
 
   def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
-    sent = [c for c in rnd.contributions if c[2] > 0]
+    self._apply(p, rnd.contributions)
+    del self.rounds[p][step]
+    self.closed[p] = step
+    self.version += 1
+    if missing:
+      self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
+    self._save()
+    self._maybe_evaluate()
+    self.lock.notify_all()
+
+  def _apply_async(self, island: int, meta: dict, arrays: list, weight: float) -> None:
+    """Async: one island's pseudo-gradient, applied on arrival (Delayed Nesterov); its
+    staleness is the number of updates applied since the island pulled the params it used."""
+    staleness = self.version - int(meta.get("version", self.version))
+    self._apply(0, [(island, arrays, weight, meta.get("data", ""))])
+    self.applied_steps[str(island)] = (self.applied_steps.get(str(island), 0) +
+                                       int(meta.get("local_steps", 0)))
+    self.version += 1
+    with open(os.path.join(self.workdir, "updates.jsonl"), "a", encoding="utf-8") as f:
+      f.write(json.dumps({"version": self.version, "island": island, "staleness": staleness,
+                          "local_steps": int(meta.get("local_steps", 0)),
+                          "time": time.time()}) + "\n")
+    self._save()
+    self._maybe_evaluate()
+    self.lock.notify_all()
+
+  def _local_steps(self, island: int) -> int:
+    """Dynamic local updates: island k's H in proportion to its measured speed (the fastest
+    island runs H), so all islands take about the same wall time per update."""
+    h = int(self.schedule.every)
+    if not (self.config.outer.dynamic_local_steps and self.step_s.get(island)):
+      return h
+    fastest = min(self.step_s.values())
+    return max(1, int(round(h * fastest / self.step_s[island])))
+
+  def _apply(self, p: int, contributions: list) -> None:
+    """The mean of the decoded payloads that were sent (weight > 0), then fragment p's outer
+    step (the engine's reduce and outer-step stages); positions and bytes recorded."""
+    sent = [c for c in contributions if c[2] > 0]
     count = len(sent)
     like = self.spec.frag_abstract[p]
     if count:
@@ -318,23 +382,15 @@ class Syncer:
         mean = tuple(mean)
     else:
       mean = tuple(np.zeros(x.shape, np.float32) for x in like)
-    masked = any(c[2] < 0 for c in rnd.contributions)
+    masked = any(c[2] < 0 for c in contributions)
     reduced = stages.Reduced(tuple(jnp.asarray(m) for m in mean), jnp.float32(count),
                              jnp.bool_(masked))
     self.server = self._outer[p](self.server, reduced)
-    for island, arrays, _, position in rnd.contributions:
+    for island, arrays, _, position in contributions:
       if position:
         self.data_positions[str(island)] = position
       self.payload_bytes[str(island)] = (self.payload_bytes.get(str(island), 0) +
                                          sum(a.nbytes for a in arrays))
-    del self.rounds[p][step]
-    self.closed[p] = step
-    self.version += 1
-    if missing:
-      self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
-    self._save()
-    self._maybe_evaluate()
-    self.lock.notify_all()
 
   def _payload_tree(self, p: int, arrays: list) -> Any:
     _, sent = jax.eval_shape(self.engine.programs.encode[p], *self._abstract_encode_args())
@@ -342,21 +398,31 @@ class Syncer:
     return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
 
   def _maybe_evaluate(self) -> None:
-    """Evaluates the global model at every eval step all of whose sends have closed."""
+    """Evaluates the global model at every eval step all of whose sends have closed (async:
+    once the islands' applied inner steps, per island on average, reach it)."""
+    if self.asynchronous:
+      reached = sum(self.applied_steps.values()) // self.num
+      for e in [s for s in range(self.evaluated + 1, min(reached, self.total) + 1)
+                if s % int(self.config.eval_every) == 0 or s == self.total]:
+        self._write_eval(e)
+      return
     # an eval step e is due once no fragment has a send in (closed, e] still open
     for e in [s for s in range(self.evaluated + 1, self.total + 1)
               if s % int(self.config.eval_every) == 0 or s == self.total]:
       if any(self._next_send(p) <= e for p in self.closed):
         break
-      record = {"step": e, **self.evaluate(self.server.params),
-                "island_bytes": (sum(self.payload_bytes.values()) /
-                                 max(len(self.payload_bytes), 1)),
-                "rounds": self.version, "members": sorted(self.members)}
-      self.metrics.write(json.dumps(record) + "\n")
-      self.metrics.flush()
-      self.evaluated = e
-      if e == self.total:
-        self.done = True
+      self._write_eval(e)
+
+  def _write_eval(self, e: int) -> None:
+    record = {"step": e, **self.evaluate(self.server.params),
+              "island_bytes": (sum(self.payload_bytes.values()) /
+                               max(len(self.payload_bytes), 1)),
+              "rounds": self.version, "members": sorted(self.members), "time": time.time()}
+    self.metrics.write(json.dumps(record) + "\n")
+    self.metrics.flush()
+    self.evaluated = e
+    if e == self.total:
+      self.done = True
 
   def _next_send(self, p: int) -> int:
     """The first send step of fragment p after its last closed round."""
