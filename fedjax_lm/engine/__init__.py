@@ -17,7 +17,6 @@ engines). ``docs/API.md`` documents the public API.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import jax
@@ -25,7 +24,6 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fedjax_lm import codecs
-from fedjax_lm import fragments
 from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
@@ -33,14 +31,13 @@ from fedjax_lm import outer
 from fedjax_lm import steps
 from fedjax_lm.engine import clock as clock_lib
 from fedjax_lm.engine import ddp
+from fedjax_lm.engine import islands as islands_lib
 from fedjax_lm.engine import links
-from fedjax_lm.engine import programs as programs_lib
-from fedjax_lm.engine import stages
-from fedjax_lm.engine import state as state_lib
 from fedjax_lm.engine.islands import IslandsEngine
 
 ALGORITHMS = ("ddp", "islands")
 TRANSPORTS = links.TRANSPORTS
+check_streaming_options = islands_lib.check_streaming_options
 Engine = IslandsEngine | ddp.DdpEngine
 
 
@@ -83,61 +80,15 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
     return ddp.build(mesh=mesh, num=num, loss_fn=loss_fn, make_params=make_params,
                      abstract=abstract_params, param_specs=param_specs, zero_specs=zero_specs,
                      tx=tx, groups=groups, guard=guard)
-
-  oc = config.outer
-  outer_tx = outer_tx or outer.from_config(oc)
-  codec = codecs.from_config(oc)
-  check_streaming_options(oc, codec)
-  link = links.from_config(config)
-  clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink))
-  frags = fragments.Fragments(abstract_params, clock.schedule.fragments)
-  frag_abstract = tuple(frags.abstract(abstract_params, p) for p in range(frags.num))
-  frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
-  for p, f_abs in enumerate(frag_abstract):
-    f_specs = tuple(mesh_lib.zero_spec(s, a.shape, mesh)
-                    for s, a in zip(frags.specs(param_specs, p), f_abs))
-    mesh_lib.check_divisible(f_abs, f_specs, dict(mesh.shape))
-    frag_specs.append(f_specs)
-  # Fragment p's payload: [M, n_p] flat, padded so each in-island device sends whole blocks.
-  in_island = math.prod(mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES)
-  sizes = [sum(math.prod(x.shape) for x in f) for f in frag_abstract]
-  beta, eager = float(oc.error_feedback), bool(oc.eager)
-  specs = state_lib.specs(
-      param_specs=param_specs, zero_specs=zero_specs,
-      inner_opt_specs=mesh_lib.opt_state_specs(tx, abstract_params, param_specs),
-      outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, s)
-                        for a, s in zip(frag_abstract, frag_specs)),
-      error_feedback=beta > 0, eager=eager)
-  spec = stages.Spec(
-      num=num, mesh=mesh, frags=frags, frag_abstract=frag_abstract, frag_specs=tuple(frag_specs),
-      padded=tuple(codecs.padded_size(n, codec, in_island) if codec else n for n in sizes),
-      codec=codec, train_step=steps.make_train_step(loss_fn, tx, guard=guard), groups=groups,
-      inner_tx=tx, outer_tx=outer_tx, shardings=mesh_lib.shardings(mesh, specs),
-      alpha=float(oc.mixing), beta=beta, eager=eager, guard=guard,
-      keep_absent=config.islands.absent_policy == "keep",
-      reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed))
-  return IslandsEngine(spec=spec, programs=programs_lib.build(spec, link), clock=clock,
-                       link=link, make_params=make_params)
+  return islands_lib.build(config, mesh, loss_fn=loss_fn, make_params=make_params,
+                           abstract=abstract_params, param_specs=param_specs,
+                           zero_specs=zero_specs, tx=tx, groups=groups, guard=guard,
+                           outer_tx=outer_tx or outer.from_config(config.outer))
 
 
 def _check(ok: bool, msg: str) -> None:
   if not ok:
     raise ValueError(msg)
-
-
-def check_streaming_options(oc, codec) -> None:
-  """One clear error for a bad combination of streaming / compression options."""
-  _check(0.0 <= float(oc.mixing) <= 1.0, f"outer.mixing={oc.mixing} must be in [0, 1]")
-  _check(0.0 <= float(oc.error_feedback) <= 1.0,
-         f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
-  _check(not (float(oc.error_feedback) > 0 and codec is None),
-         "outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
-  _check(not (oc.eager and int(oc.overlap) < 1),
-         "outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
-  _check(oc.transport in TRANSPORTS,
-         f"outer.transport={oc.transport!r}: expected one of {TRANSPORTS}")
-  _check(not (oc.reset_inner_opt_state and int(oc.fragments) > 1),
-         "outer.reset_inner_opt_state is only defined for outer.fragments=1")
 
 
 def validate(config) -> None:
@@ -154,4 +105,4 @@ def validate(config) -> None:
     _check(int(config.outer.sync_every) >= 1,
            f"outer.sync_every={config.outer.sync_every} must be >= 1")
     clock_lib.Clock.from_config(config)
-    check_streaming_options(config.outer, codecs.from_config(config.outer))
+    islands_lib.check_streaming_options(config.outer, codecs.from_config(config.outer))

@@ -22,17 +22,24 @@ one float32 weight per sync (``island_control_bytes``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
 from fedjax_lm import codecs
+from fedjax_lm import fragments
 from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import steps
 from fedjax_lm.engine.state import tree_bytes
 from fedjax_lm.engine import clock as clock_lib
+from fedjax_lm.engine import links
 from fedjax_lm.engine import programs as programs_lib
 from fedjax_lm.engine import stages
+from fedjax_lm.engine import state as state_lib
 from fedjax_lm.engine.state import State
 
 
@@ -159,3 +166,64 @@ class IslandsEngine:
   def control_bytes_per_send(self) -> int:
     """Who-sent weights beside each fragment's payload: 4 bytes per device of the island."""
     return 4 * self.spec.devices_per_island if self.spec.num > 1 else 0
+
+
+def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstract: Any,
+          param_specs: Any, zero_specs: Any, tx: optax.GradientTransformation, groups: int,
+          guard: bool, outer_tx: optax.GradientTransformation) -> IslandsEngine:
+  """Mesh-axis islands from ``config.outer`` / ``config.islands``: the codec, the link, the
+  clock, the fragments and their ZeRO specs, the typed state's specs, then the programs."""
+  oc = config.outer
+  codec = codecs.from_config(oc)
+  check_streaming_options(oc, codec)
+  link = links.from_config(config)
+  clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink))
+  frags = fragments.Fragments(abstract, clock.schedule.fragments)
+  frag_abstract = tuple(frags.abstract(abstract, p) for p in range(frags.num))
+  frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
+  for p, f_abs in enumerate(frag_abstract):
+    f_specs = tuple(mesh_lib.zero_spec(s, a.shape, mesh)
+                    for s, a in zip(frags.specs(param_specs, p), f_abs))
+    mesh_lib.check_divisible(f_abs, f_specs, dict(mesh.shape))
+    frag_specs.append(f_specs)
+  # Fragment p's payload: [M, n_p] flat, padded so each in-island device sends whole blocks.
+  in_island = math.prod(mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES)
+  sizes = [sum(math.prod(x.shape) for x in f) for f in frag_abstract]
+  beta, eager = float(oc.error_feedback), bool(oc.eager)
+  specs = state_lib.specs(
+      param_specs=param_specs, zero_specs=zero_specs,
+      inner_opt_specs=mesh_lib.opt_state_specs(tx, abstract, param_specs),
+      outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, s)
+                        for a, s in zip(frag_abstract, frag_specs)),
+      error_feedback=beta > 0, eager=eager)
+  spec = stages.Spec(
+      num=int(config.islands.num), mesh=mesh, frags=frags, frag_abstract=frag_abstract,
+      frag_specs=tuple(frag_specs),
+      padded=tuple(codecs.padded_size(n, codec, in_island) if codec else n for n in sizes),
+      codec=codec, train_step=steps.make_train_step(loss_fn, tx, guard=guard), groups=groups,
+      inner_tx=tx, outer_tx=outer_tx, shardings=mesh_lib.shardings(mesh, specs),
+      alpha=float(oc.mixing), beta=beta, eager=eager, guard=guard,
+      keep_absent=config.islands.absent_policy == "keep",
+      reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed))
+  return IslandsEngine(spec=spec, programs=programs_lib.build(spec, link), clock=clock,
+                       link=link, make_params=make_params)
+
+
+def check_streaming_options(oc, codec) -> None:
+  """One clear error for a bad combination of streaming / compression options."""
+  _check(0.0 <= float(oc.mixing) <= 1.0, f"outer.mixing={oc.mixing} must be in [0, 1]")
+  _check(0.0 <= float(oc.error_feedback) <= 1.0,
+         f"outer.error_feedback={oc.error_feedback} must be in [0, 1] (0 = off)")
+  _check(not (float(oc.error_feedback) > 0 and codec is None),
+         "outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
+  _check(not (oc.eager and int(oc.overlap) < 1),
+         "outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
+  _check(oc.transport in links.TRANSPORTS,
+         f"outer.transport={oc.transport!r}: expected one of {links.TRANSPORTS}")
+  _check(not (oc.reset_inner_opt_state and int(oc.fragments) > 1),
+         "outer.reset_inner_opt_state is only defined for outer.fragments=1")
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ValueError(msg)
