@@ -39,8 +39,14 @@ def mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple[int, ..
                        f"are not divisible by the fixed axes' product {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
+    fix = " ".join(f"--config.mesh.{a}={s * num_devices // math.prod(sizes)}"
+                   for a, s in zip(MESH_AXES, sizes)
+                   if s > 1 and (s * num_devices) % math.prod(sizes) == 0 and
+                   s * num_devices // math.prod(sizes) >= 1)
+    hint = (f"; for {num_devices} device(s) set e.g. {fix.split(' ')[-1]}" if fix else
+            f"; set the mesh.* sizes to multiply to {num_devices} (one may be -1)")
     raise ValueError(f"Impossible mesh {dict(zip(MESH_AXES, sizes))}: product "
-                     f"{math.prod(sizes)} != {num_devices} devices")
+                     f"{math.prod(sizes)} != {num_devices} devices{hint}")
   return tuple(sizes)
 
 

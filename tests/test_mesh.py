@@ -205,3 +205,10 @@ def test_island_groups_divide_m_and_grouped_vmap_equals_one_vmap():
     np.testing.assert_allclose(mesh_lib.vmap_islands(f, groups)(w, x), want, rtol=1e-6)
   np.testing.assert_allclose(mesh_lib.vmap_islands(f, 3, in_axes=(None, 0))(shared, x),
                              jax.vmap(f, in_axes=(None, 0))(shared, x), rtol=1e-6)
+
+
+def test_impossible_mesh_names_the_override_that_fits():
+  """The one-process DiLoCo command of a new user (mesh.data=2 kept from the config, one
+  device) names the override to add."""
+  with pytest.raises(ValueError, match=r"product 2 != 1 devices; .*--config\.mesh\.data=1"):
+    mesh_lib.mesh_shape({"island": 1, "data": 2, "fsdp": 1, "tensor": 1}, 1)
