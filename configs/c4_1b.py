@@ -6,16 +6,18 @@
 | tokens               | SentencePiece 32k, sequences of 1024         |
 | islands (M)          | 2 (two 8-GPU nodes; TPU: two v5p-32 slices)  |
 | in-island mesh       | fsdp 8 (16 devices in all)                   |
-| batch per island     | 128 x 1024 tokens (16 rows per device)       |
+| batch per island     | 64 x 1024 tokens (8 rows per device)         |
 | inner optimizer      | AdamW, lr 3e-4, warm-up 2000, cosine to 10%  |
 | outer optimizer      | DiLoCo: SGD + Nesterov, lr 0.7, momentum 0.9 |
 | sync every (H)       | 500 inner steps                              |
-| steps                | 80,000 (~21B tokens, ~20 tokens per param)   |
+| steps                | 80,000 (~10.5B tokens, ~10 tokens per param) |
 
 There is no activation recomputation or gradient accumulation in this codebase, so the batch per
-device is what fits: 16 rows of 1024 (see ``experiments/results/scale/summary.md`` for the
-compiled memory per device, GPU and TPU layouts). TPU layout (two v5p-32 slices, 16 chips
-each): ``--config.mesh.data=2 --config.data.batch_size=256``.
+device is what fits an 80 GB H100: 8 rows of 1024 (16 rows compiled to 87.7 GiB per device on
+the emulated mesh even with the residual stream's rows constrained; see
+``experiments/results/scale/summary.md`` for the compiled memory per device, GPU and TPU
+layouts). TPU layout (two v5p-32 slices, 16 chips of 95 GB each):
+``--config.mesh.data=2 --config.data.batch_size=128``.
 
 Compile it (and read XLA's memory per device) without a cluster:
 
@@ -37,7 +39,7 @@ def get_config():
   c.total_steps = 80_000
   c.log_every = 50
   c.eval_every = 2000
-  c.eval_batch_size = 128
+  c.eval_batch_size = 64
   c.eval_batches = 16
   c.checkpoint_every = 1000
   c.inner.learning_rate = 3e-4
@@ -46,7 +48,7 @@ def get_config():
   c.data.name = "c4/en"
   c.data.tokenizer = "sentencepiece:/data/tokenizers/c4_32k.model"
   c.data.seq_len = 1024
-  c.data.batch_size = 128
+  c.data.batch_size = 64
   c.data.append_eos = True
   c.model.update(dict(vocab_size=32768, num_layers=18, embed_dim=2048, num_heads=16,
                       num_kv_heads=16, head_dim=128, mlp_dim=5632, max_len=1024,

@@ -231,6 +231,9 @@ def compile_report(config, devices=None, hlo_dir: str | None = None) -> dict:
       "programs": programs,
       "analytic_memory": analytic_memory(config, mesh, model_cfg, eng),
       "params": n_params,
+      # What every checkpoint writes (the whole state: each island's params and AdamW
+      # moments, the global params and outer momentum, float32).
+      "checkpoint_bytes": sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state)),
       "inner_collectives": len(inner),
       "inner_cross_island": [f"{c.op} {c.result_bytes} B" for c in
                              hlo.cross_island(inner, per_island)],
@@ -388,11 +391,36 @@ def run(config, steps: int | None = None, devices=None, log=print) -> dict:
 # ------------------------------------------------------------------------ input pipeline
 
 
+def _nonempty(e) -> bool:
+  return e["tokens"].size > 0
+
+
+def train_dataset(config, source, tokenizer, num_threads: int = 0):
+  """The IterDataset behind :func:`fedjax_lm.data.make_train_iterator` (one island, iid, one
+  shard), rebuilt here so that grain can split it over worker processes (``mp_prefetch``
+  slices the source per worker)."""
+  import grain  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fedjax_lm.data import pipeline  # pylint: disable=g-import-not-at-top
+  b, t = int(config.data.batch_size), int(config.data.seq_len)
+  chosen = pipeline.partition_indices(source, "iid", 0, 1, int(config.seed))
+  seed = int(np.random.SeedSequence(int(config.seed)).generate_state(1)[0])
+  ds = (grain.MapDataset.source(chosen).shuffle(seed=seed).repeat()
+        .map(pipeline._ReadAndTokenize(source, tokenizer, config.data.text_key,  # pylint: disable=protected-access
+                                       bool(config.data.append_eos)))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                           prefetch_buffer_size=64 * max(num_threads, 1)))
+        .filter(_nonempty))
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": t + 1})
+  return ds.batch(b, drop_remainder=True, batch_fn=pipeline._stack_tokens)  # pylint: disable=protected-access
+
+
 def pipeline_rate(config, *, batches: int = 20, num_threads: int = 0, workers: int = 0,
                   prefetch: int = 0) -> dict:
-  """Tokens/s of one island's training iterator (``make_train_iterator``: read, SentencePiece,
-  pack, batch) on this host; ``workers`` > 0 runs it in grain worker processes
-  (``mp_prefetch``)."""
+  """Tokens/s of one island's training input (read, SentencePiece, pack, batch) on this host:
+  ``make_train_iterator`` itself (``num_threads`` read threads, ``prefetch`` batches), or with
+  ``workers`` > 0 the same pipeline in grain worker processes (``mp_prefetch``). Also the bare
+  SentencePiece rate on one core (encode only, the same documents)."""
   import grain  # pylint: disable=g-import-not-at-top
   from fedjax_lm import data as data_lib  # pylint: disable=g-import-not-at-top
   if config.data.name == "local_c4":
@@ -400,78 +428,33 @@ def pipeline_rate(config, *, batches: int = 20, num_threads: int = 0, workers: i
   source = data_lib.get_source(config.data.name, "train", data_dir=config.data.data_dir or None)
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   b, t = int(config.data.batch_size), int(config.data.seq_len)
-  it = data_lib.make_train_iterator(
-      source, tokenizer=tokenizer, seq_len=t, batch_size=b, seed=int(config.seed),
-      append_eos=bool(config.data.append_eos), text_key=config.data.text_key,
-      num_threads=num_threads, prefetch_batches=prefetch)
   if workers > 0:
-    ds = _WorkerDataset(config, workers)
-    it = iter(ds)
-  next(it)  # warm-up: worker start, first documents
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's worker options are absl flags
+      flags.FLAGS.mark_as_parsed()
+    ds = train_dataset(config, source, tokenizer, num_threads)
+    it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+  else:
+    it = data_lib.make_train_iterator(
+        source, tokenizer=tokenizer, seq_len=t, batch_size=b, seed=int(config.seed),
+        append_eos=bool(config.data.append_eos), text_key=config.data.text_key,
+        num_threads=num_threads, prefetch_batches=prefetch)
+  next(it)  # warm-up: workers start, first documents
   t0 = time.perf_counter()
   for _ in range(batches):
     batch = next(it)
   seconds = time.perf_counter() - t0
-  tokens = batches * b * t
   assert batch["inputs"].shape == (b, t)
-  del grain
-  return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
-          "num_threads": num_threads, "workers": workers, "prefetch": prefetch,
-          "batch": [b, t]}
-
-
-class _WorkerDataset:
-  """The training pipeline of :func:`fedjax_lm.data.make_train_iterator`, split over grain
-  worker processes: each worker packs its own shard of the island's examples
-  (``shard_index`` / ``shard_count``), and batches interleave round-robin."""
-
-  def __init__(self, config, workers: int):
-    self.config, self.workers = config, workers
-
-  def __iter__(self):
-    import grain  # pylint: disable=g-import-not-at-top
-    ds = grain.MapDataset.range(self.workers).to_iter_dataset()
-    ds = _ShardedTrain(ds, self.config, self.workers)
-    return iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers)))
-
-
-def _ShardedTrain(parent, config, workers):  # pylint: disable=invalid-name
-  import grain  # pylint: disable=g-import-not-at-top
-
-  class Sharded(grain.IterDataset):
-    """Worker ``w`` of ``workers`` (grain slices the dataset per worker) iterates its shard."""
-
-    def __init__(self):
-      super().__init__(parent)
-
-    def __iter__(self):
-      return _ShardIterator(self, config, workers)
-
-  return Sharded()
-
-
-class _ShardIterator:
-  """Holds one shard's train iterator; the shard is the worker's slice of ``range(workers)``."""
-
-  def __init__(self, ds, config, workers):
-    self._parent = iter(ds._parents[0])  # pylint: disable=protected-access
-    self._config, self._workers, self._it = config, workers, None
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._it is None:
-      from fedjax_lm import data as data_lib  # pylint: disable=g-import-not-at-top
-      shard = next(self._parent)
-      c = self._config
-      source = data_lib.get_source(c.data.name, "train", data_dir=c.data.data_dir or None)
-      self._it = data_lib.make_train_iterator(
-          source, tokenizer=data_lib.get_tokenizer(c.data.tokenizer),
-          seq_len=int(c.data.seq_len), batch_size=int(c.data.batch_size), seed=int(c.seed),
-          shard_index=int(shard), shard_count=self._workers,
-          append_eos=bool(c.data.append_eos), text_key=c.data.text_key)
-    return next(self._it)
+  texts = [r[config.data.text_key] for r in source.__getitems__(list(range(min(200, len(source)))))]
+  t0 = time.perf_counter()
+  n_tok = sum(len(tokenizer.encode(x)) for x in texts)
+  enc_s = time.perf_counter() - t0
+  return {"tokens_per_s": batches * b * t / seconds, "seconds": seconds,
+          "tokens": batches * b * t, "num_threads": num_threads, "workers": workers,
+          "prefetch": prefetch, "batch": [b, t],
+          "sentencepiece_tokens_per_s_one_core": n_tok / enc_s,
+          "sentencepiece_bytes_per_s_one_core": sum(len(x) for x in texts) / enc_s,
+          "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
 
 
 def h100_requirement(config, gpus: int = 8, mfu: float = 0.4,
@@ -514,12 +497,131 @@ def wan_ratio(config_path: str = "configs/c4_150m.py", *, gpus_per_island: int =
   return out
 
 
+# ------------------------------------------------------------------------ report
+
+MARKER = "<!-- reading -->"
+GIB = 2**30
+
+
+def _gib(n) -> str:
+  return "-" if n is None else f"{n / GIB:.2f}"
+
+
+def _compile_row(name: str, d: dict) -> str:
+  c, inner, mem = d["config"], d["programs"]["inner"], d["analytic_memory"]
+  mesh = " x ".join(f"{k} {v}" for k, v in c["mesh"].items())
+  peak = max(p["memory"].get("peak", 0) for p in d["programs"].values())
+  return (f"| {name} | {c['params'] / 1e6:.1f}M | {mesh} | {c['batch_per_island']} x "
+          f"{c['seq_len']} | {'yes' if d.get('constrain_activations') else 'no'} | "
+          f"{d['compile_s_total']:.1f} ({inner['compile_s']:.1f}) | {_gib(inner['memory']['peak'])} "
+          f"| {_gib(peak)} | {_gib(mem['total'])} | {inner['memory']['temp'] / max(mem['total'] - mem['params'] - mem['inner_opt_state'] - mem['global_params_and_outer_state'], 1):.1f}x |"
+          f" {len(d['inner_cross_island'])} of {d['inner_collectives']} |")
+
+
+def _analytic_row(name: str, d: dict) -> str:
+  m = d["analytic_memory"]
+  return (f"| {name} | {m['rows_per_device']} | {_gib(m['params'])} | {_gib(m['grads'])} | "
+          f"{_gib(m['inner_opt_state'])} | {_gib(m['global_params_and_outer_state'])} | "
+          f"{_gib(m['activations'])} | {_gib(m['logits'])} | {_gib(m['total'])} | "
+          f"{_gib(d['programs']['inner']['memory']['temp'])} |")
+
+
+def _bytes_row(name: str, d: dict) -> str:
+  return (f"| {name} | {d['params']:,} | {d['params_x_4']:,} | {d['bytes_per_sync']:,} | "
+          f"{int(d['hlo_outer_payload_bytes']):,} | {d['control_bytes']} | "
+          f"{d.get('duplicate_bytes', '-'):,} | {d['checkpoint_bytes'] / 1e9:.2f} GB |")
+
+
+def report(out_dir: str) -> str:
+  """Tables from the JSON files in ``out_dir`` (``compile_*.json``, ``run_*.json``,
+  ``pipeline_*.json``, ``wan_ratio.json``) into ``summary.md`` above the reading marker."""
+  import glob  # pylint: disable=g-import-not-at-top
+  load = lambda path: json.load(open(path))  # pylint: disable=unnecessary-lambda-assignment
+  compiles = {os.path.basename(p)[len("compile_"):-5]: load(p)
+              for p in sorted(glob.glob(os.path.join(out_dir, "compile_*.json")))}
+  lines = ["# Real size on an emulated CPU mesh: c4_150m and c4_1b", "",
+           "Generated by `python -m experiments.bench.scale report` from the JSON files beside "
+           "this one (each holds its command in `argv`); the reading below the marker is "
+           "written by hand.", "",
+           "## Compile and memory per device (XLA's compiled memory analysis)", "",
+           "| run | params | mesh | batch / island | rows constrained | compile s, all programs "
+           "(inner) | inner step peak GiB / device | largest program peak GiB | analytic GiB "
+           "/ device | XLA temp / analytic transient | cross-island collectives in the inner "
+           "step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines += [_compile_row(k, v) for k, v in compiles.items()]
+  lines += ["", "Analytic per-device bytes (exact shard shapes of the state; activations: "
+            "Korthikanti et al. 2022 without recomputation, SwiGLU-scaled; float32 logits and "
+            "their cotangent), GiB:", "",
+            "| run | rows / device | params | grads | AdamW m, v | global params + outer "
+            "momentum | activations | logits | total | XLA inner temp |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  lines += [_analytic_row(k, v) for k, v in compiles.items()]
+  lines += ["", "## Bytes per sync", "",
+            "| run | params | params x 4 | island_bytes per sync | HLO cross-island bytes "
+            "per island | of which who-sent weights | of which ZeRO shards replicated over "
+            "tensor | checkpoint (whole state) |", "|---|---|---|---|---|---|---|---|"]
+  lines += [_bytes_row(k, v) for k, v in compiles.items() if "bytes_per_sync" in v]
+  for path in sorted(glob.glob(os.path.join(out_dir, "run_*.json"))):
+    d = load(path)
+    r, c = d["run"], d["run"]["config"]
+    lines += ["", f"## Training run `{os.path.basename(path)}`", "",
+              f"{c['params'] / 1e6:.1f}M params, mesh {c['mesh']}, {c['islands']} islands, "
+              f"batch {c['batch_per_island']} x {c['seq_len']} per island, H={c['H']}; "
+              f"init {r['init_s']} s; step 1 {r['first_step_s']} s (programs loaded from "
+              f"this invocation's compile cache), median step {r['steady_step_s']} s "
+              f"({r['tokens_per_step']} tokens/step); island_bytes after "
+              f"{len(r['steps'])} steps: {r['island_bytes']:,}.", "",
+              "| step | mean loss | island losses | inner s | sync s | island_bytes |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {s['loss']:.4f} | {', '.join(f'{x:.4f}' for x in s['island_loss'])}"
+              f" | {s['inner_s']} | {s['sync_s']} | {s['island_bytes']:,} |" for s in r["steps"]]
+  pipes = [load(p) for p in sorted(glob.glob(os.path.join(out_dir, "pipeline_*.json")))]
+  if pipes:
+    h = pipes[0]["h100"]
+    lines += ["", "## Input pipeline (one island's iterator, this host)", "",
+              f"Need: one 8 x H100 island at c4_150m = MFU x peak / FLOPs per token = "
+              f"{h['mfu']} x {h['peak_flops'] / 1e12:.0f} TFLOP/s / {h['flops_per_token'] / 1e6:.1f}"
+              f" MFLOP = {h['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
+              f"{h['tokens_per_s_island']:,.0f} per island (one host).", "",
+              "| setting | tokens/s | SentencePiece alone, one core (tokens/s) | share of one "
+              "island's need | cores at this rate for one island |", "|---|---|---|---|---|"]
+    for d in pipes:
+      what = (f"{d['workers']} grain worker processes" if d["workers"] else
+              f"make_train_iterator, {d['num_threads']} read threads, prefetch {d['prefetch']}")
+      need = d["h100"]["tokens_per_s_island"]
+      lines.append(f"| {what} | {d['tokens_per_s']:,.0f} | "
+                   f"{d['sentencepiece_tokens_per_s_one_core']:,.0f} | "
+                   f"{d['tokens_per_s'] / need:.1%} | "
+                   f"{need / d['sentencepiece_tokens_per_s_one_core']:.1f} |")
+  ratio = os.path.join(out_dir, "wan_ratio.json")
+  if os.path.exists(ratio):
+    w = load(ratio)
+    lines += ["", "## WAN testbed ratio", "",
+              f"c4_150m, 2 islands x {w['gpus_per_island']} H100 over "
+              f"{w['link_bits_per_s'] / 1e9:g} Gbit/s: DDP sends {w['grad_bytes']:,} B "
+              f"(params x 4) per step: {w['link_s']:.2f} s on the link; a step computes "
+              f"{w['tokens_per_island_step']:,} tokens x {w['flops_per_token'] / 1e6:.1f} MFLOP "
+              f"/ ({w['gpus_per_island']} x {w['mfu']} x 989 TFLOP/s) = "
+              f"{w['h100_step_s'] * 1e3:.1f} ms. Link / compute = **{w['ratio']:.1f}**."]
+  text = "\n".join(lines) + "\n\n"
+  path = os.path.join(out_dir, "summary.md")
+  reading = ""
+  if os.path.exists(path):
+    old = open(path).read()
+    if MARKER in old:
+      reading = old[old.index(MARKER):]
+  with open(path, "w") as f:
+    f.write(text + (reading or MARKER + "\n"))
+  return text
+
+
 # ------------------------------------------------------------------------ command line
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("command", choices=["compile", "run", "pipeline", "wan_ratio"])
+  p.add_argument("command", choices=["compile", "run", "pipeline", "wan_ratio", "report"])
+  p.add_argument("--out", default="experiments/results/scale", help="report: results dir")
   p.add_argument("--config", default="configs/c4_150m.py")
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   p.add_argument("--devices", type=int, default=16)
@@ -549,6 +651,9 @@ def _main(args, argv, cache: str) -> dict:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.command == "report":
+    print(report(args.out))
+    return {}
   if args.command == "wan_ratio":
     out = wan_ratio(args.config, mfu=args.mfu, testbed_params=args.testbed_params or None,
                     testbed_step_s=args.testbed_step_s or None)
