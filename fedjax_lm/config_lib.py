@@ -131,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.launch.role = ""  # decoupled: "" (start every role here) | syncer | island
   c.launch.island = 0  # decoupled island: which one (its data partition)
   c.launch.syncer = ""  # decoupled: the syncer's HOST:PORT
+  c.launch.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
@@ -218,6 +219,11 @@ def validate(c) -> None:
            f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
     _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
            f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
+    parts = int(c.islands.max_num) or int(c.islands.num)
+    for island, _ in health.parse_pairs(c.launch.join, "launch.join"):
+      _check(int(c.islands.num) <= island < parts,
+             f"launch.join names island {island}: joining islands are islands.num.."
+             f"islands.max_num-1 ({int(c.islands.num)}..{parts - 1})")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")

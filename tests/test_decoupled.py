@@ -101,6 +101,27 @@ def test_syncer_crash_is_survived_and_it_resumes_from_its_checkpoint(tmp_path, d
   assert _no_orphans(tmp_path)["syncer"]["restarts"] == 1
 
 
+@pytest.mark.slow
+def test_islands_join_mid_run_and_no_token_is_read_twice(tmp_path, data_dir):
+  """2 islands, 2 more joining once rounds closed through step 8 (of 16; islands.max_num=4
+  data partitions): the joiners start at the current global params and step, every island
+  reads its own partition, and no batch is read twice across the four islands."""
+  result = _decoupled(tmp_path, data_dir, "diloco", "--config.islands.max_num=4",
+                      "--config.launch.join=2:8,3:8", env={"FEDJAX_LM_RECORD_BATCHES": "1"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  joined = {e["island"]: e["step"] for e in map(json.loads, open(tmp_path / "events.jsonl"))
+            if e["event"] == "island_joined"}
+  assert joined[0] == joined[1] == 0 and joined[2] >= 8 and joined[3] >= 8, joined
+  digests = [r["batch"] for k in range(4)
+             for r in metrics_lib.read_jsonl(os.path.join(tmp_path, "islands", str(k),
+                                                          "metrics.jsonl"))]
+  assert len(digests) == 2 * 16 + (16 - joined[2]) + (16 - joined[3])
+  assert len(set(digests)) == len(digests)
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert evals[-1]["members"] == [0, 1, 2, 3] and np.isfinite(evals[-1]["eval_loss"])
+  _no_orphans(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, data_dir):
   """A syncer for the tiny DiLoCo config, in this process, on loopback."""

@@ -16,6 +16,7 @@ so that the step takes 1/f of its measured compute time.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from fedjax_lm.decoupled import syncer as syncer_lib
 from fedjax_lm.engine import clock as clock_lib
 
 ENV_KILL = "FEDJAX_LM_KILL_ISLAND"  # fault injection: "island:step" SIGKILLs that island once
+ENV_RECORD = "FEDJAX_LM_RECORD_BATCHES"  # test hook: log a digest of every batch read
 
 
 def speeds(config) -> list[float]:
@@ -119,7 +121,11 @@ def run(config, workdir: str) -> None:
   try:
     for step in range(start, limit):
       began = time.perf_counter()
-      state, metrics = eng.inner_step(state, next(batches))
+      batch = next(batches)
+      record_batch = os.environ.get(ENV_RECORD) == "1"  # test hook: which tokens were read
+      digest = (hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
+                if record_batch else "")
+      state, metrics = eng.inner_step(state, batch)
       done = step + 1
       if asynchronous:
         events = [] if done - last_sync < local_h else [
@@ -160,7 +166,7 @@ def run(config, workdir: str) -> None:
       log.write(json.dumps({"step": done, "island_loss": loss, "island_bytes": sent_bytes,
                             "wire_sent_bytes": client.sent_bytes,
                             "wire_received_bytes": client.received_bytes,
-                            "time": time.time()}) + "\n")
+                            "time": time.time(), **({"batch": digest} if digest else {})}) + "\n")
       log.flush()
       _maybe_kill(workdir, k, done)
       if stopping:

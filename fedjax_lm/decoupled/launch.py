@@ -4,7 +4,8 @@
         --config.launch.mode=decoupled
 
 writes ``DIR/roles.json`` (role -> pid, address, restarts) and logs each role to
-``DIR/logs/<role>.log``. Like a cluster scheduler, it restarts a role that dies
+``DIR/logs/<role>.log``. ``launch.join=K:S,...`` starts island K once the syncer's rounds have
+closed through step S (elastic join; K < ``islands.max_num``). Like a cluster scheduler, it restarts a role that dies
 (``FEDJAX_LM_DECOUPLED_RESTARTS`` times at most, default 3): a restarted island rejoins through
 the syncer, a restarted syncer resumes from its checkpoint. It stops every role on SIGINT /
 SIGTERM and leaves no process behind. On a cluster, the scheduler starts each role itself with
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from fedjax_lm import health
 from fedjax_lm import launch as launch_lib
 from fedjax_lm import wire
 
@@ -34,6 +36,15 @@ def _env(secret: str) -> dict:
   return env
 
 
+def _progress(workdir: str) -> int:
+  """The step every fragment's rounds have closed through (the syncer's progress.json)."""
+  try:
+    with open(os.path.join(workdir, "progress.json"), encoding="utf-8") as f:
+      return int(json.load(f)["closed_through"])
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
 def run(argv: list[str], config, workdir: str, poll_seconds: float = 0.2) -> int:
   """Runs every role of ``config`` here; returns the job's exit code (0 when the syncer and
   every island finished)."""
@@ -42,8 +53,12 @@ def run(argv: list[str], config, workdir: str, poll_seconds: float = 0.2) -> int
   address = f"{config.launch.interface or '127.0.0.1'}:{launch_lib.free_port()}"
   env = _env(wire.new_secret())
   roles = {"syncer": ["--config.launch.role=syncer"]}
+  joins = {f"island_{k}": step for k, step in health.parse_pairs(config.launch.join,
+                                                                  "launch.join")}
   for k in range(int(config.islands.num)):
     roles[f"island_{k}"] = ["--config.launch.role=island", f"--config.launch.island={k}"]
+  for role in joins:
+    roles[role] = ["--config.launch.role=island", f"--config.launch.island={role[7:]}"]
   common = [f"--config.launch.syncer={address}"]
   max_restarts = int(os.environ.get("FEDJAX_LM_DECOUPLED_RESTARTS", "3"))
   procs, restarts, finished = {}, {r: 0 for r in roles}, set()
@@ -67,9 +82,14 @@ def run(argv: list[str], config, workdir: str, poll_seconds: float = 0.2) -> int
   try:
     start("syncer")
     for role in roles:
-      if role != "syncer":
+      if role != "syncer" and role not in joins:
         start(role)
     while len(finished) < len(roles):
+      for role, step in list(joins.items()):  # elastic: start it once the run is that far
+        if _progress(workdir) >= step:
+          print(f"[launch] {role} joins at step {_progress(workdir)}", file=sys.stderr)
+          start(role)
+          del joins[role]
       if stop["signal"] is not None:
         code = 128 + stop["signal"]
         break

@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
+from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import outer
@@ -140,6 +141,9 @@ class Syncer:
     self.data_positions: dict[str, str] = {}
     self.payload_bytes: dict[str, int] = {}  # island -> payload bytes accepted
     self.events: list[dict] = []
+    # Islands announced to join once rounds closed through a step (launch.join): expected
+    # from then on, and dropped like any island if they do not heartbeat in time.
+    self.joins = dict(health.parse_pairs(config.launch.join, "launch.join"))
     self.version = 0  # rounds closed (async: pseudo-gradients applied)
     self.applied_steps: dict[str, int] = {}  # async: inner steps each island's updates hold
     self.step_s: dict[int, float] = {}  # async: each island's measured seconds per step
@@ -194,6 +198,12 @@ class Syncer:
   # ------------------------------------------------------------------ membership
   def _live(self) -> set[int]:
     now = time.time()
+    for k, step in list(self.joins.items()):
+      if min(self.closed.values()) >= step:
+        del self.joins[k]
+        if k not in self.members:
+          self.members[k] = {"last": now, "live": True, "announced": True}
+          self._log("island_expected", island=k, step=min(self.closed.values()))
     for k, m in self.members.items():
       if m["live"] and now - m["last"] > self.heartbeat_s:
         m["live"] = False
@@ -207,7 +217,7 @@ class Syncer:
     if why is not None:
       raise channel.Refused(f"island {island} refused: {why}")
     with self.lock:
-      rejoin = island in self.members
+      rejoin = island in self.members and not self.members[island].get("announced")
       self.members[island] = {"last": time.time(), "live": True}
       start = min(self.closed.values()) if any(self.closed.values()) else 0
       if self.asynchronous:
@@ -332,6 +342,8 @@ class Syncer:
     if missing:
       self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
     self._save()
+    with open(os.path.join(self.workdir, "progress.json"), "w", encoding="utf-8") as f:
+      json.dump({"closed_through": min(self.closed.values()), "version": self.version}, f)
     self._maybe_evaluate()
     self.lock.notify_all()
 

@@ -1,0 +1,202 @@
+"""Decoupled islands, measured: equivalence, crashes, heterogeneous speeds, bytes on the wire.
+
+    python -m experiments.decoupled --out experiments/results/decoupled
+
+Every run is ``experiments.train --config.launch.mode=decoupled`` on the tiny model (the
+syncer and each island its own process on this machine), against the mesh-axis mode where a
+row compares with it. Writes ``summary.md`` (the tables), ``results.json`` and
+``loss_vs_time.png`` (eval loss against wall time for each policy, crashes and restarts
+marked). ``--only NAME ...`` runs a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"algorithm": "islands", "log_every": 1, "checkpoint_every": 100000,
+        "mesh.island": 1, "mesh.data": 1, "launch.processes": 1, "inner.learning_rate": 1e-2}
+
+
+def _train(workdir: str, overrides: dict, env: dict | None = None) -> float:
+  shutil.rmtree(workdir, ignore_errors=True)
+  args = [sys.executable, "-m", "experiments.train", "--config", "configs/tiny.py",
+          "--workdir", workdir, *(f"--config.{k}={v}" for k, v in overrides.items())]
+  start = time.time()
+  done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                        env={**os.environ, "XLA_FLAGS": "", **(env or {})})
+  if done.returncode:
+    raise RuntimeError(f"{workdir} failed:\n{done.stderr[-3000:]}")
+  return time.time() - start
+
+
+def _jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _island_losses(workdir: str, k: int) -> list[float]:
+  by_step = {r["step"]: r["island_loss"]
+             for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))}
+  return [by_step[s] for s in sorted(by_step)]
+
+
+def _evals(workdir: str) -> list[dict]:
+  return _jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def equivalence(base: str, data_dir: str, steps: int) -> list[dict]:
+  """Decoupled sync with both islands present against the mesh-axis mode, per-step losses."""
+  rows = []
+  streaming = {"outer.sync_every": 8, "outer.fragments": 4, "outer.overlap": 2,
+               "outer.mixing": 0.5, "outer.compression": "int4", "outer.quant_block": 64,
+               "outer.error_feedback": 0.9}
+  for name, extra in (("DiLoCo", {"outer.sync_every": 10}), ("Streaming P=4 tau=2 int4 + EF",
+                                                             streaming)):
+    common = {**TINY, "islands.num": 2, "total_steps": steps, "eval_every": steps,
+              "data.data_dir": data_dir, **extra}
+    mesh_dir, dec_dir = f"{base}/eq_{len(rows)}_mesh", f"{base}/eq_{len(rows)}_decoupled"
+    _train(mesh_dir, {**common, "launch.mode": "none"})
+    _train(dec_dir, {**common, "launch.mode": "decoupled"})
+    mesh = _jsonl(os.path.join(mesh_dir, "metrics.jsonl"))
+    want = np.array([r["island_loss"] for r in mesh])
+    got = np.stack([_island_losses(dec_dir, k) for k in range(2)], axis=1)
+    rows.append({"run": name, "steps": steps,
+                 "max_rel_diff_loss": float(np.max(np.abs(got - want) / np.abs(want))),
+                 "eval_mesh": mesh[-1]["eval_loss"], "eval_decoupled": _evals(dec_dir)[-1][
+                     "eval_loss"], "bytes_mesh": mesh[-1]["island_bytes"],
+                 "bytes_decoupled": _evals(dec_dir)[-1]["island_bytes"]})
+  return rows
+
+
+def _longest_stall(workdir: str, k: int) -> float:
+  times = [r["time"] for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))]
+  return float(max(np.diff(times))) if len(times) > 1 else 0.0
+
+
+def crashes(base: str, data_dir: str, steps: int) -> list[dict]:
+  common = {**TINY, "islands.num": 3, "outer.sync_every": 10, "total_steps": steps,
+            "eval_every": 10, "launch.heartbeat_seconds": 2, "data.data_dir": data_dir,
+            "launch.mode": "decoupled"}
+  rows = []
+  clean = f"{base}/crash_none"
+  wall = _train(clean, common)
+  ref = _evals(clean)[-1]["eval_loss"]
+  rows.append({"run": "fault-free (3 islands)", "wall_s": wall, "eval": ref, "ratio": 1.0,
+               "stall_s": max(_longest_stall(clean, k) for k in range(3)), "events": ""})
+  kill_at = int(0.4 * steps)
+  for name, env in ((f"SIGKILL island 2 at step {kill_at}", {"FEDJAX_LM_KILL_ISLAND":
+                                                             f"2:{kill_at}"}),
+                    ("SIGKILL the syncer after 4 rounds", {"FEDJAX_LM_KILL_SYNCER_AT": "4"})):
+    workdir = f"{base}/crash_{len(rows)}"
+    wall = _train(workdir, common, env)
+    final = _evals(workdir)[-1]["eval_loss"]
+    events = [e for e in _jsonl(os.path.join(workdir, "events.jsonl"))
+              if e["event"] not in ("island_joined", "island_finished")]
+    roles = json.load(open(os.path.join(workdir, "roles.json"), encoding="utf-8"))
+    orphans = [r for r, v in roles.items()
+               if subprocess.run(["kill", "-0", str(v["pid"])], capture_output=True).returncode == 0]
+    rows.append({"run": name, "wall_s": wall, "eval": final, "ratio": final / ref,
+                 "stall_s": max(_longest_stall(workdir, k) for k in (0, 1)),
+                 "events": ", ".join(f"{e['event']}" + (f" {e['island']}" if "island" in e else "")
+                                     for e in events), "orphans": orphans, "workdir": workdir})
+  return rows
+
+
+def heterogeneous(base: str, data_dir: str, steps: int) -> list[dict]:
+  """4 islands with speeds 1, 1, 1, 0.25: sync, sync with quorum 3, async (DN + DyLU)."""
+  common = {**TINY, "islands.num": 4, "outer.sync_every": 8, "total_steps": steps,
+            "eval_every": 8, "islands.speed": "1,1,1,0.25", "data.data_dir": data_dir,
+            "launch.mode": "decoupled", "launch.heartbeat_seconds": 5}
+  runs = {"sync": {}, "sync, quorum 3, timeout 1 s": {"outer.quorum": 3,
+                                                     "outer.round_timeout_seconds": 1.0},
+          "async (DN + DyLU)": {"outer.policy": "async"}}
+  rows, curves = [], {}
+  for i, (name, extra) in enumerate(runs.items()):
+    workdir = f"{base}/hetero_{i}"
+    wall = _train(workdir, {**common, **extra})
+    evals = _evals(workdir)
+    t0 = min(r["time"] for r in _jsonl(os.path.join(workdir, "islands", "0", "metrics.jsonl")))
+    curves[name] = [(r["time"] - t0, r["eval_loss"]) for r in evals]
+    row = {"run": name, "wall_s": wall, "final_eval": evals[-1]["eval_loss"],
+           "updates": evals[-1]["rounds"]}
+    if os.path.exists(os.path.join(workdir, "updates.jsonl")):
+      stale = [u["staleness"] for u in _jsonl(os.path.join(workdir, "updates.jsonl"))]
+      row["staleness_mean"], row["staleness_max"] = float(np.mean(stale)), int(max(stale))
+    rows.append(row)
+  target = rows[0]["final_eval"]
+  for row, (name, curve) in zip(rows, curves.items()):
+    reach = [t for t, loss in curve if loss <= target]
+    row["time_to_sync_loss_s"] = reach[0] if reach else None
+  return rows, curves
+
+
+def wire_bytes(base: str, data_dir: str) -> list[dict]:
+  rows = []
+  for name, extra in (("float32", {}), ("int4", {"outer.compression": "int4",
+                                                 "outer.quant_block": 64})):
+    workdir = f"{base}/bytes_{name}"
+    _train(workdir, {**TINY, "islands.num": 2, "outer.sync_every": 4, "total_steps": 16,
+                     "eval_every": 16, "data.data_dir": data_dir, "launch.mode": "decoupled",
+                     **extra})
+    last = _jsonl(os.path.join(workdir, "islands", "0", "metrics.jsonl"))[-1]
+    rows.append({"payload": name, "island_bytes": last["island_bytes"],
+                 "wire_sent_bytes": last["wire_sent_bytes"],
+                 "wire_over_payload": last["wire_sent_bytes"] / last["island_bytes"]})
+  return rows
+
+
+def _plot(curves: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, curve in curves.items():
+    ax.plot(*zip(*curve), marker=".", label=name)
+  ax.set_xlabel("wall time (s)")
+  ax.set_ylabel("eval loss (nats/byte)")
+  ax.set_title("4 islands, speeds 1, 1, 1, 0.25")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="experiments/results/decoupled")
+  parser.add_argument("--workdir", default="runs/decoupled")
+  parser.add_argument("--data_dir", default="runs/decoupled/tfds")
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--only", nargs="*", default=None)
+  args = parser.parse_args(argv)
+  sys.path.insert(0, ROOT)
+  from fedjax_lm import data  # pylint: disable=g-import-not-at-top
+  data.prepare_shakespeare(args.data_dir)
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "results.json")
+  results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+  todo = args.only or ["equivalence", "crashes", "heterogeneous", "bytes"]
+  if "equivalence" in todo:
+    results["equivalence"] = equivalence(args.workdir, args.data_dir, args.steps)
+  if "crashes" in todo:
+    results["crashes"] = crashes(args.workdir, args.data_dir, args.steps)
+  if "heterogeneous" in todo:
+    results["heterogeneous"], curves = heterogeneous(args.workdir, args.data_dir, args.steps)
+    _plot(curves, os.path.join(args.out, "loss_vs_time.png"))
+  if "bytes" in todo:
+    results["bytes"] = wire_bytes(args.workdir, args.data_dir)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()
