@@ -1,4 +1,4 @@
-"""Decoupled islands, measured: equivalence, crashes, heterogeneous speeds, bytes on the wire.
+"""Decoupled islands, measured: equivalence, crashes, speeds, elastic join, bytes on the wire.
 
     python -m experiments.decoupled --out experiments/results/decoupled
 
@@ -139,6 +139,27 @@ def heterogeneous(base: str, data_dir: str, steps: int) -> list[dict]:
   return rows, curves
 
 
+def elastic(base: str, data_dir: str, steps: int) -> list[dict]:
+  """2 islands with 2 more joining at 40% of the run, against 4 islands from the start."""
+  common = {**TINY, "outer.sync_every": 10, "total_steps": steps, "eval_every": 10,
+            "islands.max_num": 4, "data.data_dir": data_dir, "launch.mode": "decoupled"}
+  at = int(0.4 * steps)
+  rows = []
+  for name, extra in (("4 islands from the start", {"islands.num": 4}),
+                      (f"2 islands + 2 joining at step {at}",
+                       {"islands.num": 2, "launch.join": f"2:{at},3:{at}"})):
+    workdir = f"{base}/elastic_{len(rows)}"
+    wall = _train(workdir, {**common, **extra}, {"FEDJAX_LM_RECORD_BATCHES": "1"})
+    digests = [r["batch"] for k in range(4)
+               for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))]
+    joined = {e["island"]: e["step"] for e in _jsonl(os.path.join(workdir, "events.jsonl"))
+              if e["event"] == "island_joined"}
+    rows.append({"run": name, "wall_s": wall, "final_eval": _evals(workdir)[-1]["eval_loss"],
+                 "joined_at": joined, "batches": len(digests),
+                 "distinct_batches": len(set(digests))})
+  return rows
+
+
 def wire_bytes(base: str, data_dir: str) -> list[dict]:
   rows = []
   for name, extra in (("float32", {}), ("int4", {"outer.compression": "int4",
@@ -183,7 +204,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "results.json")
   results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
-  todo = args.only or ["equivalence", "crashes", "heterogeneous", "bytes"]
+  todo = args.only or ["equivalence", "crashes", "heterogeneous", "elastic", "bytes"]
   if "equivalence" in todo:
     results["equivalence"] = equivalence(args.workdir, args.data_dir, args.steps)
   if "crashes" in todo:
@@ -191,6 +212,8 @@ def main(argv=None):
   if "heterogeneous" in todo:
     results["heterogeneous"], curves = heterogeneous(args.workdir, args.data_dir, args.steps)
     _plot(curves, os.path.join(args.out, "loss_vs_time.png"))
+  if "elastic" in todo:
+    results["elastic"] = elastic(args.workdir, args.data_dir, args.steps)
   if "bytes" in todo:
     results["bytes"] = wire_bytes(args.workdir, args.data_dir)
   with open(path, "w", encoding="utf-8") as f:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -52,7 +53,8 @@ from fedjax_lm import outer
 from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
-from fedjax_lm.engine import stages
+from fedjax_lm.engine import links
+from fedjax_lm.engine import programs as programs_lib
 from fedjax_lm.outer import delayed
 
 POLICIES = ("sync", "async")
@@ -129,10 +131,7 @@ class Syncer:
                                         tokenizer)
     self.server = self.engine.init(jax.random.key(int(config.seed))).server
     frags = range(self.spec.frags.num)
-    self._decode = [jax.jit(lambda payload: jax.vmap(self.spec.codec.decode)(payload)[0])
-                    if self.spec.codec else None for _ in frags]
-    self._outer = [jax.jit(lambda server, reduced, p=p: stages.outer_step(
-        self.spec, p, server, reduced), donate_argnums=0) for p in frags]
+    self._receive: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> program
     self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
@@ -202,7 +201,9 @@ class Syncer:
       if min(self.closed.values()) >= step:
         del self.joins[k]
         if k not in self.members:
-          self.members[k] = {"last": now, "live": True, "announced": True}
+          # a job being started gets three heartbeat periods to come up
+          self.members[k] = {"last": now + 2 * self.heartbeat_s, "live": True,
+                             "announced": True}
           self._log("island_expected", island=k, step=min(self.closed.values()))
     for k, m in self.members.items():
       if m["live"] and now - m["last"] > self.heartbeat_s:
@@ -373,31 +374,22 @@ class Syncer:
     return max(1, int(round(h * fastest / self.step_s[island])))
 
   def _apply(self, p: int, contributions: list) -> None:
-    """The mean of the decoded payloads that were sent (weight > 0), then fragment p's outer
-    step (the engine's reduce and outer-step stages); positions and bytes recorded."""
-    sent = [c for c in contributions if c[2] > 0]
-    count = len(sent)
-    like = self.spec.frag_abstract[p]
-    if count:
-      if self.spec.codec is None:
-        decoded = [tuple(np.asarray(x[0], np.float32) for x in c[1]) for c in sent]
-        mean = tuple(sum(d[i] for d in decoded) / count for i in range(len(like)))
-      else:
-        n = sum(int(np.prod(x.shape)) for x in like)
-        flat = sum(np.asarray(self._decode[p](self._payload_tree(p, c[1])))[:n]
-                   for c in sent) / count
-        mean, start = [], 0
-        for x in like:
-          size = int(np.prod(x.shape))
-          mean.append(flat[start:start + size].reshape(x.shape))
-          start += size
-        mean = tuple(mean)
-    else:
-      mean = tuple(np.zeros(x.shape, np.float32) for x in like)
-    masked = any(c[2] < 0 for c in contributions)
-    reduced = stages.Reduced(tuple(jnp.asarray(m) for m in mean), jnp.float32(count),
-                             jnp.bool_(masked))
-    self.server = self._outer[p](self.server, reduced)
+    """The islands' payloads stacked as if gathered, then the mesh-axis mode's receive
+    program for that many islands: the mean of the decoded payloads that were sent (weight >
+    0) and fragment p's outer step, one program (so the numbers are the mesh-axis mode's);
+    positions and bytes recorded."""
+    num = len(contributions)
+    key = (p, num)
+    if key not in self._receive:
+      spec = dataclasses.replace(self.spec, num=num)
+      self._receive[key] = jax.jit(functools.partial(programs_lib.receive, spec, p,
+                                                     links.Gathered()), donate_argnums=0)
+    leaves = [np.concatenate([c[1][i] for c in contributions]) for i in range(len(
+        contributions[0][1]))]
+    weight = np.concatenate([np.full((1, self.spec.devices_per_island), c[2], np.float32)
+                             for c in contributions])
+    payload = self._payload_tree(p, leaves)
+    self.server = self._receive[key](self.server, (payload, jnp.asarray(weight)))
     for island, arrays, _, position in contributions:
       if position:
         self.data_positions[str(island)] = position
@@ -406,8 +398,9 @@ class Syncer:
 
   def _payload_tree(self, p: int, arrays: list) -> Any:
     _, sent = jax.eval_shape(self.engine.programs.encode[p], *self._abstract_encode_args())
-    treedef = jax.tree.structure(sent[0])
-    return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in arrays])
+    if self.spec.codec is None:
+      return tuple(jnp.asarray(a) for a in arrays)
+    return jax.tree.unflatten(jax.tree.structure(sent[0]), [jnp.asarray(a) for a in arrays])
 
   def _maybe_evaluate(self) -> None:
     """Evaluates the global model at every eval step all of whose sends have closed (async:

@@ -84,15 +84,11 @@ class XlaLink:
     return handle
 
 
-class HostLink:
-  """All-gathers ``[M, ...]`` payloads (sharded over ``island``) between processes on a host
-  thread; the reduce program receives them gathered (replicated over ``island``)."""
+class Gathered:
+  """Payloads that arrive already gathered (every island's, replicated over ``island``): the
+  reduce program runs no collective. The host link's, and the decoupled syncer's."""
 
   lead = None
-
-  def __init__(self, secret: bytes = b"", interface: str = ""):
-    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="island-exchange")
-    self._peers = _Peers(secret, interface) if jax.process_count() > 1 else None
 
   @staticmethod
   def gather(x: jax.Array) -> jax.Array:
@@ -102,6 +98,15 @@ class HostLink:
   def mean(stacked: Any, stacked_sharding: Any, mean_sharding: Any) -> Any:
     del stacked_sharding, mean_sharding
     return jax.tree.map(lambda x: x.mean(0), stacked)
+
+
+class HostLink(Gathered):
+  """All-gathers ``[M, ...]`` payloads (sharded over ``island``) between processes on a host
+  thread; the reduce program receives them gathered (replicated over ``island``)."""
+
+  def __init__(self, secret: bytes = b"", interface: str = ""):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="island-exchange")
+    self._peers = _Peers(secret, interface) if jax.process_count() > 1 else None
 
   def start(self, sent: Any, fragment: int, step: int, gathered: Any
             ) -> concurrent.futures.Future:
