@@ -105,27 +105,23 @@ class Checkpointer:
     return None, None
 
   def _check_layout(self, step: int, layout: dict) -> None:
-    try:
-      saved = self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))["config"]
-    except Exception:  # pylint: disable=broad-except  (older or damaged: the state decides)
-      return
-    diff = [f"{k}={saved.get(k)!r} (this run: {v!r})" for k, v in layout.items()
-            if k in saved and saved[k] != v]
-    if diff:
-      raise ValueError(f"checkpoint step {step} in {self.directory} is from a different config: "
-                       + ", ".join(diff) + ". Use another --workdir or the same settings.")
+    self._check_saved(step, "config", layout, "is from a different config")
 
   def _check_clock(self, step: int, mine: dict) -> None:
+    self._check_saved(step, "clock", mine, "is on a different clock")
+
+  def _check_saved(self, step: int, item: str, mine: dict, what: str) -> None:
+    """One clear error naming every field where JSON item ``item`` of checkpoint ``step``
+    differs from ``mine``."""
     try:
       saved = self.manager.restore(step, args=ocp.args.Composite(
-          clock=ocp.args.JsonRestore()))["clock"]
-    except Exception:  # pylint: disable=broad-except  (damaged: the state decides)
+          **{item: ocp.args.JsonRestore()}))[item]
+    except Exception:  # pylint: disable=broad-except  (older or damaged: the state decides)
       return
     diff = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in mine.items()
             if k in saved and saved[k] != v]
     if diff:
-      raise ValueError(f"checkpoint step {step} in {self.directory} is on a different clock: "
+      raise ValueError(f"checkpoint step {step} in {self.directory} {what}: "
                        + ", ".join(diff) + ". Use another --workdir or the same settings.")
 
   def _move_aside(self, step: int) -> None:
