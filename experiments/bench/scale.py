@@ -17,8 +17,14 @@ overrides (the same keys as ``--config.key=value`` of ``experiments.train``):
   python -m experiments.bench.scale pipeline --config configs/c4_150m.py --set ...
   # the WAN testbed's link rate at c4_150m's DDP link/compute ratio on 2 x 8 H100
   python -m experiments.bench.scale wan_ratio
+  # item 5's table from testbed runs (experiments.wan single runs) in --run_dir
+  python -m experiments.bench.scale wan_table --run_dir runs/scale_wan
+  # the tables of experiments/results/scale/summary.md from the JSON files there
+  python -m experiments.bench.scale report
 
-``--json FILE`` writes the result. In-process CPU collectives of many devices deadlock when
+``--json FILE`` writes the result. ``--constrain_activations`` (compile, run) is an
+experiment, not library behaviour: the residual stream's rows constrained to ``data x fsdp``
+(see :class:`constrain_activations`). In-process CPU collectives of many devices deadlock when
 several programs are in flight at once (measured: 16 devices, two programs queued), so ``run``
 blocks on every program before dispatching the next one; that changes no numerics.
 
@@ -44,7 +50,6 @@ import time
 from typing import Any
 
 H100_PEAK_BF16 = 989e12  # FLOP/s, dense, SXM
-TPU_V5P_PEAK_BF16 = 459e12
 
 
 def _set_devices(n: int) -> None:
@@ -499,6 +504,104 @@ def wan_ratio(config_path: str = "configs/c4_150m.py", *, gpus_per_island: int =
   return out
 
 
+def wan_table(run_dir: str = "runs/scale_wan", out_dir: str = "experiments/results/scale/wan"
+              ) -> dict:
+  """Item 5's table from the testbed runs of ``run_dir`` (``experiments.wan`` single runs):
+  ``ddp_free`` (DDP unshaped, 100 steps: the target loss and its curve), ``ddp_shaped`` (DDP
+  for a few steps at the chosen rate: its step time there), ``diloco`` and ``streaming`` (250
+  steps at the chosen rate). DDP's time to its own final loss = the steps to reach it x its
+  median shaped step (its losses do not depend on the link); the islands' is measured. Beside
+  each, ``projection.step_time`` x the steps to the target on the run's own eval curve."""
+  from experiments import wan  # pylint: disable=g-import-not-at-top
+  try:
+    from experiments.bench import projection  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from experiments import projection  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+  def load(name):
+    d = os.path.join(run_dir, name)
+    record = json.load(open(os.path.join(d, "wan.json")))
+    metrics = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+    overrides = {a.split("=", 1)[0][len("--config."):]: parse_value(a.split("=", 1)[1])
+                 for a in record["args"]}
+    return record, metrics, load_config(record["config"], overrides)
+
+  free = wan.analyze(*load("ddp_free"))
+  target = free["final_eval_loss"]
+  shaped_rec, shaped_metrics, shaped_cfg = load("ddp_shaped")
+  shaped = wan.analyze(shaped_rec, shaped_metrics, shaped_cfg)
+  rate = shaped_rec["bandwidth"]
+  bits = float(rate.removesuffix("kbit")) * 1e3 if rate.endswith("kbit") else float(
+      rate.removesuffix("mbit")) * 1e6
+  # The testbed's compute step: DiLoCo's steps away from syncs at this rate (as experiments.wan
+  # takes it for DDP); DDP's unshaped step also carries its all-reduce over the free link.
+  d_rec, d_met, d_cfg = load("diloco")
+  t_c = wan.analyze(d_rec, d_met, d_cfg)["compute_step_s"]
+  rows = []
+  ddp_steps = projection.steps_to_loss([e["step"] for e in free["evals"]],
+                                       [e["eval_loss"] for e in free["evals"]], target)
+  grad = shaped["island_bytes"] / shaped["steps"]
+  ddp_time = ddp_steps * shaped["median_step_s"]
+  ddp_pred = ddp_steps * projection.step_time("ddp", t_c, grad, bits / 1e9, 0.0, False)
+  rows.append({"method": "DDP", "steps_to_target": ddp_steps,
+               "time_to_target_s": ddp_time, "median_step_s": shaped["median_step_s"],
+               "predicted_s": ddp_pred, "island_bytes_per_step": grad,
+               "foreign_cpu": shaped["foreign_cpu_share"],
+               "how": f"{ddp_steps:g} steps (the unshaped run's curve) x its median step "
+                      f"over {shaped['steps']} shaped steps"})
+  for name, label, kind in (("diloco", "DiLoCo (H=50)", "diloco"),
+                            ("streaming", "Streaming DiLoCo (P=4, tau=5, 4-bit, host)",
+                             "streaming")):
+    rec, met, cfg = load(name)
+    r = wan.analyze(rec, met, cfg, target=target)
+    steps = projection.steps_to_loss([e["step"] for e in r["evals"]],
+                                     [e["eval_loss"] for e in r["evals"]], target)
+    syncs = max(1, int(cfg.total_steps) // int(cfg.outer.sync_every))
+    payload = r["island_bytes"] / syncs  # the whole model's payload per round
+    reached = r["target_step"]  # the measured time is to this eval; project the same steps
+    pred = None if reached is None else reached * projection.step_time(
+        kind, r["compute_step_s"], payload, bits / 1e9, 0.0, False, int(cfg.outer.sync_every),
+        0.0, int(cfg.outer.fragments), int(cfg.outer.overlap))
+    rows.append({"method": label, "steps_to_target": reached,
+                 "interpolated_steps_to_target": steps,
+                 "time_to_target_s": r["train_s_to_target"], "median_step_s": r["median_step_s"],
+                 "compute_step_s": r["compute_step_s"], "predicted_s": pred,
+                 "final_eval_loss": r["final_eval_loss"], "island_bytes": r["island_bytes"],
+                 "blocked_in_syncs_s": r["blocked_in_syncs_s"],
+                 "foreign_cpu": r["foreign_cpu_share"],
+                 "how": f"measured: training time to the first eval <= target (step "
+                        f"{reached}; interpolated {steps and round(steps, 1)})"})
+  for r in rows:
+    r["speedup_vs_ddp"] = (ddp_time / r["time_to_target_s"]) if r["time_to_target_s"] else None
+    r["predicted_speedup"] = (ddp_pred / r["predicted_s"]) if r["predicted_s"] else None
+  link_ratio = (shaped["median_step_s"] - t_c) / t_c
+  out = {"rate": rate, "t_c_s": t_c, "ddp_unshaped_step_s": free["median_step_s"],
+         "target_loss": target, "grad_bytes": grad,
+         "testbed_link_over_compute": link_ratio, "rows": rows}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  lines = [f"Link {rate} each direction (tbf); target = DDP's final eval loss {target:.4f} "
+           f"(100 steps); testbed compute step t_c = {t_c:.3f} s (DiLoCo's steps away from "
+           f"syncs; DDP unshaped: {free['median_step_s']:.3f} s); "
+           f"DDP's shaped step {shaped['median_step_s']:.2f} s: link / compute on the testbed "
+           f"= {link_ratio:.1f} (c4_150m on 2 x 8 H100 at 1 Gbit/s: 67.2).", "",
+           "| method | steps to target | time to target (s) | speed-up vs DDP | projected time "
+           "(s) | projected speed-up | median step (s) | foreign CPU | how |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  f = lambda x, spec="{:.1f}": "-" if x is None else spec.format(x)  # pylint: disable=unnecessary-lambda-assignment
+  for r in rows:
+    lines.append(f"| {r['method']} | {f(r['steps_to_target'])} | {f(r['time_to_target_s'])} | "
+                 f"{f(r['speedup_vs_ddp'], '{:.1f}x')} | {f(r['predicted_s'])} | "
+                 f"{f(r['predicted_speedup'], '{:.1f}x')} | {f(r['median_step_s'], '{:.3f}')} | "
+                 f"{f(r['foreign_cpu'], '{:.0%}')} | {r['how']} |")
+  with open(os.path.join(out_dir, "summary.md"), "w") as fh:
+    fh.write("# WAN testbed at c4_150m's DDP link / compute ratio\n\n" + "\n".join(lines) + "\n")
+  out["table"] = "\n".join(lines)
+  return out
+
+
 # ------------------------------------------------------------------------ report
 
 MARKER = "<!-- reading -->"
@@ -621,7 +724,11 @@ def report(out_dir: str) -> str:
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("command", choices=["compile", "run", "pipeline", "wan_ratio", "report"])
+  p.add_argument("command", choices=["compile", "run", "pipeline", "wan_ratio", "wan_table",
+                                     "report"])
+  p.add_argument("--run_dir", default="runs/scale_wan", help="wan_table: the testbed runs")
+  p.add_argument("--wan_out", default="experiments/results/scale/wan",
+                 help="wan_table: where its summary.md / results.json go")
   p.add_argument("--out", default="experiments/results/scale", help="report: results dir")
   p.add_argument("--config", default="configs/c4_150m.py")
   p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
@@ -655,6 +762,10 @@ def _main(args, argv, cache: str) -> dict:
   if args.command == "report":
     print(report(args.out))
     return {}
+  if args.command == "wan_table":
+    out = wan_table(args.run_dir, args.wan_out)
+    print(out["table"])
+    return out
   if args.command == "wan_ratio":
     out = wan_ratio(args.config, mfu=args.mfu, testbed_params=args.testbed_params or None,
                     testbed_step_s=args.testbed_step_s or None)
