@@ -54,6 +54,7 @@ from fedjax_lm import config_lib
 from fedjax_lm import fragments
 from fedjax_lm import launch
 from fedjax_lm import metrics as metrics_lib
+from fedjax_lm import wire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COORDINATOR_PORT = 12355
@@ -124,8 +125,9 @@ LATENCY_NOTE = ("no netem in this kernel: no propagation delay; latency comes on
 
 
 def _job_env(bed: wan_net.Testbed, process: int, num: int, island: int,
-             cache: str) -> dict[str, str]:
+             cache: str, secret: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k != launch.ENV_COORDINATOR}
+  env.setdefault(wire.ENV_SECRET, secret)  # the host link authenticates the job's processes
   env.update({"JAX_COORDINATOR_ADDRESS": f"{bed.address(0)}:{COORDINATOR_PORT}",
               launch.ENV_NUM_PROCESSES: str(num), launch.ENV_PROCESS_ID: str(process),
               "FEDJAX_LM_TRANSPORT_HOST": bed.address(island), "JAX_PLATFORMS": "cpu",
@@ -168,13 +170,14 @@ def run(config, config_path: str, args: list[str], bandwidth: str, workdir: str,
   with wan_net.Testbed(islands, rate, queue_ms) as bed:
     before, procs, logs = bed.counters(), [], []
     cpu_before, start = _cpu_seconds(), time.time()
+    secret = wire.new_secret()
     try:
       for i in range(num):
         island = i // (num // islands)
         logs.append(open(os.path.join(workdir, "console.log" if i == 0 else
                                       f"logs/process_{i}.log"), "wb"))
         procs.append(subprocess.Popen(
-            bed.exec_argv(island, cmd), cwd=ROOT, env=_job_env(bed, i, num, island, cache),
+            bed.exec_argv(island, cmd), cwd=ROOT, env=_job_env(bed, i, num, island, cache, secret),
             stdout=logs[-1], stderr=subprocess.STDOUT, preexec_fn=launch.die_with_parent))
       stamps = _watch(procs, workdir, start, timeout)
     finally:

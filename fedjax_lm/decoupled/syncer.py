@@ -231,16 +231,20 @@ class Syncer:
                                              "version": self.version}, arrays)
 
   def heartbeat(self, request: bytes) -> bytes:
+    """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
+    closing a round (compiling, evaluating, checkpointing) does not make islands look dead."""
     _, meta, _ = wire.unpack(self.secret, request, "heartbeat")
-    with self.lock:
-      m = self.members.get(int(meta["island"]))
-      if meta.get("step_s"):
-        self.step_s[int(meta["island"])] = float(meta["step_s"])
-      if m is not None:
-        if not m["live"]:
-          self._log("island_back", island=int(meta["island"]))
-        m["last"], m["live"] = time.time(), True
-      self.lock.notify_all()
+    island = int(meta["island"])
+    m = self.members.get(island)
+    if m is not None:
+      m["last"] = time.time()
+    if meta.get("step_s"):
+      self.step_s[island] = float(meta["step_s"])
+    if m is not None and not m["live"]:
+      with self.lock:
+        m["live"] = True
+        self._log("island_back", island=island)
+        self.lock.notify_all()
     return wire.pack(self.secret, "ok", {})
 
   def leave(self, request: bytes) -> bytes:
@@ -279,6 +283,7 @@ class Syncer:
     with self.lock:
       if island not in self.members:
         raise channel.Refused(f"island {island} has not joined")
+      self.members[island]["last"] = time.time()
       if self.asynchronous:
         self._apply_async(island, meta, arrays[:-1], weight)
         return wire.pack(self.secret, "ok", {"late": False})
