@@ -77,8 +77,11 @@ def equivalence(base: str, data_dir: str, steps: int) -> list[dict]:
   return rows
 
 
-def _longest_stall(workdir: str, k: int) -> float:
-  times = [r["time"] for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))]
+def _longest_stall(workdir: str, k: int, after: int = 10) -> float:
+  """The longest wall-time gap between island k's consecutive steps after step ``after``
+  (the first round waits for every island's start-up and compile)."""
+  times = [r["time"] for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))
+           if r["step"] > after]
   return float(max(np.diff(times))) if len(times) > 1 else 0.0
 
 
@@ -190,6 +193,59 @@ def _plot(curves: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
+  def fmt(v):
+    if v is None:
+      return "—"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 10 or isinstance(v, int):
+      return f"{int(v):,}"
+    if isinstance(v, float):
+      return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+  return (["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)] +
+          ["| " + " | ".join(fmt(r.get(k)) for _, k in cols) + " |" for r in rows])
+
+
+def summary(results: dict, commit: str) -> str:
+  """The tables of ``results.json`` as markdown."""
+  out = ["# Decoupled islands, measured", "",
+         f"Commit {commit}, {time.strftime('%Y-%m-%d')}, this 2-core CPU machine, tiny model "
+         "(`configs/tiny.py`, inner lr 1e-2), every role its own process. Regenerate: "
+         "`python -m experiments.decoupled --out experiments/results/decoupled`.", ""]
+  sections = {
+      "equivalence": ("Equivalence with the mesh-axis mode (2 islands, policy sync)", [
+          ("run", "run"), ("steps", "steps"), ("max rel. diff, per-step losses",
+                                                "max_rel_diff_loss"),
+          ("eval, mesh-axis", "eval_mesh"), ("eval, decoupled", "eval_decoupled"),
+          ("island_bytes, mesh-axis", "bytes_mesh"), ("island_bytes, decoupled",
+                                                      "bytes_decoupled")]),
+      "crashes": ("Crashes (3 islands, H=10, heartbeat 2 s)", [
+          ("run", "run"), ("wall s", "wall_s"), ("final eval", "eval"),
+          ("÷ fault-free", "ratio"), ("longest gap between steps of islands 0, 1 (s)",
+                                      "stall_s"), ("events", "events"),
+          ("processes left", "orphans")]),
+      "heterogeneous": ("Heterogeneous speeds (4 islands, speeds 1, 1, 1, 0.25, H=8)", [
+          ("policy", "run"), ("wall s", "wall_s"), ("final eval (equal tokens)",
+                                                    "final_eval"),
+          ("time to sync's final eval (s)", "time_to_sync_loss_s"), ("updates", "updates"),
+          ("staleness mean", "staleness_mean"), ("staleness max", "staleness_max")]),
+      "elastic": ("Elastic join (data partitions 4)", [
+          ("run", "run"), ("wall s", "wall_s"), ("final eval", "final_eval"),
+          ("joined at step", "joined_at"), ("batches read", "batches"),
+          ("distinct batches", "distinct_batches")]),
+      "bytes": ("Bytes: island_bytes against what the island's client put on the wire", [
+          ("payload", "payload"), ("island_bytes (payload)", "island_bytes"),
+          ("request bytes sent (headers, heartbeats, join included)", "wire_sent_bytes"),
+          ("÷ payload", "wire_over_payload")]),
+  }
+  for key, (title, cols) in sections.items():
+    if key in results:
+      out += [f"## {title}", "", *_table(results[key], cols), ""]
+  if "heterogeneous" in results:
+    out += ["![loss vs wall time](loss_vs_time.png)", ""]
+  return "\n".join(out)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="experiments/results/decoupled")
@@ -218,6 +274,10 @@ def main(argv=None):
     results["bytes"] = wire_bytes(args.workdir, args.data_dir)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+  with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(summary(results, commit))
   print(json.dumps(results, indent=1))
 
 
