@@ -27,33 +27,21 @@ On a cluster, as ``configs/c4_150m.py``: ``--config.data.tokenizer=sentencepiece
 prepared as array_record in ``--config.data.data_dir``; one process per host.
 """
 
-from fedjax_lm import config_lib
+from configs import c4_150m
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.algorithm = "islands"
-  c.islands.num = 2
-  c.outer.optimizer = "diloco"
-  c.outer.sync_every = 500
+  """c4_150m's recipe (data, tokenizer, DiLoCo outer, H, schedule shape) at 1B."""
+  c = c4_150m.get_config()
+  c.unlock()
   c.total_steps = 80_000
-  c.log_every = 50
   c.eval_every = 2000
   c.eval_batch_size = 64
-  c.eval_batches = 16
-  c.checkpoint_every = 1000
   c.inner.learning_rate = 3e-4
   c.inner.warmup_steps = 2000
-  c.inner.weight_decay = 0.1
-  c.data.name = "c4/en"
-  c.data.tokenizer = "sentencepiece:/data/tokenizers/c4_32k.model"
-  c.data.seq_len = 1024
   c.data.batch_size = 64
-  c.data.append_eos = True
-  c.model.update(dict(vocab_size=32768, num_layers=18, embed_dim=2048, num_heads=16,
-                      num_kv_heads=16, head_dim=128, mlp_dim=5632, max_len=1024,
-                      compute_dtype="bfloat16", scan_layers=True))
+  c.model.update(dict(num_layers=18, embed_dim=2048, num_heads=16, num_kv_heads=16,
+                      head_dim=128, mlp_dim=5632))
   c.mesh.update({"island": 2, "data": 1, "fsdp": 8, "tensor": 1})
-  c.launch.mode = "cluster"
   c.lock()
   return c
