@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 import struct
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_dtypes
 import numpy as np

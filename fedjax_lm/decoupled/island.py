@@ -79,7 +79,8 @@ def run(config, workdir: str) -> None:
   everyone = copy.deepcopy(config)  # the clock's drop-out schedule over every partition
   everyone.islands.num = parts
   clock = clock_lib.Clock.from_config(everyone, receive_at_merge=True)
-  factor = speeds(config)[k] if k < len(speeds(config)) else 1.0
+  factors = speeds(config)
+  factor = factors[k] if k < len(factors) else 1.0
 
   _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
       secret, "join", {"island": k, "fingerprint": syncer_lib.fingerprint(config, abstract)})),

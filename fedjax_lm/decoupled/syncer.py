@@ -132,6 +132,11 @@ class Syncer:
     self.server = self.engine.init(jax.random.key(int(config.seed))).server
     frags = range(self.spec.frags.num)
     self._receive: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> program
+    # What one island sends per fragment (abstract): the layout every send is checked against.
+    state = jax.eval_shape(self.engine.init, jax.random.key(0))
+    self._sent = [jax.eval_shape(self.engine.programs.encode[p], state.islands, state.server,
+                                 jax.ShapeDtypeStruct((), jnp.int32),
+                                 jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
     self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
@@ -259,19 +264,13 @@ class Syncer:
 
   # ------------------------------------------------------------------ rounds
   def _check_payload(self, p: int, arrays: list) -> None:
-    expected = jax.tree.leaves(jax.eval_shape(
-        self.engine.programs.encode[p], *self._abstract_encode_args())[1])
+    expected = jax.tree.leaves(self._sent[p])
     if len(arrays) != len(expected):
       raise wire.WireError(f"fragment {p}: {len(arrays)} arrays, expected {len(expected)}")
     for a, e in zip(arrays, expected):
       if a.shape != tuple(e.shape) or a.dtype != e.dtype:
         raise wire.WireError(f"fragment {p}: array {a.dtype}{list(a.shape)}, expected "
                              f"{e.dtype}{list(e.shape)}")
-
-  def _abstract_encode_args(self):
-    state = jax.eval_shape(self.engine.init, jax.random.key(0))
-    return (state.islands, state.server, jax.ShapeDtypeStruct((), jnp.int32),
-            jax.ShapeDtypeStruct((1,), jnp.bool_))
 
   def send(self, request: bytes) -> bytes:
     _, meta, arrays = wire.unpack(self.secret, request, "send")
@@ -402,10 +401,11 @@ class Syncer:
                                          sum(a.nbytes for a in arrays))
 
   def _payload_tree(self, p: int, arrays: list) -> Any:
-    _, sent = jax.eval_shape(self.engine.programs.encode[p], *self._abstract_encode_args())
+    """An island's payload leaves (stacked) as the tree the receive program takes."""
+    leaves = [jnp.asarray(a) for a in arrays]
     if self.spec.codec is None:
-      return tuple(jnp.asarray(a) for a in arrays)
-    return jax.tree.unflatten(jax.tree.structure(sent[0]), [jnp.asarray(a) for a in arrays])
+      return tuple(leaves)
+    return jax.tree.unflatten(jax.tree.structure(self._sent[p][0]), leaves)
 
   def _maybe_evaluate(self) -> None:
     """Evaluates the global model at every eval step all of whose sends have closed (async:
