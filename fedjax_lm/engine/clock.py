@@ -8,6 +8,12 @@ After each inner step ``done`` (1..T) it says which events are due, in order:
 * ``RECEIVE p`` the link's mean lands and the outer optimizer steps fragment p's global copy;
 * ``MERGE p``   islands take the new global fragment (tau steps after its send).
 
+With a one-step-delayed outer step (``outer.delay``) a fragment's mean is applied at its next
+send instead: ``MERGE p`` (the late outer step) follows each ``SEND p`` and takes the mean held
+since the previous round; the host link's ``RECEIVE p`` comes just before the next ``SEND p``,
+so the exchange overlaps a whole inner phase; at T the last mean is received and a final
+``MERGE p`` applies it.
+
 When fragments send and merge is :class:`fragments.Schedule` (staggered by H / P, flushed at T).
 When the mean is *received* is the link's: an XLA collective is queued on the device right after
 the send (``RECEIVE`` follows ``SEND``); the host link exchanges on a thread during the overlap
@@ -45,15 +51,17 @@ class Clock:
   schedule: fragments.Schedule
   participation: health.Participation
   receive_at_merge: bool = False  # the link exchanges during the overlap window
+  delayed: bool = False  # outer.delay: a round's mean is applied at the next round's send
 
   @classmethod
-  def from_config(cls, config, receive_at_merge: bool = False) -> "Clock":
+  def from_config(cls, config, receive_at_merge: bool = False, delayed: bool = False
+                  ) -> "Clock":
     oc = config.outer
     schedule = fragments.Schedule(int(oc.sync_every), int(oc.fragments), int(oc.overlap),
                                   int(config.total_steps))
     who = health.Participation(int(config.islands.num), float(config.islands.dropout),
                                config.islands.absent, int(config.seed))
-    return cls(schedule, who, receive_at_merge)
+    return cls(schedule, who, receive_at_merge, delayed)
 
   @property
   def num_islands(self) -> int:
@@ -61,6 +69,8 @@ class Clock:
 
   def events(self, done: int) -> list[Event]:
     """The events due after inner step ``done``, in the order they must run."""
+    if self.delayed:
+      return self._delayed_events(done)
     out = []
     for kind, p in self.schedule.events(done):
       if kind == "send":
@@ -73,10 +83,25 @@ class Clock:
         out.append(Event(MERGE, p))
     return out
 
+  def _delayed_events(self, done: int) -> list[Event]:
+    """outer.delay (overlap 0): per sending fragment, [RECEIVE the previous round's mean (host
+    link)], SEND, MERGE (the late outer step with the held mean), [RECEIVE this round's mean
+    (XLA collective, queued now)]; at T also RECEIVE and a final MERGE of the last round."""
+    out = []
+    for p in self.schedule.sends(done):
+      host = self.receive_at_merge
+      out += [Event(RECEIVE, p)] * host + [Event(SEND, p, self.participation.present(done, p)),
+                                           Event(MERGE, p)]
+      out += [Event(RECEIVE, p)] * (not host or done == self.schedule.total)
+      out += [Event(MERGE, p)] * (done == self.schedule.total)
+    return out
+
   def in_flight(self, done: int) -> list[int]:
     """Fragments sent but not yet merged after step ``done`` (at most one sync each, tau < H)."""
     if done >= self.schedule.total:
       return []
+    if self.delayed:  # sent, received (held) or not, and applied at the next send
+      return [p for p in range(self.schedule.fragments) if self.schedule.send_count(p, done)]
     return sorted({p for s in range(max(1, done - self.schedule.overlap + 1), done + 1)
                    for p in self.schedule.regular_sends(s)} if self.schedule.overlap else set())
 
@@ -84,6 +109,7 @@ class Clock:
     """JSON for the checkpoint: enough to check that a resumed run is on the same clock."""
     s, who = self.schedule, self.participation
     return {"step": done, "sync_every": s.every, "fragments": s.fragments, "overlap": s.overlap,
+            "delayed": self.delayed,
             "dropout": who.dropout, "seed": who.seed,
             "absent": {str(k): sorted(v) for k, v in sorted(who.absent.items())},
             "in_flight": self.in_flight(done), "local_steps": [done] * self.num_islands,

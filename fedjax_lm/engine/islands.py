@@ -78,6 +78,8 @@ class IslandsEngine:
       elif event.kind == clock_lib.RECEIVE:
         if p in self._in_flight:  # (settle may have received it already, for an eval)
           server = self._receive(server, p)
+      elif self.spec.delay != "none":  # MERGE / FLUSH: the outer step one round late
+        islands, server = self.programs.late[p](islands, server)
       else:
         islands = self.programs.merge[p](islands, server)
     return State(islands, server)
@@ -177,7 +179,8 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
   codec = codecs.from_config(oc)
   check_streaming_options(oc, codec)
   link = links.from_config(config)
-  clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink))
+  clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink),
+                                      delayed=oc.delay != "none")
   frags = fragments.Fragments(abstract, clock.schedule.fragments)
   frag_abstract = tuple(frags.abstract(abstract, p) for p in range(frags.num))
   frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
@@ -195,18 +198,23 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
       inner_opt_specs=mesh_lib.opt_state_specs(tx, abstract, param_specs),
       outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, s)
                         for a, s in zip(frag_abstract, frag_specs)),
-      error_feedback=beta > 0, eager=eager)
+      error_feedback=beta > 0, eager=eager, delay=oc.delay,
+      copy_outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, frags.specs(param_specs, p))
+                             for p, a in enumerate(frag_abstract)))
   spec = stages.Spec(
       num=int(config.islands.num), mesh=mesh, frags=frags, frag_abstract=frag_abstract,
       frag_specs=tuple(frag_specs),
       padded=tuple(codecs.padded_size(n, codec, in_island) if codec else n for n in sizes),
       codec=codec, train_step=steps.make_train_step(loss_fn, tx, guard=guard), groups=groups,
       inner_tx=tx, outer_tx=outer_tx, shardings=mesh_lib.shardings(mesh, specs),
-      alpha=float(oc.mixing), beta=beta, eager=eager, guard=guard,
+      alpha=float(oc.mixing), beta=beta, eager=eager, delay=oc.delay, guard=guard,
       keep_absent=config.islands.absent_policy == "keep",
       reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed))
   return IslandsEngine(spec=spec, programs=programs_lib.build(spec, link), clock=clock,
                        link=link, make_params=make_params)
+
+
+DELAYS = ("none", "naive", "eager")  # outer.delay
 
 
 def check_streaming_options(oc, codec) -> None:
@@ -218,6 +226,13 @@ def check_streaming_options(oc, codec) -> None:
          "outer.error_feedback > 0 needs a lossy outer.compression (not 'none')")
   _check(not (oc.eager and int(oc.overlap) < 1),
          "outer.eager needs outer.overlap >= 1 (it fills the overlap window)")
+  _check(oc.delay in DELAYS, f"outer.delay={oc.delay!r}: expected one of {DELAYS}")
+  if oc.delay != "none":
+    for key, ok in (("outer.overlap", int(oc.overlap) == 0), ("outer.mixing", float(oc.mixing) == 0),
+                    ("outer.eager", not oc.eager),
+                    ("outer.reset_inner_opt_state", not oc.reset_inner_opt_state)):
+      _check(ok, f"outer.delay={oc.delay} overlaps the whole inner phase: leave {key} at its "
+                 "default")
   _check(oc.transport in links.TRANSPORTS,
          f"outer.transport={oc.transport!r}: expected one of {links.TRANSPORTS}")
   _check(not (oc.reset_inner_opt_state and int(oc.fragments) > 1),

@@ -6,6 +6,8 @@ updates. One program per (stage, fragment), in a registry that HLO checks walk:
     encode/p       islands, server, done, who -> islands, sent     (donates islands)
     receive/p      server, sent               -> server            (donates server)
     merge/p        islands, server            -> islands           (donates islands)
+    late/p         islands, server            -> islands, server   (outer.delay only; donates
+                                                                    both)
 
 ``receive/p`` is ``outer_step(server, reduce(sent))``: the two stages stay separate functions
 (so a syncer can run the outer step apart from the islands) but run as one program here, where
@@ -35,11 +37,12 @@ class Programs:
   encode: tuple[Callable, ...]  # per fragment
   receive: tuple[Callable, ...]
   merge: tuple[Callable, ...]
+  late: tuple[Callable, ...] = ()  # outer.delay: the outer step one round late (else empty)
 
   def registry(self) -> dict[str, Callable]:
-    """``{"inner": ..., "encode/0": ..., "reduce/0": ..., ...}``."""
+    """``{"inner": ..., "encode/0": ..., "receive/0": ..., ...}``."""
     out = {"inner": self.inner}
-    for name in ("encode", "receive", "merge"):
+    for name in ("encode", "receive", "merge", "late"):
       out.update({f"{name}/{p}": fn for p, fn in enumerate(getattr(self, name))})
     return out
 
@@ -65,12 +68,19 @@ def build(spec: stages.Spec, link: Any) -> Programs:
                             in_shardings=(sh.server, spec.sent_shardings(p, link.lead)),
                             out_shardings=sh.server, donate_argnums=0) for p in frags),
       merge=tuple(jit(stages.merge, p, in_shardings=(sh.islands, sh.server),
-                      out_shardings=sh.islands, donate_argnums=0) for p in frags))
+                      out_shardings=sh.islands, donate_argnums=0) for p in frags),
+      late=tuple(jit(stages.late_merge, p, in_shardings=(sh.islands, sh.server),
+                     out_shardings=(sh.islands, sh.server), donate_argnums=(0, 1))
+                 for p in frags) if spec.delay != "none" else ())
 
 
 def receive(spec: stages.Spec, p: int, link: Any, server: Any, sent: tuple) -> Any:
-  """RECEIVE: the mean of what the islands sent (the link's collective), then the outer step."""
-  return stages.outer_step(spec, p, server, stages.reduce(spec, p, link, sent))
+  """RECEIVE: the mean of what the islands sent (the link's collective), then the outer step
+  (with ``outer.delay``, the mean is held for the next send's :func:`stages.late_merge`)."""
+  reduced = stages.reduce(spec, p, link, sent)
+  if spec.delay != "none":
+    return stages.hold(spec, p, server, reduced)
+  return stages.outer_step(spec, p, server, reduced)
 
 
 def lower_sync(programs: Programs, spec: stages.Spec, link: Any, state: Any, p: int) -> dict:
@@ -80,6 +90,9 @@ def lower_sync(programs: Programs, spec: stages.Spec, link: Any, state: Any, p: 
   _, sent = jax.eval_shape(programs.encode[p], state.islands, state.server, done, who)
   sent = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sent,
                       spec.sent_shardings(p, link.lead))
-  return {"encode": programs.encode[p].lower(state.islands, state.server, done, who),
-          "receive": programs.receive[p].lower(state.server, sent),
-          "merge": programs.merge[p].lower(state.islands, state.server)}
+  out = {"encode": programs.encode[p].lower(state.islands, state.server, done, who),
+         "receive": programs.receive[p].lower(state.server, sent),
+         "merge": programs.merge[p].lower(state.islands, state.server)}
+  if programs.late:
+    out["late"] = programs.late[p].lower(state.islands, state.server)
+  return out

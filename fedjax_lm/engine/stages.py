@@ -26,7 +26,31 @@ tau < H steps and one global copy is driven by the true average, so: at the send
 from ``eager_m = global + outer_update(d~_m)`` at once (the outer state is read, not advanced);
 when the mean lands the global copy takes the true outer step and, at the merge, the island is
 corrected by the difference, ``local += (1 - alpha) (global_new - eager_m)``. Without ``eager``
-the merge is ``local = alpha local + (1 - alpha) global_new`` (Streaming DiLoCo).
+the merge is ``local = alpha local + (1 - alpha) global_new`` (Streaming DiLoCo). This
+tau < H adaptation is ours (``outer.eager``); the paper's own setting is ``outer.delay``:
+
+One-step-delayed outer step (``outer.delay``, Kale et al. 2025, their naive delayed and eager
+variants): the exchange of round r overlaps the whole inner phase r + 1, so the outer step of
+round r is applied at round r + 1's send. The algorithm box becomes
+
+    at fragment p's send (round r):  islands, sent = encode(p, ...)        delta_r = start - local
+                                                                           (eager: each island's
+                                                                           outer copy steps with
+                                                                           its eager estimate)
+                                     islands, server = late_merge(p, ...)  server: outer step with
+                                                                           the held mean of r - 1;
+                                                                           islands restart (naive:
+                                                                           from global; eager:
+                                                                           from their own copy)
+    when round r's mean lands:       server = hold(p, server, reduced)     kept, not applied
+    at T, after the last mean lands: late_merge once more                  the last outer step
+
+Naive: every island starts round r + 1 from ``global_{r} = OuterOpt(global_{r-1}, dbar_{r-1})``.
+Eager: island m replaces its own stale share of the held mean by its fresh pseudo-gradient,
+``d~_m = dbar_{r-1} + (d_m,r - d_m,r-1) / M`` (own current, others' previous), and steps its own
+outer copy and outer optimizer state with it: each pseudo-gradient is applied once, its own
+share one round earlier. The global copy (what evaluation reads) applies the true means in
+order, one round late, in both variants.
 """
 
 from __future__ import annotations
@@ -46,7 +70,7 @@ from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm.engine import links
 from fedjax_lm.engine.state import (Absent, EagerIslands, EagerServer, ErrorFeedback, Health,
-                                    Islands, Server, State)
+                                    Islands, OuterCopies, Pending, Server, State)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,7 +91,8 @@ class Spec:
   shardings: State  # of the whole state
   alpha: float = 0.0  # merge: local <- alpha local + (1 - alpha) global
   beta: float = 0.0  # error feedback decay; 0 = off
-  eager: bool = False
+  eager: bool = False  # ours: the eager estimate within a tau < H overlap
+  delay: str = "none"  # none | naive | eager: the outer step one round late (Kale et al.)
   guard: bool = True  # mask non-finite pseudo-gradients
   keep_absent: bool = False  # an absent island keeps its params at the merge
   reset_inner: bool = False  # re-initialise the inner optimizer state at the merge
@@ -108,17 +133,22 @@ def init(spec: Spec, params: Any) -> State:
   """Every island starts from the global params; fresh inner and outer optimizer states."""
   stacked = _broadcast(spec, params)
   zeros = lambda: jax.tree.map(jnp.zeros_like, stacked)
+  outer = tuple(spec.outer_tx.init(spec.frags.take(params, p)) for p in range(spec.frags.num))
+  merge, server_merge = Absent(), Absent()
+  if spec.eager:
+    merge, server_merge = EagerIslands(zeros(), zeros()), EagerServer(_zeros_like(params))
+  elif spec.delay != "none":
+    server_merge = Pending(_zeros_like(params), jnp.zeros((spec.frags.num,), jnp.float32))
+    if spec.delay == "eager":
+      merge = OuterCopies(stacked, jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (spec.num,) + x.shape), outer), zeros())
   islands = Islands(
       params=stacked, opt_state=_fresh_inner_opt(spec, stacked),
-      codec=ErrorFeedback(zeros()) if spec.beta > 0 else Absent(),
-      merge=EagerIslands(zeros(), zeros()) if spec.eager else Absent(),
+      codec=ErrorFeedback(zeros()) if spec.beta > 0 else Absent(), merge=merge,
       health=Health(jnp.zeros((spec.num, spec.frags.num), bool),
                     jnp.zeros((spec.num, spec.frags.num), jnp.int32)))
-  server = Server(
-      params=params,
-      outer=tuple(spec.outer_tx.init(spec.frags.take(params, p)) for p in range(spec.frags.num)),
-      merge=EagerServer(jax.tree.map(jnp.zeros_like, params)) if spec.eager else Absent(),
-      failures_in_a_row=jnp.int32(0))
+  server = Server(params=params, outer=outer, merge=server_merge,
+                  failures_in_a_row=jnp.int32(0))
   return State(islands, server)
 
 
@@ -140,7 +170,9 @@ def encode(spec: Spec, p: int, islands: Islands, server: Server, done: jax.Array
   feedback and codec (and the eager step). The islands that are ``present``, untainted and
   finite send it with weight 1; the rest send zeros, weight 0 (absent) or -1 (masked)."""
   g = spec.frags.take(server.params, p)
-  delta = tuple(x[None] - l for x, l in zip(g, spec.frags.take(islands.params, p, lead=1)))
+  start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
+           else tuple(x[None] for x in g))  # where the island's inner phase started
+  delta = tuple(x - l for x, l in zip(start, spec.frags.take(islands.params, p, lead=1)))
   ok = present & ~islands.health.tainted[:, p]
   if spec.guard:
     ok &= jax.vmap(health.all_finite)(delta)
@@ -155,6 +187,8 @@ def encode(spec: Spec, p: int, islands: Islands, server: Server, done: jax.Array
       NamedSharding(spec.mesh, P("island", mesh_lib.IN_ISLAND_AXES)))
   if spec.eager:
     islands = _eager_step(spec, p, islands, server, delta, g)
+  if spec.delay == "eager":
+    islands = _eager_copy_step(spec, p, islands, server, delta)
   if spec.codec is None:
     return islands, (delta, weight)
   payload, islands = _compress(spec, p, islands, delta, ok, done)
@@ -173,6 +207,23 @@ def _eager_step(spec, p, islands, server, delta, g):
   return islands._replace(params=put(islands.params, base),
                           merge=EagerIslands(put(islands.merge.own_prev, delta),
                                              put(islands.merge.base, base)))
+
+
+def _eager_copy_step(spec, p, islands, server, delta):
+  """Kale et al.'s eager outer gradient ``d~_m = dbar_prev + (d_m - d_m_prev) / M`` (the held
+  mean with the island's own stale share replaced by its fresh one), applied by the island's
+  own outer optimizer to its own outer copy."""
+  take = lambda tree: spec.frags.take(tree, p, lead=1)
+  put = lambda tree, values: spec.frags.put(tree, p, values, lead=1)
+  copies = islands.merge
+  held = spec.frags.take(server.merge.mean, p)
+  d_eager = tuple(h[None] + (d - o) / spec.num
+                  for d, o, h in zip(delta, take(copies.own_prev), held))
+  new, outer = jax.vmap(lambda d, s, x: _outer_update(spec.outer_tx, d, s, x))(
+      d_eager, copies.outer[p], take(copies.params))
+  return islands._replace(merge=OuterCopies(
+      put(copies.params, new), copies.outer[:p] + (outer,) + copies.outer[p + 1:],
+      put(copies.own_prev, delta)))
 
 
 def _compress(spec, p, islands, delta, ok, done):
@@ -254,6 +305,29 @@ def _outer_update(outer_tx, delta: tuple, opt_state: Any, global_frag: tuple):
   return optax.apply_updates(global_frag, updates), opt_state
 
 
+def hold(spec: Spec, p: int, server: Server, reduced: Reduced) -> Server:
+  """One-step delay (``outer.delay``): fragment p's mean is kept, not applied; the outer step
+  takes it at p's next send (:func:`late_merge`)."""
+  held = server.merge
+  return server._replace(merge=Pending(spec.frags.put(held.mean, p, reduced.mean),
+                                       held.count.at[p].set(reduced.count)))
+
+
+def late_merge(spec: Spec, p: int, islands: Islands, server: Server
+               ) -> tuple[Islands, Server]:
+  """At fragment p's send, one round late: the global copy takes the outer step with the held
+  mean (skipped while nothing is held); the islands restart their next inner phase from it
+  (naive) or from their own outer copy, already stepped by :func:`encode` (eager)."""
+  held = server.merge
+  server = outer_step(spec, p, server, Reduced(spec.frags.take(held.mean, p), held.count[p],
+                                               jnp.bool_(False)))
+  start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
+           else tuple(jnp.broadcast_to(g[None], (spec.num,) + g.shape)
+                      for g in spec.frags.take(server.params, p)))
+  islands = islands._replace(params=spec.frags.put(islands.params, p, start, lead=1))
+  return islands, server
+
+
 # ------------------------------------------------------------------------ 5. merge
 def merge(spec: Spec, p: int, islands: Islands, server: Server) -> Islands:
   """Islands take the new global fragment p: ``alpha local + (1 - alpha) global``, or with
@@ -277,6 +351,10 @@ def merge(spec: Spec, p: int, islands: Islands, server: Server) -> Islands:
 
 
 # ----------------------------------------------------------------------- helpers
+def _zeros_like(tree: Any) -> Any:
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
 def _broadcast(spec: Spec, params: Any) -> Any:
   stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (spec.num,) + g.shape), params)
   return jax.lax.with_sharding_constraint(stacked, spec.shardings.islands.params)

@@ -4,10 +4,12 @@ Mesh-axis islands (``algorithm=islands``) hold two parts:
 
 * :class:`Islands`, every leaf with a leading ``[M]`` island dim (sharded over ``island``):
   each island's params and inner optimizer state, its codec state (the error-feedback residual,
-  or nothing), its merge state (the eager buffers, or nothing) and its health.
+  or nothing), its merge state (streaming eager's buffers, the paper's eager per-island outer
+  copies, or nothing) and its health.
 * :class:`Server`, the global copy (replicated over ``island``, ZeRO-sharded over the island's
   data axes): global params, one outer optimizer state per fragment, the server's merge state
-  (the last mean, for eager) and its failure count.
+  (streaming eager's last mean, or the mean received and not yet applied of a one-step-delayed
+  outer step, or nothing) and its failure count.
 
 A part a configuration does not use is ``optax.EmptyState()``: absent by type, with no leaves,
 so programs, shardings and checkpoints follow from the structure alone. DDP's state is
@@ -51,18 +53,34 @@ class EagerServer(NamedTuple):
   avg_prev: Any
 
 
+class Pending(NamedTuple):
+  """One-step-delayed outer step (``outer.delay``): the mean each fragment last received, to be
+  applied at its next send, and how many islands it averages (0: nothing to apply)."""
+  mean: Any  # like params (ZeRO-sharded)
+  count: jax.Array  # float32 [P]
+
+
+class OuterCopies(NamedTuple):
+  """Eager updates as in Kale et al. 2025 (``outer.delay=eager``): each island's own outer
+  copy, stepped by its own outer optimizer with the eager estimate; and its last pseudo-gradient
+  (all ``[M, ...]``)."""
+  params: Any
+  outer: tuple  # per fragment: the island's outer optimizer state
+  own_prev: Any
+
+
 class Islands(NamedTuple):
   params: Any
   opt_state: Any
   codec: ErrorFeedback | Absent
-  merge: EagerIslands | Absent
+  merge: EagerIslands | OuterCopies | Absent
   health: Health
 
 
 class Server(NamedTuple):
   params: Any
   outer: tuple  # one outer optimizer state per fragment
-  merge: EagerServer | Absent
+  merge: EagerServer | Pending | Absent
   failures_in_a_row: jax.Array  # int32: syncs in a row with nothing healthy applied
 
 
@@ -77,16 +95,27 @@ def _stack(specs: Any) -> Any:
 
 
 def specs(*, param_specs: Any, zero_specs: Any, inner_opt_specs: Any, outer_specs: tuple,
-          error_feedback: bool, eager: bool) -> State:
-  """The partition specs of :class:`State`, shaped like it."""
+          error_feedback: bool, eager: bool, delay: str = "none",
+          copy_outer_specs: tuple = ()) -> State:
+  """The partition specs of :class:`State`, shaped like it (``copy_outer_specs``: per fragment,
+  the outer state's specs laid out like the params, for the islands' outer copies)."""
   stacked = _stack(param_specs)
+  merge = Absent()
+  if eager:
+    merge = EagerIslands(stacked, stacked)
+  elif delay == "eager":
+    merge = OuterCopies(stacked, tuple(_stack(s) for s in copy_outer_specs), stacked)
   islands = Islands(
       params=stacked, opt_state=_stack(inner_opt_specs),
-      codec=ErrorFeedback(stacked) if error_feedback else Absent(),
-      merge=EagerIslands(stacked, stacked) if eager else Absent(),
+      codec=ErrorFeedback(stacked) if error_feedback else Absent(), merge=merge,
       health=Health(P("island"), P("island")))
-  server = Server(params=zero_specs, outer=tuple(outer_specs),
-                  merge=EagerServer(zero_specs) if eager else Absent(), failures_in_a_row=P())
+  server_merge = Absent()
+  if eager:
+    server_merge = EagerServer(zero_specs)
+  elif delay != "none":
+    server_merge = Pending(zero_specs, P())
+  server = Server(params=zero_specs, outer=tuple(outer_specs), merge=server_merge,
+                  failures_in_a_row=P())
   return State(islands, server)
 
 
