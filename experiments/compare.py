@@ -30,8 +30,7 @@ from experiments.bench import suites
 from fedjax_lm import metrics as metrics_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Parent directory of the runs.")
-_SET = flags.DEFINE_enum("set", "methods", ["methods", "streaming", "dropout", "tuning"],
-                         "Which runs.")
+_SET = flags.DEFINE_string("set", "methods", "Which runs: a key of RUN_SETS.")
 _SIMULATE = flags.DEFINE_bool("simulate", False, "One process, islands simulated on 1 device.")
 _OUT = flags.DEFINE_string("out", None, "Also write the table (and the command) here.")
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "key=value applied to every run.")
@@ -72,7 +71,42 @@ RUN_SETS = {
         ("island 3 absent at 25% of syncs, keeps its progress (keep)",
          "configs/shakespeare_diloco.py", [*_DROP, _ABSENT, "islands.absent_policy=keep"]),
     ),
+    # SparseLoCo at the paper's settings and tuned, against DiLoCo at the same H, at the quick
+    # suite's size (TINY model, 300 steps, 16 rows) and at the configs' own (250 steps).
+    "sparseloco": tuple(
+        (f"{method} (M=2, H={h}), {size}", config, [*extra, f"outer.sync_every={h}"])
+        for size, extra in (
+            ("quick", [f"{k}={v}" for k, v in suites.suite_overrides("quick", {}).items()]),
+            ("250 steps", ["mesh.island=1", "mesh.data=1", "launch.processes=1",
+                           "launch.mode=none"]))
+        for h in (15, 50)
+        for method, config in (("DiLoCo", "configs/shakespeare_diloco.py"),
+                               ("SparseLoCo paper", "configs/shakespeare_sparseloco.py"),
+                               ("SparseLoCo tuned", "configs/shakespeare_sparseloco_tuned.py"))),
 }
+# Eager updates (Kale et al. 2025): the outer step one round late, naive and eager, against
+# DiLoCo and our tau < H streaming adaptation, at the quick suite's size (TINY model, 300 steps,
+# 16 rows; seeds 0 and 1) and at the config's own (250 steps); DiLoCo's config defaults.
+_QUICK = [f"{k}={v}" for k, v in suites.suite_overrides("quick", {}).items()]
+
+
+def _delay_rows(size: list, hs: tuple, seeds: tuple) -> tuple:
+  rows = [("DDP", "configs/shakespeare_ddp.py", size)]
+  for seed in seeds:
+    for h in hs:
+      tag = f"M=2, H={h}" + (f", seed {seed}" if len(seeds) > 1 else "")
+      at = [*size, f"outer.sync_every={h}", f"seed={seed}"]
+      rows += [(f"DiLoCo ({tag})", _DILOCO, at),
+               (f"naive delayed, 1 outer step ({tag})", _DILOCO, [*at, "outer.delay=naive"]),
+               (f"eager, 1 outer step ({tag})", _DILOCO, [*at, "outer.delay=eager"])]
+      if seed == seeds[0]:
+        rows.append((f"ours: eager in a tau=5 window ({tag})", _DILOCO,
+                     [*at, "outer.eager=True", "outer.overlap=5"]))
+  return tuple(rows)
+
+
+RUN_SETS["eager_quick"] = _delay_rows(_QUICK, (10, 50), (0, 1))
+RUN_SETS["eager"] = _delay_rows([], (50,), (0,))
 # The outer hyper-parameters of configs/shakespeare_diloco.py at its own size (250 steps):
 # the paper's Nesterov 0.7 / 0.9 against lower outer momentum and more outer steps.
 RUN_SETS["tuning"] = (
@@ -95,6 +129,8 @@ _SIMULATED = ["mesh.island=1", "mesh.data=1", "launch.processes=1"]
 
 def main(argv):
   del argv
+  if _SET.value not in RUN_SETS:
+    sys.exit(f"--set={_SET.value!r}: expected one of {sorted(RUN_SETS)}")
   rows, curves = [], {}
   for name, config, overrides in RUN_SETS[_SET.value]:
     workdir = os.path.join(_WORKDIR.value, "".join(c if c.isalnum() else "_" for c in name))

@@ -64,7 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.fragments = 1  # P: strided parameter fragments, staggered by H / P
   c.outer.overlap = 0  # tau: inner steps between a fragment's send and its merge
   c.outer.mixing = 0.0  # alpha: merge local <- alpha local + (1 - alpha) global
-  c.outer.eager = False  # step from the island's own fresh pseudo-gradient until the mean lands
+  c.outer.eager = False  # ours: the eager estimate fills a tau < H overlap window
+  # Kale et al. 2025: the outer step one round late, so the exchange overlaps a whole inner
+  # phase. none | naive (the delayed mean) | eager (own fresh share + others' delayed)
+  c.outer.delay = "none"
   # xla: the exchange is a collective in its own program (serialised with the inner steps on
   # one device queue); host: a background thread exchanges while the device computes.
   c.outer.transport = "xla"
@@ -85,6 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.outer.topk_fraction = 1 / 32  # kept per chunk (topk)
   c.outer.topk_chunk = 4096
   c.outer.topk_bits = 2  # bits per kept value: 2 | 4 | 8 | 32 (sign included)
+  # minmax: sign + magnitude grid between the chunk's kept min / max | sigma: SparseLoCo's
+  # 2^bits bins over the chunk's kept mean +- topk_sigmas / 2 sd, each decoded to its bin mean
+  c.outer.topk_quantizer = "minmax"
+  c.outer.topk_sigmas = 6.0  # sigma quantizer's range, in sd of the kept values
+  # mean: over the islands that sent | selected: per coordinate, over the islands that kept it
+  c.outer.topk_aggregate = "mean"
   c.outer.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
 
   c.inner = ml_collections.ConfigDict()
@@ -159,6 +168,7 @@ def layout(c) -> dict:
   if c.algorithm == "islands":
     out.update({"outer.optimizer": c.outer.optimizer, "outer.fragments": int(c.outer.fragments),
                 "outer.compression": c.outer.compression, "outer.eager": bool(c.outer.eager),
+                "outer.delay": c.outer.delay,
                 "outer.error_feedback_on": float(c.outer.error_feedback) > 0})
   return out
 
@@ -190,6 +200,12 @@ def validate(c) -> None:
               "eval_batches", "keep_checkpoints"):
     _check(int(c[key]) > 0, f"{key}={c[key]} must be positive")
   _check(float(c.outer.clip_norm) >= 0, f"outer.clip_norm={c.outer.clip_norm} must be >= 0")
+  _check(c.outer.topk_quantizer in ("minmax", "sigma"),
+         f"outer.topk_quantizer={c.outer.topk_quantizer!r}: expected minmax or sigma")
+  _check(c.outer.topk_aggregate in ("mean", "selected"),
+         f"outer.topk_aggregate={c.outer.topk_aggregate!r}: expected mean or selected")
+  _check(float(c.outer.topk_sigmas) > 0,
+         f"outer.topk_sigmas={c.outer.topk_sigmas} must be > 0")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
   _check(int(c.islands.simulated_groups) >= 0,
@@ -212,6 +228,8 @@ def validate(c) -> None:
                                         int(c.outer.overlap) == 0),
            "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
     _check(not c.outer.eager, "outer.eager is not available with launch.mode=decoupled yet")
+    _check(c.outer.delay == "none",
+           "outer.delay is not available with launch.mode=decoupled yet")
     _check(c.launch.role in ("", "syncer", "island"),
            f"launch.role={c.launch.role!r}: expected '', syncer or island")
     _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
