@@ -16,12 +16,31 @@ topk      k largest |x| per chunk: uint16 index +        kept: (max - min) / (2 
           b-bit code (sign + magnitude on a uniform      of the chunk's kept |values|
           grid from the kept min to max, packed)         (exact for b = 32); dropped: |x|
           + f32 min/max of kept |x| (sign kept apart)
+topk,     k largest |x| per chunk: uint16 index +        kept: none in general (values past
+sigma     b-bit bin of the kept value, centred on the    the outer bins decode to their
+          chunk's kept mean, bins of s sigma / 2^b      bin's mean); dropped: |x|
+          (packed) + f32 table of each bin's mean
 ========= ============================================= ==================================
 
 With ``stochastic_rounding`` the integer codecs round up with probability equal to the
 fractional part (unbiased; the bound becomes s). Top-k's b-bit code stores the sign in one
 bit and the magnitude on a (2^(b-1))-level grid between the chunk's smallest and largest kept
-magnitude, so b=2 is SparseLoCo's 2-bit format: sign + one of two magnitudes per chunk.
+magnitude (``outer.topk_quantizer=minmax``, this repository's 2-bit format).
+
+``outer.topk_quantizer=sigma`` is the SparseLoCo authors' statistical quantizer (Sarfi et al.
+2025, arXiv 2508.15706; their public code's ``TopKCompressor``: 4 bins, range 6 sigma): over a
+chunk's k kept values v, ``mu = mean(v)``, ``sd`` their unbiased standard deviation,
+``s = sigmas * sd / 2^b``; the code is ``clip(round((v - mu) / s + 2^(b-1)), 0, 2^b - 1)`` and
+the decoded value of a code is the mean of the kept values that got it (the table sent beside
+the codes; the authors send the bins' centred means and ``mu``, here pre-added: the same float
+sum). The authors take those statistics over a whole parameter tensor; here over one chunk (the
+codec sees one flat vector, cut into whole chunks so that every device sends whole blocks).
+
+``outer.topk_aggregate``: ``mean`` (default) averages the decoded payloads over the islands that
+sent; ``selected`` is SparseLoCo's sparse aggregation (the authors' code: a scatter-mean of
+every replica's kept values): each coordinate is averaged over the islands that *kept* it, so a
+coordinate only one island kept gets that island's value whole. The codec then carries a
+``support`` (payload -> 0/1 per coordinate) that :func:`fedjax_lm.engine.links.exchange` reads.
 
 Error feedback (Seide et al. 2014; SparseLoCo's form): each island keeps a residual ``e`` of
 what it has not yet sent; at a sync ``e <- beta * e + delta``, the island sends ``C(e)`` and
@@ -37,6 +56,8 @@ import jax
 import jax.numpy as jnp
 
 CODECS = ("none", "bf16", "int8", "int4", "topk")
+TOPK_QUANTIZERS = ("minmax", "sigma")
+TOPK_AGGREGATES = ("mean", "selected")
 
 
 class Codec(NamedTuple):
@@ -46,6 +67,8 @@ class Codec(NamedTuple):
   block: int
   encode: Callable[[jax.Array, jax.Array | None], dict]  # (x, key or None) -> payload
   decode: Callable[[dict], jax.Array]  # payload -> x (float32)
+  # payload -> float32 0/1 per coordinate (1: sent); set only for outer.topk_aggregate=selected
+  support: Callable[[dict], jax.Array] | None = None
 
 
 def pack_bits(q: jax.Array, bits: int) -> jax.Array:
@@ -106,8 +129,27 @@ def _bf16() -> Codec:
                lambda p: from_bits(p["values"]).reshape(-1))
 
 
-def _topk(chunk: int, fraction: float, bits: int, stochastic: bool) -> Codec:
-  """Chunked top-k by magnitude; indices as uint16, values as sign + magnitude code."""
+def sigma_quantize(vals: jax.Array, bits: int, sigmas: float) -> tuple[jax.Array, jax.Array]:
+  """Rows of kept values ``[r, k]`` -> (codes ``[r, k]`` uint8 < 2^bits, table ``[r, 2^bits]``
+  float32: each bin's mean value, 0 for an empty bin). See the module docstring."""
+  bins, k = 1 << bits, vals.shape[-1]
+  shift = jnp.mean(vals, axis=-1, keepdims=True)
+  centred = vals - shift
+  sd = jnp.sqrt(jnp.sum(centred * centred, axis=-1, keepdims=True) / max(k - 1, 1))
+  scale = sigmas * sd / bins
+  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+  q = jnp.clip(jnp.round(centred / scale + bins // 2), 0, bins - 1).astype(jnp.int32)
+  onehot = q[..., None] == jnp.arange(bins)  # [r, k, bins]
+  sums = jnp.sum(jnp.where(onehot, centred[..., None], 0.0), axis=-2)
+  counts = jnp.sum(onehot, axis=-2).astype(jnp.float32)
+  table = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0) + shift, 0.0)
+  return q.astype(jnp.uint8), table
+
+
+def _topk(chunk: int, fraction: float, bits: int, stochastic: bool, quantizer: str = "minmax",
+          sigmas: float = 6.0, aggregate: str = "mean") -> Codec:
+  """Chunked top-k by magnitude; indices as uint16, values as sign + magnitude code (minmax)
+  or as a bin of the chunk's kept-value distribution (sigma)."""
   if chunk > 1 << 16:
     raise ValueError(f"outer.topk_chunk={chunk} must be <= 65536 (indices are sent as uint16)")
   k = max(1, int(round(fraction * chunk)))
@@ -121,13 +163,17 @@ def _topk(chunk: int, fraction: float, bits: int, stochastic: bool) -> Codec:
     vals = jnp.take_along_axis(x, idx, axis=-1)
     if bits == 32:
       return {"values": vals, "indices": idx.astype(jnp.uint16)}
+    pad = k_padded - k
+    if quantizer == "sigma":
+      code, table = sigma_quantize(vals, bits, sigmas)
+      return {"values": pack_bits(jnp.pad(code, ((0, 0), (0, pad))), bits),
+              "indices": jnp.pad(idx, ((0, 0), (0, pad))).astype(jnp.uint16), "scales": table}
     mag = jnp.abs(vals)
     lo, hi = jnp.min(mag, axis=-1), jnp.max(mag, axis=-1)
     step = jnp.where(hi > lo, (hi - lo) / max(levels, 1), 1.0)
     m = jnp.clip(_round((mag - lo[:, None]) / step[:, None], key if stochastic else None),
                  0, levels)
     code = (m.astype(jnp.uint8) << 1) | (vals < 0).astype(jnp.uint8)
-    pad = k_padded - k
     code = jnp.pad(code, ((0, 0), (0, pad)))
     idx = jnp.pad(idx, ((0, 0), (0, pad)))
     return {"values": pack_bits(code, bits), "indices": idx.astype(jnp.uint16),
@@ -137,6 +183,10 @@ def _topk(chunk: int, fraction: float, bits: int, stochastic: bool) -> Codec:
     idx = p["indices"].astype(jnp.int32)
     if bits == 32:
       vals = p["values"]
+    elif quantizer == "sigma":
+      code = unpack_bits(p["values"], bits).astype(jnp.int32)
+      vals = jnp.take_along_axis(p["scales"], code, axis=-1)
+      vals = jnp.where(jnp.arange(idx.shape[-1]) < k, vals, 0.0)
     else:
       code = unpack_bits(p["values"], bits)
       lo, hi = p["scales"][:, 0:1], p["scales"][:, 1:2]
@@ -149,7 +199,16 @@ def _topk(chunk: int, fraction: float, bits: int, stochastic: bool) -> Codec:
     rows = jnp.arange(idx.shape[0])[:, None]
     return out.at[rows, idx].add(vals).reshape(-1)
 
-  return Codec(f"topk{k}/{chunk}@{bits}b", chunk, encode, decode)
+  def support(p):
+    idx = p["indices"].astype(jnp.int32)
+    kept = jnp.broadcast_to(jnp.arange(idx.shape[-1]) < k, idx.shape).astype(jnp.float32)
+    out = jnp.zeros((idx.shape[0], chunk), jnp.float32)
+    return out.at[jnp.arange(idx.shape[0])[:, None], idx].add(kept).reshape(-1)
+
+  name = f"topk{k}/{chunk}@{bits}b" + ("" if quantizer == "minmax" or bits == 32 else
+                                       f"/{sigmas:g}sigma")
+  return Codec(name + ("" if aggregate == "mean" else "/selected"), chunk, encode, decode,
+               support if aggregate == "selected" else None)
 
 
 def from_config(cfg) -> Codec | None:
@@ -175,7 +234,19 @@ def from_config(cfg) -> Codec | None:
     raise ValueError(f"outer.topk_fraction={fraction} must be in (0, 1]")
   if chunk < 1:
     raise ValueError(f"outer.topk_chunk={chunk} must be >= 1")
-  return _topk(chunk, fraction, bits, stochastic)
+  quantizer = cfg.get("topk_quantizer", "minmax")
+  sigmas = float(cfg.get("topk_sigmas", 6.0))
+  aggregate = cfg.get("topk_aggregate", "mean")
+  if quantizer not in TOPK_QUANTIZERS:
+    raise ValueError(f"outer.topk_quantizer={quantizer!r}: expected one of {TOPK_QUANTIZERS}")
+  if aggregate not in TOPK_AGGREGATES:
+    raise ValueError(f"outer.topk_aggregate={aggregate!r}: expected one of {TOPK_AGGREGATES}")
+  if quantizer == "sigma" and not (sigmas > 0 and math.isfinite(sigmas)):
+    raise ValueError(f"outer.topk_sigmas={sigmas} must be a positive number")
+  if quantizer == "sigma" and stochastic:
+    raise ValueError("outer.stochastic_rounding=True is not available with "
+                     "outer.topk_quantizer=sigma (its codes are deterministic)")
+  return _topk(chunk, fraction, bits, stochastic, quantizer, sigmas, aggregate)
 
 
 def padded_size(n: int, codec: Codec, shards: int) -> int:

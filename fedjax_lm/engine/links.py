@@ -166,13 +166,21 @@ def exchange(codec: Any, payload: dict, weights: jax.Array, mesh: Any, link: Any
   """Every device sees its slice of every island's encoded payload (``link.gather``: the one
   cross-island collective, an all-gather of the encoded dtypes; nothing else crosses but the
   weights, :func:`gather_weights`), then decodes each and averages in float32 over the islands
-  that sent (``weights > 0``). Written with ``shard_map`` so the collective is exactly this
-  all-gather (under plain GSPMD, XLA may hoist the decode above the gather)."""
+  that sent (``weights > 0``). With a codec that carries a ``support``
+  (``outer.topk_aggregate=selected``, SparseLoCo's sparse aggregation) each coordinate is
+  averaged over the sending islands that kept it instead (0 where none did); the support is
+  decoded from the gathered indices, so nothing more crosses. Written with ``shard_map`` so the
+  collective is exactly this all-gather (under plain GSPMD, XLA may hoist the decode above the
+  gather)."""
   spec = P(link.lead, mesh_lib.IN_ISLAND_AXES)
+  support = getattr(codec, "support", None)
 
   def local(shard, w):
     shard = jax.tree.map(link.gather, shard)
     decoded = jnp.where((w > 0)[:, None], jax.vmap(codec.decode)(shard), 0.0)
+    if support is not None:
+      kept = jnp.sum(jnp.where((w > 0)[:, None], jax.vmap(support)(shard), 0.0), axis=0)
+      return jnp.sum(decoded, axis=0) / jnp.maximum(kept, 1.0)
     return jnp.mean(decoded, axis=0) * (w.shape[0] / jnp.maximum(jnp.sum(w > 0), 1))
 
   specs = jax.tree.map(lambda _: spec, payload)
