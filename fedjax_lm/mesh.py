@@ -131,6 +131,15 @@ def batch_spec() -> P:
   return P("island", BATCH_AXES)
 
 
+def activation_rows(mesh: Mesh) -> NamedSharding | None:
+  """The residual stream's ``[B, T, D]`` rows over the island's data x fsdp devices (under the
+  islands' vmap the island dim is added), or None where those axes have one device (nothing
+  to split; programs stay as they were)."""
+  if math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:
+    return None
+  return NamedSharding(mesh, P(BATCH_AXES, None, None))
+
+
 def opt_state_specs(tx, abstract_params, param_specs):
   """Specs of ``tx``'s state: a leaf whose key path ends with a parameter's path and has its
   shape takes that parameter's spec (moments, momenta); anything else (counts) is replicated.

@@ -75,16 +75,16 @@ def inner_optimizer(cfg, total_steps: int, muon_dims: Any = None) -> optax.Gradi
   return opt
 
 
-def token_losses(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
-  """Per-token negative log-likelihood (f32) and mask."""
-  logits = model_lib.apply(graphdef, params, batch["inputs"])
+def token_losses(graphdef, params, batch, rows=None) -> tuple[jax.Array, jax.Array]:
+  """Per-token negative log-likelihood (f32) and mask (``rows``: see ``model.Transformer``)."""
+  logits = model_lib.apply(graphdef, params, batch["inputs"], rows)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   return logz - target_logit, batch["mask"]
 
 
-def mean_loss(graphdef, params, batch) -> jax.Array:
-  nll, mask = token_losses(graphdef, params, batch)
+def mean_loss(graphdef, params, batch, rows=None) -> jax.Array:
+  nll, mask = token_losses(graphdef, params, batch, rows)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 

@@ -49,7 +49,8 @@ def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
   inner_tx = steps.inner_optimizer(config.inner, int(config.total_steps),
                                    muon_dims=steps.muon_dimensions(axes))
   return build_for_loss(
-      config, mesh, loss_fn=functools.partial(steps.mean_loss, graphdef),
+      config, mesh, loss_fn=functools.partial(steps.mean_loss, graphdef,
+                                              rows=mesh_lib.activation_rows(mesh)),
       init_fn=functools.partial(model_lib.init_params, model_cfg), abstract_params=abstract,
       param_specs=mesh_lib.param_specs(axes, dict(config.rules)), outer_tx=outer_tx,
       inner_tx=inner_tx)
