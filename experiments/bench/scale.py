@@ -22,16 +22,16 @@ overrides (the same keys as ``--config.key=value`` of ``experiments.train``):
   # the tables of experiments/results/scale/summary.md from the JSON files there
   python -m experiments.bench.scale report
 
-``--json FILE`` writes the result. ``--constrain_activations`` (compile, run) is an
-experiment, not library behaviour: the residual stream's rows constrained to ``data x fsdp``
-(see :class:`constrain_activations`). In-process CPU collectives of many devices deadlock when
+``--json FILE`` writes the result. In-process CPU collectives of many devices deadlock when
 several programs are in flight at once (measured: 16 devices, two programs queued), so ``run``
 blocks on every program before dispatching the next one; that changes no numerics.
 
 Memory: XLA's ``compiled.memory_analysis()`` of each program (per device: arguments, outputs,
 aliased (donated) bytes, temporaries), beside an analytic estimate from the state's exact
 shard shapes (params, gradients, AdamW moments, global params + outer momentum) plus
-activations by Korthikanti et al. 2022 (no recomputation) and the float32 logits. The CPU
+activations by Korthikanti et al. 2022 (no recomputation) and the float32 logits. The model
+keeps the residual stream's rows split over the island's ``data x fsdp`` devices
+(``fedjax_lm.mesh.activation_rows``; the report's "residual rows sharded" column). The CPU
 compiler's buffer assignment is not a GPU's or a TPU's (other fusions, no rematerialisation
 pass under memory pressure): read the measured figure as the program's own footprint at this
 sharding, not as an HBM reading.
@@ -283,39 +283,6 @@ def _config_summary(config, mesh, model_cfg, n_params) -> dict:
                      "mlp_dim", "vocab_size", "compute_dtype", "scan_layers")},
           "train_flops_per_token": model_lib.train_flops_per_token(model_cfg,
                                                                    int(config.data.seq_len))}
-
-
-# ------------------------------------------------------------------------ an experiment
-
-
-class constrain_activations:  # pylint: disable=invalid-name
-  """Experimental, for the memory comparison only (not the library's behaviour): while
-  active, the residual stream ``[B, T, D]`` entering every RMSNorm is constrained to rows over
-  the island's ``data x fsdp`` devices. Without it GSPMD follows the embedding table (``embed``
-  over ``fsdp``) and keeps every row of the island's batch on each fsdp device (measured:
-  ``[128, 1024, 32768]`` float32 logits per device at c4_150m's cluster layout, 8x the rows)."""
-
-  def __init__(self, mesh):
-    self.mesh = mesh
-
-  def __enter__(self):
-    import jax  # pylint: disable=g-import-not-at-top
-    from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    from fedjax_lm import mesh as mesh_lib, model as model_lib  # pylint: disable=g-import-not-at-top
-    self._orig = orig = model_lib.rms_norm
-    rows = NamedSharding(self.mesh, P(mesh_lib.BATCH_AXES, None, None))
-
-    def rms_norm(x, scale, eps=1e-6):
-      if x.ndim == 3:
-        x = jax.lax.with_sharding_constraint(x, rows)
-      return orig(x, scale, eps)
-
-    model_lib.rms_norm = rms_norm
-    return self
-
-  def __exit__(self, *exc):
-    from fedjax_lm import model as model_lib  # pylint: disable=g-import-not-at-top
-    model_lib.rms_norm = self._orig
 
 
 # ------------------------------------------------------------------------ a short run
@@ -616,8 +583,12 @@ def _compile_row(name: str, d: dict) -> str:
   c, inner, mem = d["config"], d["programs"]["inner"], d["analytic_memory"]
   mesh = " x ".join(f"{k} {v}" for k, v in c["mesh"].items())
   peak = max(p["memory"].get("peak", 0) for p in d["programs"].values())
+  # fedjax_lm.mesh.activation_rows: the model shards the residual stream's rows over the
+  # island's data x fsdp devices, and leaves it alone where those axes have one device.
+  split = c["mesh"].get("data", 1) * c["mesh"].get("fsdp", 1)
+  rows = f"yes (over {split})" if split > 1 else "no (data x fsdp = 1)"
   return (f"| {name} | {c['params'] / 1e6:.1f}M | {mesh} | {c['batch_per_island']} x "
-          f"{c['seq_len']} | {'yes' if d.get('constrain_activations') else 'no'} | "
+          f"{c['seq_len']} | {rows} | "
           f"{d['compile_s_total']:.1f} ({inner['compile_s']:.1f}) | {_gib(inner['memory']['peak'])} "
           f"| {_gib(peak)} | {_gib(mem['total'])} | {inner['memory']['temp'] / max(mem['total'] - mem['params'] - mem['inner_opt_state'] - mem['global_params_and_outer_state'], 1):.1f}x |"
           f" {len(d['inner_cross_island'])} of {d['inner_collectives']} |")
@@ -649,7 +620,8 @@ def report(out_dir: str) -> str:
            "this one (each holds its command in `argv`); the reading below the marker is "
            "written by hand.", "",
            "## Compile and memory per device (XLA's compiled memory analysis)", "",
-           "| run | params | mesh | batch / island | rows constrained | compile s, all programs "
+           "| run | params | mesh | batch / island | residual rows sharded (data x fsdp) | "
+           "compile s, all programs "
            "(inner) | inner step peak GiB / device | largest program peak GiB | analytic GiB "
            "/ device | XLA temp / analytic transient | cross-island collectives in the inner "
            "step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -743,8 +715,6 @@ def main(argv=None) -> dict:
   p.add_argument("--testbed_params", type=int, default=0)
   p.add_argument("--testbed_step_s", type=float, default=0.0)
   p.add_argument("--mfu", type=float, default=0.4)
-  p.add_argument("--constrain_activations", action="store_true",
-                 help="experimental: rows of the residual stream over data x fsdp (memory)")
   args = p.parse_args(argv)
   with tempfile.TemporaryDirectory(prefix="scale_xla_") as cache:
     return _main(args, argv, cache)
@@ -772,18 +742,12 @@ def _main(args, argv, cache: str) -> dict:
   else:
     config = load_config(args.config, args.set)
     if args.command in ("compile", "run"):
-      import contextlib  # pylint: disable=g-import-not-at-top
-      ctx = contextlib.nullcontext()
-      if args.constrain_activations:
-        ctx = constrain_activations(build(config)[0])
-      with ctx:
-        out = {"compile": compile_report(config, hlo_dir=args.hlo_dir)}
-        out["compile"]["constrain_activations"] = bool(args.constrain_activations)
-        if args.command == "run":
-          print(json.dumps(out["compile"], indent=1), flush=True)
-          out["run"] = run(config, args.steps or None)
-        else:
-          out = out["compile"]
+      out = {"compile": compile_report(config, hlo_dir=args.hlo_dir)}
+      if args.command == "run":
+        print(json.dumps(out["compile"], indent=1), flush=True)
+        out["run"] = run(config, args.steps or None)
+      else:
+        out = out["compile"]
     else:
       out = pipeline_rate(config, batches=args.batches, num_threads=args.threads,
                           workers=args.workers, prefetch=args.prefetch)
