@@ -13,8 +13,8 @@
 | steps                | 80,000 (~10.5B tokens, ~10 tokens per param) |
 
 There is no activation recomputation or gradient accumulation in this codebase, so the batch per
-device is what fits an 80 GB H100: 8 rows of 1024 (16 rows compiled to 87.7 GiB per device on
-the emulated mesh even with the residual stream's rows constrained; see
+device is what fits an 80 GB H100: 8 rows of 1024 compile to 45.3 GiB per device, 16 rows to
+87.7 GiB, on the emulated mesh; see
 ``experiments/results/scale/summary.md`` for the compiled memory per device, GPU and TPU
 layouts). TPU layout (two v5p-32 slices, 16 chips of 95 GB each):
 ``--config.mesh.data=2 --config.data.batch_size=128``.

@@ -228,8 +228,10 @@ def validate(c) -> None:
                                         int(c.outer.overlap) == 0),
            "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
     _check(not c.outer.eager, "outer.eager is not available with launch.mode=decoupled yet")
-    _check(c.outer.delay == "none",
-           "outer.delay is not available with launch.mode=decoupled yet")
+    _check(c.outer.delay != "eager",
+           "outer.delay=eager is not available with launch.mode=decoupled yet (naive is)")
+    _check(c.outer.delay == "none" or c.outer.policy == "sync",
+           "outer.delay needs outer.policy=sync (async applies each send on arrival)")
     _check(c.launch.role in ("", "syncer", "island"),
            f"launch.role={c.launch.role!r}: expected '', syncer or island")
     _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")

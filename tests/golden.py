@@ -47,6 +47,8 @@ RUNS: dict[str, dict] = {
                        "outer.quant_block": 64, "outer.transport": "host", "mesh.island": 2,
                        "launch.processes": 2, "launch.mode": "local"},
     "muloco": {**_ISLANDS, "inner.optimizer": "muon", "inner.learning_rate": 1e-2},
+    "delayed_naive": {**_ISLANDS, "outer.delay": "naive"},
+    "delayed_eager": {**_ISLANDS, "outer.fragments": 2, "outer.delay": "eager"},
 }
 
 

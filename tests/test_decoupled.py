@@ -47,10 +47,11 @@ def _no_orphans(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["diloco", "streaming_int4_ef"])
+@pytest.mark.parametrize("run", ["diloco", "streaming_int4_ef", "delayed_naive"])
 def test_decoupled_sync_with_every_island_is_the_mesh_axis_run(tmp_path, data_dir, run):
   """2 island jobs + a syncer, policy sync, everyone present: the per-step losses of each
-  island, the evals and island_bytes are those of the mesh-axis run (tests/golden)."""
+  island, the evals and island_bytes are those of the mesh-axis run (tests/golden); with
+  ``outer.delay=naive`` too (each island restarts from the previous round's global)."""
   result = _decoupled(tmp_path, data_dir, run)
   assert result.returncode == 0, result.stderr[-3000:]
   want = json.load(open(golden.GOLDEN))[run]

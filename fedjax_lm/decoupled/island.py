@@ -78,7 +78,8 @@ def run(config, workdir: str) -> None:
                                    seed=int(config.seed), part=(k, parts))
   everyone = copy.deepcopy(config)  # the clock's drop-out schedule over every partition
   everyone.islands.num = parts
-  clock = clock_lib.Clock.from_config(everyone, receive_at_merge=True)
+  clock = clock_lib.Clock.from_config(everyone, receive_at_merge=True,
+                                      delayed=config.outer.delay != "none")
   factors = speeds(config)
   factor = factors[k] if k < len(factors) else 1.0
 
@@ -133,7 +134,7 @@ def run(config, workdir: str) -> None:
             clock_lib.Event(clock_lib.SEND, 0, np.ones(1, bool)),
             clock_lib.Event(clock_lib.RECEIVE, 0), clock_lib.Event(clock_lib.MERGE, 0)]
       else:
-        events = clock.events(done)
+        events = island_events(clock, done)
       for event in events:
         p = event.fragment
         if event.kind == clock_lib.SEND:
@@ -148,9 +149,12 @@ def run(config, workdir: str) -> None:
               payload)
           client.call("Send", message)
           sent_bytes += sum(a.nbytes for a in payload[:-1])
-          in_flight[p] = (done, message)
+          in_flight.setdefault(p, []).append((done, message))
         elif event.kind == clock_lib.RECEIVE:
-          values, reply = _receive(client, secret, k, p, *in_flight.pop(p))
+          queue = in_flight.get(p, [])
+          if not queue or (clock.delayed and len(queue) < 2 and done < int(config.total_steps)):
+            continue  # delayed: only the previous round is received (none before round 2)
+          values, reply = _receive(client, secret, k, p, *in_flight[p].pop(0))
           state = state._replace(server=put[p](state.server, tuple(values)))
           version, last_sync = int(reply.get("version", 0)), done
           local_h = int(reply.get("local_steps", local_h))
@@ -177,6 +181,23 @@ def run(config, workdir: str) -> None:
     stop.set()
     log.close()
     client.close()
+
+
+def island_events(clock: clock_lib.Clock, done: int) -> list:
+  """The clock's events for one island job. With ``outer.delay=naive`` the island sends round
+  r's pseudo-gradient (relative to where phase r started) before it takes round r - 1's global,
+  which the syncer closed during phase r, and restarts from it: the exchange overlaps the whole
+  inner phase. (The mesh engine's order receives first; there a receive only holds the mean.)"""
+  events = clock.events(done)
+  if not clock.delayed:
+    return events
+  out = []
+  for event in events:
+    if event.kind == clock_lib.SEND and out and out[-1].kind == clock_lib.RECEIVE:
+      out.insert(len(out) - 1, event)
+    else:
+      out.append(event)
+  return out
 
 
 def _receive(client, secret, k: int, p: int, step: int, message: bytes) -> list:

@@ -63,9 +63,12 @@ ENV_KILL = "FEDJAX_LM_KILL_SYNCER_AT"
 
 def single_island_config(config):
   """The config one island job (or the syncer) builds its engine from: M = 1, island axis 1,
-  the in-island axes as configured."""
+  the in-island axes as configured. A one-step-delayed outer step (``outer.delay``) is the
+  islands' (each restarts from the previous round's global), not the syncer's, which applies
+  the rounds' means in order either way."""
   c = copy.deepcopy(config)
   c.islands.num = 1
+  c.outer.delay = "none"
   c.islands.dropout, c.islands.absent = 0.0, ""
   c.mesh.island = 1
   return c
@@ -141,6 +144,9 @@ class Syncer:
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
     self.closed: dict[int, int] = {p: 0 for p in frags}  # last closed send step per fragment
+    # per fragment: {step: its global values just after round step closed}, the last two
+    # rounds (outer.delay: an island asks for round r - 1's global after round r may close)
+    self.after_round: dict[int, dict[int, list]] = {p: {} for p in frags}
     self.members: dict[int, dict] = {}  # island -> {"last": time, "live": bool}
     self.data_positions: dict[str, str] = {}
     self.payload_bytes: dict[str, int] = {}  # island -> payload bytes accepted
@@ -300,7 +306,8 @@ class Syncer:
     return wire.pack(self.secret, "ok", {"late": late})
 
   def receive(self, request: bytes) -> bytes:
-    """Long poll: the global fragment once round (p, step) closed; "pending" after a few
+    """Long poll: the global fragment as round (p, step) left it (the current one if that
+    round is older than the last two); "pending" after a few
     seconds (the island asks again); "resend" if the syncer holds no contribution of the island
     for an open round (it restarted from a checkpoint that predates it)."""
     _, meta, _ = wire.unpack(self.secret, request, "receive")
@@ -321,7 +328,8 @@ class Syncer:
           return wire.pack(self.secret, "pending", {})
         self._maybe_close(p)
         self.lock.wait(0.05)
-      values = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
+      values = self.after_round[p].get(step) or [
+          np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
     return wire.pack(self.secret, "global", {"version": self.version}, values)
 
   def _maybe_close(self, p: int) -> None:
@@ -341,6 +349,10 @@ class Syncer:
 
   def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
     self._apply(p, rnd.contributions)
+    kept = self.after_round[p]
+    kept[step] = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
+    for old in sorted(kept)[:-2]:
+      del kept[old]
     del self.rounds[p][step]
     self.closed[p] = step
     self.version += 1

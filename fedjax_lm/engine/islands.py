@@ -95,9 +95,13 @@ class IslandsEngine:
       server = self._receive(server, p)
     return state._replace(server=server)
 
-  @staticmethod
-  def eval_params(state: State) -> Any:
-    return state.server.params
+  def eval_params(self, state: State) -> Any:
+    """The global params; with ``outer.delay``, with every received mean applied (what the
+    syncer of decoupled mode holds), though the islands take the last one only at its next
+    send."""
+    if self.spec.delay == "none":
+      return state.server.params
+    return self.programs.current(state.server)
 
   @staticmethod
   def failures_in_a_row(state: State) -> jax.Array:

@@ -38,6 +38,7 @@ class Programs:
   receive: tuple[Callable, ...]
   merge: tuple[Callable, ...]
   late: tuple[Callable, ...] = ()  # outer.delay: the outer step one round late (else empty)
+  current: Callable | None = None  # outer.delay: server -> params with the held means applied
 
   def registry(self) -> dict[str, Callable]:
     """``{"inner": ..., "encode/0": ..., "receive/0": ..., ...}``."""
@@ -71,7 +72,19 @@ def build(spec: stages.Spec, link: Any) -> Programs:
                       out_shardings=sh.islands, donate_argnums=0) for p in frags),
       late=tuple(jit(stages.late_merge, p, in_shardings=(sh.islands, sh.server),
                      out_shardings=(sh.islands, sh.server), donate_argnums=(0, 1))
-                 for p in frags) if spec.delay != "none" else ())
+                 for p in frags) if spec.delay != "none" else (),
+      current=jax.jit(functools.partial(current_params, spec),
+                      in_shardings=(sh.server,), out_shardings=sh.server.params)
+      if spec.delay != "none" else None)
+
+
+def current_params(spec: stages.Spec, server: Any) -> Any:
+  """outer.delay: the global params with every held mean applied (the server is not changed)."""
+  for p in range(spec.frags.num):
+    held = server.merge
+    server = stages.outer_step(spec, p, server, stages.Reduced(
+        spec.frags.take(held.mean, p), held.count[p], jnp.bool_(False)))
+  return server.params
 
 
 def receive(spec: stages.Spec, p: int, link: Any, server: Any, sent: tuple) -> Any:

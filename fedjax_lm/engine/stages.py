@@ -321,6 +321,7 @@ def late_merge(spec: Spec, p: int, islands: Islands, server: Server
   held = server.merge
   server = outer_step(spec, p, server, Reduced(spec.frags.take(held.mean, p), held.count[p],
                                                jnp.bool_(False)))
+  server = server._replace(merge=held._replace(count=held.count.at[p].set(0.0)))  # applied
   start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
            else tuple(jnp.broadcast_to(g[None], (spec.num,) + g.shape)
                       for g in spec.frags.take(server.params, p)))
