@@ -90,7 +90,7 @@ RUN_SETS = {
 _QUICK = [f"{k}={v}" for k, v in suites.suite_overrides("quick", {}).items()]
 
 
-def _delay_rows(size: list, hs: tuple, seeds: tuple) -> tuple:
+def _delay_rows(size: list, hs: tuple, seeds: tuple, ours: bool = True) -> tuple:
   rows = [("DDP", "configs/shakespeare_ddp.py", size)]
   for seed in seeds:
     for h in hs:
@@ -99,14 +99,41 @@ def _delay_rows(size: list, hs: tuple, seeds: tuple) -> tuple:
       rows += [(f"DiLoCo ({tag})", _DILOCO, at),
                (f"naive delayed, 1 outer step ({tag})", _DILOCO, [*at, "outer.delay=naive"]),
                (f"eager, 1 outer step ({tag})", _DILOCO, [*at, "outer.delay=eager"])]
-      if seed == seeds[0]:
+      if ours and seed == seeds[0]:
         rows.append((f"ours: eager in a tau=5 window ({tag})", _DILOCO,
                      [*at, "outer.eager=True", "outer.overlap=5"]))
   return tuple(rows)
 
 
 RUN_SETS["eager_quick"] = _delay_rows(_QUICK, (10, 50), (0, 1))
-RUN_SETS["eager"] = _delay_rows([], (50,), (0,))
+RUN_SETS["eager"] = _delay_rows([], (50,), (0,), ours=False)
+# Does the delay's cost shrink with more outer steps (the paper's runs have thousands)? The
+# quick size at H=10 over 4x the steps (120 outer steps instead of 30), same schedule shape.
+_LONG = [*_QUICK, "total_steps=1200", "eval_every=300", "log_every=300", "outer.sync_every=10"]
+RUN_SETS["eager_long"] = (
+    ("DDP", "configs/shakespeare_ddp.py", _LONG),
+    ("DiLoCo (M=2, H=10, 1200 steps)", _DILOCO, _LONG),
+    ("naive delayed, 1 outer step (M=2, H=10, 1200 steps)", _DILOCO,
+     [*_LONG, "outer.delay=naive"]),
+    ("eager, 1 outer step (M=2, H=10, 1200 steps)", _DILOCO, [*_LONG, "outer.delay=eager"]),
+    # ... and does the paper's outer momentum 0.9 win back with 120 outer steps?
+    ("DiLoCo (M=2, H=10, 1200 steps), paper outer 0.7 / 0.9", _DILOCO,
+     [*_LONG, "outer.momentum=0.9"]),
+)
+# Loss vs M at fixed global batch: is our M cost (2-3x the scaling-law fit) the tiny
+# per-island batch? The quick size's M sweep (16 rows: 16 / M per island) against 4x the rows.
+for _rows in (16, 64):
+  RUN_SETS[f"m_rows{_rows}"] = tuple(
+      (f"DiLoCo (M={m}, H=50, {_rows} rows: {_rows // m} per island)", _DILOCO,
+       [*_QUICK, f"islands.num={m}", f"data.batch_size={_rows // m}"]) for m in (1, 2, 4, 8))
+# Candidates for the shipped configs at their own 250 steps: which H and outer momentum bring
+# DiLoCo and Streaming within 2% of DDP at equal tokens.
+_S10 = ["outer.sync_every=10", "outer.fragments=2", "outer.overlap=2"]
+RUN_SETS["shipped_candidates"] = (
+    ("DDP", "configs/shakespeare_ddp.py", []),
+    ("DiLoCo (M=2, H=10), outer 0.7 / 0.5", _DILOCO, ["outer.sync_every=10"]),
+    ("Streaming 4-bit (P=2, H=10, tau=2), outer 0.7 / 0.9", _STREAM, _S10),
+)
 # The outer hyper-parameters of configs/shakespeare_diloco.py at its own size (250 steps):
 # the paper's Nesterov 0.7 / 0.9 against lower outer momentum and more outer steps.
 RUN_SETS["tuning"] = (

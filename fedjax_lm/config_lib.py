@@ -146,6 +146,11 @@ def base_config() -> ml_collections.ConfigDict:
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
   c.launch.secret_file = ""
   c.launch.interface = ""
+  # Decoupled mode, optional mutual TLS on the syncer's channel (PEM files: the job's CA, this
+  # role's certificate and key, signed by that CA); the HMAC checks stay either way.
+  c.launch.tls_ca = ""
+  c.launch.tls_cert = ""
+  c.launch.tls_key = ""
   return c
 
 

@@ -188,3 +188,73 @@ def test_unreachable_syncer_is_one_clear_line_after_the_deadline(tmp_path, data_
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: syncer 127.0.0.1:9 did not answer Join within"), last
   assert "Traceback" not in result.stderr and time.time() - start < 200
+
+
+def _pki(root, name):
+  """A throwaway CA and two certificates it signed (``server`` for 127.0.0.1, ``client``), by
+  the openssl command line; returns {role: channel.Tls}."""
+  root.mkdir()
+  run = lambda *a: subprocess.run(["openssl", *a], cwd=root, check=True, capture_output=True)
+  run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name} CA",
+      "-keyout", "ca.key", "-out", "ca.pem")
+  out = {}
+  for role, san in (("server", "IP:127.0.0.1"), ("client", "DNS:island")):
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={role}", "-keyout",
+        f"{role}.key", "-out", f"{role}.csr")
+    (root / f"{role}.ext").write_text(f"subjectAltName={san}\n")
+    run("x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-extfile", f"{role}.ext", "-out", f"{role}.pem")
+    out[role] = channel.Tls(*((root / f).read_bytes()
+                              for f in ("ca.pem", f"{role}.pem", f"{role}.key")))
+  return out
+
+
+def test_mutual_tls_admits_the_job_s_certificates_only(tmp_path):
+  """With launch.tls_*: a client holding a certificate of the job's CA (and the secret) is
+  served; one with another CA's certificate, or none, is refused in the TLS handshake: the
+  method never runs."""
+  job, rogue = _pki(tmp_path / "job", "job"), _pki(tmp_path / "rogue", "rogue")
+  calls = []
+  server, port = channel.serve(SECRET, "127.0.0.1", 0,
+                               {"Echo": lambda b: calls.append(b) or b}, tls=job["server"])
+  try:
+    address = f"127.0.0.1:{port}"
+    ok = channel.Client(address, SECRET, "island/0", give_up_s=5, tls=job["client"])
+    assert ok.call("Echo", b"hello") == b"hello" and calls == [b"hello"]
+    wrong_ca = job["client"]._replace(cert=rogue["client"].cert, key=rogue["client"].key)
+    for tls in (wrong_ca, None):
+      bad = channel.Client(address, SECRET, "island/1", give_up_s=1, tls=tls)
+      with pytest.raises(channel.SyncerUnreachable):
+        bad.call("Echo", b"let me in", deadline_s=1)
+      bad.close()
+    assert calls == [b"hello"]
+    ok.close()
+  finally:
+    server.stop(grace=0)
+
+
+def test_tls_config_names_the_missing_file(tmp_path):
+  c = tiny_config(**{"launch.tls_ca": str(tmp_path / "ca.pem")})
+  with pytest.raises(ValueError, match="missing launch.tls_cert, launch.tls_key"):
+    channel.Tls.from_config(c.launch)
+  c = tiny_config(**{"launch.tls_ca": str(tmp_path / "ca.pem"), "launch.tls_cert": "x",
+                     "launch.tls_key": "y"})
+  with pytest.raises(ValueError, match="launch.tls_ca=.*No such file"):
+    channel.Tls.from_config(c.launch)
+
+
+@pytest.mark.slow
+def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir):
+  """The launcher's syncer and island jobs with launch.tls_* (one certificate for all roles,
+  valid for 127.0.0.1): the same losses as without TLS."""
+  root = tmp_path / "pki"
+  _pki(root, "job")  # the syncer's certificate doubles as the islands' (one job, one host)
+  files = [f"--config.launch.tls_ca={root / 'ca.pem'}",
+           f"--config.launch.tls_cert={root / 'server.pem'}",
+           f"--config.launch.tls_key={root / 'server.key'}"]
+  result = _decoupled(tmp_path / "run", data_dir, "diloco", *files)
+  assert result.returncode == 0, result.stderr[-3000:]
+  want = json.load(open(golden.GOLDEN))["diloco"]
+  for k in range(2):
+    np.testing.assert_allclose(_island_losses(tmp_path / "run", k),
+                               [row[k] for row in want["island_loss"]], rtol=1e-5)

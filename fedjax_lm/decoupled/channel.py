@@ -13,6 +13,11 @@ Authentication happens twice, both before our code reads a payload byte:
    method's handler;
 2. the handler checks the message's own MAC (:func:`wire.unpack`) before parsing its header.
 
+With ``launch.tls_ca`` / ``tls_cert`` / ``tls_key`` (PEM files) the channel is also mutual TLS:
+the syncer presents its certificate and requires one from every island, both signed by the job's
+CA, so a peer without one is refused in the handshake, before any call reaches the server; the
+HMAC checks stay (a certificate alone does not make a peer a member of this job).
+
 The server listens on the configured interface only (``launch.interface``, default loopback).
 """
 
@@ -24,7 +29,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import grpc
 
@@ -84,14 +89,40 @@ class _Auth(grpc.ServerInterceptor):
     return continuation(handler_call_details)
 
 
+class Tls(NamedTuple):
+  """PEM bytes of the job's CA and of this role's certificate and private key."""
+  ca: bytes
+  cert: bytes
+  key: bytes
+
+  @classmethod
+  def from_config(cls, launch) -> "Tls | None":
+    """``launch.tls_{ca,cert,key}``: all three paths, or none (HMAC only)."""
+    paths = {k: str(launch[f"tls_{k}"]) for k in ("ca", "cert", "key")}
+    if not any(paths.values()):
+      return None
+    missing = [f"launch.tls_{k}" for k, v in paths.items() if not v]
+    if missing:
+      raise ValueError(f"mutual TLS needs launch.tls_ca, tls_cert and tls_key; missing "
+                       f"{', '.join(missing)}")
+    out = {}
+    for k, path in paths.items():
+      try:
+        with open(path, "rb") as f:
+          out[k] = f.read()
+      except OSError as e:
+        raise ValueError(f"launch.tls_{k}={path!r}: {e.strerror}") from e
+    return cls(**out)
+
+
 class Refused(Exception):
   """A well-formed, authentic request the syncer will not serve (one line says why)."""
 
 
 def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[bytes], bytes]],
-          threads: int = 16) -> tuple[grpc.Server, int]:
+          threads: int = 16, tls: Tls | None = None) -> tuple[grpc.Server, int]:
   """Starts a server for ``methods`` (name -> bytes handler) on ``host:port`` (0: any free
-  port); returns (server, port)."""
+  port), mutual TLS with ``tls``; returns (server, port)."""
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads), options=_OPTIONS,
                        interceptors=[_Auth(secret)])
 
@@ -109,7 +140,11 @@ def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[byte
 
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
       SERVICE, {name: wrap(fn) for name, fn in methods.items()}),))
-  bound = server.add_insecure_port(f"{host}:{port}")
+  if tls is None:
+    bound = server.add_insecure_port(f"{host}:{port}")
+  else:
+    bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials(
+        [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True))
   if not bound:
     raise OSError(f"syncer: cannot listen on {host}:{port}")
   server.start()
@@ -124,9 +159,15 @@ class Client:
   """Calls the syncer's methods with a deadline, retrying while it is unavailable (a syncer
   being restarted) until ``give_up_s``."""
 
-  def __init__(self, address: str, secret: bytes, who: str, give_up_s: float = 60.0):
+  def __init__(self, address: str, secret: bytes, who: str, give_up_s: float = 60.0,
+               tls: Tls | None = None):
     self.address, self._secret, self.who, self.give_up_s = address, secret, who, give_up_s
-    self._channel = grpc.insecure_channel(address, options=_CLIENT_OPTIONS)
+    if tls is None:
+      self._channel = grpc.insecure_channel(address, options=_CLIENT_OPTIONS)
+    else:
+      self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
+          root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert),
+                                          options=_CLIENT_OPTIONS)
     self.sent_bytes = 0  # request bytes put on the wire (what this client sent)
     self.received_bytes = 0
 

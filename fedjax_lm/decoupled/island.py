@@ -67,7 +67,8 @@ def run(config, workdir: str) -> None:
                      "islands.num data partitions)")
   secret = wire.job_secret(config.launch.secret_file)
   client = channel.Client(config.launch.syncer, secret, f"island/{k}",
-                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)))
+                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
+                          tls=channel.Tls.from_config(config.launch))
   single = syncer_lib.single_island_config(config)
   mesh = mesh_lib.make_mesh(dict(single.mesh))
   model_cfg = model_lib.ModelConfig.from_config(config.model)

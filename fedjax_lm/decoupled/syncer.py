@@ -482,7 +482,7 @@ def serve(config, workdir: str) -> None:
   host, port = config.launch.syncer.rsplit(":", 1)
   syncer = Syncer(config, workdir, secret)
   server, _ = channel.serve(secret, config.launch.interface or host, int(port),
-                            syncer.methods())
+                            syncer.methods(), tls=channel.Tls.from_config(config.launch))
   logging.warning("syncer: listening on %s:%s", host, port)
   try:
     while True:
