@@ -194,8 +194,11 @@ class Syncer:
     self.version, self.evaluated = meta["version"], meta["evaluated"]
     self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
     self.applied_steps = meta.get("applied_steps", {})
-    now = time.time()
-    self.members = {int(k): {"last": now, "live": True} for k in meta["members"]}
+    # The islands reconnect (and resend what the checkpoint lacks) while this process comes
+    # up: three heartbeat periods of grace, as for an announced join, so that a restart with a
+    # short heartbeat does not drop them and close rounds without them.
+    grace = time.time() + 2 * self.heartbeat_s
+    self.members = {int(k): {"last": grace, "live": True} for k in meta["members"]}
     self._log("syncer_restored", version=self.version, closed=self.closed)
 
   def _log(self, kind: str, **fields) -> None:
