@@ -81,7 +81,8 @@ def fingerprint(config, abstract_params) -> dict:
   oc = config.outer
   return {**config_lib.layout(config), "outer.sync_every": int(oc.sync_every),
           "outer.overlap": int(oc.overlap), "outer.quant_block": int(oc.quant_block),
-          "outer.topk": [float(oc.topk_fraction), int(oc.topk_chunk), int(oc.topk_bits)],
+          "outer.topk": [float(oc.topk_fraction), int(oc.topk_chunk), int(oc.topk_bits),
+                         oc.topk_quantizer, float(oc.topk_sigmas), oc.topk_aggregate],
           "total_steps": int(config.total_steps), "seed": int(config.seed),
           "data.seq_len": int(config.data.seq_len), "params": shapes}
 
