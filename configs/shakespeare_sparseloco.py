@@ -25,7 +25,8 @@ The method, per replica r at each sync (every H inner AdamW steps):
 | outer optimizer      | SGD lr 1, no momentum               | SGD lr 1, no momentum            |
 | inner optimizer      | this repo's DiLoCo config (AdamW    | AdamW lr 1e-3, wd 0.1, warmup    |
 |                      | lr 3e-3, cosine)                    | 500, clip 1, 256 x 2048 tokens   |
-| model / steps        | Shakespeare byte LM, 250 steps      | 512M LLaMA-style, DCLM, ~2.4k    |
+| model / steps        | Shakespeare byte LM, 1,000 steps    | 512M LLaMA-style, DCLM, ~2.4k    |
+|                      | (measured at 250: results/sparseloco) |                                |
 
 ``outer.compression=topk``, ``outer.topk_quantizer=sigma``, ``outer.topk_aggregate=selected``
 are this repository's names for the paper's quantizer and aggregation
