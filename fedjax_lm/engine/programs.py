@@ -81,9 +81,7 @@ def build(spec: stages.Spec, link: Any) -> Programs:
 def current_params(spec: stages.Spec, server: Any) -> Any:
   """outer.delay: the global params with every held mean applied (the server is not changed)."""
   for p in range(spec.frags.num):
-    held = server.merge
-    server = stages.outer_step(spec, p, server, stages.Reduced(
-        spec.frags.take(held.mean, p), held.count[p], jnp.bool_(False)))
+    server = stages.outer_step(spec, p, server, stages.held_mean(spec, p, server))
   return server.params
 
 

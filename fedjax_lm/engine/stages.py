@@ -313,14 +313,19 @@ def hold(spec: Spec, p: int, server: Server, reduced: Reduced) -> Server:
                                        held.count.at[p].set(reduced.count)))
 
 
+def held_mean(spec: Spec, p: int, server: Server) -> Reduced:
+  """Fragment p's held mean, as the reduce stage returned it (count 0: nothing held)."""
+  held = server.merge
+  return Reduced(spec.frags.take(held.mean, p), held.count[p], jnp.bool_(False))
+
+
 def late_merge(spec: Spec, p: int, islands: Islands, server: Server
                ) -> tuple[Islands, Server]:
   """At fragment p's send, one round late: the global copy takes the outer step with the held
   mean (skipped while nothing is held); the islands restart their next inner phase from it
   (naive) or from their own outer copy, already stepped by :func:`encode` (eager)."""
   held = server.merge
-  server = outer_step(spec, p, server, Reduced(spec.frags.take(held.mean, p), held.count[p],
-                                               jnp.bool_(False)))
+  server = outer_step(spec, p, server, held_mean(spec, p, server))
   server = server._replace(merge=held._replace(count=held.count.at[p].set(0.0)))  # applied
   start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
            else tuple(jnp.broadcast_to(g[None], (spec.num,) + g.shape)
