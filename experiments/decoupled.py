@@ -130,16 +130,31 @@ def heterogeneous(base: str, data_dir: str, steps: int) -> list[dict]:
     t0 = min(r["time"] for r in _jsonl(os.path.join(workdir, "islands", "0", "metrics.jsonl")))
     curves[name] = [(r["time"] - t0, r["eval_loss"]) for r in evals]
     row = {"run": name, "wall_s": wall, "final_eval": evals[-1]["eval_loss"],
-           "updates": evals[-1]["rounds"]}
+           "updates": evals[-1]["rounds"], "inner_steps_applied": 4 * steps}
     if os.path.exists(os.path.join(workdir, "updates.jsonl")):
-      stale = [u["staleness"] for u in _jsonl(os.path.join(workdir, "updates.jsonl"))]
-      row["staleness_mean"], row["staleness_max"] = float(np.mean(stale)), int(max(stale))
+      row.update(_async_updates(_jsonl(os.path.join(workdir, "updates.jsonl")),
+                                evals[-1]["rounds"]))
     rows.append(row)
   target = rows[0]["final_eval"]
   for row, (name, curve) in zip(rows, curves.items()):
     reach = [t for t, loss in curve if loss <= target]
     row["time_to_sync_loss_s"] = reach[0] if reach else None
   return rows, curves
+
+
+def _async_updates(updates: list[dict], rounds: int) -> dict:
+  """Staleness and dynamic local steps of an async run's updates (``updates.jsonl``), those
+  the final eval saw (the first ``rounds``): mean / max staleness, each island's median H
+  and the inner steps applied (the run's tokens: islands x total_steps batches)."""
+  seen = [u for u in updates if u["version"] <= rounds]
+  stale = [u["staleness"] for u in seen]
+  islands = sorted({u["island"] for u in seen})
+  h = {k: int(np.median([u["local_steps"] for u in seen if u["island"] == k])) for k in islands}
+  return {"staleness_mean": float(np.mean(stale)), "staleness_max": int(max(stale)),
+          "local_steps": ", ".join(str(h[k]) for k in islands),
+          "updates_per_island": ", ".join(str(sum(u["island"] == k for u in seen))
+                                          for k in islands),
+          "inner_steps_applied": int(sum(u["local_steps"] for u in seen))}
 
 
 def elastic(base: str, data_dir: str, steps: int) -> list[dict]:
@@ -228,6 +243,9 @@ def summary(results: dict, commit: str) -> str:
           ("policy", "run"), ("wall s", "wall_s"), ("final eval (equal tokens)",
                                                     "final_eval"),
           ("time to sync's final eval (s)", "time_to_sync_loss_s"), ("updates", "updates"),
+          ("updates per island", "updates_per_island"),
+          ("median H per island (DyLU)", "local_steps"),
+          ("inner steps applied", "inner_steps_applied"),
           ("staleness mean", "staleness_mean"), ("staleness max", "staleness_max")]),
       "elastic": ("Elastic join (data partitions 4)", [
           ("run", "run"), ("wall s", "wall_s"), ("final eval", "final_eval"),

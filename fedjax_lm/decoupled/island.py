@@ -9,8 +9,10 @@ the new global fragment; at the MERGE it runs the same merge program. It heartbe
 thread. On start it joins: the syncer checks its fingerprint and hands it the current global
 params, the step to start at and its data position (live recovery after a crash).
 
-``islands.speed`` emulates slower hardware: with speed f < 1 the island sleeps after each step
-so that the step takes 1/f of its measured compute time.
+``islands.speed`` emulates slower hardware: with speed f < 1 the island sleeps after each inner
+step so that the step's compute takes 1/f of its measured time (the exchange with the syncer is
+not slowed). The measured compute seconds per step (slowdown included, communication not) go
+to the syncer with each heartbeat, for dynamic local updates (``outer.policy=async``).
 """
 
 from __future__ import annotations
@@ -129,6 +131,11 @@ def run(config, workdir: str) -> None:
       digest = (hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
                 if record_batch else "")
       state, metrics = eng.inner_step(state, batch)
+      jax.block_until_ready(metrics["island_loss"])
+      if step > start:  # (the first step compiles: it is neither emulated nor timed)
+        compute_s = time.perf_counter() - began
+        time.sleep(slowdown_s(compute_s, factor))
+        timing["step_s"] = step_seconds(timing["step_s"], time.perf_counter() - began)
       done = step + 1
       if asynchronous:
         events = [] if done - last_sync < local_h else [
@@ -148,7 +155,8 @@ def run(config, workdir: str) -> None:
               "island": k, "fragment": p, "step": min(done, int(config.total_steps)),
               "data": position, "version": version, "local_steps": done - last_sync},
               payload)
-          client.call("Send", message)
+          reply = wire.unpack(secret, client.call("Send", message), "ok")[1]
+          stopping = stopping or (asynchronous and bool(reply.get("stop", False)))
           sent_bytes += sum(a.nbytes for a in payload[:-1])
           in_flight.setdefault(p, []).append((done, message))
         elif event.kind == clock_lib.RECEIVE:
@@ -159,15 +167,9 @@ def run(config, workdir: str) -> None:
           state = state._replace(server=put[p](state.server, tuple(values)))
           version, last_sync = int(reply.get("version", 0)), done
           local_h = int(reply.get("local_steps", local_h))
-          stopping = asynchronous and bool(reply.get("stop", False))
+          stopping = stopping or (asynchronous and bool(reply.get("stop", False)))
         else:
           state = state._replace(islands=eng.programs.merge[p](state.islands, state.server))
-      jax.block_until_ready(metrics["island_loss"])
-      if step > start:  # (the first step compiles: it is neither emulated nor timed)
-        if factor < 1.0:
-          time.sleep((time.perf_counter() - began) * (1.0 / factor - 1.0))
-        took = time.perf_counter() - began
-        timing["step_s"] = took if not timing["step_s"] else 0.9 * timing["step_s"] + 0.1 * took
       loss = float(np.asarray(jax.device_get(metrics["island_loss"]))[0])
       log.write(json.dumps({"step": done, "island_loss": loss, "island_bytes": sent_bytes,
                             "wire_sent_bytes": client.sent_bytes,
@@ -182,6 +184,22 @@ def run(config, workdir: str) -> None:
     stop.set()
     log.close()
     client.close()
+
+
+def slowdown_s(compute_s: float, factor: float) -> float:
+  """``islands.speed``: the sleep that makes a step whose compute took ``compute_s`` take
+  ``compute_s / factor``. Only compute is slowed: the exchange with the syncer (send, a
+  receive waiting for a round or for the syncer's lock) is not hardware speed and is not
+  scaled."""
+  if not 0 < factor <= 1:
+    raise ValueError(f"islands.speed factor {factor} must be in (0, 1]")
+  return max(0.0, float(compute_s)) * (1.0 / factor - 1.0)
+
+
+def step_seconds(ema: float, took: float) -> float:
+  """The island's measured seconds per inner step (an EMA over steps; 0 = none yet) that
+  dynamic local updates read: compute and the emulated slowdown, no communication."""
+  return float(took) if not ema else 0.9 * float(ema) + 0.1 * float(took)
 
 
 def island_events(clock: clock_lib.Clock, done: int) -> list:

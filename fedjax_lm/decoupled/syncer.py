@@ -10,6 +10,14 @@ decoded payloads over the islands that sent, then the fragment's outer optax ste
 arrives after its round closed is carried into the fragment's next round (its sender gets the
 current global fragment at once). With every island present this is DiLoCo / Streaming DiLoCo.
 
+Policy ``async`` (Async Local-SGD, Liu et al. 2024): each send is applied on arrival through
+Delayed Nesterov (:mod:`fedjax_lm.outer.delayed`: lr / N per arrival, the momentum once per N);
+the island then pulls the new global and the H it is to run next (dynamic local updates,
+:func:`dynamic_local_steps`, from the compute seconds per step it heartbeats). Each update's
+staleness (updates applied since its sender pulled) goes to ``updates.jsonl``. The run ends
+when the islands' applied inner steps reach ``islands.num x total_steps`` (the synchronous
+run's tokens): the final eval is written and later sends are not applied (the island stops).
+
 Membership: an island joins (its config fingerprint and param shapes must match, or it is
 refused with one line naming the difference), heartbeats, and is dropped when no heartbeat came
 for ``launch.heartbeat_seconds``. A restarted island pulls the current global params and its
@@ -294,8 +302,10 @@ class Syncer:
         raise channel.Refused(f"island {island} has not joined")
       self.members[island]["last"] = time.time()
       if self.asynchronous:
+        if self.done:  # the run's tokens are in and evaluated: not applied, the island stops
+          return wire.pack(self.secret, "ok", {"late": True, "stop": True})
         self._apply_async(island, meta, arrays[:-1], weight)
-        return wire.pack(self.secret, "ok", {"late": False})
+        return wire.pack(self.secret, "ok", {"late": False, "stop": self.done})
       late = step <= self.closed[p]
       key = min((s for s in self.rounds[p] if s > step), default=None) if late else step
       if late and key is None:
@@ -371,27 +381,30 @@ class Syncer:
   def _apply_async(self, island: int, meta: dict, arrays: list, weight: float) -> None:
     """Async: one island's pseudo-gradient, applied on arrival (Delayed Nesterov); its
     staleness is the number of updates applied since the island pulled the params it used."""
-    staleness = self.version - int(meta.get("version", self.version))
+    if "version" not in meta or "local_steps" not in meta:
+      raise wire.WireError(f"island {island}: an async send needs the version its params were "
+                           "pulled at and its local_steps")
+    pulled, local_steps = int(meta["version"]), int(meta["local_steps"])
+    staleness = async_staleness(self.version, pulled)
     self._apply(0, [(island, arrays, weight, meta.get("data", ""))])
-    self.applied_steps[str(island)] = (self.applied_steps.get(str(island), 0) +
-                                       int(meta.get("local_steps", 0)))
+    self.applied_steps[str(island)] = self.applied_steps.get(str(island), 0) + local_steps
     self.version += 1
     with open(os.path.join(self.workdir, "updates.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps({"version": self.version, "island": island, "staleness": staleness,
-                          "local_steps": int(meta.get("local_steps", 0)),
+      f.write(json.dumps({"version": self.version, "island": island, "pulled": pulled,
+                          "staleness": staleness, "local_steps": local_steps,
                           "time": time.time()}) + "\n")
     self._save()
     self._maybe_evaluate()
     self.lock.notify_all()
 
   def _local_steps(self, island: int) -> int:
-    """Dynamic local updates: island k's H in proportion to its measured speed (the fastest
-    island runs H), so all islands take about the same wall time per update."""
+    """Dynamic local updates over the live islands' measured compute seconds per step."""
     h = int(self.schedule.every)
-    if not (self.config.outer.dynamic_local_steps and self.step_s.get(island)):
+    if not self.config.outer.dynamic_local_steps:
       return h
-    fastest = min(self.step_s.values())
-    return max(1, int(round(h * fastest / self.step_s[island])))
+    live = self._live() | {island}
+    return dynamic_local_steps(h, {k: v for k, v in self.step_s.items() if k in live}, island,
+                               live)
 
   def _apply(self, p: int, contributions: list) -> None:
     """The islands' payloads stacked as if gathered, then the mesh-axis mode's receive
@@ -467,6 +480,33 @@ class Syncer:
   def methods(self) -> dict:
     return {"Join": self.join, "Heartbeat": self.heartbeat, "Send": self.send,
             "Receive": self.receive, "Leave": self.leave}
+
+
+def async_staleness(version: int, pulled: int) -> int:
+  """Updates applied since an island pulled the global params at ``pulled`` (the version its
+  pseudo-gradient is relative to) until its update is applied at ``version``. A pulled
+  version ahead of the syncer (it restarted from a checkpoint older than that pull) counts 0."""
+  if pulled < 0:
+    raise wire.WireError(f"async send: pulled version {pulled} must be >= 0")
+  return max(0, int(version) - int(pulled))
+
+
+def dynamic_local_steps(h: int, step_s: dict, island: int, live=None) -> int:
+  """Dynamic Local Updates (Liu et al. 2024, Sec. 5): island k runs
+  ``floor(H * v_k / max_j v_j)`` inner steps (at least 1), v = steps per second of its own
+  compute (communication excluded), the max over the live islands: the fastest keeps H, the
+  others take about the same wall time per update. ``step_s``: island -> measured seconds per
+  step. Until the island and every live one (``live``, default the keys of ``step_s``) have
+  reported a speed, H."""
+  if h < 1:
+    raise ValueError(f"outer.sync_every={h} must be >= 1")
+  live = set(step_s) if live is None else set(live) | {island}
+  seconds = {k: float(step_s.get(k) or 0.0) for k in live}
+  if any(not np.isfinite(v) or v <= 0 for v in seconds.values()):
+    return h
+  fastest = min(seconds.values())
+  # the small tolerance keeps an exact ratio (the fastest itself: 1.0) from flooring down
+  return max(1, min(h, int(np.floor(h * fastest / seconds[island] + 1e-9))))
 
 
 def _maybe_kill(workdir: str, version: int) -> None:
