@@ -36,7 +36,8 @@ def main(argv):
     sys.exit(_decoupled(config, workdir))
   if config.launch.mode == "local" and num > 1 and not launch.is_launched_child():
     command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
-    sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs")))
+    sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs"),
+                                 pin_cores=bool(config.launch.pin_cores)))
   launch.initialize(config.launch.mode, int(config.launch.heartbeat_seconds))
   # pylint: disable-next=g-import-not-at-top  (after distributed init)
   import jax

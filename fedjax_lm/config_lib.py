@@ -136,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   # jobs: here, or one role per scheduler job with launch.role / island / syncer)
   c.launch.mode = "local"
   c.launch.processes = 1
+  c.launch.pin_cores = True  # local: each process on its own cores (launch.core_groups)
   c.launch.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
   c.launch.role = ""  # decoupled: "" (start every role here) | syncer | island
   c.launch.island = 0  # decoupled island: which one (its data partition)

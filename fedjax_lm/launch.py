@@ -73,6 +73,35 @@ def die_with_parent() -> None:
   os.setpgrp()
 
 
+def core_groups(num_processes: int, cores: Sequence[int]) -> list[tuple[int, ...]]:
+  """Which cores each local process may run on: the usable cores split into ``num_processes``
+  contiguous equal groups (the remainder to the first groups); with more processes than cores,
+  process i gets core i mod cores. A process pinned to its group before it starts sizes XLA's
+  thread pools to the group, so N processes on N cores run one busy compute thread per core
+  (unpinned, each process's pool had a thread per core of the machine: measured on 2 cores,
+  4.2 runnable threads on average and a 1-minute load of 3.85)."""
+  cores = sorted(cores)
+  if num_processes >= len(cores):
+    return [(cores[i % len(cores)],) for i in range(num_processes)]
+  size, extra = divmod(len(cores), num_processes)
+  groups, start = [], 0
+  for i in range(num_processes):
+    end = start + size + (i < extra)
+    groups.append(tuple(cores[start:end]))
+    start = end
+  return groups
+
+
+def _start_child(cores: tuple[int, ...] | None):
+  """``preexec_fn`` of a launched process: die with the launcher, then (``cores``) pin to them
+  before Python, and so XLA, starts."""
+  def start():
+    die_with_parent()
+    if cores is not None:
+      os.sched_setaffinity(0, cores)
+  return start
+
+
 def _child_env(process_id: int, num_processes: int, coordinator: str,
                secret: str) -> dict[str, str]:
   env = dict(os.environ)
@@ -95,9 +124,13 @@ PREEMPTION_GRACE_SECONDS = 120.0
 
 
 def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
-                 poll_seconds: float = 0.2) -> int:
-  """Runs ``argv`` as ``num_processes`` joined processes; returns the job's exit code."""
+                 poll_seconds: float = 0.2, pin_cores: bool = True) -> int:
+  """Runs ``argv`` as ``num_processes`` joined processes, each pinned to its own cores
+  (``core_groups``; ``pin_cores=False`` leaves them to the scheduler); returns the job's exit
+  code."""
   os.makedirs(log_dir, exist_ok=True)
+  usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  groups = core_groups(num_processes, usable) if pin_cores and usable else None
   coordinator = f"127.0.0.1:{free_port()}"
   secret = wire.new_secret()  # this job's processes authenticate each other with it
   procs, logs = [], []
@@ -110,7 +143,7 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
     env = _child_env(i, num_processes, coordinator, secret)
     procs.append(subprocess.Popen(list(argv), env=env,
                                   stdout=out, stderr=subprocess.STDOUT if out else None,
-                                  preexec_fn=die_with_parent))
+                                  preexec_fn=_start_child(groups[i] if groups else None)))
   stop = {"signal": None}
 
   def _forward(signum, _frame):

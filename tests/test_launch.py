@@ -141,6 +141,32 @@ def test_child_environment_and_logs(tmp_path, monkeypatch):
     assert "process 0" not in text
 
 
+@pytest.mark.parametrize("num, cores, expected", [
+    (2, [0, 1], [(0,), (1,)]),  # one process per core: one core each
+    (3, [0, 1], [(0,), (1,), (0,)]),  # more processes than cores: round robin
+    (2, [4, 5, 6, 7, 8], [(4, 5, 6), (7, 8)]),  # fewer: contiguous groups, remainder first
+    (1, [3, 1, 2], [(1, 2, 3)]),
+])
+def test_core_groups(num, cores, expected):
+  assert launch.core_groups(num, cores) == expected
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_children_are_pinned_to_their_cores(tmp_path, pin):
+  body = """\
+      with open(os.path.join(d, f"cores_{i}"), "w") as f:
+        f.write(json.dumps(sorted(os.sched_getaffinity(0))))
+      """
+  usable = sorted(os.sched_getaffinity(0))
+  n = max(2, len(usable))
+  assert launch.launch_local(_argv(tmp_path, body), n, str(tmp_path / "logs"),
+                             pin_cores=pin) == 0
+  got = [tuple(json.loads((tmp_path / f"cores_{i}").read_text())) for i in range(n)]
+  assert got == (launch.core_groups(n, usable) if pin else [tuple(usable)] * n)
+  if pin and len(usable) > 1:
+    assert len(set(got)) == len(usable)  # every core used, one process per core
+
+
 def test_child_keeps_explicit_jax_platforms(tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu,tpu")
   body = """\
