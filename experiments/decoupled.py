@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from experiments.bench import machine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"algorithm": "islands", "log_every": 1, "checkpoint_every": 100000,
         "mesh.island": 1, "mesh.data": 1, "launch.processes": 1, "inner.learning_rate": 1e-2}
@@ -114,11 +116,15 @@ def crashes(base: str, data_dir: str, steps: int) -> list[dict]:
   return rows
 
 
-def heterogeneous(base: str, data_dir: str, steps: int) -> list[dict]:
-  """4 islands with speeds 1, 1, 1, 0.25: sync, sync with quorum 3, async (DN + DyLU)."""
+def heterogeneous(base: str, data_dir: str, steps: int, step_seconds: float) -> list[dict]:
+  """4 islands with speeds 1, 1, 1, 0.25: sync, sync with quorum 3, async (DN + DyLU). With
+  ``step_seconds`` > 0 each island's step is paced to step_seconds / speed of wall time, so the
+  5 processes sharing this machine's cores run as on their own hardware (their compute must
+  fit in the pace); 0 slows each island's measured compute instead."""
   common = {**TINY, "islands.num": 4, "outer.sync_every": 8, "total_steps": steps,
             "eval_every": 8, "islands.speed": "1,1,1,0.25", "data.data_dir": data_dir,
-            "launch.mode": "decoupled", "launch.heartbeat_seconds": 5}
+            "launch.mode": "decoupled", "launch.heartbeat_seconds": 5,
+            "islands.step_seconds": step_seconds}
   runs = {"sync": {}, "sync, quorum 3, timeout 1 s": {"outer.quorum": 3,
                                                      "outer.round_timeout_seconds": 1.0},
           "async (DN + DyLU)": {"outer.policy": "async"}}
@@ -129,7 +135,8 @@ def heterogeneous(base: str, data_dir: str, steps: int) -> list[dict]:
     evals = _evals(workdir)
     t0 = min(r["time"] for r in _jsonl(os.path.join(workdir, "islands", "0", "metrics.jsonl")))
     curves[name] = [(r["time"] - t0, r["eval_loss"]) for r in evals]
-    row = {"run": name, "wall_s": wall, "final_eval": evals[-1]["eval_loss"],
+    row = {"run": name, "step_seconds": step_seconds, "wall_s": wall,
+           "final_eval": evals[-1]["eval_loss"],
            "updates": evals[-1]["rounds"], "inner_steps_applied": 4 * steps}
     if os.path.exists(os.path.join(workdir, "updates.jsonl")):
       row.update(_async_updates(_jsonl(os.path.join(workdir, "updates.jsonl")),
@@ -224,9 +231,10 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
 def summary(results: dict, commit: str) -> str:
   """The tables of ``results.json`` as markdown."""
   out = ["# Decoupled islands, measured", "",
-         f"Commit {commit}, {time.strftime('%Y-%m-%d')}, this 2-core CPU machine, tiny model "
-         "(`configs/tiny.py`, inner lr 1e-2), every role its own process. Regenerate: "
-         "`python -m experiments.decoupled --out experiments/results/decoupled`.", ""]
+         "Tiny model (`configs/tiny.py`, inner lr 1e-2), every role its own process on one "
+         "2-core CPU machine. Regenerate: `python -m experiments.decoupled --out "
+         "experiments/results/decoupled` (`--only NAME` for one table; each table names the "
+         "commit, date and CPU it was measured at).", ""]
   sections = {
       "equivalence": ("Equivalence with the mesh-axis mode (2 islands, policy sync)", [
           ("run", "run"), ("steps", "steps"), ("max rel. diff, per-step losses",
@@ -240,7 +248,7 @@ def summary(results: dict, commit: str) -> str:
                                       "stall_s"), ("events", "events"),
           ("processes left", "orphans")]),
       "heterogeneous": ("Heterogeneous speeds (4 islands, speeds 1, 1, 1, 0.25, H=8)", [
-          ("policy", "run"), ("wall s", "wall_s"), ("final eval (equal tokens)",
+          ("policy", "run"), ("step paced to (s ÷ speed)", "step_seconds"), ("wall s", "wall_s"), ("final eval (equal tokens)",
                                                     "final_eval"),
           ("time to sync's final eval (s)", "time_to_sync_loss_s"), ("updates", "updates"),
           ("updates per island", "updates_per_island"),
@@ -258,7 +266,10 @@ def summary(results: dict, commit: str) -> str:
   }
   for key, (title, cols) in sections.items():
     if key in results:
-      out += [f"## {title}", "", *_table(results[key], cols), ""]
+      meta = results.get("_measured", {}).get(key)
+      where = (f"Measured at {meta['commit']}, {meta['date']}, {meta['cpu']}." if meta else
+               f"Measured before {commit} (no record of where).")
+      out += [f"## {title}", "", where, "", *_table(results[key], cols), ""]
   if "heterogeneous" in results:
     out += ["![loss vs wall time](loss_vs_time.png)", ""]
   return "\n".join(out)
@@ -271,6 +282,9 @@ def main(argv=None):
   parser.add_argument("--data_dir", default="runs/decoupled/tfds")
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--step_seconds", type=float, default=0.2,
+                      help="heterogeneous: each island's step paced to this / its speed (0: "
+                      "its measured compute slowed instead)")
   args = parser.parse_args(argv)
   sys.path.insert(0, ROOT)
   from fedjax_lm import data  # pylint: disable=g-import-not-at-top
@@ -284,16 +298,23 @@ def main(argv=None):
   if "crashes" in todo:
     results["crashes"] = crashes(args.workdir, args.data_dir, args.steps)
   if "heterogeneous" in todo:
-    results["heterogeneous"], curves = heterogeneous(args.workdir, args.data_dir, args.steps)
+    results["heterogeneous"], curves = heterogeneous(args.workdir, args.data_dir, args.steps,
+                                                     args.step_seconds)
     _plot(curves, os.path.join(args.out, "loss_vs_time.png"))
   if "elastic" in todo:
     results["elastic"] = elastic(args.workdir, args.data_dir, args.steps)
   if "bytes" in todo:
     results["bytes"] = wire_bytes(args.workdir, args.data_dir)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+  for key in todo:
+    results.setdefault("_measured", {})[key] = {
+        "commit": commit + ("+changes" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
+        "cpu": machine.describe()}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
   with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
     f.write(summary(results, commit))
   print(json.dumps(results, indent=1))

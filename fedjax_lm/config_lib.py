@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   # join later), and per-island speed factors "1,1,0.25" (emulated slower hardware).
   c.islands.max_num = 0
   c.islands.speed = ""
+  # > 0: every inner step padded to step_seconds / speed of wall time (islands sharing a few
+  # cores then run as on their own hardware); 0: compute slowed by 1 / speed.
+  c.islands.step_seconds = 0.0
 
   c.outer = ml_collections.ConfigDict()
   c.outer.optimizer = "diloco"  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
@@ -141,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.launch.role = ""  # decoupled: "" (start every role here) | syncer | island
   c.launch.island = 0  # decoupled island: which one (its data partition)
   c.launch.syncer = ""  # decoupled: the syncer's HOST:PORT
+  c.launch.syncer_checkpoint_every = 0  # async: syncer saves every N updates (0 = islands.num)
   c.launch.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
@@ -251,5 +255,9 @@ def validate(c) -> None:
              f"launch.join names island {island}: joining islands are islands.num.."
              f"islands.max_num-1 ({int(c.islands.num)}..{parts - 1})")
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
+  _check(float(c.islands.step_seconds) >= 0,
+         f"islands.step_seconds={c.islands.step_seconds} must be >= 0")
+  _check(int(c.launch.syncer_checkpoint_every) >= 0,
+         f"launch.syncer_checkpoint_every={c.launch.syncer_checkpoint_every} must be >= 0")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")

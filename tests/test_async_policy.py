@@ -7,6 +7,7 @@ island."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,10 @@ def test_speed_emulation_slows_compute_only():
   assert island_lib.slowdown_s(0.1, 1.0) == 0.0
   with pytest.raises(ValueError, match="islands.speed"):
     island_lib.slowdown_s(0.1, 0.0)
+  # islands.step_seconds: the step padded to pace / speed of wall time, whatever the compute
+  assert island_lib.slowdown_s(0.1, 0.25, pace_s=0.5) == pytest.approx(1.9)
+  assert island_lib.slowdown_s(0.1, 1.0, pace_s=0.5) == pytest.approx(0.4)
+  assert island_lib.slowdown_s(0.7, 1.0, pace_s=0.5) == 0.0  # compute alone took longer
   assert island_lib.step_seconds(0.0, 0.4) == 0.4
   assert island_lib.step_seconds(0.4, 1.4) == pytest.approx(0.5)
 
@@ -164,9 +169,28 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   assert [u["version"] for u in updates] == [1, 2, 3, 4, 5]
 
   flat = lambda leaves: np.concatenate([np.asarray(a).reshape(-1) for a in leaves])
-  want = _paper_dn(flat(start), [flat(p) for p in arrivals], 0.7, 0.9, 2)[-1]
+  iterates = _paper_dn(flat(start), [flat(p) for p in arrivals], 0.7, 0.9, 2)
   got = flat(syncer._take[0](syncer.server.params))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, iterates[-1], rtol=1e-5, atol=1e-6)
+
+  # checkpoints every islands.num = 2 updates, not on every send: a syncer restarted now
+  # resumes at update 4 (the 5th is lost), with the params and DN state after 4 arrivals
+  assert json.load(open(tmp_path / "progress.json"))["checkpoints"] == 2
+  again = tmp_path / "restarted"  # (a copy: the first syncer goes on below)
+  shutil.copytree(tmp_path / "syncer_checkpoints", again / "syncer_checkpoints")
+  restarted = syncer_lib.Syncer(config, str(again), SECRET)
+  assert restarted.version == 4
+  np.testing.assert_allclose(flat(restarted._take[0](restarted.server.params)), iterates[3],
+                             rtol=1e-5, atol=1e-6)
+  # its Delayed Nesterov state came back too: the lost 5th arrival, resent, lands on the
+  # reference's 5th iterate
+  weight = np.ones(layout[-1].shape, layout[-1].dtype)
+  _call(restarted, "Send", "send", {"island": 1, "fragment": 0, "step": 4, "version": 4,
+                                    "data": "", "local_steps": 4}, arrivals[4] + [weight])
+  np.testing.assert_allclose(flat(restarted._take[0](restarted.server.params)), iterates[4],
+                             rtol=1e-5, atol=1e-6)
+  restarted.metrics.close()
+  restarted.ckpt.close()
 
   # DyLU: island 1 at a quarter of island 0's speed; island 7 is fast but no member
   for k, s in ((0, 0.1), (1, 0.4), (7, 0.001)):

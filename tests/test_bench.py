@@ -50,3 +50,20 @@ def test_compare_table_against_ddp_has_no_duplicate_or_infinite_ratios():
   assert m2.split(" | ")[3:6] == ["1.1000", "20", "0.0200"]
   assert m1.split(" | ")[5] == "— (none cross)"
   assert ddp.split(" | ")[-1] == "1.0000 |"
+
+
+def test_machine_line_names_the_cpu_and_its_simd(tmp_path):
+  """The tables' machine line: the model name and the SIMD features that pick XLA's kernels;
+  an AVX2-only CPU is marked as having no AVX-512."""
+  from experiments.bench import machine  # pylint: disable=g-import-not-at-top
+  zen4 = tmp_path / "zen4"
+  zen4.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f "
+                  "avx512_bf16 avx512_vnni\n\nprocessor\t: 1\nmodel name\t: other\n")
+  assert machine.cpu_info(str(zen4)) == ("AMD EPYC", {"fpu", "avx2", "fma", "avx512f",
+                                                      "avx512_bf16", "avx512_vnni"})
+  assert machine.describe(str(zen4)).endswith(
+      "cores, AVX2 FMA AVX-512 AVX-512 BF16 AVX-512 VNNI")
+  avx2 = tmp_path / "avx2"
+  avx2.write_text("model name\t: AMD EPYC 7B12\nflags\t\t: avx2 fma\n")
+  assert machine.describe(str(avx2)).endswith("AVX2 FMA (no AVX-512)")
+  assert machine.cpu_info(str(tmp_path / "missing")) == ("unknown CPU", set())

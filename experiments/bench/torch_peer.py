@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from experiments.bench import machine
+
 CONFIG = "configs/shakespeare_diloco.py"
 
 
@@ -195,8 +197,17 @@ def measure(rounds: int, steps: int) -> dict:
   return samples
 
 
+def _measured_on() -> str:
+  import torch  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip() or "unknown commit"
+  return (f"Measured at {commit}, {time.strftime('%Y-%m-%d')}, on {machine.describe()}; "
+          f"JAX {jax.__version__}, PyTorch {torch.__version__}.")
+
+
 def report(samples: dict, rounds: int, command: str) -> str:
-  lines = [f"Regenerate: `{command}`", "",
+  lines = [f"Regenerate: `{command}`", "", _measured_on(), "",
            f"Inner step of `{CONFIG}` on a fixed batch, tokens/s (median of {rounds} rounds, "
            "interleaved). Ours: the jitted step with fedjax_lm's runtime defaults; PyTorch: "
            "eager, same model and loss (checked on the same parameters), AdamW + clipping.", "",
@@ -221,7 +232,7 @@ def breakdown(rounds: int, steps: int) -> dict:
 def breakdown_report(rows: dict, command: str) -> str:
   """Markdown: median ms per step of each category, ours beside PyTorch."""
   med = lambda fw, f: statistics.median(f(r) for r in rows[fw])
-  lines = [f"Regenerate: `{command}`", "",
+  lines = [f"Regenerate: `{command}`", "", _measured_on(), "",
            f"Where the time of one island's step goes (`{CONFIG}`, 1 core, 1 thread), ms per step, "
            f"median of {len(rows['ours'])} interleaved rounds. Ours: XLA:CPU op time from the JAX "
            "profiler (`bench.step.breakdown`); PyTorch: self CPU time from `torch.profiler`.", "",

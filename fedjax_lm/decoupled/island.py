@@ -11,8 +11,11 @@ params, the step to start at and its data position (live recovery after a crash)
 
 ``islands.speed`` emulates slower hardware: with speed f < 1 the island sleeps after each inner
 step so that the step's compute takes 1/f of its measured time (the exchange with the syncer is
-not slowed). The measured compute seconds per step (slowdown included, communication not) go
-to the syncer with each heartbeat, for dynamic local updates (``outer.policy=async``).
+not slowed). With ``islands.step_seconds`` = S > 0 every step is instead padded to S / f of wall
+time: islands that share a few cores (here) then run as if each had its own hardware, since
+their compute no longer slows one another as long as it fits in S. The measured compute seconds
+per step (slowdown included, communication not) go to the syncer with each heartbeat, for
+dynamic local updates (``outer.policy=async``).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def run(config, workdir: str) -> None:
                                       delayed=config.outer.delay != "none")
   factors = speeds(config)
   factor = factors[k] if k < len(factors) else 1.0
+  pace_s = float(config.islands.step_seconds)
 
   _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
       secret, "join", {"island": k, "fingerprint": syncer_lib.fingerprint(config, abstract)})),
@@ -134,7 +138,7 @@ def run(config, workdir: str) -> None:
       jax.block_until_ready(metrics["island_loss"])
       if step > start:  # (the first step compiles: it is neither emulated nor timed)
         compute_s = time.perf_counter() - began
-        time.sleep(slowdown_s(compute_s, factor))
+        time.sleep(slowdown_s(compute_s, factor, pace_s))
         timing["step_s"] = step_seconds(timing["step_s"], time.perf_counter() - began)
       done = step + 1
       if asynchronous:
@@ -186,14 +190,18 @@ def run(config, workdir: str) -> None:
     client.close()
 
 
-def slowdown_s(compute_s: float, factor: float) -> float:
+def slowdown_s(compute_s: float, factor: float, pace_s: float = 0.0) -> float:
   """``islands.speed``: the sleep that makes a step whose compute took ``compute_s`` take
-  ``compute_s / factor``. Only compute is slowed: the exchange with the syncer (send, a
-  receive waiting for a round or for the syncer's lock) is not hardware speed and is not
-  scaled."""
+  ``compute_s / factor``, or, with ``islands.step_seconds`` = ``pace_s`` > 0, take
+  ``pace_s / factor`` of wall time (none if the compute alone took longer). Only compute is
+  slowed: the exchange with the syncer (send, a receive waiting for a round or for the
+  syncer's lock) is not hardware speed and is not scaled."""
   if not 0 < factor <= 1:
     raise ValueError(f"islands.speed factor {factor} must be in (0, 1]")
-  return max(0.0, float(compute_s)) * (1.0 / factor - 1.0)
+  compute_s = max(0.0, float(compute_s))
+  if pace_s > 0:
+    return max(0.0, float(pace_s) / factor - compute_s)
+  return compute_s * (1.0 / factor - 1.0)
 
 
 def step_seconds(ema: float, took: float) -> float:

@@ -30,7 +30,10 @@ island resumes from it, so no token is skipped and none enters the global model 
 
 State (global params, outer states, round counters, membership, data positions, byte counts)
 is checkpointed with orbax when a round closes, before anyone sees the result; a restarted
-syncer resumes from it and islands resend what it had not yet applied.
+syncer resumes from it and islands resend what it had not yet applied. Async: every
+``launch.syncer_checkpoint_every`` updates (0 = ``islands.num``, one a round's worth) and at the
+end; a restarted syncer loses at most that many updates less one (the tokens they held count as
+read, not applied), instead of blocking every island's send on a save.
 """
 
 from __future__ import annotations
@@ -168,6 +171,8 @@ class Syncer:
     self.step_s: dict[int, float] = {}  # async: each island's measured seconds per step
     self.evaluated = 0  # last step evaluated
     self.done = False
+    self.checkpoint_every = int(config.launch.syncer_checkpoint_every) or self.num
+    self.checkpoints = 0  # saves by this process
     self.ckpt = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "syncer_checkpoints")),
         item_names=("server", "meta"),
@@ -189,6 +194,10 @@ class Syncer:
         server=ocp.args.StandardSave(self.server), meta=ocp.args.JsonSave(self._meta())),
         force=True)
     self.ckpt.wait_until_finished()
+    self.checkpoints += 1
+    with open(os.path.join(self.workdir, "progress.json"), "w", encoding="utf-8") as f:
+      json.dump({"closed_through": min(self.closed.values()), "version": self.version,
+                 "checkpoints": self.checkpoints}, f)
 
   def _restore(self) -> None:
     step = self.ckpt.latest_step()
@@ -373,8 +382,6 @@ class Syncer:
     if missing:
       self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
     self._save()
-    with open(os.path.join(self.workdir, "progress.json"), "w", encoding="utf-8") as f:
-      json.dump({"closed_through": min(self.closed.values()), "version": self.version}, f)
     self._maybe_evaluate()
     self.lock.notify_all()
 
@@ -393,8 +400,9 @@ class Syncer:
       f.write(json.dumps({"version": self.version, "island": island, "pulled": pulled,
                           "staleness": staleness, "local_steps": local_steps,
                           "time": time.time()}) + "\n")
-    self._save()
     self._maybe_evaluate()
+    if self.done or self.version % self.checkpoint_every == 0:
+      self._save()
     self.lock.notify_all()
 
   def _local_steps(self, island: int) -> int:
