@@ -17,8 +17,13 @@ from fedjax_lm import data as data_lib
 
 @pytest.fixture(scope="module")
 def local_c4(tmp_path_factory):
+  """Built by the documented command (which once failed: TFDS refused the builder that
+  ``python -m`` defined a second time beside the package's import)."""
   path = str(tmp_path_factory.mktemp("tfds"))
-  data_lib.prepare_local_c4(path)
+  done = subprocess.run([sys.executable, "-m", "fedjax_lm.data.local_c4", "--data_dir", path],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "local_c4/train: 739 documents" in done.stdout, done.stdout
   return path
 
 

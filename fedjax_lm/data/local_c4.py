@@ -33,6 +33,13 @@ import tensorflow_datasets as tfds
 
 from fedjax_lm.data import shakespeare as shakespeare_lib
 
+if __name__ == "__main__":
+  # `python -m fedjax_lm.data.local_c4` runs this file a second time beside the copy that
+  # `fedjax_lm.data` imported, which registered the builder: run that copy's CLI (defining the
+  # builder again here would be refused by TFDS's registry).
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(sys.modules["fedjax_lm.data.local_c4"].main())
+
 NAME = "local_c4"
 TIMESTAMP = "2019-04-25T00:00:00Z"
 VALIDATION_ONE_IN = 20
@@ -145,6 +152,3 @@ def main(argv=None) -> None:
   print(f"prepared in {args.data_dir}: --config.data.name={NAME} "
         f"--config.data.data_dir={args.data_dir}")
 
-
-if __name__ == "__main__":
-  main()
