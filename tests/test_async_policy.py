@@ -103,6 +103,31 @@ def test_speed_emulation_slows_compute_only():
   assert island_lib.step_seconds(0.4, 1.4) == pytest.approx(0.5)
 
 
+def test_async_islands_follow_the_run_s_lr_schedule_not_their_own_step_count():
+  """at_schedule_step moves the inner lr schedule to the run's progress (the next update is
+  taken at schedule(progress)) and leaves Adam's own count (bias correction) alone."""
+  from fedjax_lm import config_lib, steps  # pylint: disable=g-import-not-at-top
+  from fedjax_lm.engine import state as state_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.base_config().inner
+  tx = steps.inner_optimizer(cfg, 100)
+  params = {"w": jnp.ones((1, 3))}
+  opt = jax.vmap(tx.init)(params)  # [M = 1] like the engine's islands
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(3):  # the island took 3 steps of its own (zero gradients: moments stay 0)
+    _, opt = jax.vmap(tx.update)(zero, opt, params)
+  islands = state_lib.Islands(params, opt, state_lib.Absent(), state_lib.Absent(), None)
+  moved = island_lib.at_schedule_step(islands, jnp.int32(60)).opt_state
+  counts = lambda s, kind: [x.count for x in jax.tree.leaves(
+      s, is_leaf=lambda x: isinstance(x, kind)) if isinstance(x, kind)]
+  assert [int(c[0]) for c in counts(moved, optax.ScaleByScheduleState)] == [60]
+  assert [int(c[0]) for c in counts(moved, optax.ScaleByAdamState)] == [3]
+  # with zero gradients and moments, AdamW's update is -lr(count) * weight_decay * w
+  got, _ = jax.vmap(tx.update)(zero, jax.tree.map(lambda x: x, moved), params)
+  lr = steps.learning_rate_schedule(cfg, 100)
+  adam_free = -float(lr(60)) * cfg.weight_decay * 1.0
+  np.testing.assert_allclose(np.asarray(got["w"]), adam_free, rtol=1e-5, atol=1e-9)
+
+
 def test_async_staleness_counts_updates_since_the_pull():
   assert syncer_lib.async_staleness(5, 5) == 0
   assert syncer_lib.async_staleness(7, 3) == 4
@@ -196,6 +221,7 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   for k, s in ((0, 0.1), (1, 0.4), (7, 0.001)):
     _call(syncer, "Heartbeat", "heartbeat", {"island": k, "step_s": s})
   assert pull(0)["local_steps"] == 4 and pull(1)["local_steps"] == 1
+  assert pull(0)["progress"] == 5 * 4 // 2  # applied inner steps per island
 
   # the run's tokens: 5 x 4 + 12 = 32 = 2 islands x 16 steps -> the final eval, then stop
   assert not syncer.done

@@ -29,7 +29,9 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
@@ -100,6 +102,8 @@ def run(config, workdir: str) -> None:
                           eng.state_shardings.server.params)
   state = eng.programs.init(params)
   start = int(meta["step"])
+  if config.outer.policy == "async":
+    state = state._replace(islands=reschedule(state.islands, np.int32(meta["progress"])))
   if meta["data"]:
     batches.set_global_state({f"island{k}": meta["data"]})
   out_dir = os.path.join(workdir, "islands", str(k))
@@ -120,6 +124,8 @@ def run(config, workdir: str) -> None:
 
   threading.Thread(target=beat, daemon=True).start()
   frags = eng.spec.frags
+  reschedule = jax.jit(at_schedule_step, out_shardings=eng.state_shardings.islands,
+                       donate_argnums=0)
   put = [jax.jit(lambda server, values, p=p: server._replace(
       params=frags.put(server.params, p, values))) for p in range(frags.num)]
   sent_bytes, in_flight = 0, {}
@@ -171,6 +177,9 @@ def run(config, workdir: str) -> None:
           state = state._replace(server=put[p](state.server, tuple(values)))
           version, last_sync = int(reply.get("version", 0)), done
           local_h = int(reply.get("local_steps", local_h))
+          if asynchronous:
+            state = state._replace(islands=reschedule(state.islands,
+                                                      np.int32(reply["progress"])))
           stopping = stopping or (asynchronous and bool(reply.get("stop", False)))
         else:
           state = state._replace(islands=eng.programs.merge[p](state.islands, state.server))
@@ -208,6 +217,16 @@ def step_seconds(ema: float, took: float) -> float:
   """The island's measured seconds per inner step (an EMA over steps; 0 = none yet) that
   dynamic local updates read: compute and the emulated slowdown, no communication."""
   return float(took) if not ema else 0.9 * float(ema) + 0.1 * float(took)
+
+
+def at_schedule_step(islands, step):
+  """The islands' inner optimizer state with every learning-rate schedule's position
+  (``optax.ScaleByScheduleState.count``) set to ``step``; other counters unchanged."""
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  opt_state = jax.tree.map(
+      lambda x: x._replace(count=jnp.full_like(x.count, step)) if is_schedule(x) else x,
+      islands.opt_state, is_leaf=is_schedule)
+  return islands._replace(opt_state=opt_state)
 
 
 def island_events(clock: clock_lib.Clock, done: int) -> list:

@@ -260,7 +260,8 @@ class Syncer:
       arrays = [np.asarray(jax.device_get(x)) for x in leaves]
       position = self.data_positions.get(str(island), "")
     return wire.pack(self.secret, "joined", {"step": start, "data": position,
-                                             "version": self.version}, arrays)
+                                             "version": self.version,
+                                             "progress": self.progress()}, arrays)
 
   def heartbeat(self, request: bytes) -> bytes:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
@@ -340,7 +341,7 @@ class Syncer:
       with self.lock:
         values = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
         return wire.pack(self.secret, "global", {
-            "version": self.version, "stop": self.done,
+            "version": self.version, "stop": self.done, "progress": self.progress(),
             "local_steps": self._local_steps(island)}, values)
     with self.lock:
       while self.closed[p] < step:
@@ -405,6 +406,11 @@ class Syncer:
       self._save()
     self.lock.notify_all()
 
+  def progress(self) -> int:
+    """Async: the run's progress in inner steps, the islands' applied steps per island (what
+    the evals are indexed by, and what each island's inner lr schedule follows)."""
+    return sum(self.applied_steps.values()) // self.num
+
   def _local_steps(self, island: int) -> int:
     """Dynamic local updates over the live islands' measured compute seconds per step."""
     h = int(self.schedule.every)
@@ -448,7 +454,7 @@ class Syncer:
     """Evaluates the global model at every eval step all of whose sends have closed (async:
     once the islands' applied inner steps, per island on average, reach it)."""
     if self.asynchronous:
-      reached = sum(self.applied_steps.values()) // self.num
+      reached = self.progress()
       for e in [s for s in range(self.evaluated + 1, min(reached, self.total) + 1)
                 if s % int(self.config.eval_every) == 0 or s == self.total]:
         self._write_eval(e)
