@@ -54,7 +54,7 @@ def test_decoupled_sync_with_every_island_is_the_mesh_axis_run(tmp_path, data_di
   ``outer.delay=naive`` too (each island restarts from the previous round's global)."""
   result = _decoupled(tmp_path, data_dir, run)
   assert result.returncode == 0, result.stderr[-3000:]
-  want = json.load(open(golden.GOLDEN))[run]
+  want = json.load(open(golden.golden_file()[0]))[run]
   for k in range(2):
     np.testing.assert_allclose(_island_losses(tmp_path, k),
                                [row[k] for row in want["island_loss"]], rtol=1e-5)
@@ -93,7 +93,7 @@ def test_syncer_crash_is_survived_and_it_resumes_from_its_checkpoint(tmp_path, d
   assert "syncer exited with -9: restarting it" in result.stderr
   events = [json.loads(l)["event"] for l in open(tmp_path / "events.jsonl")]
   assert "syncer_restored" in events
-  want = json.load(open(golden.GOLDEN))["diloco"]
+  want = json.load(open(golden.golden_file()[0]))["diloco"]
   evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   np.testing.assert_allclose(evals[-1]["eval_loss"], want["eval_loss"][-1], rtol=1e-5)
   for k in range(2):
@@ -254,7 +254,7 @@ def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir):
            f"--config.launch.tls_key={root / 'server.key'}"]
   result = _decoupled(tmp_path / "run", data_dir, "diloco", *files)
   assert result.returncode == 0, result.stderr[-3000:]
-  want = json.load(open(golden.GOLDEN))["diloco"]
+  want = json.load(open(golden.golden_file()[0]))["diloco"]
   for k in range(2):
     np.testing.assert_allclose(_island_losses(tmp_path / "run", k),
                                [row[k] for row in want["island_loss"]], rtol=1e-5)
