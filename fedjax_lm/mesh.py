@@ -98,22 +98,34 @@ def check_divisible(abstract: Any, specs: Any, axis_sizes: Mapping[str, int]) ->
 
 
 def zero_spec(spec: P, shape: Sequence[int], mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> P:
-  """Adds the (unused) ``axes`` to the largest divisible dim: ZeRO-style sharding of state that
-  the data-parallel devices of an island would otherwise each hold whole (outer state)."""
+  """Adds the (unused) ``axes`` to the largest divisible dim, then ``tensor`` the same way:
+  ZeRO-style sharding of state that the island's devices would otherwise each hold whole
+  (global params, outer state). Without the second pass a leaf the model does not split over
+  ``tensor`` (a norm scale) stays one shard held, and sent across islands, by every tensor
+  device."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
+  for group in (tuple(axes), ("tensor",)):
+    entries = _add_axes(entries, shape, mesh, group)
+  return P(*entries)
+
+
+def _add_axes(entries: list, shape: Sequence[int], mesh: Mesh, axes: tuple) -> list:
+  """``entries`` with the unused ``axes`` (all of them, or none) on the largest dim that
+  divides by its current sharding times theirs."""
   used = {a for e in entries if e for a in ((e,) if isinstance(e, str) else e)}
-  extra = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+  extra = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
   if not extra:
-    return P(*entries)
+    return entries
   factor = math.prod(mesh.shape[a] for a in extra)
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     current = entries[dim]
     cur_axes = () if current is None else ((current,) if isinstance(current, str) else current)
     cur = math.prod(mesh.shape[a] for a in cur_axes)
     if shape[dim] % (cur * factor) == 0:
+      entries = list(entries)
       entries[dim] = cur_axes + extra if cur_axes else (extra[0] if len(extra) == 1 else extra)
-      return P(*entries)
-  return P(*entries)
+      return entries
+  return entries
 
 
 def with_leading(spec: P, axis: str | None) -> P:

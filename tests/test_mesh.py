@@ -134,18 +134,20 @@ def mesh_d2t2():
 
 
 @pytest.mark.parametrize("spec, shape, expected", [
-    # Largest divisible dim gets "data" (fsdp has size 1, so it is not added).
-    (P(), (8, 6), P("data", None)),
-    (P(None, None), (3, 6), P(None, "data")),
-    (P(), (3, 7, 4), P(None, None, "data")),  # 7 and 3 are odd: the 4 takes it
-    (P(), (4, 4), P("data", None)),  # tie: first dim
+    # Largest divisible dim gets "data" (fsdp has size 1, so it is not added), then "tensor"
+    # (unused by these leaves) joins the largest dim that still divides.
+    (P(), (8, 6), P(("data", "tensor"), None)),
+    (P(None, None), (3, 6), P(None, "data")),  # 6 does not divide by 2 x 2, 3 not by 2
+    (P(), (3, 7, 4), P(None, None, ("data", "tensor"))),  # 7 and 3 are odd: the 4 takes it
+    (P(), (4, 4), P(("data", "tensor"), None)),  # tie: first dim
     (P(), (2,), P("data")),
+    (P(), (6, 2), P("data", "tensor")),
     # Indivisible shapes are left alone (only padded to full length).
     (P(), (5, 3), P(None, None)),
     (P(), (1,), P(None)),
     (P(), (), P()),
-    # Already sharded over "data": unchanged.
-    (P("data", None), (8, 8), P("data", None)),
+    # Already sharded over "data": only tensor is added.
+    (P("data", None), (8, 8), P(("data", "tensor"), None)),
     (P(None, ("tensor", "data")), (4, 8), P(None, ("tensor", "data"))),
     # Sharded over tensor: data joins it when the dim divides by 2 x 2 ...
     (P("tensor", None), (8, 2), P(("tensor", "data"), None)),
@@ -157,10 +159,13 @@ def test_zero_spec_by_hand(mesh_d2t2, spec, shape, expected):
   assert mesh_lib.zero_spec(spec, shape, mesh_d2t2) == expected
 
 
-def test_zero_spec_no_unused_batch_axes_is_identity():
+def test_zero_spec_tensor_only_mesh_shards_what_tensor_does_not():
+  """No batch axes to add: a leaf sharded over tensor is unchanged, one replicated over it (a
+  norm scale) is sharded over it, so no two tensor devices hold (and send) the same shard."""
   mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 4}, jax.devices()[:4])
   assert mesh_lib.zero_spec(P("tensor", None), (8, 8), mesh) == P("tensor", None)
-  assert mesh_lib.zero_spec(P(), (8, 8), mesh) == P(None, None)
+  assert mesh_lib.zero_spec(P(), (8, 8), mesh) == P("tensor", None)
+  assert mesh_lib.zero_spec(P(), (6,), mesh) == P(None)
 
 
 def test_zero_spec_data_and_fsdp_together():
