@@ -101,6 +101,8 @@ def run(config, workdir: str) -> None:
   params = jax.device_put(jax.tree.unflatten(treedef, list(arrays)),
                           eng.state_shardings.server.params)
   state = eng.programs.init(params)
+  reschedule = jax.jit(at_schedule_step, out_shardings=eng.state_shardings.islands,
+                       donate_argnums=0)
   start = int(meta["step"])
   if config.outer.policy == "async":
     state = state._replace(islands=reschedule(state.islands, np.int32(meta["progress"])))
@@ -124,8 +126,6 @@ def run(config, workdir: str) -> None:
 
   threading.Thread(target=beat, daemon=True).start()
   frags = eng.spec.frags
-  reschedule = jax.jit(at_schedule_step, out_shardings=eng.state_shardings.islands,
-                       donate_argnums=0)
   put = [jax.jit(lambda server, values, p=p: server._replace(
       params=frags.put(server.params, p, values))) for p in range(frags.num)]
   sent_bytes, in_flight = 0, {}
