@@ -198,12 +198,20 @@ def measure(rounds: int, steps: int) -> dict:
 
 
 def _measured_on() -> str:
-  import torch  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  """The table's commit, date, CPU and versions (read from the installed packages' metadata:
+  the report is written in the parent process, which needs neither framework imported)."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  def version(name):
+    try:
+      return metadata.version(name)
+    except metadata.PackageNotFoundError:
+      return "not installed"
+
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip() or "unknown commit"
   return (f"Measured at {commit}, {time.strftime('%Y-%m-%d')}, on {machine.describe()}; "
-          f"JAX {jax.__version__}, PyTorch {torch.__version__}.")
+          f"JAX {version('jax')}, PyTorch {version('torch')}.")
 
 
 def report(samples: dict, rounds: int, command: str) -> str:
