@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 
+from experiments.bench import machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "engine.json")
@@ -34,19 +36,11 @@ DEFAULT_CLASSES = ("x86-avx2", "intel-avx512")
 def cpu_class(cpuinfo: str = "/proc/cpuinfo") -> str:
   """The CPU as far as the golden bits go: e.g. ``x86-avx2``, ``intel-avx512``,
   ``amd-avx512-family25`` (Zen 4), or ``unknown``."""
-  vendor, family, flags = "", "", set()
-  try:
-    with open(cpuinfo, encoding="utf-8") as f:
-      for line in f:
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "vendor_id" and not vendor:
-          vendor = value
-        elif key == "cpu family" and not family:
-          family = value
-        elif key == "flags" and not flags:
-          flags = set(value.split())
-  except OSError:
+  fields = machine.cpu_fields(cpuinfo)
+  if not fields:
     return "unknown"
+  vendor, family = fields.get("vendor_id", ""), fields.get("cpu family", "")
+  flags = set(fields.get("flags", "").split())
   if "avx512f" not in flags:
     return "x86-avx2" if "avx2" in flags else "unknown"
   if vendor == "GenuineIntel":
