@@ -245,11 +245,13 @@ def test_async_run_with_a_slow_island_runs_dylu_h_and_stays_fresh(tmp_path, data
   run about H between sends and the slow one about H / 4 (it used to be H = 1 for the fast
   ones: the measured speed included the wait for the syncer), staleness stays within a few
   updates, nothing is applied after the final eval, and the final eval sees the run's
-  tokens (3 x 48 island-steps)."""
+  tokens (3 x 48 island-steps). Steps are paced (``islands.step_seconds``) so the emulated
+  hardware, not the contention of 4 processes on a 2-core CI machine, sets the speeds: unpaced,
+  a fast island once measured 2.6x slower than its twin and ran H = 3."""
   overrides = {**golden.overrides("diloco", data_dir), "launch.mode": "decoupled",
                "outer.policy": "async", "islands.num": 3, "islands.speed": "1,1,0.25",
                "outer.sync_every": 8, "total_steps": 48, "eval_every": 48,
-               "launch.heartbeat_seconds": 5}
+               "islands.step_seconds": 0.2, "launch.heartbeat_seconds": 5}
   result = run_cli(["--config", "configs/tiny.py", "--workdir", str(tmp_path),
                     *(f"--config.{k}={v}" for k, v in overrides.items())], timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
