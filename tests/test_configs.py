@@ -1,6 +1,7 @@
 """Every shipped config loads, validates and resolves its mesh / sharding rules."""
 
 import glob
+import re
 import importlib.util
 import os
 
@@ -78,3 +79,14 @@ def test_indivisible_sharding_is_one_clear_error():
   specs = mesh_lib.param_specs(model_lib.logical_axes(model_cfg), dict(c.rules))
   with pytest.raises(ValueError, match=r"attn_norm.*768 is not divisible.*7 devices"):
     mesh_lib.check_divisible(abstract, specs, {"island": 1, "data": 1, "fsdp": 7, "tensor": 1})
+
+
+def test_readme_is_short_and_its_commands_name_real_configs():
+  """The README stays a page a newcomer acts on: at most 200 lines, clone to a DiLoCo run in the
+  first 40, and every ``--config configs/X.py`` it prints exists."""
+  lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+  assert len(lines) <= 200, len(lines)
+  head = "\n".join(lines[:40])
+  assert "git clone" in head and "--config configs/shakespeare_diloco.py" in head
+  for name in set(re.findall(r"--config (configs/\w+\.py)", "\n".join(lines))):
+    assert os.path.exists(os.path.join(ROOT, name)), name
