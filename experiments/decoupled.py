@@ -55,24 +55,43 @@ def _evals(workdir: str) -> list[dict]:
   return _jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
+def _first_difference(got: np.ndarray, want: np.ndarray) -> tuple[float, int | None]:
+  """(max relative difference, first step whose losses differ at all) of [steps, M] losses."""
+  rel = np.abs(got - want) / np.abs(want)
+  differ = np.flatnonzero(rel.max(axis=1) > 0)
+  return float(rel.max()), (int(differ[0]) + 1 if differ.size else None)
+
+
 def equivalence(base: str, data_dir: str, steps: int) -> list[dict]:
-  """Decoupled sync with both islands present against the mesh-axis mode, per-step losses."""
+  """Decoupled sync with both islands present against the mesh-axis mode, per-step losses:
+  against the islands simulated in one process and against one island per process (the
+  decoupled island's own layout). Streaming in float32 beside int4 shows what the quantizer's
+  rounding does to a last-bit difference."""
   rows = []
   streaming = {"outer.sync_every": 8, "outer.fragments": 4, "outer.overlap": 2,
-               "outer.mixing": 0.5, "outer.compression": "int4", "outer.quant_block": 64,
-               "outer.error_feedback": 0.9}
-  for name, extra in (("DiLoCo", {"outer.sync_every": 10}), ("Streaming P=4 tau=2 int4 + EF",
-                                                             streaming)):
+               "outer.mixing": 0.5}
+  int4 = {**streaming, "outer.compression": "int4", "outer.quant_block": 64,
+          "outer.error_feedback": 0.9}
+  for name, extra in (("DiLoCo", {"outer.sync_every": 10}),
+                      ("Streaming P=4 tau=2 f32", {**streaming, "outer.compression": "none"}),
+                      ("Streaming P=4 tau=2 int4 + EF", int4)):
     common = {**TINY, "islands.num": 2, "total_steps": steps, "eval_every": steps,
               "data.data_dir": data_dir, **extra}
     mesh_dir, dec_dir = f"{base}/eq_{len(rows)}_mesh", f"{base}/eq_{len(rows)}_decoupled"
+    two_dir = f"{base}/eq_{len(rows)}_mesh_2p"
     _train(mesh_dir, {**common, "launch.mode": "none"})
+    _train(two_dir, {**common, "launch.mode": "local", "mesh.island": 2,
+                     "launch.processes": 2})
     _train(dec_dir, {**common, "launch.mode": "decoupled"})
     mesh = _jsonl(os.path.join(mesh_dir, "metrics.jsonl"))
     want = np.array([r["island_loss"] for r in mesh])
+    two = np.array([r["island_loss"] for r in _jsonl(os.path.join(two_dir, "metrics.jsonl"))])
     got = np.stack([_island_losses(dec_dir, k) for k in range(2)], axis=1)
-    rows.append({"run": name, "steps": steps,
-                 "max_rel_diff_loss": float(np.max(np.abs(got - want) / np.abs(want))),
+    diff, first = _first_difference(got, want)
+    diff_2p, first_2p = _first_difference(got, two)
+    rows.append({"run": name, "steps": steps, "max_rel_diff_loss": diff,
+                 "first_differing_step": first, "max_rel_diff_loss_2p": diff_2p,
+                 "first_differing_step_2p": first_2p,
                  "eval_mesh": mesh[-1]["eval_loss"], "eval_decoupled": _evals(dec_dir)[-1][
                      "eval_loss"], "bytes_mesh": mesh[-1]["island_bytes"],
                  "bytes_decoupled": _evals(dec_dir)[-1]["island_bytes"]})
@@ -233,6 +252,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
       return "—"
     if isinstance(v, float) and v.is_integer() and abs(v) >= 10 or isinstance(v, int):
       return f"{int(v):,}"
+    if isinstance(v, float) and 0 < abs(v) < 1e-3:  # e.g. a max rel. diff: not "0.0000"
+      return f"{v:.1e}"
     if isinstance(v, float):
       return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
     return str(v)
@@ -249,8 +270,11 @@ def summary(results: dict, commit: str) -> str:
          "commit, date and CPU it was measured at).", ""]
   sections = {
       "equivalence": ("Equivalence with the mesh-axis mode (2 islands, policy sync)", [
-          ("run", "run"), ("steps", "steps"), ("max rel. diff, per-step losses",
-                                                "max_rel_diff_loss"),
+          ("run", "run"), ("steps", "steps"),
+          ("max rel. diff, per-step losses (islands simulated in 1 process)",
+           "max_rel_diff_loss"), ("first step that differs", "first_differing_step"),
+          ("max rel. diff (1 island per process)", "max_rel_diff_loss_2p"),
+          ("first step that differs", "first_differing_step_2p"),
           ("eval, mesh-axis", "eval_mesh"), ("eval, decoupled", "eval_decoupled"),
           ("island_bytes, mesh-axis", "bytes_mesh"), ("island_bytes, decoupled",
                                                       "bytes_decoupled")]),
