@@ -149,6 +149,13 @@ RUN_SETS["shipped_candidates"] = (
     ("Streaming 4-bit (P=2, H=10, tau=2), outer 0.7 / 0.9", _STREAM,
      [*_AT250, *_S10, "outer.momentum=0.9"]),
 )
+# The shipped Streaming config at its own 1,000 steps against the overlap tau (shipped: 2): the
+# DDP and DiLoCo rows are the "shipped" set's (same workdir names, reused when present).
+RUN_SETS["streaming_tau"] = (
+    *RUN_SETS["shipped"],
+    *((f"Streaming DiLoCo (P=4, tau={tau}, 4-bit)", _STREAM, [f"outer.overlap={tau}"])
+      for tau in (5, 1)),
+)
 # The outer hyper-parameters of configs/shakespeare_diloco.py at its own size (250 steps):
 # the paper's Nesterov 0.7 / 0.9 against lower outer momentum and more outer steps.
 RUN_SETS["tuning"] = tuple((name, config, [*_AT250, *over]) for name, config, over in (
