@@ -5,8 +5,10 @@
 Every run is ``experiments.train --config.launch.mode=decoupled`` on the tiny model (the
 syncer and each island its own process on this machine), against the mesh-axis mode where a
 row compares with it. Writes ``summary.md`` (the tables), ``results.json`` and
-``loss_vs_time.png`` (eval loss against wall time for each policy, crashes and restarts
-marked). ``--only NAME ...`` runs a subset.
+``loss_vs_time.png`` (eval loss against wall time for each policy) and ``faults.png`` (the
+crash and elastic runs, each leave, rejoin, syncer restore and join marked on its curve).
+``--only NAME ...`` runs a subset (``--only plot`` redraws ``faults.png`` from the runs already
+in ``--workdir``).
 """
 
 from __future__ import annotations
@@ -248,6 +250,52 @@ def _plot(curves: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+_FAULT_RUNS = (("crash_none", "3 islands, fault-free"), ("crash_1", "SIGKILL island 2"),
+               ("crash_2", "SIGKILL the syncer"), ("elastic_0", "4 islands from the start"),
+               ("elastic_1", "2 islands + 2 joining"))
+_MARKS = {"island_left": ("x", "island left"), "island_rejoined": ("^", "island rejoined"),
+          "syncer_restored": ("s", "syncer restored"), "island_joined": ("o", "island joined")}
+
+
+def _plot_faults(base: str, path: str) -> bool:
+  """Eval loss vs wall time of the crash and elastic runs in ``base``, each event of the run's
+  ``events.jsonl`` (left, rejoined, syncer restored, joined after the start) marked on its
+  curve. False when the runs are not there."""
+  runs = [(d, name) for d, name in _FAULT_RUNS if os.path.exists(f"{base}/{d}/events.jsonl")]
+  if not runs:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for d, name in runs:
+    ax = axes[0] if d.startswith("crash") else axes[1]
+    evals = [r for r in _evals(f"{base}/{d}") if "time" in r]
+    t0 = min(r["time"] for r in _jsonl(f"{base}/{d}/islands/0/metrics.jsonl"))
+    times, losses = [r["time"] - t0 for r in evals], [r["eval_loss"] for r in evals]
+    (line,) = ax.plot(times, losses, marker=".", label=name)
+    started = min(e["time"] for e in _jsonl(f"{base}/{d}/events.jsonl"))
+    shown = 0  # staggers the labels of events that land close together
+    for e in _jsonl(f"{base}/{d}/events.jsonl"):
+      if e["event"] not in _MARKS or (e["event"] == "island_joined" and e["time"] - started < 5):
+        continue
+      x = e["time"] - t0
+      marker, what = _MARKS[e["event"]]
+      ax.plot([x], [float(np.interp(x, times, losses))], marker, color=line.get_color(), ms=9)
+      ax.annotate(f"{what}" + (f" {e['island']}" if "island" in e else ""),
+                  (x, float(np.interp(x, times, losses))), textcoords="offset points",
+                  xytext=(4, 6 + 10 * shown), fontsize=7, color=line.get_color())
+      shown += 1
+  for ax, title in zip(axes, ("crashes (3 islands, H=10)", "elastic join (H=10)")):
+    ax.set_xlabel("wall time (s)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+  axes[0].set_ylabel("eval loss (nats/byte)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  return True
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
   def fmt(v):
     if v is None:
@@ -314,6 +362,9 @@ def summary(results: dict, commit: str) -> str:
       out += [f"## {title}", "", where, "", *_table(results[key], cols), ""]
   if "heterogeneous" in results:
     out += ["![loss vs wall time](loss_vs_time.png)", ""]
+  if "crashes" in results or "elastic" in results:
+    out += ["Crashes and joins, marked on each run's eval curve:", "",
+            "![crashes and joins](faults.png)", ""]
   return "\n".join(out)
 
 
@@ -347,6 +398,9 @@ def main(argv=None):
     results["elastic"] = elastic(args.workdir, args.data_dir, args.steps)
   if "bytes" in todo:
     results["bytes"] = wire_bytes(args.workdir, args.data_dir)
+  if {"crashes", "elastic", "plot"} & set(todo):  # "plot": redraw from the runs already there
+    _plot_faults(args.workdir, os.path.join(args.out, "faults.png"))
+  todo = [key for key in todo if key != "plot"]
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
   dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
