@@ -257,13 +257,13 @@ _MARKS = {"island_left": ("x", "island left"), "island_rejoined": ("^", "island 
           "syncer_restored": ("s", "syncer restored"), "island_joined": ("o", "island joined")}
 
 
-def _plot_faults(base: str, path: str) -> bool:
+def _plot_faults(base: str, path: str) -> None:
   """Eval loss vs wall time of the crash and elastic runs in ``base``, each event of the run's
   ``events.jsonl`` (left, rejoined, syncer restored, joined after the start) marked on its
-  curve. False when the runs are not there."""
+  curve. Nothing is drawn when the runs are not there."""
   runs = [(d, name) for d, name in _FAULT_RUNS if os.path.exists(f"{base}/{d}/events.jsonl")]
   if not runs:
-    return False
+    return
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -274,17 +274,19 @@ def _plot_faults(base: str, path: str) -> bool:
     t0 = min(r["time"] for r in _jsonl(f"{base}/{d}/islands/0/metrics.jsonl"))
     times, losses = [r["time"] - t0 for r in evals], [r["eval_loss"] for r in evals]
     (line,) = ax.plot(times, losses, marker=".", label=name)
-    started = min(e["time"] for e in _jsonl(f"{base}/{d}/events.jsonl"))
+    events = _jsonl(f"{base}/{d}/events.jsonl")
+    started = min(e["time"] for e in events)
     shown = 0  # staggers the labels of events that land close together
-    for e in _jsonl(f"{base}/{d}/events.jsonl"):
+    for e in events:
       if e["event"] not in _MARKS or (e["event"] == "island_joined" and e["time"] - started < 5):
         continue
       x = e["time"] - t0
+      y = float(np.interp(x, times, losses))
       marker, what = _MARKS[e["event"]]
-      ax.plot([x], [float(np.interp(x, times, losses))], marker, color=line.get_color(), ms=9)
-      ax.annotate(f"{what}" + (f" {e['island']}" if "island" in e else ""),
-                  (x, float(np.interp(x, times, losses))), textcoords="offset points",
-                  xytext=(4, 6 + 10 * shown), fontsize=7, color=line.get_color())
+      ax.plot([x], [y], marker, color=line.get_color(), ms=9)
+      ax.annotate(f"{what}" + (f" {e['island']}" if "island" in e else ""), (x, y),
+                  textcoords="offset points", xytext=(4, 6 + 10 * shown), fontsize=7,
+                  color=line.get_color())
       shown += 1
   for ax, title in zip(axes, ("crashes (3 islands, H=10)", "elastic join (H=10)")):
     ax.set_xlabel("wall time (s)")
@@ -293,7 +295,6 @@ def _plot_faults(base: str, path: str) -> bool:
   axes[0].set_ylabel("eval loss (nats/byte)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  return True
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
