@@ -37,6 +37,7 @@ import tempfile
 import time
 
 from experiments.bench import git_commit
+from experiments.bench import machine
 
 
 def pin_one_core(core: int | None = None) -> None:
@@ -286,7 +287,7 @@ def run_suite(config: str, rounds: int, steps: int) -> list[dict]:
                                                        if v[0] == name))},
            "runtime_defaults": list(next(v[2] for v in STEP_VARIANTS if v[0] == name)),
            "git_commit": commit, "jax": last["jax"], "device": last["device"],
-           "cores": last["cores"], "xla_flags": last["xla_flags"],
+           "machine": machine.describe(), "cores": last["cores"], "xla_flags": last["xla_flags"],
            "glibc_tunables": last.get("glibc_tunables", ""), "step_s": step_s,
            "step_s_samples": [s for o in outs for s in o["step_s_all"]],
            "page_faults_per_step": statistics.median(o["page_faults_per_step"] for o in outs),
@@ -306,7 +307,8 @@ def summary(rows: list[dict], command: str) -> str:
   lines = [
       "# Step bench: the jitted inner step, old and new defaults side by side", "",
       f"Regenerate: `{command}`", "",
-      f"git `{first['git_commit']}`, jax {first['jax']}, device `{first['device']}`, "
+      f"git `{first['git_commit']}`, jax {first['jax']}, device `{first['device']}` "
+      f"({first.get('machine', 'CPU not recorded')}), "
       f"config `{first['config']}` ({first['params']:,} params, "
       f"{first['flops_per_token'] / 1e6:.2f} MFLOP per training token by "
       "`model.train_flops_per_token`: 6N + 12·L·T·H·Dh, PaLM's convention).", "",
