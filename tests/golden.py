@@ -12,7 +12,7 @@ Every run but ``host_transport`` trains in this process on one device (all islan
 
 The last bits of a loss depend on the CPU XLA compiles for (measured: the AVX2 AMD EPYC and the
 AVX-512 Intel Xeon of earlier sessions give ``engine.json`` bit for bit; a Zen 4 AMD EPYC with
-AVX-512 differs from it in the 7th digit). So a CPU class whose results differ keeps its own
+AVX-512 and a Zen 3 one with AVX2 only differ from it in the 7th digit). So a CPU class whose results differ keeps its own
 recording, ``engine.<class>.json``, made from the same code (the regenerate command above
 writes the running machine's class), and is held to it bit for bit; a class with no recording
 is held to ``engine.json`` at rtol 1e-5.
@@ -42,7 +42,10 @@ def cpu_class(cpuinfo: str = "/proc/cpuinfo") -> str:
   vendor, family = fields.get("vendor_id", ""), fields.get("cpu family", "")
   flags = set(fields.get("flags", "").split())
   if "avx512f" not in flags:
-    return "x86-avx2" if "avx2" in flags else "unknown"
+    if "avx2" not in flags:
+      return "unknown"
+    # a Zen 3 EPYC (AMD family 25, AVX2 only) differs from engine.json in the 7th digit
+    return "amd-avx2-family25" if vendor == "AuthenticAMD" and family == "25" else "x86-avx2"
   if vendor == "GenuineIntel":
     return "intel-avx512"
   return f"{'amd' if vendor == 'AuthenticAMD' else vendor.lower()}-avx512-family{family}"

@@ -56,5 +56,6 @@ def test_cpu_class_of_the_machines_measured(tmp_path):
   assert cls("AuthenticAMD", 23, "fma avx2") == "x86-avx2"
   assert cls("GenuineIntel", 6, "avx2 avx512f amx_tile") == "intel-avx512"
   assert cls("AuthenticAMD", 25, "avx2 avx512f avx512_bf16") == "amd-avx512-family25"
+  assert cls("AuthenticAMD", 25, "fma avx2") == "amd-avx2-family25"
   assert golden.golden_file("intel-avx512") == (golden.GOLDEN, True)
   assert golden.golden_file("some-new-cpu") == (golden.GOLDEN, False)
