@@ -140,6 +140,7 @@ RUN_SETS["eager_long"] = (
     ("DiLoCo (M=2, H=10, 1200 steps), paper outer 0.7 / 0.9", _DILOCO,
      [*_LONG, "outer.momentum=0.9"]),
 )
+_DILOCO_AND_EAGER = (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"]))
 # Syncs or steps? The eager gap at 120 syncs (1,200 steps, H=10) against 240 syncs reached two
 # ways: twice the steps at the same H, or the same steps at half the H.
 RUN_SETS["eager_syncs"] = tuple(
@@ -147,26 +148,26 @@ RUN_SETS["eager_syncs"] = tuple(
      [*_QUICK, f"total_steps={steps}", f"eval_every={steps // 4}", f"log_every={steps // 4}",
       f"outer.sync_every={h}", *extra])
     for steps, h in ((2400, 10), (1200, 5))
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # Is the eager gap the noise of the one fresh local Δ it trusts? DiLoCo and eager at the quick
 # size, H=10, 300 steps, with the global batch at 16 (the suite's), 64 and 256 rows.
 RUN_SETS["eager_batch"] = tuple(
     (f"{method} (M=2, H=10, {rows} rows: {rows // 2} per island)", _DILOCO,
      [*_QUICK, "outer.sync_every=10", f"data.batch_size={rows // 2}", *extra])
     for rows in (16, 64, 256)
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # ... or the outer step it is given? Eager and DiLoCo over outer lr and momentum (quick, H=10).
 RUN_SETS["eager_outer"] = tuple(
     (f"{method} (M=2, H=10), outer {lr} / {mom}", _DILOCO,
      [*_QUICK, "outer.sync_every=10", f"outer.learning_rate={lr}", f"outer.momentum={mom}",
       *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"]))
+    for method, extra in _DILOCO_AND_EAGER
     for lr, mom in ((0.3, 0.5), (0.7, 0.5), (1.0, 0.5), (0.7, 0.0), (0.7, 0.9)))
 # The outer momentum eager prefers, over the long quick run (120 outer steps).
 RUN_SETS["eager_long_outer"] = tuple(
     (f"{method} (M=2, H=10, 1200 steps), outer 0.7 / {mom}", _DILOCO,
      [*_LONG, f"outer.momentum={mom}", *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"]))
+    for method, extra in _DILOCO_AND_EAGER
     for mom in (0.5, 0.3, 0.0))
 # Loss vs M at fixed global batch: is our M cost (2-3x the scaling-law fit) the tiny
 # per-island batch? The quick size's M sweep (16 rows: 16 / M per island) against 4x the rows.
