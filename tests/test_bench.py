@@ -67,3 +67,17 @@ def test_machine_line_names_the_cpu_and_its_simd(tmp_path):
   avx2.write_text("model name\t: AMD EPYC 7B12\nflags\t\t: avx2 fma\n")
   assert machine.describe(str(avx2)).endswith("AVX2 FMA (no AVX-512)")
   assert machine.cpu_info(str(tmp_path / "missing")) == ("unknown CPU", set())
+
+
+def test_contend_kernels_run_on_one_core_and_report_a_rate():
+  import math
+  import os
+  from experiments.bench import contend
+  before = os.sched_getaffinity(0)
+  try:
+    core = min(before)
+    rates = [contend.kernel_rate(k, core, 0.0, 0.05) for k in range(len(contend.KERNELS))]
+    assert os.sched_getaffinity(0) == {core}  # the worker pins itself
+  finally:
+    os.sched_setaffinity(0, before)
+  assert all(math.isfinite(r) and r > 0 for r in rates), rates
