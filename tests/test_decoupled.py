@@ -258,3 +258,14 @@ def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir):
   for k in range(2):
     np.testing.assert_allclose(_island_losses(tmp_path / "run", k),
                                [row[k] for row in want["island_loss"]], rtol=1e-5)
+
+
+def test_a_second_server_on_a_taken_port_is_refused_not_shared():
+  """gRPC's SO_REUSEPORT default would let two syncers share one port, the kernel splitting
+  islands between them; the second must fail to listen instead."""
+  first, port = channel.serve(SECRET, "127.0.0.1", 0, {"Echo": lambda b: b})
+  try:
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+      channel.serve(SECRET, "127.0.0.1", port, {"Echo": lambda b: b})
+  finally:
+    first.stop(grace=0)

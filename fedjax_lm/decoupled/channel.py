@@ -123,7 +123,11 @@ def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[byte
           threads: int = 16, tls: Tls | None = None) -> tuple[grpc.Server, int]:
   """Starts a server for ``methods`` (name -> bytes handler) on ``host:port`` (0: any free
   port), mutual TLS with ``tls``; returns (server, port)."""
-  server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads), options=_OPTIONS,
+  # No SO_REUSEPORT (gRPC's default on Linux): a second server on a taken port would share it
+  # silently, the kernel splitting connections between the two (seen: one job's island
+  # reaching another job's syncer).
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads),
+                       options=_OPTIONS + [("grpc.so_reuseport", 0)],
                        interceptors=[_Auth(secret)])
 
   def wrap(fn):
@@ -140,11 +144,14 @@ def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[byte
 
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
       SERVICE, {name: wrap(fn) for name, fn in methods.items()}),))
-  if tls is None:
-    bound = server.add_insecure_port(f"{host}:{port}")
-  else:
-    bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials(
-        [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True))
+  try:
+    if tls is None:
+      bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+      bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials(
+          [(tls.key, tls.cert)], root_certificates=tls.ca, require_client_auth=True))
+  except RuntimeError:  # grpcio raises where older versions returned 0
+    bound = 0
   if not bound:
     raise OSError(f"syncer: cannot listen on {host}:{port}")
   server.start()
