@@ -124,8 +124,8 @@ def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[byte
   """Starts a server for ``methods`` (name -> bytes handler) on ``host:port`` (0: any free
   port), mutual TLS with ``tls``; returns (server, port)."""
   # No SO_REUSEPORT (gRPC's default on Linux): a second server on a taken port would share it
-  # silently, the kernel splitting connections between the two (seen: one job's island
-  # reaching another job's syncer).
+  # silently, the kernel splitting connections between the two (the likely cause of a CI run
+  # where one test's island got UNAVAILABLE from a syncer that another island had joined).
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads),
                        options=_OPTIONS + [("grpc.so_reuseport", 0)],
                        interceptors=[_Auth(secret)])
