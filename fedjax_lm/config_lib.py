@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.launch.syncer = ""  # decoupled: the syncer's HOST:PORT
   c.launch.syncer_checkpoint_every = 0  # async: syncer saves every N updates (0 = islands.num)
   c.launch.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
+  # decoupled: rounds wait this long for an expected island (the first islands.num from the
+  # start, a launch.join one once the run is that far) to join before going on without it
+  c.launch.join_grace_seconds = 120.0
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
@@ -259,5 +262,7 @@ def validate(c) -> None:
          f"islands.step_seconds={c.islands.step_seconds} must be >= 0")
   _check(int(c.launch.syncer_checkpoint_every) >= 0,
          f"launch.syncer_checkpoint_every={c.launch.syncer_checkpoint_every} must be >= 0")
+  _check(float(c.launch.join_grace_seconds) > 0,
+         f"launch.join_grace_seconds={c.launch.join_grace_seconds} must be > 0")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")

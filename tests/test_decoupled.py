@@ -176,6 +176,35 @@ def test_corrupt_or_truncated_payload_leaves_the_global_state_alone(served):
   assert not any(syncer.rounds.values())
 
 
+def test_a_round_waits_for_an_island_that_has_not_come_up_until_its_join_grace(tmp_path,
+                                                                               data_dir):
+  """Island 1 of 2 is slow to start: island 0's send does not close the first round (it would
+  run ahead alone, CI saw it); after launch.join_grace_seconds island 1 is dropped, logged, and
+  the round closes with island 0; island 1 joining later is a first join at the current step."""
+  config = tiny_config(**{**golden.overrides("diloco", data_dir), "launch.mode": "decoupled",
+                          "launch.join_grace_seconds": 1.5})
+  syncer = syncer_lib.Syncer(config, str(tmp_path), SECRET)
+  _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
+  fingerprint = syncer_lib.fingerprint(config, abstract)
+  syncer.join(wire.pack(SECRET, "join", {"island": 0, "fingerprint": fingerprint}))
+  step = syncer._next_send(0)  # pylint: disable=protected-access
+  payload = [np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(syncer._sent[0])]  # pylint: disable=protected-access
+  payload[-1] = np.ones_like(payload[-1])
+  syncer.send(wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": step}, payload))
+  syncer.tick()
+  assert syncer.closed[0] == 0 and step in syncer.rounds[0]
+  time.sleep(1.6)
+  syncer.tick()
+  assert syncer.closed[0] == step
+  left = [e for e in syncer.events if e["event"] == "island_left"]
+  assert [(e["island"], e["reason"]) for e in left] == [(1, "did not join within 2 s")]
+  _, meta, _ = wire.unpack(SECRET, syncer.join(wire.pack(
+      SECRET, "join", {"island": 1, "fingerprint": fingerprint})), "joined")
+  assert meta["step"] == step and syncer.events[-1]["event"] == "island_joined"
+  syncer.metrics.close()
+  syncer.ckpt.close()
+
+
 def test_unreachable_syncer_is_one_clear_line_after_the_deadline(tmp_path, data_dir):
   start = time.time()
   result = run_cli(["--config", "configs/tiny.py", "--workdir", str(tmp_path),

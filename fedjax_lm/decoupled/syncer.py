@@ -20,7 +20,10 @@ run's tokens): the final eval is written and later sends are not applied (the is
 
 Membership: an island joins (its config fingerprint and param shapes must match, or it is
 refused with one line naming the difference), heartbeats, and is dropped when no heartbeat came
-for ``launch.heartbeat_seconds``. A restarted island pulls the current global params and its
+for ``launch.heartbeat_seconds``. Until it first joins, an island is expected (the first
+``islands.num`` from the start, a ``launch.join`` island once the run is that far): rounds wait
+for it for ``launch.join_grace_seconds``, so a slow starter does not find the run gone ahead.
+A restarted island pulls the current global params and its
 data position from here (live recovery) and joins at the next round.
 
 Data rule under churn: island k always reads data partition k of ``islands.max_num`` (default
@@ -160,6 +163,11 @@ class Syncer:
     # rounds (outer.delay: an island asks for round r - 1's global after round r may close)
     self.after_round: dict[int, dict[int, list]] = {p: {} for p in frags}
     self.members: dict[int, dict] = {}  # island -> {"last": time, "live": bool}
+    # Islands expected but not yet joined -> the time they are dropped if they have not: the
+    # first islands.num from the start (a round must not close before a slow starter came
+    # up), announced joiners once the run is that far; launch.join_grace_seconds each.
+    self.join_grace_s = float(config.launch.join_grace_seconds)
+    self.expected: dict[int, float] = {}
     self.data_positions: dict[str, str] = {}
     self.payload_bytes: dict[str, int] = {}  # island -> payload bytes accepted
     self.events: list[dict] = []
@@ -179,7 +187,8 @@ class Syncer:
         item_handlers={"server": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    self._restore()
+    if not self._restore():
+      self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
     self.metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   # ------------------------------------------------------------------ checkpoint
@@ -199,10 +208,10 @@ class Syncer:
       json.dump({"closed_through": min(self.closed.values()), "version": self.version,
                  "checkpoints": self.checkpoints}, f)
 
-  def _restore(self) -> None:
+  def _restore(self) -> bool:
     step = self.ckpt.latest_step()
     if step is None:
-      return
+      return False
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             self.server, self.engine.state_shardings.server)
     got = self.ckpt.restore(step, args=ocp.args.Composite(
@@ -213,11 +222,12 @@ class Syncer:
     self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
     self.applied_steps = meta.get("applied_steps", {})
     # The islands reconnect (and resend what the checkpoint lacks) while this process comes
-    # up: three heartbeat periods of grace, as for an announced join, so that a restart with a
+    # up: three heartbeat periods of grace, so that a restart with a
     # short heartbeat does not drop them and close rounds without them.
     grace = time.time() + 2 * self.heartbeat_s
     self.members = {int(k): {"last": grace, "live": True} for k in meta["members"]}
     self._log("syncer_restored", version=self.version, closed=self.closed)
+    return True
 
   def _log(self, kind: str, **fields) -> None:
     record = {"event": kind, "time": time.time(), **fields}
@@ -233,15 +243,18 @@ class Syncer:
       if min(self.closed.values()) >= step:
         del self.joins[k]
         if k not in self.members:
-          # a job being started gets three heartbeat periods to come up
-          self.members[k] = {"last": now + 2 * self.heartbeat_s, "live": True,
-                             "announced": True}
+          self.expected[k] = now + self.join_grace_s
           self._log("island_expected", island=k, step=min(self.closed.values()))
+    for k, deadline in list(self.expected.items()):
+      if now > deadline:
+        del self.expected[k]
+        self._log("island_left", island=k,
+                  reason=f"did not join within {self.join_grace_s:.0f} s")
     for k, m in self.members.items():
       if m["live"] and now - m["last"] > self.heartbeat_s:
         m["live"] = False
         self._log("island_left", island=k, reason=f"no heartbeat for {self.heartbeat_s:.0f} s")
-    return {k for k, m in self.members.items() if m["live"]}
+    return {k for k, m in self.members.items() if m["live"]} | set(self.expected)
 
   def join(self, request: bytes) -> bytes:
     _, meta, _ = wire.unpack(self.secret, request, "join")
@@ -250,7 +263,8 @@ class Syncer:
     if why is not None:
       raise channel.Refused(f"island {island} refused: {why}")
     with self.lock:
-      rejoin = island in self.members and not self.members[island].get("announced")
+      rejoin = island in self.members
+      self.expected.pop(island, None)
       self.members[island] = {"last": time.time(), "live": True}
       start = min(self.closed.values()) if any(self.closed.values()) else 0
       if self.asynchronous:
