@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_lm import cpu
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
@@ -49,7 +50,7 @@ class Evaluator:
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), replicated)
     step = steps.make_eval_step(graphdef, token_bytes)
     self._step = jax.jit(step, in_shardings=(params_sharding, batch_sharding),
-                         out_shardings=replicated)
+                         out_shardings=replicated, compiler_options=cpu.step_compiler_options(mesh))
 
   def __call__(self, params) -> dict[str, float]:
     total = None

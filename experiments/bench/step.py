@@ -213,8 +213,10 @@ OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_
        **ONE_VMAP}
 UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0,
             **ONE_VMAP}
-NONE, XLA, ALL = (), ("xla",), ("xla", "malloc")  # fedjax_lm's runtime defaults that are on
-# (name, overrides, runtime defaults: "xla" = its XLA:CPU flags, "malloc" = its glibc tunables)
+# fedjax_lm's runtime defaults that are on: "xla" = its XLA:CPU flags, "malloc" = its glibc
+# tunables, "compile" = its XLA:CPU compile options (fedjax_lm.cpu)
+NONE, XLA, MALLOC, ALL = (), ("xla",), ("xla", "malloc"), ("xla", "malloc", "compile")
+# (name, overrides, runtime defaults)
 STEP_VARIANTS = [
     ("before: scanned layers, einsum attention, YNNPACK dots", OLD, NONE),
     ("+ unrolled layers", UNROLLED, NONE),
@@ -223,10 +225,12 @@ STEP_VARIANTS = [
      "softmax divided after PV", {"model.attention_block": 0, **ONE_VMAP, **AUTODIFF}, XLA),
     ("+ causal query blocks of 128", {**ONE_VMAP, **AUTODIFF}, XLA),
     ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1)",
-     {**ONE_VMAP, **AUTODIFF}, ALL),
-    ("+ simulated islands in per-core groups (islands.simulated_groups)", AUTODIFF, ALL),
+     {**ONE_VMAP, **AUTODIFF}, MALLOC),
+    ("+ simulated islands in per-core groups (islands.simulated_groups)", AUTODIFF, MALLOC),
     ("+ QKV projected token-major, weight gradients as x^T @ dy, SwiGLU's backward written out "
-     "(model.hand_backward) = **default**", {}, ALL),
+     "(model.hand_backward)", {}, MALLOC),
+    ("+ max without NaN bookkeeping, 512-bit vectors where AVX-512 (XLA:CPU compile options, "
+     "fedjax_lm.cpu) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
     ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
@@ -247,6 +251,7 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   env["XLA_FLAGS"] = " ".join(flags)
   env["FEDJAX_LM_XLA_DEFAULTS"] = "1" if "xla" in defaults else "0"
   env["FEDJAX_LM_MALLOC_DEFAULTS"] = "1" if "malloc" in defaults else "0"
+  env["FEDJAX_LM_COMPILE_DEFAULTS"] = "1" if "compile" in defaults else "0"
   tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
               if t and t.split("=")[0] not in {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES}]
   env = fedjax_lm.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)})

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from fedjax_lm import cpu
 from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm.engine import links
@@ -115,7 +116,7 @@ def build(*, mesh: Mesh, num: int, loss_fn: Callable, make_params: Callable, abs
   inner = jax.jit(functools.partial(step, loss_fn, tx, groups, guard, mean),
                   in_shardings=(shardings, NamedSharding(mesh, mesh_lib.batch_spec())),
                   out_shardings=(shardings, programs_lib.metric_shardings(mesh)),
-                  donate_argnums=0)
+                  donate_argnums=0, compiler_options=cpu.step_compiler_options(mesh))
   init = jax.jit(lambda params: DdpState(params, tx.init(params), jnp.int32(0)),
                  out_shardings=shardings)
   return DdpEngine(num_islands=num, inner_step=inner, init=lambda key: init(make_params(key)),

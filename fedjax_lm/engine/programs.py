@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_lm import cpu
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm.engine import stages
 
@@ -61,7 +62,8 @@ def build(spec: stages.Spec, link: Any) -> Programs:
   return Programs(
       init=jax.jit(functools.partial(stages.init, spec), out_shardings=sh),
       inner=jax.jit(functools.partial(stages.inner_step, spec), in_shardings=(sh.islands, batch),
-                    out_shardings=(sh.islands, metric_shardings(spec.mesh)), donate_argnums=0),
+                    out_shardings=(sh.islands, metric_shardings(spec.mesh)), donate_argnums=0,
+                    compiler_options=cpu.step_compiler_options(spec.mesh)),
       encode=tuple(jit(stages.encode, p, in_shardings=(sh.islands, sh.server, None, None),
                        out_shardings=(sh.islands, spec.sent_shardings(p, "island")),
                        donate_argnums=0) for p in frags),

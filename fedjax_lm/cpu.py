@@ -1,0 +1,81 @@
+"""The CPU this process runs on, and the XLA:CPU compile options chosen for it.
+
+Measured by ``python -m experiments.bench --suite step`` (and the A/B in docs/performance.md),
+the jitted train and eval steps are compiled on CPU with two fields of XLA's DebugOptions:
+
+- ``xla_cpu_enable_fast_min_max``: max and min without NaN bookkeeping. XLA:CPU rewrites every
+  max over the attention keys and the vocabulary into a reduce-window plus a reduce, and that
+  reduce-window ran 3.3x slower with NaN-propagating max (1.87 vs 0.56 ms for a [16, 4, 128, 256]
+  max on one core). The step's maxima only shift a softmax (a NaN logit still makes the loss NaN
+  through exp, so the non-finite guard still sees it); the exchange programs (codecs, whose
+  scales are maxima) are compiled without it.
+- ``xla_cpu_prefer_vector_width=512`` on an Intel CPU with AVX-512 (``GenuineIntel``, ``avx512f``):
+  LLVM emits 256-bit vectors otherwise. Not on AMD: unmeasured there (Zen 4 runs 512-bit vectors
+  as two halves), and it changes the last bits of a loss (the order of vectorised sums), which
+  ``tests/golden`` records per CPU class.
+
+They go to ``jax.jit(..., compiler_options=...)``: set through ``XLA_FLAGS`` the same two fields
+left the step's time unchanged here (measured). ``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns them off;
+``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of DebugOptions fields) is merged over them, so a
+value the user sets wins. Not used off CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+ENV_OFF = "FEDJAX_LM_COMPILE_DEFAULTS"
+ENV_OPTIONS = "FEDJAX_LM_COMPILER_OPTIONS"
+
+
+def cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
+  """The first processor's fields in ``path`` (``model name``, ``vendor_id``, ``cpu family``,
+  ``flags``, ...); {} off Linux."""
+  fields = {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if not key and fields:
+          break  # the blank line that ends the first processor
+        if key:
+          fields.setdefault(key, value)
+  except OSError:
+    pass
+  return fields
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+  """(model name, flags) of the first processor in ``path``; ("unknown CPU", {}) off Linux."""
+  fields = cpu_fields(path)
+  return fields.get("model name", "unknown CPU"), set(fields.get("flags", "").split())
+
+
+def compiler_options(platform: str, cpuinfo: str = "/proc/cpuinfo",
+                     env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+  """The compile options of the train and eval steps on ``platform`` (None: XLA's own)."""
+  env = os.environ if env is None else env
+  if platform != "cpu":
+    return None
+  options: dict[str, Any] = {}
+  if env.get(ENV_OFF, "1") != "0":
+    options["xla_cpu_enable_fast_min_max"] = True
+    fields = cpu_fields(cpuinfo)
+    if fields.get("vendor_id") == "GenuineIntel" and "avx512f" in fields.get("flags", "").split():
+      options["xla_cpu_prefer_vector_width"] = 512
+  if env.get(ENV_OPTIONS):
+    try:
+      extra = json.loads(env[ENV_OPTIONS])
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{ENV_OPTIONS}={env[ENV_OPTIONS]!r} is not JSON: {e}") from None
+    if not isinstance(extra, dict):
+      raise ValueError(f"{ENV_OPTIONS}={env[ENV_OPTIONS]!r} is not a JSON object")
+    options.update(extra)
+  return options or None
+
+
+def step_compiler_options(mesh) -> dict[str, Any] | None:
+  """:func:`compiler_options` for the devices of ``mesh``."""
+  return compiler_options(mesh.devices.flat[0].platform)

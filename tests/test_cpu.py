@@ -1,0 +1,65 @@
+"""XLA:CPU compile options chosen by the CPU (fedjax_lm.cpu): what each CPU gets, the
+switches, and that the options reach XLA and the engine's train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fedjax_lm import cpu
+from fedjax_lm import engine
+from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import model as model_lib
+
+AMD = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n\n"
+ZEN4 = AMD.replace("avx2 fma", "avx2 fma avx512f avx512_bf16")
+INTEL = ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\n"
+         "flags\t\t: fpu avx2 fma avx512f avx512_bf16 amx_tile\n\n")
+
+
+def test_options_follow_the_cpu_and_the_switches(tmp_path):
+  amd, zen4, intel = tmp_path / "amd", tmp_path / "zen4", tmp_path / "intel"
+  amd.write_text(AMD)
+  zen4.write_text(ZEN4)
+  intel.write_text(INTEL)
+  assert cpu.compiler_options("cpu", str(amd), env={}) == {"xla_cpu_enable_fast_min_max": True}
+  assert cpu.compiler_options("cpu", str(zen4), env={}) == {"xla_cpu_enable_fast_min_max": True}
+  assert cpu.compiler_options("cpu", str(intel), env={}) == {
+      "xla_cpu_enable_fast_min_max": True, "xla_cpu_prefer_vector_width": 512}
+  assert cpu.compiler_options("gpu", str(intel), env={}) is None
+  assert cpu.compiler_options("cpu", str(intel), env={cpu.ENV_OFF: "0"}) is None
+  mine = {cpu.ENV_OPTIONS: '{"xla_cpu_prefer_vector_width": 256}'}
+  assert cpu.compiler_options("cpu", str(intel), env=mine)["xla_cpu_prefer_vector_width"] == 256
+  with pytest.raises(ValueError, match=f"^{cpu.ENV_OPTIONS}='512' is not a JSON object$"):
+    cpu.compiler_options("cpu", str(intel), env={cpu.ENV_OPTIONS: "512"})
+  with pytest.raises(ValueError, match=f"^{cpu.ENV_OPTIONS}='{{bad' is not JSON"):
+    cpu.compiler_options("cpu", str(intel), env={cpu.ENV_OPTIONS: "{bad"})
+
+
+def test_fast_min_max_reaches_xla_and_a_nan_logit_still_makes_the_loss_nan():
+  """With the options XLA's max drops a NaN (the documented cost, and the proof that the option
+  is honoured: a JAX upgrade that ignored it would lose the speed silently); a softmax loss over
+  a NaN logit is NaN all the same, so the non-finite guard still sees it."""
+  options = cpu.compiler_options("cpu")
+  x = jnp.array([jnp.nan, 1.0, 2.0])
+  assert float(jax.jit(jnp.max)(x)) != float(jax.jit(jnp.max)(x))  # NaN without the options
+  assert float(jax.jit(jnp.max, compiler_options=options)(x)) == 2.0
+  loss = jax.jit(lambda l: -jax.nn.log_softmax(l)[2], compiler_options=options)(x)
+  assert np.isnan(float(loss))
+
+
+def test_the_engine_s_train_step_is_compiled_with_them(monkeypatch):
+  """An option XLA does not know, set through the override, fails the inner step's compile
+  naming it: the options reach that program (DDP's too)."""
+  monkeypatch.setenv(cpu.ENV_OPTIONS, '{"xla_no_such_option": 1}')
+  for algorithm in ("islands", "ddp"):
+    config = tiny_config(**{"algorithm": algorithm})
+    mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
+    alg = engine.build(config, mesh, model_lib.ModelConfig.from_config(config.model))
+    state = alg.init(jax.random.key(0))
+    m, b, t = int(config.islands.num), int(config.data.batch_size), int(config.data.seq_len)
+    rows = np.zeros((m, b, t), np.int32)
+    batch = {"inputs": rows, "targets": rows, "mask": np.ones((m, b, t), np.float32)}
+    with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+      alg.inner_step(state, batch)
