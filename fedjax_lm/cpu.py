@@ -1,22 +1,24 @@
-"""The CPU this process runs on, and the XLA:CPU compile options chosen for it.
+"""The CPU this process runs on, and the XLA:CPU compile options of the train and eval steps.
 
 Measured by ``python -m experiments.bench --suite step`` (and the A/B in docs/performance.md),
-the jitted train and eval steps are compiled on CPU with two fields of XLA's DebugOptions:
+the jitted train and eval steps are compiled on CPU with this field of XLA's DebugOptions:
 
 - ``xla_cpu_enable_fast_min_max``: max and min without NaN bookkeeping. XLA:CPU rewrites every
   max over the attention keys and the vocabulary into a reduce-window plus a reduce, and that
   reduce-window ran 3.3x slower with NaN-propagating max (1.87 vs 0.56 ms for a [16, 4, 128, 256]
   max on one core). The step's maxima only shift a softmax (a NaN logit still makes the loss NaN
   through exp, so the non-finite guard still sees it); the exchange programs (codecs, whose
-  scales are maxima) are compiled without it.
-- ``xla_cpu_prefer_vector_width=512`` on an Intel CPU with AVX-512 (``GenuineIntel``, ``avx512f``):
-  LLVM emits 256-bit vectors otherwise. Not on AMD: unmeasured there (Zen 4 runs 512-bit vectors
-  as two halves), and it changes the last bits of a loss (the order of vectorised sums), which
-  ``tests/golden`` records per CPU class.
+  scales are maxima) are compiled without it. Measured on Intel AVX-512 (AMX) only; it removes
+  work on any x86, so it is on for every CPU.
 
-They go to ``jax.jit(..., compiler_options=...)``: set through ``XLA_FLAGS`` the same two fields
-left the step's time unchanged here (measured). ``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns them off;
-``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of DebugOptions fields) is merged over them, so a
+Tried and left out: ``xla_cpu_prefer_vector_width=512`` on AVX-512. It measured 0.92-0.97 of the
+step's time on the Intel AMX VMs and 1.02-1.06 on an Intel VM without AMX, 0.98 on Zen 4, and it
+changes the last bits of a loss (the order of vectorised sums); set it through
+``FEDJAX_LM_COMPILER_OPTIONS='{"xla_cpu_prefer_vector_width": 512}'``.
+
+It goes to ``jax.jit(..., compiler_options=...)``: set through ``XLA_FLAGS`` the same field left
+the step's time unchanged here (measured). ``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns it off;
+``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of DebugOptions fields) is merged over it, so a
 value the user sets wins. Not used off CPU.
 """
 
@@ -53,7 +55,7 @@ def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
   return fields.get("model name", "unknown CPU"), set(fields.get("flags", "").split())
 
 
-def compiler_options(platform: str, cpuinfo: str = "/proc/cpuinfo",
+def compiler_options(platform: str,
                      env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
   """The compile options of the train and eval steps on ``platform`` (None: XLA's own)."""
   env = os.environ if env is None else env
@@ -62,9 +64,6 @@ def compiler_options(platform: str, cpuinfo: str = "/proc/cpuinfo",
   options: dict[str, Any] = {}
   if env.get(ENV_OFF, "1") != "0":
     options["xla_cpu_enable_fast_min_max"] = True
-    fields = cpu_fields(cpuinfo)
-    if fields.get("vendor_id") == "GenuineIntel" and "avx512f" in fields.get("flags", "").split():
-      options["xla_cpu_prefer_vector_width"] = 512
   if env.get(ENV_OPTIONS):
     try:
       extra = json.loads(env[ENV_OPTIONS])

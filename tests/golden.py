@@ -10,10 +10,9 @@ tests' own XLA configuration:
 Every run but ``host_transport`` trains in this process on one device (all islands simulated);
 ``host_transport`` runs the CLI with 2 processes, one island each, over the host link.
 
-The last bits of a loss depend on the CPU XLA compiles for (measured: the AVX2 AMD EPYC gives
-``engine.json`` bit for bit; a Zen 4 AMD EPYC with AVX-512 and a Zen 3 one with AVX2 only differ
-from it in the 7th digit; the Intel Xeons with AVX-512 gave it bit for bit until the step was
-compiled for 512-bit vectors there (``fedjax_lm.cpu``), then within 3.8e-7 of it). So a CPU class whose results differ keeps its own
+The last bits of a loss depend on the CPU XLA compiles for (measured: the AVX2 AMD EPYC and the
+AVX-512 Intel Xeon of earlier sessions give ``engine.json`` bit for bit; a Zen 4 AMD EPYC with
+AVX-512 and a Zen 3 one with AVX2 only differ from it in the 7th digit). So a CPU class whose results differ keeps its own
 recording, ``engine.<class>.json``, made from the same code (the regenerate command above
 writes the running machine's class), and is held to it bit for bit; a class with no recording
 is held to ``engine.json`` at rtol 1e-5.
@@ -31,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GOLDEN = os.path.join(HERE, "golden", "engine.json")
 # CPU classes whose bits are engine.json's (measured, see above)
-DEFAULT_CLASSES = ("x86-avx2",)
+DEFAULT_CLASSES = ("x86-avx2", "intel-avx512")
 
 
 def cpu_class(cpuinfo: str = "/proc/cpuinfo") -> str:

@@ -229,7 +229,7 @@ STEP_VARIANTS = [
     ("+ simulated islands in per-core groups (islands.simulated_groups)", AUTODIFF, MALLOC),
     ("+ QKV projected token-major, weight gradients as x^T @ dy, SwiGLU's backward written out "
      "(model.hand_backward)", {}, MALLOC),
-    ("+ max without NaN bookkeeping, 512-bit vectors where AVX-512 (XLA:CPU compile options, "
+    ("+ max without NaN bookkeeping (XLA:CPU compile option xla_cpu_enable_fast_min_max, "
      "fedjax_lm.cpu) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
