@@ -16,7 +16,8 @@ step's time on the Intel AMX VMs and 1.02-1.06 on an Intel VM without AMX, 0.98 
 changes the last bits of a loss (the order of vectorised sums); set it through
 ``FEDJAX_LM_COMPILER_OPTIONS='{"xla_cpu_prefer_vector_width": 512}'``.
 
-It goes to ``jax.jit(..., compiler_options=...)``: set through ``XLA_FLAGS`` the same field left
+It goes to ``jax.jit(..., compiler_options=...)`` (:func:`jit_step`; inside a user's own jit the
+step is traced without it, since JAX takes compile options only at the top level): set through ``XLA_FLAGS`` the same field left
 the step's time unchanged here (measured). ``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns it off;
 ``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of DebugOptions fields) is merged over it, so a
 value the user sets wins. Not used off CPU.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 ENV_OFF = "FEDJAX_LM_COMPILE_DEFAULTS"
 ENV_OPTIONS = "FEDJAX_LM_COMPILER_OPTIONS"
@@ -78,3 +79,28 @@ def compiler_options(platform: str,
 def step_compiler_options(mesh) -> dict[str, Any] | None:
   """:func:`compiler_options` for the devices of ``mesh``."""
   return compiler_options(mesh.devices.flat[0].platform)
+
+
+class TopLevelJit:
+  """A jitted step compiled with ``options`` when called at the top level; traced inside
+  another jit (JAX takes compile options only at the top level, and the outer jit then owns the
+  compile) the same function without them. ``lower`` lowers the top-level one."""
+
+  def __init__(self, fn: Callable, options: dict[str, Any] | None, **jit_kwargs):
+    import jax  # pylint: disable=g-import-not-at-top  (this module is imported without jax)
+    self._tracer = jax.core.Tracer
+    self.nested = jax.jit(fn, **jit_kwargs)
+    self.top = jax.jit(fn, compiler_options=options, **jit_kwargs) if options else self.nested
+
+  def __call__(self, *args, **kwargs):
+    import jax  # pylint: disable=g-import-not-at-top
+    traced = any(isinstance(x, self._tracer) for x in jax.tree.leaves((args, kwargs)))
+    return (self.nested if traced else self.top)(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self.top.lower(*args, **kwargs)
+
+
+def jit_step(fn: Callable, mesh, **jit_kwargs) -> TopLevelJit:
+  """``jax.jit(fn, **jit_kwargs)`` with the step's compile options for ``mesh`` (see above)."""
+  return TopLevelJit(fn, step_compiler_options(mesh), **jit_kwargs)

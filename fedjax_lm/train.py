@@ -49,8 +49,8 @@ class Evaluator:
     batch_sharding = self.batches[0]["inputs"].sharding if self.batches else None
     token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes(), jnp.float32), replicated)
     step = steps.make_eval_step(graphdef, token_bytes)
-    self._step = jax.jit(step, in_shardings=(params_sharding, batch_sharding),
-                         out_shardings=replicated, compiler_options=cpu.step_compiler_options(mesh))
+    self._step = cpu.jit_step(step, mesh, in_shardings=(params_sharding, batch_sharding),
+                              out_shardings=replicated)
 
   def __call__(self, params) -> dict[str, float]:
     total = None

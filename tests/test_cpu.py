@@ -53,3 +53,16 @@ def test_the_engine_s_train_step_is_compiled_with_them(monkeypatch):
     batch = {"inputs": rows, "targets": rows, "mask": np.ones((m, b, t), np.float32)}
     with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
       alg.inner_step(state, batch)
+
+
+def test_a_step_traced_inside_another_jit_runs_without_them():
+  """JAX takes compile options only at the top level: the same step called inside a user's
+  jit is traced without them (and gives the top-level call's numbers); at the top level it
+  keeps them (max drops the NaN)."""
+  step = cpu.TopLevelJit(jnp.max, {"xla_cpu_enable_fast_min_max": True})
+  x = jnp.array([jnp.nan, 1.0, 2.0])
+  assert float(step(x)) == 2.0
+  assert np.isnan(float(jax.jit(lambda y: step(y))(x)))
+  y = jnp.array([3.0, 1.0, 2.0])
+  assert float(jax.jit(lambda v: step(v) * 2)(y)) == 2 * float(step(y)) == 6.0
+  assert "reduce" in step.lower(y).as_text()

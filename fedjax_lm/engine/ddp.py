@@ -113,10 +113,10 @@ def build(*, mesh: Mesh, num: int, loss_fn: Callable, make_params: Callable, abs
   stacked_zero = jax.tree.map(lambda s: mesh_lib.with_leading(s, "island"), zero_specs,
                               is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   mean = lambda grads: links.XlaLink.mean(grads, named(stacked_zero), named(zero_specs))
-  inner = jax.jit(functools.partial(step, loss_fn, tx, groups, guard, mean),
-                  in_shardings=(shardings, NamedSharding(mesh, mesh_lib.batch_spec())),
-                  out_shardings=(shardings, programs_lib.metric_shardings(mesh)),
-                  donate_argnums=0, compiler_options=cpu.step_compiler_options(mesh))
+  inner = cpu.jit_step(functools.partial(step, loss_fn, tx, groups, guard, mean), mesh,
+                       in_shardings=(shardings, NamedSharding(mesh, mesh_lib.batch_spec())),
+                       out_shardings=(shardings, programs_lib.metric_shardings(mesh)),
+                       donate_argnums=0)
   init = jax.jit(lambda params: DdpState(params, tx.init(params), jnp.int32(0)),
                  out_shardings=shardings)
   return DdpEngine(num_islands=num, inner_step=inner, init=lambda key: init(make_params(key)),

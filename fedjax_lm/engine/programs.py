@@ -61,9 +61,10 @@ def build(spec: stages.Spec, link: Any) -> Programs:
   frags = range(spec.frags.num)
   return Programs(
       init=jax.jit(functools.partial(stages.init, spec), out_shardings=sh),
-      inner=jax.jit(functools.partial(stages.inner_step, spec), in_shardings=(sh.islands, batch),
-                    out_shardings=(sh.islands, metric_shardings(spec.mesh)), donate_argnums=0,
-                    compiler_options=cpu.step_compiler_options(spec.mesh)),
+      inner=cpu.jit_step(functools.partial(stages.inner_step, spec), spec.mesh,
+                         in_shardings=(sh.islands, batch),
+                         out_shardings=(sh.islands, metric_shardings(spec.mesh)),
+                         donate_argnums=0),
       encode=tuple(jit(stages.encode, p, in_shardings=(sh.islands, sh.server, None, None),
                        out_shardings=(sh.islands, spec.sent_shardings(p, "island")),
                        donate_argnums=0) for p in frags),
