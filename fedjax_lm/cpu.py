@@ -12,15 +12,15 @@ the jitted train and eval steps are compiled on CPU with this field of XLA's Deb
   work on any x86, so it is on for every CPU.
 
 Tried and left out: ``xla_cpu_prefer_vector_width=512`` on AVX-512. It measured 0.92-0.97 of the
-step's time on the Intel AMX VMs and 1.02-1.06 on an Intel VM without AMX, 0.98 on Zen 4, and it
+step's time on the Intel AMX VMs, 1.02-1.06 on an earlier Intel VM and 0.98 on Zen 4, and it
 changes the last bits of a loss (the order of vectorised sums); set it through
 ``FEDJAX_LM_COMPILER_OPTIONS='{"xla_cpu_prefer_vector_width": 512}'``.
 
-It goes to ``jax.jit(..., compiler_options=...)`` (:func:`jit_step`; inside a user's own jit the
-step is traced without it, since JAX takes compile options only at the top level): set through ``XLA_FLAGS`` the same field left
-the step's time unchanged here (measured). ``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns it off;
-``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of DebugOptions fields) is merged over it, so a
-value the user sets wins. Not used off CPU.
+The option goes to ``jax.jit(..., compiler_options=...)`` (:func:`jit_step`; inside a user's own
+jit the step is traced without it, since JAX takes compile options only at the top level); set
+through ``XLA_FLAGS``, the same field left the step's time unchanged here (measured).
+``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns it off; ``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of
+DebugOptions fields) is merged over it, so a value the user sets wins. Not used off CPU.
 """
 
 from __future__ import annotations
