@@ -148,50 +148,53 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
                                    alg.name)
   record: dict[str, Any] = {}
   last_time, last_step = time.time(), start
-  with jax.transfer_guard_device_to_host("disallow"):
-    for step in range(start, total):
-      batch = next(batches)
-      if bad := health.injected(step + 1):  # test hook: a bad batch
-        batch = health.poison(batch, np.isin(np.arange(alg.num_islands), bad))
-      state, step_metrics = alg.inner_step(state, batch)
-      done = step + 1
-      state = alg.sync(state, done)
-      pending.append(step_metrics["island_loss"])
-      pending_ok.append(step_metrics["island_ok"])
-      writer.step()
-      is_eval = done % config.eval_every == 0 or done == total
-      if done % config.log_every == 0 or is_eval:
-        island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
-        island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
-        nonfinite = check_health(island_ok, done, _fetch(alg.failures_in_a_row(state)))
-        now = time.time()
-        record = {"step": done, "tokens": done * tokens_per_step,
-                  "train_loss": float(np.nanmean(island_loss)) if nonfinite else
-                                float(island_loss.mean()),
-                  "island_loss": [float(x) for x in island_loss],
-                  "island_bytes": alg.island_bytes(done),
-                  "island_peak_bytes": alg.island_peak_bytes(done),
-                  "island_control_bytes": alg.island_control_bytes(done),
-                  "nonfinite": nonfinite,
-                  "tokens_per_sec": (done - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
-        if is_eval:  # the global model with every exchange sent so far applied
-          state = alg.settle(state)
-          record.update(evaluate(alg.eval_params(state)))
-        writer.write(record)
-        pending, pending_ok, last_time, last_step = [], [], time.time(), done
-      preempted = preemption.reached(done)
-      if done % config.checkpoint_every == 0 or done == total or preempted:
-        state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
-        check_health(None, done, _fetch(alg.failures_in_a_row(state)))
-        checkpointer.save(done, state, batches, force=True, layout=layout,
-                        clock=alg.clock_state(done))
-      _maybe_inject_fault(done, checkpointer)
-      if preempted and done < total:
-        break
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  preemption.close()
+  try:  # on any exit, an error's too, the save in flight is finished and the manager shut
+    with jax.transfer_guard_device_to_host("disallow"):
+      for step in range(start, total):
+        batch = next(batches)
+        if bad := health.injected(step + 1):  # test hook: a bad batch
+          batch = health.poison(batch, np.isin(np.arange(alg.num_islands), bad))
+        state, step_metrics = alg.inner_step(state, batch)
+        done = step + 1
+        state = alg.sync(state, done)
+        pending.append(step_metrics["island_loss"])
+        pending_ok.append(step_metrics["island_ok"])
+        writer.step()
+        is_eval = done % config.eval_every == 0 or done == total
+        if done % config.log_every == 0 or is_eval:
+          island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
+          island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
+          nonfinite = check_health(island_ok, done, _fetch(alg.failures_in_a_row(state)))
+          now = time.time()
+          record = {"step": done, "tokens": done * tokens_per_step,
+                    "train_loss": float(np.nanmean(island_loss)) if nonfinite else
+                                  float(island_loss.mean()),
+                    "island_loss": [float(x) for x in island_loss],
+                    "island_bytes": alg.island_bytes(done),
+                    "island_peak_bytes": alg.island_peak_bytes(done),
+                    "island_control_bytes": alg.island_control_bytes(done),
+                    "nonfinite": nonfinite,
+                    "tokens_per_sec": (done - last_step) * tokens_per_step
+                                      / max(now - last_time, 1e-9)}
+          if is_eval:  # the global model with every exchange sent so far applied
+            state = alg.settle(state)
+            record.update(evaluate(alg.eval_params(state)))
+          writer.write(record)
+          pending, pending_ok, last_time, last_step = [], [], time.time(), done
+        preempted = preemption.reached(done)
+        if done % config.checkpoint_every == 0 or done == total or preempted:
+          state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
+          check_health(None, done, _fetch(alg.failures_in_a_row(state)))
+          checkpointer.save(done, state, batches, force=True, layout=layout,
+                            clock=alg.clock_state(done))
+        _maybe_inject_fault(done, checkpointer)
+        if preempted and done < total:
+          break
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    preemption.close()
   if preempted and done < total:
     raise ckpt_lib.Preempted(done)
   return record

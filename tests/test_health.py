@@ -177,3 +177,29 @@ def test_all_islands_nonfinite_stops_with_last_good_checkpoint(tmp_path, data_di
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
   records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(r["eval_loss"]) for r in records if "eval_loss" in r)
+
+
+def test_a_stop_on_nonfinite_finishes_the_save_in_flight_and_shuts_the_checkpointer(
+    tmp_path, data_dir, one_device, monkeypatch):
+  """In process: the run that stops with NonFiniteError at step 20 has waited for the
+  checkpoint it started at step 10 and closed the checkpoint manager before the error leaves
+  ``train`` (otherwise orbax's commit thread can outlive the interpreter: a traceback at exit
+  and a step-10 directory that is never finalized)."""
+  from fedjax_lm import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  calls = []
+  for name in ("wait", "close"):
+    real = getattr(ckpt_lib.Checkpointer, name)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, name,
+                        lambda self, _real=real, _name=name: (calls.append(_name), _real(self)))
+  monkeypatch.setenv(health.ENV_INJECT,
+                     ",".join(f"{s}:{m}" for s in range(11, 31) for m in range(2)))
+  config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 5,
+                          "total_steps": 30, "checkpoint_every": 10, "log_every": 5,
+                          "eval_every": 10, "islands.max_nonfinite": 2,
+                          "data.data_dir": data_dir})
+  with pytest.raises(health.NonFiniteError, match=r"2 syncs in a row \(step 20"):
+    train_lib.train(config, str(tmp_path), devices=one_device)
+  assert calls == ["wait", "close"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+  assert ckpt_lib.Checkpointer(str(tmp_path), 10, 3).latest_step() == 10
