@@ -277,9 +277,10 @@ def main() -> None:
   command = f"python -m experiments.bench.torch_peer --rounds {args.rounds} --steps {args.steps}"
   if args.breakdown:
     command += " --breakdown"
-    text = breakdown_report(breakdown(args.rounds, args.steps), command)
-  else:
-    text = report(measure(args.rounds, args.steps), args.rounds, command)
+  if args.out:
+    command += f" --out {args.out}"
+  text = (breakdown_report(breakdown(args.rounds, args.steps), command) if args.breakdown else
+          report(measure(args.rounds, args.steps), args.rounds, command))
   out = args.out or os.path.join("experiments", "results", "step", "torch_peer_breakdown.md"
                                  if args.breakdown else "torch_peer.md")
   os.makedirs(os.path.dirname(out), exist_ok=True)
