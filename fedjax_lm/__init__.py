@@ -30,17 +30,32 @@ _apply_xla_defaults()
 # with it (``reexec_with_malloc_defaults``) and their child processes inherit it.
 # FEDJAX_LM_MALLOC_DEFAULTS=0 turns this off; a value the user already set wins.
 GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1",)
+# A process pinned to one core (the launcher's one process per core, the benches' 1-core
+# workers) runs XLA:CPU on one worker thread. Its arena is not the main one, so glibc serves the
+# step's temporaries (272 MB for one island of the default config) from fresh mmaps whatever the
+# mmap threshold, and the kernel zeroes them again at every step: 136 2 MiB page faults a step,
+# measured. One arena, no mmap and no trimming keep them in the heap from step to step (0 faults
+# a step; the 1-core step 0.86x the time, Intel AMX, docs/performance.md). The process's memory
+# is then not returned to the system until it exits. Not for processes with several compute
+# threads: on the simulated path (2 threads) one arena made the step 1.1-1.6x slower.
+# FEDJAX_LM_HEAP_DEFAULTS=0 turns this part off.
+ONE_CORE_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                     "glibc.malloc.trim_threshold=17179869184")
 
 
-def malloc_env(env: dict[str, str]) -> dict[str, str]:
-  """``env`` with fedjax_lm's glibc tunables added (unchanged off glibc or when turned off)."""
+def malloc_env(env: dict[str, str], one_core: bool = False) -> dict[str, str]:
+  """``env`` with fedjax_lm's glibc tunables added (unchanged off glibc or when turned off);
+  ``one_core``: for a process that will run pinned to one core (``ONE_CORE_TUNABLES`` too)."""
   import platform  # pylint: disable=g-import-not-at-top
   if env.get("FEDJAX_LM_MALLOC_DEFAULTS", "1") == "0" or platform.libc_ver()[0] != "glibc":
     return env
+  ours = GLIBC_TUNABLES
+  if one_core and env.get("FEDJAX_LM_HEAP_DEFAULTS", "1") != "0":
+    ours += ONE_CORE_TUNABLES
   have = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
   names = {t.split("=")[0] for t in have}
   return {**env, "GLIBC_TUNABLES": ":".join(
-      have + [t for t in GLIBC_TUNABLES if t.split("=")[0] not in names])}
+      have + [t for t in ours if t.split("=")[0] not in names])}
 
 
 def reexec_with_malloc_defaults() -> None:

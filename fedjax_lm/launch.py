@@ -103,7 +103,7 @@ def _start_child(cores: tuple[int, ...] | None):
 
 
 def _child_env(process_id: int, num_processes: int, coordinator: str,
-               secret: str) -> dict[str, str]:
+               secret: str, cores: tuple[int, ...] | None = None) -> dict[str, str]:
   env = dict(os.environ)
   env[ENV_COORDINATOR] = coordinator
   env[ENV_NUM_PROCESSES] = str(num_processes)
@@ -117,7 +117,7 @@ def _child_env(process_id: int, num_processes: int, coordinator: str,
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONUNBUFFERED"] = "1"
   env.setdefault(wire.ENV_SECRET, secret)
-  return fedjax_lm.malloc_env(env)
+  return fedjax_lm.malloc_env(env, one_core=cores is not None and len(cores) == 1)
 
 
 PREEMPTION_GRACE_SECONDS = 120.0
@@ -140,7 +140,7 @@ def launch_local(argv: Sequence[str], num_processes: int, log_dir: str,
     else:
       out = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
       logs.append(out)
-    env = _child_env(i, num_processes, coordinator, secret)
+    env = _child_env(i, num_processes, coordinator, secret, groups[i] if groups else None)
     procs.append(subprocess.Popen(list(argv), env=env,
                                   stdout=out, stderr=subprocess.STDOUT if out else None,
                                   preexec_fn=_start_child(groups[i] if groups else None)))

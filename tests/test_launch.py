@@ -131,7 +131,8 @@ def test_child_environment_and_logs(tmp_path, monkeypatch):
     assert e["JAX_PLATFORMS"] == "cpu"
     # One device per process: the parent's forced device count is not inherited.
     assert "xla_force_host_platform_device_count" not in (e["XLA_FLAGS"] or "")
-    assert e["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # huge pages for XLA's temporaries
+    # huge pages for XLA's temporaries (and, one core per process, the heap tunables)
+    assert e["GLIBC_TUNABLES"].split(":")[0] == "glibc.malloc.hugetlb=1"
   # Processes i > 0 log to log_dir/process_<i>.log (stdout and stderr); process 0 does not.
   assert sorted(os.listdir(log_dir)) == ["process_1.log", "process_2.log"]
   for i in (1, 2):
@@ -155,16 +156,19 @@ def test_core_groups(num, cores, expected):
 def test_children_are_pinned_to_their_cores(tmp_path, pin):
   body = """\
       with open(os.path.join(d, f"cores_{i}"), "w") as f:
-        f.write(json.dumps(sorted(os.sched_getaffinity(0))))
+        f.write(json.dumps([sorted(os.sched_getaffinity(0)), os.environ["GLIBC_TUNABLES"]]))
       """
   usable = sorted(os.sched_getaffinity(0))
   n = max(2, len(usable))
   assert launch.launch_local(_argv(tmp_path, body), n, str(tmp_path / "logs"),
                              pin_cores=pin) == 0
-  got = [tuple(json.loads((tmp_path / f"cores_{i}").read_text())) for i in range(n)]
-  assert got == (launch.core_groups(n, usable) if pin else [tuple(usable)] * n)
+  got = [json.loads((tmp_path / f"cores_{i}").read_text()) for i in range(n)]
+  cores = [tuple(c) for c, _ in got]
+  assert cores == (launch.core_groups(n, usable) if pin else [tuple(usable)] * n)
   if pin and len(usable) > 1:
-    assert len(set(got)) == len(usable)  # every core used, one process per core
+    assert len(set(cores)) == len(usable)  # every core used, one process per core
+  for c, tunables in got:  # the heap tunables go to processes pinned to one core, only
+    assert ("glibc.malloc.arena_max=1" in tunables) == (pin and len(c) == 1), (c, tunables)
 
 
 def test_child_keeps_explicit_jax_platforms(tmp_path, monkeypatch):
@@ -194,6 +198,19 @@ def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
       "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
   assert fedjax_lm.malloc_env(off) == off
+  assert fedjax_lm.malloc_env(off, one_core=True) == off
+
+
+def test_malloc_env_one_core_adds_the_heap_tunables_unless_set_or_off():
+  one = fedjax_lm.malloc_env({}, one_core=True)["GLIBC_TUNABLES"].split(":")
+  assert one == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                 "glibc.malloc.trim_threshold=17179869184"]
+  user = fedjax_lm.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, one_core=True)
+  assert user["GLIBC_TUNABLES"].split(":")[:2] == ["glibc.malloc.arena_max=4",
+                                                   "glibc.malloc.hugetlb=1"]
+  assert "arena_max=1" not in user["GLIBC_TUNABLES"]  # the user's arena count wins
+  off = fedjax_lm.malloc_env({"FEDJAX_LM_HEAP_DEFAULTS": "0"}, one_core=True)
+  assert off["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
 @pytest.mark.parametrize("preset, expected", [

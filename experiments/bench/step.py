@@ -214,8 +214,10 @@ OLD = {"model.scan_layers": True, "model.attention": "einsum", "model.attention_
 UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.attention_block": 0,
             **ONE_VMAP}
 # fedjax_lm's runtime defaults that are on: "xla" = its XLA:CPU flags, "malloc" = its glibc
-# tunables, "compile" = its XLA:CPU compile options (fedjax_lm.cpu)
-NONE, XLA, MALLOC, ALL = (), ("xla",), ("xla", "malloc"), ("xla", "malloc", "compile")
+# tunables, "compile" = its XLA:CPU compile options (fedjax_lm.cpu), "heap" = its glibc
+# tunables for a process pinned to one core (fedjax_lm.ONE_CORE_TUNABLES; 1-core path only)
+NONE, XLA, MALLOC = (), ("xla",), ("xla", "malloc")
+COMPILE, ALL = ("xla", "malloc", "compile"), ("xla", "malloc", "compile", "heap")
 # (name, overrides, runtime defaults)
 STEP_VARIANTS = [
     ("before: scanned layers, einsum attention, YNNPACK dots", OLD, NONE),
@@ -230,7 +232,9 @@ STEP_VARIANTS = [
     ("+ QKV projected token-major, weight gradients as x^T @ dy, SwiGLU's backward written out "
      "(model.hand_backward)", {}, MALLOC),
     ("+ max without NaN bookkeeping (XLA:CPU compile option xla_cpu_enable_fast_min_max, "
-     "fedjax_lm.cpu) = **default**", {}, ALL),
+     "fedjax_lm.cpu)", {}, COMPILE),
+    ("+ a 1-core process keeps its temporaries in one heap arena (fedjax_lm.ONE_CORE_TUNABLES; "
+     "the simulated path is unchanged) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
     ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
@@ -252,9 +256,12 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   env["FEDJAX_LM_XLA_DEFAULTS"] = "1" if "xla" in defaults else "0"
   env["FEDJAX_LM_MALLOC_DEFAULTS"] = "1" if "malloc" in defaults else "0"
   env["FEDJAX_LM_COMPILE_DEFAULTS"] = "1" if "compile" in defaults else "0"
+  env["FEDJAX_LM_HEAP_DEFAULTS"] = "1" if "heap" in defaults else "0"
+  ours = {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES + fedjax_lm.ONE_CORE_TUNABLES}
   tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
-              if t and t.split("=")[0] not in {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES}]
-  env = fedjax_lm.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)})
+              if t and t.split("=")[0] not in ours]
+  env = fedjax_lm.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)},
+                             one_core=bool(spec.get("one_core")))
   env.setdefault("JAX_PLATFORMS", "cpu")
   proc = subprocess.run([sys.executable, "-m", "experiments.bench.step", json.dumps(spec)],
                         capture_output=True, text=True, env=env, check=False)

@@ -159,7 +159,7 @@ def _spawn(spec: dict) -> subprocess.Popen:
   from fedjax_lm import malloc_env  # pylint: disable=g-import-not-at-top
   return subprocess.Popen([sys.executable, "-m", "experiments.bench.torch_peer", "--worker",
                            json.dumps(spec)], stdout=subprocess.PIPE, text=True,
-                          env=malloc_env(dict(os.environ)))
+                          env=malloc_env(dict(os.environ), one_core=spec["one_core"]))
 
 
 def _result(proc: subprocess.Popen) -> dict:
