@@ -55,7 +55,10 @@ def run_gpu_suite(args, out: str, command: str) -> None:
 
 def run_step_suite(args, out: str, start: float, command: str) -> None:
   from experiments.bench import step  # pylint: disable=g-import-not-at-top  (no jax)
-  rows = step.run_suite(args.config, args.rounds, args.steps)
+  rungs = [int(i) for i in args.rungs.split(",")] if args.rungs else None
+  if rungs and not all(0 <= i < len(step.STEP_VARIANTS) for i in rungs):
+    sys.exit(f"error: --rungs {args.rungs}: indices into the {len(step.STEP_VARIANTS)} rungs")
+  rows = step.run_suite(args.config, args.rounds, args.steps, rungs)
   _write(out, rows, step.summary(rows, command))
   print(f"wrote {out}/summary.md and results.jsonl in {time.time() - start:.0f} s")
 
@@ -69,6 +72,8 @@ def main(argv=None) -> None:
   parser.add_argument("--out", default=None, help="default experiments/results/<suite>")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
+  parser.add_argument("--rungs", default=None,
+                      help="step: only these rungs of the ladder, by index (e.g. 8,9)")
   parser.add_argument("--workers", type=int, default=2, help="sweep worker processes")
   parser.add_argument("--methods_only", action="store_true",
                       help="quick / full: the methods table, goals and projections, no sweeps")

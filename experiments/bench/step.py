@@ -271,14 +271,17 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
-def run_suite(config: str, rounds: int, steps: int) -> list[dict]:
-  """Every variant on every path, ``rounds`` times interleaved; one row per (variant, path)."""
+def run_suite(config: str, rounds: int, steps: int, rungs: list[int] | None = None
+              ) -> list[dict]:
+  """Every variant (or the ``rungs`` of ``STEP_VARIANTS``, by index) on every path, ``rounds``
+  times interleaved; one row per (variant, path)."""
+  variants = [STEP_VARIANTS[i] for i in rungs] if rungs else STEP_VARIANTS
   rows, samples = [], {}
   peaks = {path: [] for path in PATHS}
   for rnd in range(rounds):
     for path, (_, one_core) in PATHS.items():  # once per round: the machine's speed drifts
       peaks[path].append(_measure({"kind": "peak", "one_core": one_core}))
-    for name, overrides, defaults in STEP_VARIANTS:
+    for name, overrides, defaults in variants:
       for path, (path_over, one_core) in PATHS.items():
         spec = {"kind": "step", "config": config, "overrides": {**path_over, **overrides},
                 "one_core": one_core, "steps": steps, "repeats": 3,
@@ -335,7 +338,7 @@ def summary(rows: list[dict], command: str) -> str:
       "| variant | path | ms/step | tokens/s | × before | GFLOP/s | ÷ f32 peak | ÷ 2048² "
       "| page faults / step | compile s |",
       "|---|---|---|---|---|---|---|---|---|---|"]
-  before = {r["path"]: r for r in rows if r["variant"] == STEP_VARIANTS[0][0]}
+  before = {r["path"]: r for r in rows if r["variant"] == first["variant"]}
   for r in rows:
     speedup = before[r["path"]]["step_s"] / r["step_s"]
     lines.append(f"| {r['variant']} | {r['path']} | {r['step_s'] * 1e3:.0f} | "
