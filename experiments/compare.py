@@ -119,6 +119,11 @@ RUN_SETS["fidelity_1000"] = (
     ("SparseLoCo tuned (M=2, H=50)", "configs/shakespeare_sparseloco_tuned.py",
      [*_AT1000, "outer.sync_every=50"]),
 )
+# Eager's gap at that size against the outer momentum it amplifies (quick size: within 1% of
+# DiLoCo at 0.3): the pair at outer 0.7 / 0.3.
+RUN_SETS["eager_1000_outer"] = tuple(
+    (f"{method} (M=2, H=50), outer 0.7 / 0.3", _DILOCO, [*_AT1000, "outer.momentum=0.3", *extra])
+    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
 # Eager updates (Kale et al. 2025): the outer step one round late, naive and eager, against
 # DiLoCo and our tau < H streaming adaptation, at the quick suite's size (TINY model, 300 steps,
 # 16 rows; seeds 0 and 1) and at the config's own (250 steps); DiLoCo's config defaults.
