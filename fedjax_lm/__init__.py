@@ -35,7 +35,7 @@ GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1",)
 # step's temporaries (272 MB for one island of the default config) from fresh mmaps whatever the
 # mmap threshold, and the kernel zeroes them again at every step: 136 2 MiB page faults a step,
 # measured. One arena, no mmap and no trimming keep them in the heap from step to step (0 faults
-# a step; the 1-core step 0.86x the time, Intel AMX, docs/performance.md). The process's memory
+# a step; the 1-core step 0.86-0.95x the time, Intel AMX, docs/performance.md). The process's memory
 # is then not returned to the system until it exits. Not for processes with several compute
 # threads: on the simulated path (2 threads) one arena made the step 1.1-1.6x slower.
 # FEDJAX_LM_HEAP_DEFAULTS=0 turns this part off.
