@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
+import fedjax_lm
 from fedjax_lm import cpu
 from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
@@ -73,8 +74,6 @@ def test_a_step_traced_inside_another_jit_runs_without_them():
   assert "reduce" in step.lower(y).as_text()
 
 
-
-
 _FAULTS = """
 import resource
 from experiments.bench import step
@@ -98,13 +97,11 @@ def test_one_core_heap_tunables_stop_the_per_step_page_faults():
   with the huge-pages default alone the kernel faults the temporaries in again at every step
   (136 huge pages a step, measured); with fedjax_lm's one-core heap tunables they stay in the
   heap (0 a step once warm)."""
-  import fedjax_lm  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   faults = {}
   for one_core in (False, True):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
-    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": root}, one_core=one_core)  # 1 device
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=root,
+    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core)  # 1 device
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True)
     faults[one_core] = float(out.stdout.strip().splitlines()[-1])
   assert faults[False] >= 64, faults

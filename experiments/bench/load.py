@@ -5,8 +5,8 @@
 
 Runs the default run (``configs/shakespeare.py``: 2 processes, one island of 2 devices) with
 ``launch.pin_cores`` off and on (or, ``--toggle heap``, pinned with fedjax_lm's one-core heap
-tunables off and on: ``FEDJAX_LM_HEAP_DEFAULTS``), alternately, each in a fresh work directory. While each runs it
-samples, once a second, the 1-minute load average and the runnable threads
+tunables off and on: ``FEDJAX_LM_HEAP_DEFAULTS``), alternately, each in a fresh work directory.
+While each runs it samples, once a second, the 1-minute load average and the runnable threads
 (``procs_running`` of ``/proc/stat``, this run's and anything else's); after it, the logged
 tokens/s of every interval (``metrics.jsonl``, the first interval, which holds the compiles,
 left out) and the eval losses. On C cores, C processes pinned one per core should keep the
@@ -83,13 +83,13 @@ def report(runs: list[dict], command: str) -> str:
            f"Measured at {commit}, {time.strftime('%Y-%m-%d')}, on {machine.describe()}. "
            f"`{CONFIG}` (2 processes, one per core), each row one run; load sampled once a "
            "second; tokens/s per logged interval after the first.", "",
-           "| launch.pin_cores, heap tunables | wall s | 1-min load, max | runnable threads, mean / p90 | "
-           "tokens/s per interval, min–max (median) | eval losses |",
+           "| launch.pin_cores, heap tunables | wall s | 1-min load, max | "
+           "runnable threads, mean / p90 | tokens/s per interval, min–max (median) | eval losses |",
            "|---|---|---|---|---|---|"]
   for r in runs:
     t = r["tokens_per_s"]
     lines.append(
-        f"| {r['pin_cores']}, {r.get('heap', True)} | {r['wall_s']:.0f} | {r['load_max']:.2f} | "
+        f"| {r['pin_cores']}, {r['heap']} | {r['wall_s']:.0f} | {r['load_max']:.2f} | "
         f"{r['runnable_mean']:.1f} / {r['runnable_p90']} | {min(t):,.0f}–{max(t):,.0f} "
         f"({statistics.median(t):,.0f}) | {' / '.join(f'{e:.4f}' for e in r['evals'])} |")
   return "\n".join(lines) + "\n"
