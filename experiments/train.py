@@ -16,6 +16,7 @@ from absl import logging
 from ml_collections import config_flags
 
 import fedjax_lm
+from fedjax_lm import cpu
 from fedjax_lm import launch
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare.py",
@@ -38,6 +39,8 @@ def main(argv):
     command = [sys.executable, "-m", "experiments.train", *sys.argv[1:]]
     sys.exit(launch.launch_local(command, num, log_dir=os.path.join(workdir, "logs"),
                                  pin_cores=bool(config.launch.pin_cores)))
+  if config.launch.mode in ("local", "none") and not launch.is_launched_child():
+    cpu.emulate_island_devices(config)  # before JAX starts its CPU backend
   launch.initialize(config.launch.mode, int(config.launch.heartbeat_seconds))
   # pylint: disable-next=g-import-not-at-top  (after distributed init)
   import jax

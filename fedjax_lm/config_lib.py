@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.islands = ml_collections.ConfigDict()
   c.islands.num = 1  # M
   # Island axis 1 (all M islands on each device): run them as this many concurrent vmapped
-  # groups; 0 = one per core on CPU (mesh.island_groups).
+  # groups. 0 = one per core on CPU: a one-process experiments.train run emulates a CPU device
+  # per core and puts the island axis over them (cpu.island_devices); a process that has
+  # already started JAX runs per-core vmapped groups on its one device (mesh.island_groups).
   c.islands.simulated_groups = 0
   # Health (fedjax_lm/health.py): skip non-finite steps, mask their islands out of the sync.
   c.islands.nonfinite_guard = True

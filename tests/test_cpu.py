@@ -1,6 +1,7 @@
 """XLA:CPU compile options of the train step (fedjax_lm.cpu): the switches, and that the
 options reach XLA and the engine's train step."""
 
+import json
 import os
 import platform
 import subprocess
@@ -99,10 +100,74 @@ def test_one_core_heap_tunables_stop_the_per_step_page_faults():
   heap (0 a step once warm)."""
   faults = {}
   for one_core in (False, True):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
-    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core)  # 1 device
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD")}
+    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core,
+                               tcmalloc=None)  # 1 device; glibc's malloc
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True)
     faults[one_core] = float(out.stdout.strip().splitlines()[-1])
   assert faults[False] >= 64, faults
   assert faults[True] <= 4, faults
+
+
+def test_island_devices_one_per_core_dividing_m_only_on_the_simulated_cpu_path():
+  """A one-process run's simulated islands go one emulated CPU device per core (the largest
+  divisor of M not above the cores); anything else is left as configured."""
+  cpu_env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  def devices(cores=2, env=None, **overrides):
+    c = tiny_config(**{"algorithm": "islands", "islands.num": 2, "mesh.island": 1,
+                       "mesh.data": 1, **overrides})
+    return cpu.island_devices(c, {**cpu_env, **(env or {})}, cores)
+  assert devices() == 2
+  assert devices(cores=16) == 2 and devices(cores=1) == 1
+  assert devices(cores=3, **{"islands.num": 4}) == 2  # the largest divisor of 4 <= 3
+  assert devices(cores=2, **{"islands.num": 3}) == 1
+  assert devices(cores=8, **{"islands.num": 8}) == 8
+  assert devices(**{"islands.num": 1}) == 1
+  assert devices(**{"islands.simulated_groups": 1}) == 1  # asked for one vmap
+  assert devices(**{"islands.simulated_groups": 2}) == 1  # asked for vmapped groups
+  assert devices(**{"mesh.data": -1}) == 2  # -1: the devices left over, here 1
+  assert devices(**{"mesh.data": 2}) == 1 and devices(**{"mesh.island": 2}) == 1
+  assert devices(**{"algorithm": "ddp"}) == 1
+  assert devices(env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) == 1
+  assert devices(env={"JAX_PLATFORMS": "cuda"}) == 1
+  env = dict(cpu_env)
+  c = tiny_config(**{"islands.num": 4, "mesh.island": 1, "mesh.data": 1})
+  with c.unlocked():
+    c.algorithm = "islands"
+  if cpu.island_devices(c, env) > 1:  # this machine's cores
+    n = cpu.emulate_island_devices(c, env)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={n}"
+    assert int(c.mesh.island) == n
+
+
+@pytest.mark.slow
+def test_one_process_run_emulates_a_device_per_core_with_the_same_numerics(tmp_path, data_dir):
+  """``experiments.train`` in one process puts M=2 simulated islands on one emulated CPU device
+  per core: the same bytes, and the same losses and evals to f32 rounding (each device compiles
+  its own program), as the per-core vmapped groups on one device (``simulated_groups=2``)."""
+  from conftest import run_cli  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0))
+  out = {}
+  for name, extra in (("devices", []), ("groups", ["--config.islands.simulated_groups=2"])):
+    done = run_cli(["--config", "configs/tiny.py", "--workdir", str(tmp_path / name),
+                    f"--config.data.data_dir={data_dir}", "--config.algorithm=islands",
+                    "--config.launch.processes=1", "--config.mesh.island=1",
+                    "--config.mesh.data=1", "--config.islands.num=2",
+                    "--config.outer.sync_every=3", "--config.total_steps=6",
+                    "--config.eval_every=6", *extra])
+    assert done.returncode == 0, done.stderr[-2000:]
+    devices = 2 if name == "devices" and cores >= 2 else 1
+    assert f"'island': {devices}," in done.stdout + done.stderr
+    assert f"on {devices} devices / 1 processes" in done.stdout + done.stderr
+    with open(tmp_path / name / "metrics.jsonl", encoding="utf-8") as f:
+      out[name] = [json.loads(line) for line in f]
+  a, b = out["devices"], out["groups"]
+  assert [(r["step"], r["island_bytes"], r["island_peak_bytes"]) for r in a] == [
+      (r["step"], r["island_bytes"], r["island_peak_bytes"]) for r in b]
+  np.testing.assert_allclose([r["island_loss"] for r in a], [r["island_loss"] for r in b],
+                             rtol=1e-5)
+  evals = lambda rs: [r["eval_loss"] for r in rs if "eval_loss" in r]
+  assert len(evals(a)) == 1
+  np.testing.assert_allclose(evals(a), evals(b), rtol=1e-5)

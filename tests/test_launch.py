@@ -193,12 +193,40 @@ def test_free_port_is_bindable():
 def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
   assert fedjax_lm.malloc_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
   user = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
-  assert fedjax_lm.malloc_env(user) == user  # the user's own hugetlb wins
+  assert fedjax_lm.malloc_env(user, tcmalloc=None) == user  # the user's own hugetlb wins
   assert fedjax_lm.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[
       "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
   assert fedjax_lm.malloc_env(off) == off
   assert fedjax_lm.malloc_env(off, one_core=True) == off
+
+
+def test_malloc_env_preloads_tcmalloc_where_found_unless_off_or_another_allocator():
+  lib = "libtcmalloc_minimal.so.4"
+  env = fedjax_lm.malloc_env({}, tcmalloc=lib)
+  assert env["LD_PRELOAD"] == lib and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 30
+  assert fedjax_lm.malloc_env(env, tcmalloc=lib) == env  # once
+  assert fedjax_lm.malloc_env({"LD_PRELOAD": "libfoo.so"}, tcmalloc=lib)["LD_PRELOAD"] == (
+      f"{lib} libfoo.so")
+  for user in ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, {"FEDJAX_LM_TCMALLOC": "0"},
+               {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}):
+    assert fedjax_lm.malloc_env(user, tcmalloc=lib).get("LD_PRELOAD") == user.get("LD_PRELOAD")
+  assert "LD_PRELOAD" not in fedjax_lm.malloc_env({}, tcmalloc=None)  # none on the system
+  found = fedjax_lm.tcmalloc_library()
+  assert found is None or "tcmalloc" in found
+
+
+@pytest.mark.skipif(fedjax_lm.tcmalloc_library() is None, reason="TCMalloc not installed")
+def test_a_command_runs_with_tcmalloc_preloaded():
+  """Where the system has TCMalloc, a command restarts itself with it preloaded: it is in the
+  process's memory map, and a JAX computation runs on it."""
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  code = ("import fedjax_lm; fedjax_lm.reexec_with_malloc_defaults(); import jax.numpy as jnp; "
+          "print(float(jnp.ones((512, 512)).sum()), any('tcmalloc' in line for line in "
+          "open('/proc/self/maps')))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                       text=True).stdout.split()
+  assert out[-2:] == ["262144.0", "True"]
 
 
 def test_malloc_env_one_core_adds_the_heap_tunables_unless_set_or_off():

@@ -27,6 +27,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import resource
@@ -135,7 +136,8 @@ class Stepper:
     # pylint: disable-next=g-import-not-at-top
     from fedjax_lm import engine, mesh as mesh_lib, model as model_lib
     config = load_config(spec["config"], spec.get("overrides", {}))
-    mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:1])
+    devices = max(1, math.prod(int(v) for v in config.mesh.values()))  # -1: one device
+    mesh = mesh_lib.make_mesh(dict(config.mesh), jax.devices()[:devices])
     self.model_cfg = model_lib.ModelConfig.from_config(config.model)
     self.alg = engine.build(config, mesh, self.model_cfg)
     self.state = self.alg.init(jax.random.key(0))
@@ -215,9 +217,15 @@ UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.atte
             **ONE_VMAP}
 # fedjax_lm's runtime defaults that are on: "xla" = its XLA:CPU flags, "malloc" = its glibc
 # tunables, "compile" = its XLA:CPU compile options (fedjax_lm.cpu), "heap" = its glibc
-# tunables for a process pinned to one core (fedjax_lm.ONE_CORE_TUNABLES; 1-core path only)
+# tunables for a process pinned to one core (fedjax_lm.ONE_CORE_TUNABLES; 1-core path only),
+# "tcmalloc" = TCMalloc preloaded where the system has it (fedjax_lm.malloc_env)
 NONE, XLA, MALLOC = (), ("xla",), ("xla", "malloc")
-COMPILE, ALL = ("xla", "malloc", "compile"), ("xla", "malloc", "compile", "heap")
+COMPILE, HEAP = ("xla", "malloc", "compile"), ("xla", "malloc", "compile", "heap")
+ALL = (*HEAP, "tcmalloc")
+# The simulated islands as per-core vmapped groups on one device (the default until the
+# simulated path emulated a CPU device per core, cpu.island_devices)
+GROUPS = {"islands.simulated_groups": len(os.sched_getaffinity(0))
+          if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1}
 # (name, overrides, runtime defaults)
 STEP_VARIANTS = [
     ("before: scanned layers, einsum attention, YNNPACK dots", OLD, NONE),
@@ -228,13 +236,17 @@ STEP_VARIANTS = [
     ("+ causal query blocks of 128", {**ONE_VMAP, **AUTODIFF}, XLA),
     ("+ huge pages for XLA's per-step temporaries (glibc.malloc.hugetlb=1)",
      {**ONE_VMAP, **AUTODIFF}, MALLOC),
-    ("+ simulated islands in per-core groups (islands.simulated_groups)", AUTODIFF, MALLOC),
+    ("+ simulated islands in per-core groups (islands.simulated_groups)",
+     {**GROUPS, **AUTODIFF}, MALLOC),
     ("+ QKV projected token-major, weight gradients as x^T @ dy, SwiGLU's backward written out "
-     "(model.hand_backward)", {}, MALLOC),
+     "(model.hand_backward)", GROUPS, MALLOC),
     ("+ max without NaN bookkeeping (XLA:CPU compile option xla_cpu_enable_fast_min_max, "
-     "fedjax_lm.cpu)", {}, COMPILE),
+     "fedjax_lm.cpu)", GROUPS, COMPILE),
     ("+ a 1-core process keeps its temporaries in one heap arena (fedjax_lm.ONE_CORE_TUNABLES; "
-     "the simulated path is unchanged) = **default**", {}, ALL),
+     "the simulated path is unchanged)", GROUPS, HEAP),
+    ("+ TCMalloc, where the system has it (preloaded; fedjax_lm.malloc_env)", GROUPS, ALL),
+    ("+ simulated islands on one emulated CPU device per core (cpu.island_devices; the 1-core "
+     "path is unchanged) = **default**", {}, ALL),
     ("default, bf16 compute", {"model.compute_dtype": "bfloat16"}, ALL),
     ("default, scanned layers", {"model.scan_layers": True}, ALL),
     ("default, jax.nn.dot_product_attention", {"model.attention": "dot_product"}, ALL),
@@ -257,6 +269,10 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   env["FEDJAX_LM_MALLOC_DEFAULTS"] = "1" if "malloc" in defaults else "0"
   env["FEDJAX_LM_COMPILE_DEFAULTS"] = "1" if "compile" in defaults else "0"
   env["FEDJAX_LM_HEAP_DEFAULTS"] = "1" if "heap" in defaults else "0"
+  env["FEDJAX_LM_TCMALLOC"] = "1" if "tcmalloc" in defaults else "0"
+  preload = [p for p in env.pop("LD_PRELOAD", "").split() if "tcmalloc" not in p]  # ours: below
+  if preload:
+    env["LD_PRELOAD"] = " ".join(preload)
   ours = {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES + fedjax_lm.ONE_CORE_TUNABLES}
   tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
               if t and t.split("=")[0] not in ours]
@@ -303,7 +319,8 @@ def run_suite(config: str, rounds: int, steps: int, rungs: list[int] | None = No
            "runtime_defaults": list(next(v[2] for v in STEP_VARIANTS if v[0] == name)),
            "git_commit": commit, "jax": last["jax"], "device": last["device"],
            "machine": machine.describe(), "cores": last["cores"], "xla_flags": last["xla_flags"],
-           "glibc_tunables": last.get("glibc_tunables", ""), "step_s": step_s,
+           "glibc_tunables": last.get("glibc_tunables", ""),
+           "ld_preload": last.get("ld_preload", ""), "step_s": step_s,
            "step_s_samples": [s for o in outs for s in o["step_s_all"]],
            "page_faults_per_step": statistics.median(o["page_faults_per_step"] for o in outs),
            "tokens_per_s": last["tokens_per_step"] / step_s, "achieved_flops": achieved,
@@ -371,15 +388,28 @@ def summary(rows: list[dict], command: str) -> str:
 
 # ------------------------------------------------------------- one measurement (worker side)
 
+def with_island_devices(spec: dict) -> dict:
+  """``spec`` as ``experiments.train`` would run it in one process: a simulated path's islands
+  on one emulated CPU device per core (``cpu.emulate_island_devices``). Call before JAX starts."""
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  devices = cpu.emulate_island_devices(load_config(spec["config"], spec.get("overrides", {})))
+  if devices == 1:
+    return spec
+  return {**spec, "overrides": {**spec.get("overrides", {}), "mesh.island": devices}}
+
+
 def main(spec: dict) -> dict:
   """One measurement of ``spec`` in this process (``kind`` step | peak), with its setting."""
   if spec.get("one_core"):
     pin_one_core()
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
+  if spec["kind"] == "step":
+    spec = with_island_devices(spec)
   import jax  # pylint: disable=g-import-not-at-top
   info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "cores": len(os.sched_getaffinity(0))}
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "ld_preload": os.environ.get("LD_PRELOAD", ""), "cores": len(os.sched_getaffinity(0))}
   if spec["kind"] == "peak":
     f32, bf16 = matmul_peak("float32"), matmul_peak("bfloat16")
     return {**info, "peak_f32": f32["best"], "peak_f32_shape": f32["best_shape"],

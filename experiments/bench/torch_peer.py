@@ -6,8 +6,12 @@ machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on 
 - **1 island / 1 core**: one process pinned to one core, one thread;
 - **M=2, 2 processes × 1 core**: the peer's layout (and our launcher's), one island per
   process, both timed over the same window;
-- **M=2, 1 process, 2 cores**: ours with the islands simulated (vmapped, island axis 1);
-  PyTorch with 2 threads running the two islands one after the other.
+- **M=2, 1 process, 2 cores**: ours with the islands simulated as ``experiments.train`` runs
+  them in one process (one emulated CPU device per core, ``cpu.island_devices``); PyTorch with
+  2 threads running the two islands one after the other.
+
+Ours runs with fedjax_lm's allocator defaults (TCMalloc preloaded where the system has it);
+PyTorch with glibc's malloc as it comes, and, where TCMalloc is installed, with it too.
 
 The PyTorch model is the same function: same parameter shapes, RMSNorm, NeoX-style RoPE,
 causal softmax attention (``scaled_dot_product_attention``), SwiGLU, untied unembedding;
@@ -122,9 +126,10 @@ def worker(spec: dict) -> dict:
     step.pin_one_core(spec.get("core"))
   import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
   if spec["framework"] == "ours":
-    out = step.step({"config": CONFIG, "steps": spec["steps"], "repeats": 3,
-                           "start_at": spec.get("start_at", 0.0), "profile": spec.get("profile"),
-                           "overrides": _overrides(spec["islands"])})
+    out = step.step(step.with_island_devices({
+        "config": CONFIG, "steps": spec["steps"], "repeats": 3,
+        "start_at": spec.get("start_at", 0.0), "profile": spec.get("profile"),
+        "overrides": _overrides(spec["islands"])}))
     row = {"step_s": out["step_s"], "tokens_per_step": out["tokens_per_step"]}
     if spec.get("profile"):
       cats = out["breakdown"]["categories"]
@@ -156,10 +161,18 @@ def worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict) -> subprocess.Popen:
-  from fedjax_lm import malloc_env  # pylint: disable=g-import-not-at-top
+  """A worker for ``spec``: ours with fedjax_lm's allocator defaults, PyTorch with glibc's
+  malloc as it comes (``spec["tcmalloc"]``: with TCMalloc preloaded too)."""
+  import fedjax_lm  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  preload = [p for p in env.pop("LD_PRELOAD", "").split() if "tcmalloc" not in p]
+  if preload:
+    env["LD_PRELOAD"] = " ".join(preload)
+  tcmalloc = spec.get("tcmalloc", spec["framework"] == "ours")
+  env = fedjax_lm.malloc_env(env, one_core=spec["one_core"],
+                             tcmalloc=fedjax_lm.tcmalloc_library() if tcmalloc else None)
   return subprocess.Popen([sys.executable, "-m", "experiments.bench.torch_peer", "--worker",
-                           json.dumps(spec)], stdout=subprocess.PIPE, text=True,
-                          env=malloc_env(dict(os.environ), one_core=spec["one_core"]))
+                           json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -169,31 +182,41 @@ def _result(proc: subprocess.Popen) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-def _pair(framework: str, steps: int) -> float:
+def _pair(framework: str, steps: int, **extra) -> float:
   """Tokens/s of two 1-island processes, one per core, timed over the same window."""
   start_at = time.time() + 40  # after both have started, compiled and warmed up
   cores = sorted(os.sched_getaffinity(0))[:2]
   procs = [_spawn({"framework": framework, "islands": 1, "one_core": True, "core": c,
-                   "steps": steps, "start_at": start_at}) for c in cores]
+                   "steps": steps, "start_at": start_at, **extra}) for c in cores]
   return sum(r["tokens_per_step"] / r["step_s"] for r in map(_result, procs))
 
 
 ROWS = (("1 island / 1 core", "1 process, 1 thread"),
         ("M=2, 2 processes × 1 core", "one island per process, both at once (the peer's layout)"),
-        ("M=2, 1 process, 2 cores", "ours: islands simulated (vmapped); PyTorch: 2 threads, the "
-         "two islands one after the other"))
+        ("M=2, 1 process, 2 cores", "ours: islands simulated, one emulated CPU device per core; "
+         "PyTorch: 2 threads, the two islands one after the other"))
+
+
+PEER_TCMALLOC = "torch + TCMalloc"  # PyTorch with the allocator our default preloads
 
 
 def measure(rounds: int, steps: int) -> dict:
-  """{(row, framework): [tokens/s per round]}, the rows interleaved round by round."""
+  """{(row, framework): [tokens/s per round]}, the rows interleaved round by round; where the
+  system has TCMalloc, PyTorch also with it preloaded (framework ``PEER_TCMALLOC``)."""
+  import fedjax_lm  # pylint: disable=g-import-not-at-top  (env helpers only)
+  runs = [("ours", "ours", {}), ("torch", "torch", {})]
+  if fedjax_lm.tcmalloc_library():
+    runs.append((PEER_TCMALLOC, "torch", {"tcmalloc": True}))
   samples: dict = {}
   for _ in range(rounds):
-    for fw in ("ours", "torch"):
-      r = _result(_spawn({"framework": fw, "islands": 1, "one_core": True, "steps": steps}))
-      samples.setdefault((ROWS[0][0], fw), []).append(r["tokens_per_step"] / r["step_s"])
-      samples.setdefault((ROWS[1][0], fw), []).append(_pair(fw, steps))
-      r = _result(_spawn({"framework": fw, "islands": 2, "one_core": False, "steps": steps}))
-      samples.setdefault((ROWS[2][0], fw), []).append(r["tokens_per_step"] / r["step_s"])
+    for name, fw, extra in runs:
+      r = _result(_spawn({"framework": fw, "islands": 1, "one_core": True, "steps": steps,
+                          **extra}))
+      samples.setdefault((ROWS[0][0], name), []).append(r["tokens_per_step"] / r["step_s"])
+      samples.setdefault((ROWS[1][0], name), []).append(_pair(fw, steps, **extra))
+      r = _result(_spawn({"framework": fw, "islands": 2, "one_core": False, "steps": steps,
+                          **extra}))
+      samples.setdefault((ROWS[2][0], name), []).append(r["tokens_per_step"] / r["step_s"])
   return samples
 
 
@@ -215,15 +238,24 @@ def _measured_on() -> str:
 
 
 def report(samples: dict, rounds: int, command: str) -> str:
+  both = (ROWS[0][0], PEER_TCMALLOC) in samples
   lines = [f"Regenerate: `{command}`", "", _measured_on(), "",
            f"Inner step of `{CONFIG}` on a fixed batch, tokens/s (median of {rounds} rounds, "
-           "interleaved). Ours: the jitted step with fedjax_lm's runtime defaults; PyTorch: "
-           "eager, same model and loss (checked on the same parameters), AdamW + clipping.", "",
-           "| path | ours | PyTorch | ours ÷ PyTorch | layout |", "|---|---|---|---|---|"]
+           "interleaved). Ours: the jitted step with fedjax_lm's runtime defaults (TCMalloc "
+           "preloaded where the system has it); PyTorch: eager, same model and loss (checked on "
+           "the same parameters), AdamW + clipping, glibc's malloc as it comes"
+           + ("; and with TCMalloc preloaded too." if both else "."), "",
+           "| path | ours | PyTorch | ours ÷ PyTorch |"
+           + (" PyTorch + TCMalloc | ours ÷ that |" if both else "") + " layout |",
+           "|---|---|---|---|" + ("---|---|" if both else "") + "---|"]
   for path, layout in ROWS:
     ours = statistics.median(samples[(path, "ours")])
     peer = statistics.median(samples[(path, "torch")])
-    lines.append(f"| {path} | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f} | {layout} |")
+    row = f"| {path} | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f} |"
+    if both:
+      tc = statistics.median(samples[(path, PEER_TCMALLOC)])
+      row += f" {tc:,.0f} | {ours / tc:.2f} |"
+    lines.append(f"{row} {layout} |")
   return "\n".join(lines) + "\n"
 
 
