@@ -1,11 +1,12 @@
 """Is one process per core one busy thread per core? A training command's load, timed.
 
-    python -m experiments.bench.load [--rounds 1] [--toggle pin_cores|heap]
+    python -m experiments.bench.load [--rounds 1] [--toggle pin_cores|heap|tcmalloc]
         [--out experiments/results/step/load.md]
 
 Runs the default run (``configs/shakespeare.py``: 2 processes, one island of 2 devices) with
 ``launch.pin_cores`` off and on (or, ``--toggle heap``, pinned with fedjax_lm's one-core heap
-tunables off and on: ``FEDJAX_LM_HEAP_DEFAULTS``), alternately, each in a fresh work directory.
+tunables off and on: ``FEDJAX_LM_HEAP_DEFAULTS``; ``--toggle tcmalloc``, pinned with TCMalloc's
+preload off and on: ``FEDJAX_LM_TCMALLOC``), alternately, each in a fresh work directory.
 While each runs it samples, once a second, the 1-minute load average and the runnable threads
 (``procs_running`` of ``/proc/stat``, this run's and anything else's); after it, the logged
 tokens/s of every interval (``metrics.jsonl``, the first interval, which holds the compiles,
@@ -45,10 +46,13 @@ def _load1() -> float:
     return float(f.read().split()[0])
 
 
-def run_once(workdir: str, pin: bool, heap: bool = True) -> dict:
+def run_once(workdir: str, pin: bool, heap: bool = True, tcmalloc: bool = True) -> dict:
   """One run of the default config: load samples, per-interval tokens/s, evals, wall time."""
   shutil.rmtree(workdir, ignore_errors=True)
-  env = {**os.environ, "FEDJAX_LM_HEAP_DEFAULTS": "1" if heap else "0"}
+  env = {**os.environ, "FEDJAX_LM_HEAP_DEFAULTS": "1" if heap else "0",
+         "FEDJAX_LM_TCMALLOC": "1" if tcmalloc else "0",
+         "LD_PRELOAD": " ".join(p for p in os.environ.get("LD_PRELOAD", "").split()
+                                if tcmalloc or "tcmalloc" not in p)}
   args = [sys.executable, "-m", "experiments.train", "--config", CONFIG, "--workdir", workdir,
           f"--config.launch.pin_cores={pin}"]
   samples, stop = [], threading.Event()
@@ -70,7 +74,7 @@ def run_once(workdir: str, pin: bool, heap: bool = True) -> dict:
     records = [json.loads(line) for line in f if line.strip()]
   rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-  return {"pin_cores": pin, "heap": heap, "wall_s": wall, "load_max": max(l for l, _ in samples),
+  return {"pin_cores": pin, "heap": heap, "tcmalloc": tcmalloc, "wall_s": wall, "load_max": max(l for l, _ in samples),
           "runnable_mean": statistics.mean(r for _, r in samples),
           "runnable_p90": sorted(r for _, r in samples)[int(0.9 * (len(samples) - 1))],
           "tokens_per_s": rates, "evals": evals}
@@ -83,13 +87,14 @@ def report(runs: list[dict], command: str) -> str:
            f"Measured at {commit}, {time.strftime('%Y-%m-%d')}, on {machine.describe()}. "
            f"`{CONFIG}` (2 processes, one per core), each row one run; load sampled once a "
            "second; tokens/s per logged interval after the first.", "",
-           "| launch.pin_cores, heap tunables | wall s | 1-min load, max | "
+           "| launch.pin_cores, heap tunables, TCMalloc | wall s | 1-min load, max | "
            "runnable threads, mean / p90 | tokens/s per interval, min–max (median) | eval losses |",
            "|---|---|---|---|---|---|"]
   for r in runs:
     t = r["tokens_per_s"]
     lines.append(
-        f"| {r['pin_cores']}, {r['heap']} | {r['wall_s']:.0f} | {r['load_max']:.2f} | "
+        f"| {r['pin_cores']}, {r['heap']}, {r['tcmalloc']} | {r['wall_s']:.0f} | "
+        f"{r['load_max']:.2f} | "
         f"{r['runnable_mean']:.1f} / {r['runnable_p90']} | {min(t):,.0f}–{max(t):,.0f} "
         f"({statistics.median(t):,.0f}) | {' / '.join(f'{e:.4f}' for e in r['evals'])} |")
   return "\n".join(lines) + "\n"
@@ -98,15 +103,16 @@ def report(runs: list[dict], command: str) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=1, help="pairs of runs (off, on)")
-  parser.add_argument("--toggle", choices=("pin_cores", "heap"), default="pin_cores")
+  parser.add_argument("--toggle", choices=("pin_cores", "heap", "tcmalloc"), default="pin_cores")
   parser.add_argument("--workdir", default="runs/bench_load")
   parser.add_argument("--out", default=os.path.join("experiments", "results", "step", "load.md"))
   args = parser.parse_args(argv)
   runs = []
   for i in range(args.rounds):
     for on in (False, True):
-      pin, heap = (on, True) if args.toggle == "pin_cores" else (True, on)
-      runs.append(run_once(os.path.join(args.workdir, f"{i}_{args.toggle}_{on}"), pin, heap))
+      which = {"pin_cores": True, "heap": True, "tcmalloc": True, args.toggle: on}
+      runs.append(run_once(os.path.join(args.workdir, f"{i}_{args.toggle}_{on}"),
+                           which["pin_cores"], which["heap"], which["tcmalloc"]))
       print(json.dumps(runs[-1]), flush=True)
   text = report(runs, f"python -m experiments.bench.load --rounds {args.rounds} "
                 f"--toggle {args.toggle} --out {args.out}")
