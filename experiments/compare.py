@@ -135,6 +135,10 @@ RUN_SETS["eager_1000_m0"] = tuple(
 RUN_SETS["eager_1000_h10"] = tuple(
     (f"{method} (M=2, H=10)", _DILOCO, [*_AT1000, "outer.sync_every=10", *extra])
     for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+# ... and against the budget: 2,000 steps (40 outer steps), the config's outer 0.7 / 0.5
+RUN_SETS["eager_2000"] = tuple(
+    (f"{method} (M=2, H=50), 2,000 steps", _DILOCO, [*_AT1000, "total_steps=2000", *extra])
+    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
 # Eager updates (Kale et al. 2025): the outer step one round late, naive and eager, against
 # DiLoCo and our tau < H streaming adaptation, at the quick suite's size (TINY model, 300 steps,
 # 16 rows; seeds 0 and 1) and at the config's own (250 steps); DiLoCo's config defaults.
