@@ -62,6 +62,15 @@ def tcmalloc_library() -> str | None:
   return next(filter(None, map(ctypes.util.find_library, TCMALLOC_LIBRARIES)), None)
 
 
+def without_tcmalloc(env: dict[str, str]) -> dict[str, str]:
+  """``env`` with any TCMalloc taken out of ``LD_PRELOAD`` (for a run that starts without it)."""
+  out = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+  preload = [p for p in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in p]
+  if preload:
+    out["LD_PRELOAD"] = " ".join(preload)
+  return out
+
+
 def malloc_env(env: dict[str, str], one_core: bool = False,
                tcmalloc: str | None = "find") -> dict[str, str]:
   """``env`` with fedjax_lm's allocator defaults added (unchanged off glibc or when turned off):

@@ -212,6 +212,9 @@ def test_malloc_env_preloads_tcmalloc_where_found_unless_off_or_another_allocato
                {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}):
     assert fedjax_lm.malloc_env(user, tcmalloc=lib).get("LD_PRELOAD") == user.get("LD_PRELOAD")
   assert "LD_PRELOAD" not in fedjax_lm.malloc_env({}, tcmalloc=None)  # none on the system
+  assert fedjax_lm.without_tcmalloc({"LD_PRELOAD": f"{lib} libfoo.so", "A": "1"}) == {
+      "LD_PRELOAD": "libfoo.so", "A": "1"}
+  assert fedjax_lm.without_tcmalloc(env) == {k: v for k, v in env.items() if k != "LD_PRELOAD"}
   found = fedjax_lm.tcmalloc_library()
   assert found is None or "tcmalloc" in found
 

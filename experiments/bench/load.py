@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 
+import fedjax_lm
 from experiments.bench import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,9 +51,9 @@ def run_once(workdir: str, pin: bool, heap: bool = True, tcmalloc: bool = True) 
   """One run of the default config: load samples, per-interval tokens/s, evals, wall time."""
   shutil.rmtree(workdir, ignore_errors=True)
   env = {**os.environ, "FEDJAX_LM_HEAP_DEFAULTS": "1" if heap else "0",
-         "FEDJAX_LM_TCMALLOC": "1" if tcmalloc else "0",
-         "LD_PRELOAD": " ".join(p for p in os.environ.get("LD_PRELOAD", "").split()
-                                if tcmalloc or "tcmalloc" not in p)}
+         "FEDJAX_LM_TCMALLOC": "1" if tcmalloc else "0"}
+  if not tcmalloc:
+    env = fedjax_lm.without_tcmalloc(env)
   args = [sys.executable, "-m", "experiments.train", "--config", CONFIG, "--workdir", workdir,
           f"--config.launch.pin_cores={pin}"]
   samples, stop = [], threading.Event()

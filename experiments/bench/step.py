@@ -270,9 +270,7 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   env["FEDJAX_LM_COMPILE_DEFAULTS"] = "1" if "compile" in defaults else "0"
   env["FEDJAX_LM_HEAP_DEFAULTS"] = "1" if "heap" in defaults else "0"
   env["FEDJAX_LM_TCMALLOC"] = "1" if "tcmalloc" in defaults else "0"
-  preload = [p for p in env.pop("LD_PRELOAD", "").split() if "tcmalloc" not in p]  # ours: below
-  if preload:
-    env["LD_PRELOAD"] = " ".join(preload)
+  env = fedjax_lm.without_tcmalloc(env)  # malloc_env below adds it back where asked
   ours = {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES + fedjax_lm.ONE_CORE_TUNABLES}
   tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
               if t and t.split("=")[0] not in ours]

@@ -164,10 +164,7 @@ def _spawn(spec: dict) -> subprocess.Popen:
   """A worker for ``spec``: ours with fedjax_lm's allocator defaults, PyTorch with glibc's
   malloc as it comes (``spec["tcmalloc"]``: with TCMalloc preloaded too)."""
   import fedjax_lm  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ)
-  preload = [p for p in env.pop("LD_PRELOAD", "").split() if "tcmalloc" not in p]
-  if preload:
-    env["LD_PRELOAD"] = " ".join(preload)
+  env = fedjax_lm.without_tcmalloc(dict(os.environ))
   tcmalloc = spec.get("tcmalloc", spec["framework"] == "ours")
   env = fedjax_lm.malloc_env(env, one_core=spec["one_core"],
                              tcmalloc=fedjax_lm.tcmalloc_library() if tcmalloc else None)
