@@ -1,12 +1,13 @@
 """Is one process per core one busy thread per core? A training command's load, timed.
 
-    python -m experiments.bench.load [--rounds 1] [--toggle pin_cores|heap|tcmalloc]
+    python -m experiments.bench.load [--rounds 1] [--toggle pin_cores|heap|tcmalloc|all]
         [--out experiments/results/step/load.md]
 
 Runs the default run (``configs/shakespeare.py``: 2 processes, one island of 2 devices) with
 ``launch.pin_cores`` off and on (or, ``--toggle heap``, pinned with fedjax_lm's one-core heap
 tunables off and on: ``FEDJAX_LM_HEAP_DEFAULTS``; ``--toggle tcmalloc``, pinned with TCMalloc's
-preload off and on: ``FEDJAX_LM_TCMALLOC``), alternately, each in a fresh work directory.
+preload off and on: ``FEDJAX_LM_TCMALLOC``; ``--toggle all``, the three off and on: the run
+before these defaults and with them), alternately, each in a fresh work directory.
 While each runs it samples, once a second, the 1-minute load average and the runnable threads
 (``procs_running`` of ``/proc/stat``, this run's and anything else's); after it, the logged
 tokens/s of every interval (``metrics.jsonl``, the first interval, which holds the compiles,
@@ -32,6 +33,7 @@ from experiments.bench import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/shakespeare.py"
+_DEFAULTS = ("pin_cores", "heap", "tcmalloc")  # what --toggle turns off and on
 
 
 def _runnable() -> int:
@@ -104,14 +106,14 @@ def report(runs: list[dict], command: str) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=1, help="pairs of runs (off, on)")
-  parser.add_argument("--toggle", choices=("pin_cores", "heap", "tcmalloc"), default="pin_cores")
+  parser.add_argument("--toggle", choices=(*_DEFAULTS, "all"), default="pin_cores")
   parser.add_argument("--workdir", default="runs/bench_load")
   parser.add_argument("--out", default=os.path.join("experiments", "results", "step", "load.md"))
   args = parser.parse_args(argv)
   runs = []
   for i in range(args.rounds):
     for on in (False, True):
-      which = {"pin_cores": True, "heap": True, "tcmalloc": True, args.toggle: on}
+      which = {k: on if args.toggle in (k, "all") else True for k in _DEFAULTS}
       runs.append(run_once(os.path.join(args.workdir, f"{i}_{args.toggle}_{on}"),
                            which["pin_cores"], which["heap"], which["tcmalloc"]))
       print(json.dumps(runs[-1]), flush=True)
