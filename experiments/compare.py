@@ -45,6 +45,7 @@ _STREAM250 = [*_AT250, "outer.overlap=5", "outer.momentum=0.9"]
 # The methods, streaming and dropout tables were measured with the DiLoCo paper's outer
 # Nesterov 0.7 / 0.9 (the config's default then) and keep it; the tuning set varies it.
 _DILOCO = "configs/shakespeare_diloco.py"
+_DILOCO_AND_EAGER = (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"]))
 _PAPER = [f"{k}={v}" for k, v in suites.PAPER_OUTER.items()]
 # DiLoCo, M=4, H=10, 240 steps (24 syncs); island 3 misses every 4th sync (6 of 24 = 25%).
 _DROP = [*_PAPER, "islands.num=4", "outer.sync_every=10", "total_steps=240", "data.batch_size=8",
@@ -125,20 +126,20 @@ RUN_SETS["fidelity_1000"] = (
 # DiLoCo at 0.3): the pair at outer 0.7 / 0.3.
 RUN_SETS["eager_1000_outer"] = tuple(
     (f"{method} (M=2, H=50), outer 0.7 / 0.3", _DILOCO, [*_AT1000, "outer.momentum=0.3", *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # ... and at momentum 0 (at the quick size eager was then +0.3% of DiLoCo)
 RUN_SETS["eager_1000_m0"] = tuple(
     (f"{method} (M=2, H=50), outer 0.7 / 0", _DILOCO, [*_AT1000, "outer.momentum=0.0", *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # Eager's gap at the config's budget against the number of outer steps: H=10 (100 outer steps
 # in 1,000) against the shipped H=50 (20) of fidelity_1000, the config's outer 0.7 / 0.5.
 RUN_SETS["eager_1000_h10"] = tuple(
     (f"{method} (M=2, H=10)", _DILOCO, [*_AT1000, "outer.sync_every=10", *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # ... and against the budget: 2,000 steps (40 outer steps), the config's outer 0.7 / 0.5
 RUN_SETS["eager_2000"] = tuple(
     (f"{method} (M=2, H=50), 2,000 steps", _DILOCO, [*_AT1000, "total_steps=2000", *extra])
-    for method, extra in (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"])))
+    for method, extra in _DILOCO_AND_EAGER)
 # ... and both levers at once (eager at its best momentum, 0.3, against DiLoCo at its own 0.5),
 # and SparseLoCo tuned at the shipped H=50 at twice the budget (at 1,000: +0.74% of DiLoCo).
 # Run with --workdir runs/eager_2000 to reuse eager_2000's two rows.
@@ -152,8 +153,8 @@ RUN_SETS["budget_2000"] = (
 # ... and at the paper's H=15 (at 1,000 steps: +1.00% of DiLoCo, sparseloco_1000's pair)
 RUN_SETS["sparseloco_2000"] = tuple(
     (f"{method} (M=2, H=15), 2,000 steps", config,
-     ["outer.sync_every=15", "total_steps=2000", "launch.mode=none"])
-    for method, config in (("DiLoCo", "configs/shakespeare_diloco.py"),
+     [*_AT1000, "outer.sync_every=15", "total_steps=2000"])
+    for method, config in (("DiLoCo", _DILOCO),
                            ("SparseLoCo tuned", "configs/shakespeare_sparseloco_tuned.py")))
 # Eager updates (Kale et al. 2025): the outer step one round late, naive and eager, against
 # DiLoCo and our tau < H streaming adaptation, at the quick suite's size (TINY model, 300 steps,
@@ -191,7 +192,6 @@ RUN_SETS["eager_long"] = (
     ("DiLoCo (M=2, H=10, 1200 steps), paper outer 0.7 / 0.9", _DILOCO,
      [*_LONG, "outer.momentum=0.9"]),
 )
-_DILOCO_AND_EAGER = (("DiLoCo", []), ("eager, 1 outer step", ["outer.delay=eager"]))
 # Syncs or steps? The eager gap at 120 syncs (1,200 steps, H=10) against 240 syncs reached two
 # ways: twice the steps at the same H, or the same steps at half the H.
 RUN_SETS["eager_syncs"] = tuple(
