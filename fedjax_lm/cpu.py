@@ -75,9 +75,10 @@ def island_devices(config, env: Mapping[str, str] | None = None,
   above the usable cores, each device running its islands on its own thread. 1 leaves the run as
   configured: not the islands algorithm, not the simulated path (the mesh names more than one
   device; an axis of -1 takes what is left), M < 2 or one core, groups asked for explicitly,
-  the device count already set in ``XLA_FLAGS``, or an accelerator backend possible. Measured against per-core vmapped groups on
-  one device (docs/performance.md): 0.357-0.371 against 0.385-0.399 s a step with TCMalloc,
-  0.409-0.415 against 0.420-0.438 without (default config, M=2, 2 cores, Intel AMX)."""
+  the device count already set in ``XLA_FLAGS``, or an accelerator backend possible. Measured
+  against per-core vmapped groups on one device (docs/performance.md): 0.357-0.371 against
+  0.385-0.399 s a step with TCMalloc, 0.409-0.415 against 0.420-0.438 without (default config,
+  M=2, 2 cores, Intel AMX)."""
   env = os.environ if env is None else env
   if cores is None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -77,7 +77,8 @@ def run_once(workdir: str, pin: bool, heap: bool = True, tcmalloc: bool = True) 
     records = [json.loads(line) for line in f if line.strip()]
   rates = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
   evals = [r["eval_loss"] for r in records if "eval_loss" in r]
-  return {"pin_cores": pin, "heap": heap, "tcmalloc": tcmalloc, "wall_s": wall, "load_max": max(l for l, _ in samples),
+  return {"pin_cores": pin, "heap": heap, "tcmalloc": tcmalloc, "wall_s": wall,
+          "load_max": max(l for l, _ in samples),
           "runnable_mean": statistics.mean(r for _, r in samples),
           "runnable_p90": sorted(r for _, r in samples)[int(0.9 * (len(samples) - 1))],
           "tokens_per_s": rates, "evals": evals}
