@@ -281,15 +281,8 @@ def make_train_iterator(
   _check_index("shard", shard_index, shard_count)
   if isinstance(tokenizer, str):
     tokenizer = tokenizers.get_tokenizer(tokenizer)
-  chosen = partition_indices(
-      source if metadata is None else metadata, partition, part_index,
-      part_count, seed, text_key,
-  )[shard_index::shard_count]
-  if len(chosen) == 0:
-    raise ValueError(
-        f"No examples for part {part_index}/{part_count} ({partition}), shard "
-        f"{shard_index}/{shard_count}: the source has {len(source)} examples."
-    )
+  chosen = _chosen_examples(source, metadata, partition, part_index, part_count, seed,
+                            text_key, shard_index, shard_count)
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   ds = (
       grain.MapDataset.source(chosen)
@@ -300,6 +293,27 @@ def make_train_iterator(
                                          prefetch_buffer_size=64 * max(num_threads, 1)))
       .filter(lambda e: e["tokens"].size > 0)
   )
+  return iter(_packed_batches(ds, seq_len, batch_size, prefetch_batches))
+
+
+def _chosen_examples(source, metadata, partition, part_index, part_count, seed, text_key,
+                     shard_index, shard_count):
+  """Indices of this part's examples, then every ``shard_count``-th from ``shard_index``."""
+  chosen = partition_indices(
+      source if metadata is None else metadata, partition, part_index,
+      part_count, seed, text_key,
+  )[shard_index::shard_count]
+  if len(chosen) == 0:
+    raise ValueError(
+        f"No examples for part {part_index}/{part_count} ({partition}), shard "
+        f"{shard_index}/{shard_count}: the source has {len(source)} examples."
+    )
+  return chosen
+
+
+def _packed_batches(ds, seq_len: int, batch_size: int, prefetch_batches: int):
+  """Tokenized examples -> ``seq_len + 1`` windows packed across examples -> stacked batches
+  (``prefetch_batches`` > 0: built ahead on a background thread)."""
   ds = grain.experimental.ConcatThenSplitIterDataset(
       ds, length_struct={"tokens": seq_len + 1}
   )
@@ -308,7 +322,7 @@ def make_train_iterator(
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=prefetch_batches
     )
-  return iter(ds)
+  return ds
 
 
 def save_iterator_state(iterator: grain.DatasetIterator) -> bytes:
