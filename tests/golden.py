@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from experiments.bench import machine
+from fedjax_lm import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,21 +34,8 @@ DEFAULT_CLASSES = ("x86-avx2", "intel-avx512")
 
 
 def cpu_class(cpuinfo: str = "/proc/cpuinfo") -> str:
-  """The CPU as far as the golden bits go: e.g. ``x86-avx2``, ``intel-avx512``,
-  ``amd-avx512-family25`` (Zen 4), or ``unknown``."""
-  fields = machine.cpu_fields(cpuinfo)
-  if not fields:
-    return "unknown"
-  vendor, family = fields.get("vendor_id", ""), fields.get("cpu family", "")
-  flags = set(fields.get("flags", "").split())
-  if "avx512f" not in flags:
-    if "avx2" not in flags:
-      return "unknown"
-    # a Zen 3 EPYC (AMD family 25, AVX2 only) differs from engine.json in the 7th digit
-    return "amd-avx2-family25" if vendor == "AuthenticAMD" and family == "25" else "x86-avx2"
-  if vendor == "GenuineIntel":
-    return "intel-avx512"
-  return f"{'amd' if vendor == 'AuthenticAMD' else vendor.lower()}-avx512-family{family}"
+  """The CPU as far as the golden bits go (``fedjax_lm.machine.cpu_class``)."""
+  return machine.cpu_class(cpuinfo)
 
 
 def golden_file(cls: str | None = None) -> tuple[str, bool]:

@@ -55,7 +55,7 @@ def test_compare_table_against_ddp_has_no_duplicate_or_infinite_ratios():
 def test_machine_line_names_the_cpu_and_its_simd(tmp_path):
   """The tables' machine line: the model name and the SIMD features that pick XLA's kernels;
   an AVX2-only CPU is marked as having no AVX-512."""
-  from experiments.bench import machine  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import machine  # pylint: disable=g-import-not-at-top
   zen4 = tmp_path / "zen4"
   zen4.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f "
                   "avx512_bf16 avx512_vnni\n\nprocessor\t: 1\nmodel name\t: other\n")
@@ -72,7 +72,7 @@ def test_machine_line_names_the_cpu_and_its_simd(tmp_path):
 def test_contend_kernels_run_on_one_core_and_report_a_rate():
   import math
   import os
-  from experiments.bench import contend
+  from experiments.studies.contention import contend
   before = os.sched_getaffinity(0)
   try:
     core = min(before)
@@ -81,3 +81,19 @@ def test_contend_kernels_run_on_one_core_and_report_a_rate():
   finally:
     os.sched_setaffinity(0, before)
   assert all(math.isfinite(r) and r > 0 for r in rates), rates
+
+
+def test_cpu_class_groups_the_cpus_whose_float_bits_agree(tmp_path):
+  """The golden recordings' CPU classes: Intel AVX-512 is one class, an AMD one per family, an
+  AVX2-only AMD family 25 (Zen 3) its own; no /proc/cpuinfo is ``unknown``."""
+  from fedjax_lm import machine  # pylint: disable=g-import-not-at-top
+  def cls(vendor, family, flags):
+    path = tmp_path / f"{vendor}{family}{len(flags)}"
+    path.write_text(f"vendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n")
+    return machine.cpu_class(str(path))
+  assert cls("GenuineIntel", "6", "avx2 avx512f amx_tile") == "intel-avx512"
+  assert cls("AuthenticAMD", "25", "avx2 avx512f") == "amd-avx512-family25"
+  assert cls("AuthenticAMD", "25", "avx2 fma") == "amd-avx2-family25"
+  assert cls("AuthenticAMD", "23", "avx2 fma") == "x86-avx2"
+  assert cls("GenuineIntel", "6", "sse4_2") == "unknown"
+  assert machine.cpu_class(str(tmp_path / "missing")) == "unknown"

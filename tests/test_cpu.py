@@ -3,21 +3,18 @@ options reach XLA and the engine's train step."""
 
 import json
 import os
-import platform
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
-import fedjax_lm
+from conftest import tiny_config
 from fedjax_lm import cpu
 from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import model as model_lib
+
 
 def test_options_and_their_switches():
   fast = {"xla_cpu_enable_fast_min_max": True}
@@ -73,42 +70,6 @@ def test_a_step_traced_inside_another_jit_runs_without_them():
   y = jnp.array([3.0, 1.0, 2.0])
   assert float(jax.jit(lambda v: step(v) * 2)(y)) == 2 * float(step(y)) == 6.0
   assert "reduce" in step.lower(y).as_text()
-
-
-_FAULTS = """
-import resource
-from experiments.bench import step
-step.pin_one_core()
-import fedjax_lm
-s = step.Stepper({"config": "configs/shakespeare_diloco.py",
-                  "overrides": step.PATHS["1 island / 1 core"][0]})
-s.run(8)  # warm: the heap grows to the step's size
-faults = []
-for _ in range(5):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  s.run(1)
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults)[2])  # the median step (one step in a while re-faults as the heap settles)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc tunables")
-def test_one_core_heap_tunables_stop_the_per_step_page_faults():
-  """The default config's 1-core step (one island, 272 MB of temporaries) in a fresh process:
-  with the huge-pages default alone the kernel faults the temporaries in again at every step
-  (136 huge pages a step, measured); with fedjax_lm's one-core heap tunables they stay in the
-  heap (0 a step once warm)."""
-  faults = {}
-  for one_core in (False, True):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD")}
-    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core,
-                               tcmalloc=None)  # 1 device; glibc's malloc
-    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True)
-    faults[one_core] = float(out.stdout.strip().splitlines()[-1])
-  assert faults[False] >= 64, faults
-  assert faults[True] <= 4, faults
 
 
 def test_island_devices_one_per_core_dividing_m_only_on_the_simulated_cpu_path():

@@ -5,17 +5,22 @@ Speed and memory figures live in the bench, not here."""
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 
 import jax
 import pytest
 
+from conftest import ROOT
 from experiments.bench import gpu as gpu_bench
 from experiments.bench import jobs as suite_jobs
 from experiments.bench import memory as suite_memory
 from experiments.bench import projection
 from experiments.bench import report as suite_report
 from experiments.bench import suites
-from experiments.bench import torch_peer
+from experiments.studies.torch_peer import torch_peer
+import fedjax_lm
 
 
 def test_link_and_step_times():
@@ -135,7 +140,6 @@ def test_runs_worker_trains_points_outside_the_grid(tmp_path, compile_cache):
 def test_a_killed_full_suite_run_resumes_exactly_where_its_queue_left_it(tmp_path,
                                                                           compile_cache):
   del compile_cache
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   run = {"outer.sync_every": 4, "outer.fragments": 2, "outer.overlap": 1}  # Streaming
   jobs = tmp_path / "jobs.json"
   jobs.write_text(json.dumps([{"kind": "runs", "runs": [run]}]))
@@ -284,3 +288,39 @@ def test_torch_peer_breakdown_maps_our_categories_and_takes_medians():
   assert "| elementwise, copies, reductions | 500 | 210 | 2.38 |" in text
   assert "| all ops | 1190 | 795 | 1.50 | — |" in text  # medians of the per-round sums
   assert "| step, timed without the profiler | 1200 | 800 | 1.50 | — |" in text
+
+
+_FAULTS = """
+import resource
+from experiments.bench import step
+step.pin_one_core()
+import fedjax_lm
+s = step.Stepper({"config": "configs/shakespeare_diloco.py",
+                  "overrides": step.PATHS["1 island / 1 core"][0]})
+s.run(8)  # warm: the heap grows to the step's size
+faults = []
+for _ in range(5):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  s.run(1)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[2])  # the median step (one step in a while re-faults as the heap settles)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc tunables")
+def test_one_core_heap_tunables_stop_the_per_step_page_faults():
+  """The default config's 1-core step (one island, 272 MB of temporaries) in a fresh process:
+  with the huge-pages default alone the kernel faults the temporaries in again at every step
+  (136 huge pages a step, measured); with fedjax_lm's one-core heap tunables they stay in the
+  heap (0 a step once warm)."""
+  faults = {}
+  for one_core in (False, True):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD")}
+    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core,
+                               tcmalloc=None)  # 1 device; glibc's malloc
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    faults[one_core] = float(out.stdout.strip().splitlines()[-1])
+  assert faults[False] >= 64, faults
+  assert faults[True] <= 4, faults

@@ -17,8 +17,9 @@ prints one JSON line. Spec keys:
 ``kind`` (``step`` | ``peak``), ``config`` (path), ``overrides`` ({dotted key: value}),
 ``one_core`` (pin to one core, single-threaded XLA: the per-process view of the one
 process-per-core path), ``steps``, ``repeats``, ``profile`` (add a per-op breakdown).
-``Stepper`` and ``step`` are also the timing of the other suites (``suites``, ``gpu``,
-``torch_peer``).
+``Stepper`` and ``step`` are also the timing of the other suites (``suites``, ``gpu``) and of
+the studies ``experiments/studies/torch_peer`` and ``xla_ab``. The ladder's recorded runs, one
+directory per machine, and what they answer: ``experiments/studies/step_ladder/``.
 """
 
 from __future__ import annotations

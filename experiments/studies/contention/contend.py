@@ -1,6 +1,6 @@
 """What two processes, one per core, take from each other on this machine: solo vs together.
 
-    python -m experiments.bench.contend [--seconds 8]
+    python -m experiments.studies.contention.contend [--seconds 8]
 
 Three single-threaded numpy kernels, each timed alone on core 0 and on core 1, then on both
 cores at once over the same window: a 512³ f32 matmul (compute-bound), a 64 MiB copy (DRAM
@@ -44,8 +44,8 @@ def kernel_rate(kind: int, core: int, start_at: float, seconds: float) -> float:
 
 def _spawn(kind: int, core: int, start_at: float, seconds: float) -> subprocess.Popen:
   env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-  return subprocess.Popen([sys.executable, "-m", "experiments.bench.contend", "--worker",
-                           f"{kind},{core},{start_at},{seconds}"], stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, "-m", "experiments.studies.contention.contend",
+                           "--worker", f"{kind},{core},{start_at},{seconds}"], stdout=subprocess.PIPE,
                           text=True, env=env)
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     kind, core, start_at, seconds = args.worker.split(",")
     print(kernel_rate(int(kind), int(core), float(start_at), float(seconds)))
     return
-  from experiments.bench import machine  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import machine  # pylint: disable=g-import-not-at-top
   print(f"{machine.describe()}\n")
   print("| kernel, 1 thread | solo core 0 / core 1 | together, core 0 + core 1 | scaling |")
   print("|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Is one process per core one busy thread per core? A training command's load, timed.
 
-    python -m experiments.bench.load [--rounds 1] [--toggle pin_cores|heap|tcmalloc|all]
-        [--out experiments/results/step/load.md]
+    python -m experiments.studies.load.load [--rounds 1] [--toggle pin_cores|heap|tcmalloc|all]
+        [--out experiments/studies/load/load.md]
 
 Runs the default run (``configs/shakespeare.py``: 2 processes, one island of 2 devices) with
 ``launch.pin_cores`` off and on (or, ``--toggle heap``, pinned with fedjax_lm's one-core heap
@@ -92,7 +92,8 @@ def report(runs: list[dict], command: str) -> str:
            f"`{CONFIG}` (2 processes, one per core), each row one run; load sampled once a "
            "second; tokens/s per logged interval after the first.", "",
            "| launch.pin_cores, heap tunables, TCMalloc | wall s | 1-min load, max | "
-           "runnable threads, mean / p90 | tokens/s per interval, min–max (median) | eval losses |",
+           "runnable threads, mean / p90 | tokens/s per interval, min–max (median) | "
+           "eval losses |",
            "|---|---|---|---|---|---|"]
   for r in runs:
     t = r["tokens_per_s"]
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
   parser.add_argument("--rounds", type=int, default=1, help="pairs of runs (off, on)")
   parser.add_argument("--toggle", choices=(*_DEFAULTS, "all"), default="pin_cores")
   parser.add_argument("--workdir", default="runs/bench_load")
-  parser.add_argument("--out", default=os.path.join("experiments", "results", "step", "load.md"))
+  parser.add_argument("--out", default=os.path.join("experiments", "studies", "load", "load.md"))
   args = parser.parse_args(argv)
   runs = []
   for i in range(args.rounds):
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
       runs.append(run_once(os.path.join(args.workdir, f"{i}_{args.toggle}_{on}"),
                            which["pin_cores"], which["heap"], which["tcmalloc"]))
       print(json.dumps(runs[-1]), flush=True)
-  text = report(runs, f"python -m experiments.bench.load --rounds {args.rounds} "
+  text = report(runs, f"python -m experiments.studies.load.load --rounds {args.rounds} "
                 f"--toggle {args.toggle} --out {args.out}")
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:

@@ -1,8 +1,8 @@
-"""Runs ``experiments.compare``'s "sparseloco" set one run at a time (simulated, one process)
+"""Runs the "sparseloco" set (``sets.py``) one run at a time (simulated, one process)
 and writes ``summary.md`` beside this file: final eval loss, loss / DiLoCo at the same size and
 H, and the bytes one island sent.
 
-  python experiments/results/sparseloco/make_summary.py --workdir runs/sparseloco/set
+  python experiments/studies/sparseloco/make_summary.py --workdir runs/sparseloco/set
 
 (``python -m experiments.compare --set sparseloco --workdir runs/sparseloco/set`` trains the
 same runs into the same workdirs; its table divides by DDP, which this set has none of, hence
@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)
 
-from experiments import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from experiments.studies.sparseloco import sets
 from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
 
@@ -51,7 +52,7 @@ def main():
                       help="only read finished runs; list the others as not measured")
   args = parser.parse_args()
   rows = []
-  for name, config, overrides in compare.RUN_SETS["sparseloco"]:
+  for name, config, overrides in sets.RUN_SETS["sparseloco"]:
     workdir = os.path.join(args.workdir, "".join(c if c.isalnum() else "_" for c in name))
     path = os.path.join(workdir, "metrics.jsonl")
     records = metrics_lib.read_jsonl(path) if os.path.exists(path) else []
@@ -74,16 +75,16 @@ def main():
   for name, r in rows:
     key = " (" + name.split(" (", 1)[1]
     if r is None or key not in base:
-      lines.append(f"| {name} | " + ("not measured (ran out of time) | — | — | — |" if r is None
-                                      else f"{r['eval_loss']:.4f} | — | "
-                                      f"{int(r['island_bytes']):,} | — |"))
+      lines.append(f"| {name} | " + (
+          "not measured (ran out of time) | — | — | — |" if r is None
+          else f"{r['eval_loss']:.4f} | — | {int(r['island_bytes']):,} | — |"))
       continue
     lines.append(f"| {name} | {r['eval_loss']:.4f} | {r['eval_loss'] / base[key]:.4f} | "
                  f"{int(r['island_bytes']):,} | {r['island_bytes'] / dil_bytes[key]:.4f} |")
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=ROOT).stdout.strip()
   with open(args.out, "w") as f:
-    f.write(f"Regenerate: `python experiments/results/sparseloco/make_summary.py --workdir "
+    f.write(f"Regenerate: `python experiments/studies/sparseloco/make_summary.py --workdir "
             f"{args.workdir}`\n\nMeasured at commit {commit} (plus this change's working tree), "
             f"{datetime.date.today()}, {_machine()}, seed 0, islands simulated in one "
             f"process.\n\n" + "\n".join(lines) + "\n")

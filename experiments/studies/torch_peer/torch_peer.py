@@ -1,7 +1,7 @@
 """The step bench's peer: the same model and inner step in PyTorch, timed beside ours.
 
-``python -m experiments.bench.torch_peer [--rounds 3]`` times, interleaved round by round (this
-machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a fixed batch:
+``python -m experiments.studies.torch_peer.torch_peer [--rounds 3]`` times, interleaved round
+by round (this machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a fixed batch:
 
 - **1 island / 1 core**: one process pinned to one core, one thread;
 - **M=2, 2 processes × 1 core**: the peer's layout (and our launcher's), one island per
@@ -19,8 +19,8 @@ AdamW (b1 0.9, b2 0.95, weight decay 0.1) after global-norm clipping at 1.0, eag
 worker first checks that both frameworks give the same loss on the same parameters and batch
 (to 1e-4), so the rows compare one computation. Needs ``torch`` (not a fedjax_lm dependency):
 ``pip install torch --index-url https://download.pytorch.org/whl/cpu``. Writes
-``experiments/results/step/torch_peer.md`` (``--breakdown``: ``torch_peer_breakdown.md``, where
-the 1-core step's time goes, ours beside PyTorch's).
+``experiments/studies/torch_peer/torch_peer.md`` (``--breakdown``: ``torch_peer_breakdown.md``,
+where the 1-core step's time goes, ours beside PyTorch's).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from experiments.bench import machine
+from fedjax_lm import machine
 
 CONFIG = "configs/shakespeare_diloco.py"
 
@@ -289,7 +289,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat (3 repeats)")
-  parser.add_argument("--out", default=None, help="default experiments/results/step/"
+  parser.add_argument("--out", default=None, help="default experiments/studies/torch_peer/"
                       "torch_peer.md (torch_peer_breakdown.md with --breakdown)")
   parser.add_argument("--breakdown", action="store_true",
                       help="per-category time of the 1-core step, ours beside PyTorch")
@@ -303,15 +303,16 @@ def main() -> None:
   except ImportError:
     raise SystemExit("torch_peer: PyTorch is not installed (pip install torch --index-url "
                      "https://download.pytorch.org/whl/cpu)") from None
-  command = f"python -m experiments.bench.torch_peer --rounds {args.rounds} --steps {args.steps}"
+  command = (f"python -m experiments.studies.torch_peer.torch_peer --rounds {args.rounds} "
+             f"--steps {args.steps}")
   if args.breakdown:
     command += " --breakdown"
   if args.out:
     command += f" --out {args.out}"
   text = (breakdown_report(breakdown(args.rounds, args.steps), command) if args.breakdown else
           report(measure(args.rounds, args.steps), args.rounds, command))
-  out = args.out or os.path.join("experiments", "results", "step", "torch_peer_breakdown.md"
-                                 if args.breakdown else "torch_peer.md")
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "torch_peer_breakdown.md" if args.breakdown else "torch_peer.md")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     f.write(text)

@@ -1,7 +1,7 @@
 """An XLA:CPU option measured in one process: the inner step compiled twice, timed alternately.
 
-    python -m experiments.bench.xla_ab --option xla_cpu_prefer_vector_width=512 [--one_core]
-        [--config configs/shakespeare_diloco.py] [--rounds 8 --steps 4]
+    python -m experiments.studies.xla_ab.xla_ab --option xla_cpu_prefer_vector_width=512 \\
+        [--one_core] [--config configs/shakespeare_diloco.py] [--rounds 8 --steps 4]
 
 Fresh processes on a VM here differ by up to ±20% in speed, more than most flags are worth, so
 this compiles one lowered inner step (the step bench's ``Stepper``: fixed batch, runtime
@@ -22,7 +22,7 @@ import json
 import statistics
 import time
 
-from experiments.bench import machine
+from fedjax_lm import machine
 from experiments.bench import step as step_bench
 
 PATHS = {False: {"mesh.island": 1, "mesh.data": 1, "launch.processes": 1},
