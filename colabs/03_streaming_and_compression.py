@@ -35,6 +35,10 @@ if importlib.util.find_spec("fedjax_lm") is None:
   subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", f"{source}[notebooks]"])
 
 # %%
+# fedjax_lm's CPU runtime defaults (XLA flags: fedjax_lm/cpu.py) first, before JAX starts.
+from fedjax_lm import cpu
+cpu.apply_defaults(reexec=False)
+
 import os
 
 import jax

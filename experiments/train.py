@@ -15,7 +15,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-import fedjax_lm
 from fedjax_lm import cpu
 from fedjax_lm import launch
 
@@ -88,5 +87,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-  fedjax_lm.reexec_with_malloc_defaults()
+  cpu.apply_defaults()
   app.run(main, flags_parser=_parse_flags)

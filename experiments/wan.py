@@ -490,6 +490,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import fedjax_lm  # pylint: disable=g-import-not-at-top
-  fedjax_lm.reexec_with_malloc_defaults()
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_defaults()
   app.run(main)

@@ -1,26 +1,57 @@
-"""The CPU this process runs on, and the XLA:CPU compile options of the train and eval steps.
+"""fedjax_lm's CPU runtime defaults, the one place they are applied and documented; and the CPU
+this process runs on.
 
-Measured by ``python -m experiments.bench --suite step`` (and the A/B in docs/performance.md),
-the jitted train and eval steps are compiled on CPU with this field of XLA's DebugOptions:
+Nothing here runs at import: ``import fedjax_lm`` leaves ``os.environ`` alone. A command's
+``__main__`` (``experiments/train.py``, ``experiments/compare.py``, ...) calls
+:func:`apply_defaults` first; a notebook's first cell and ``tests/conftest.py`` call
+``apply_defaults(reexec=False)``; the launchers give their child processes :func:`process_env`.
+Each default was measured by ``python -m experiments.bench --suite step``; what each is worth, per
+CPU: docs/performance.md ("Runtime defaults and what each is worth"). A value the user already
+set wins over every default, and each has a switch that turns it off:
 
-- ``xla_cpu_enable_fast_min_max``: max and min without NaN bookkeeping. XLA:CPU rewrites every
-  max over the attention keys and the vocabulary into a reduce-window plus a reduce, and that
-  reduce-window ran 3.3x slower with NaN-propagating max (1.87 vs 0.56 ms for a [16, 4, 128, 256]
-  max on one core). The step's maxima only shift a softmax (a NaN logit still makes the loss NaN
-  through exp, so the non-finite guard still sees it); the exchange programs (codecs, whose
-  scales are maxima) are compiled without it. Measured on Intel AVX-512 (AMX) only; it removes
-  work on any x86, so it is on for every CPU.
-
-Tried and left out: ``xla_cpu_prefer_vector_width=512`` on AVX-512. It measured 0.92-0.97 of the
-step's time on the Intel AMX VMs, 1.02-1.06 on an earlier Intel VM and 0.98 on Zen 4, and it
-changes the last bits of a loss (the order of vectorised sums); set it through
-``FEDJAX_LM_COMPILER_OPTIONS='{"xla_cpu_prefer_vector_width": 512}'``.
-
-The option goes to ``jax.jit(..., compiler_options=...)`` (:func:`jit_step`; inside a user's own
-jit the step is traced without it, since JAX takes compile options only at the top level); set
-through ``XLA_FLAGS``, the same field left the step's time unchanged here (measured).
-``FEDJAX_LM_COMPILE_DEFAULTS=0`` turns it off; ``FEDJAX_LM_COMPILER_OPTIONS`` (a JSON object of
-DebugOptions fields) is merged over it, so a value the user sets wins. Not used off CPU.
+- **XLA flags** (``CPU_XLA_FLAGS``, added to ``XLA_FLAGS``; ``FEDJAX_LM_XLA_DEFAULTS=0``): XLA's
+  own (Eigen) dot emitter instead of YNNPACK fusions, which made the default model's train step
+  slower on x86. XLA reads ``XLA_FLAGS`` once, when its backend starts: apply them before that.
+- **Huge pages** (``GLIBC_TUNABLES``; ``FEDJAX_LM_MALLOC_DEFAULTS=0``, which turns off every
+  allocator default): XLA:CPU allocates a step's temporaries afresh at every execution (585 MB for
+  the default M=2 step); glibc serves allocations that large with mmap and unmaps them on free, so
+  each step faulted ~150k 4 KiB pages in again; malloc's mmaps on transparent huge pages cut that
+  ~40x.
+- **One heap arena for a process pinned to one core** (``ONE_CORE_TUNABLES``, only where the
+  launcher pins a process to one core; ``FEDJAX_LM_HEAP_DEFAULTS=0``). Such a process runs XLA:CPU
+  on one worker thread whose arena is not the main one, so glibc serves the step's temporaries
+  (272 MB for one island of the default config) from fresh mmaps whatever the mmap threshold, and
+  the kernel zeroes them again at every step (136 2 MiB page faults a step). One arena, no mmap
+  and no trimming keep them in the heap (0 faults a step; the 1-core step 0.86-0.95x the time,
+  Intel AMX). The process's memory then returns to the system only when it exits. Not for
+  processes with several compute threads: on the simulated path one arena made the step
+  1.1-1.6x slower.
+- **TCMalloc preloaded** where the system has it (Debian/Ubuntu: ``apt install
+  libtcmalloc-minimal4``; ``FEDJAX_LM_TCMALLOC=0``; an ``LD_PRELOAD`` that already names an
+  allocator wins). XLA:CPU takes an execution's temporaries as one block on the thread that runs
+  it; with more than one such thread (the simulated path) glibc can only serve it from a fresh
+  mmap, zeroed at every step, or from one shared arena whose lock is contended. TCMalloc keeps the
+  block from step to step on any thread: the simulated step 0.43 -> 0.39 s (Intel AMX).
+  glibc reads its tunables, and the loader its preloads, only when a process starts: a command
+  re-executes itself once with them (:func:`apply_defaults`), and the processes it starts inherit
+  them.
+- **Compile options of the train and eval steps** (:func:`compiler_options`, given to
+  ``jax.jit`` by :func:`jit_step`; ``FEDJAX_LM_COMPILE_DEFAULTS=0``;
+  ``FEDJAX_LM_COMPILER_OPTIONS``, a JSON object of DebugOptions fields, is merged over them):
+  ``xla_cpu_enable_fast_min_max``, max and min without NaN bookkeeping. XLA:CPU rewrites every max
+  over the attention keys and the vocabulary into a reduce-window plus a reduce, and that
+  reduce-window ran 3.3x slower with NaN-propagating max (1.87 vs 0.56 ms for a
+  [16, 4, 128, 256] max on one core). The step's maxima only shift a softmax (a NaN logit still
+  makes the loss NaN through exp, so the non-finite guard still sees it); the exchange programs
+  (codecs, whose scales are maxima) are compiled without it. Measured on Intel AVX-512 (AMX); it
+  removes work on any x86, so it is on for every CPU. Inside a user's own jit the step is traced
+  without it (JAX takes compile options only at the top level); set through ``XLA_FLAGS``, the
+  same field left the step's time unchanged (measured). Not used off CPU. Tried and left out:
+  ``xla_cpu_prefer_vector_width=512`` on AVX-512 (0.92-0.97 of the step's time on the Intel AMX
+  VMs, 1.02-1.06 on an earlier Intel VM, 0.98 on Zen 4, and it changes the last bits of a loss);
+  set it through ``FEDJAX_LM_COMPILER_OPTIONS='{"xla_cpu_prefer_vector_width": 512}'``.
+- **One emulated CPU device per core** for a one-process run's simulated islands
+  (:func:`emulate_island_devices`, called by ``experiments/train.py`` before JAX starts).
 """
 
 from __future__ import annotations
@@ -31,6 +62,99 @@ from typing import Any, Callable, Mapping
 
 ENV_OFF = "FEDJAX_LM_COMPILE_DEFAULTS"
 ENV_OPTIONS = "FEDJAX_LM_COMPILER_OPTIONS"
+
+# --------------------------------------------------------------- the process's environment
+
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+GLIBC_TUNABLES = ("glibc.malloc.hugetlb=1",)
+ONE_CORE_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                     "glibc.malloc.trim_threshold=17179869184")
+TCMALLOC_LIBRARIES = ("tcmalloc_minimal", "tcmalloc")
+_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def xla_env(env: Mapping[str, str]) -> dict[str, str]:
+  """``env`` with ``CPU_XLA_FLAGS`` added to its ``XLA_FLAGS`` (a flag already named there
+  wins; unchanged with ``FEDJAX_LM_XLA_DEFAULTS=0``)."""
+  env = dict(env)
+  if env.get("FEDJAX_LM_XLA_DEFAULTS", "1") == "0":
+    return env
+  flags = env.get("XLA_FLAGS", "").split()
+  names = {f.split("=")[0] for f in flags}
+  flags += [f for f in CPU_XLA_FLAGS if f.split("=")[0] not in names]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env
+
+
+def tcmalloc_library() -> str | None:
+  """The system's TCMalloc shared library (a name ``LD_PRELOAD`` resolves), or None."""
+  import ctypes.util  # pylint: disable=g-import-not-at-top
+  return next(filter(None, map(ctypes.util.find_library, TCMALLOC_LIBRARIES)), None)
+
+
+def without_tcmalloc(env: Mapping[str, str]) -> dict[str, str]:
+  """``env`` with any TCMalloc taken out of ``LD_PRELOAD`` (for a run that starts without it)."""
+  out = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+  preload = [p for p in env.get("LD_PRELOAD", "").split() if "tcmalloc" not in p]
+  if preload:
+    out["LD_PRELOAD"] = " ".join(preload)
+  return out
+
+
+def malloc_env(env: Mapping[str, str], one_core: bool = False,
+               tcmalloc: str | None = "find") -> dict[str, str]:
+  """``env`` with the allocator defaults added (unchanged off glibc or when turned off): its
+  glibc tunables, and TCMalloc preloaded where the system has it (``tcmalloc``: the library,
+  found by :func:`tcmalloc_library` by default); ``one_core``: for a process that will run
+  pinned to one core (``ONE_CORE_TUNABLES`` too)."""
+  import platform  # pylint: disable=g-import-not-at-top
+  env = dict(env)
+  if env.get("FEDJAX_LM_MALLOC_DEFAULTS", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    return env
+  ours = GLIBC_TUNABLES
+  if one_core and env.get("FEDJAX_LM_HEAP_DEFAULTS", "1") != "0":
+    ours += ONE_CORE_TUNABLES
+  have = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  names = {t.split("=")[0] for t in have}
+  env["GLIBC_TUNABLES"] = ":".join(have + [t for t in ours if t.split("=")[0] not in names])
+  preload = env.get("LD_PRELOAD", "")
+  if env.get("FEDJAX_LM_TCMALLOC", "1") != "0" and not any(a in preload for a in _ALLOCATORS):
+    library = tcmalloc_library() if tcmalloc == "find" else tcmalloc
+    if library:
+      env["LD_PRELOAD"] = " ".join(filter(None, (library, preload)))
+      # its report of every allocation over 1 GiB goes to stderr: a big config's normal steps
+      env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))
+  return env
+
+
+def process_env(env: Mapping[str, str], one_core: bool = False) -> dict[str, str]:
+  """``env`` for a process fedjax_lm starts: the XLA flags and the allocator defaults."""
+  return xla_env(malloc_env(env, one_core=one_core))
+
+
+def apply_xla_defaults() -> None:
+  """Adds ``CPU_XLA_FLAGS`` to this process's ``XLA_FLAGS`` (:func:`xla_env`); before JAX starts
+  a backend. The XLA part of :func:`apply_defaults`, for a worker process whose parent set up its
+  allocator."""
+  os.environ.update(xla_env(os.environ))
+
+
+def apply_defaults(reexec: bool = True) -> None:
+  """Applies the runtime defaults to this process; call it first, before JAX starts a backend.
+
+  ``XLA_FLAGS`` gets ``CPU_XLA_FLAGS`` in ``os.environ``. The allocator defaults take effect
+  only when a process starts: ``reexec`` (a command's ``__main__``) restarts this process once
+  with them, with the same arguments, if they differ; ``reexec=False`` (a notebook kernel, the
+  tests) puts them in ``os.environ`` for the processes it starts, and this one keeps its
+  allocator."""
+  import sys  # pylint: disable=g-import-not-at-top
+  apply_xla_defaults()
+  env = malloc_env(os.environ)
+  if not reexec:
+    os.environ.update(env)
+  elif any(env.get(k) != os.environ.get(k) for k in ("GLIBC_TUNABLES", "LD_PRELOAD")):
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
 
 
 def cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:

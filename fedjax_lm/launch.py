@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Sequence
 
-import fedjax_lm
+from fedjax_lm import cpu
 from fedjax_lm import wire
 
 ENV_COORDINATOR = "FEDJAX_LM_COORDINATOR"
@@ -117,7 +117,7 @@ def _child_env(process_id: int, num_processes: int, coordinator: str,
   env["XLA_FLAGS"] = " ".join(flags)
   env["PYTHONUNBUFFERED"] = "1"
   env.setdefault(wire.ENV_SECRET, secret)
-  return fedjax_lm.malloc_env(env, one_core=cores is not None and len(cores) == 1)
+  return cpu.process_env(env, one_core=cores is not None and len(cores) == 1)
 
 
 PREEMPTION_GRACE_SECONDS = 120.0

@@ -13,11 +13,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import fedjax_lm  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# Subprocesses (CLI runs, notebook kernels) start with fedjax_lm's glibc tunables, as the
-# commands' own re-exec would give them.
-os.environ.update(fedjax_lm.malloc_env(dict(os.environ)))
+# fedjax_lm's CPU runtime defaults, as a command's __main__ applies them: the XLA flags for this
+# process (before JAX starts its backend) and its subprocesses; the allocator defaults for the
+# subprocesses (CLI runs, notebook kernels), as the commands' own re-exec would give them.
+cpu.apply_defaults(reexec=False)
 
 # One JAX persistent compilation cache for this session, this process and its subprocesses:
 # the tests compile the same tiny-model programs over and over (a resume test runs the same

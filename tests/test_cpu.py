@@ -1,15 +1,19 @@
-"""XLA:CPU compile options of the train step (fedjax_lm.cpu): the switches, and that the
-options reach XLA and the engine's train step."""
+"""The CPU runtime defaults (fedjax_lm.cpu): the compile options of the train step (the switches,
+and that they reach XLA and the engine's train step), the per-core devices, and the process's
+environment (XLA flags, allocator; none of it applied by an import)."""
 
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from fedjax_lm import cpu
 from fedjax_lm import engine
 from fedjax_lm import mesh as mesh_lib
@@ -132,3 +136,116 @@ def test_one_process_run_emulates_a_device_per_core_with_the_same_numerics(tmp_p
   evals = lambda rs: [r["eval_loss"] for r in rs if "eval_loss" in r]
   assert len(evals(a)) == 1
   np.testing.assert_allclose(evals(a), evals(b), rtol=1e-5)
+
+# ------------------------------------------------------- the runtime defaults of the process
+
+_ENV_KEYS = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")
+_YNN = cpu.CPU_XLA_FLAGS[0]
+
+
+def _bare_env():
+  """This environment without any runtime default in it (so that applying one shows)."""
+  return {k: v for k, v in os.environ.items() if k not in _ENV_KEYS and
+          not k.startswith("FEDJAX_LM_")} | {"PYTHONPATH": ROOT}
+
+
+def test_import_fedjax_lm_leaves_the_environment_alone():
+  """Importing the package and its modules changes no variable of the process's environment;
+  ``cpu.apply_defaults(reexec=False)`` is what adds the XLA flags and allocator defaults."""
+  code = ("import json, os; before = dict(os.environ); import fedjax_lm; "
+          "from fedjax_lm import cpu, launch, engine, train, config_lib; "
+          "after = dict(os.environ); cpu.apply_defaults(reexec=False); "
+          "print(json.dumps([before == after, os.environ.get('XLA_FLAGS', ''), "
+          "os.environ.get('GLIBC_TUNABLES', '')]))")
+  out = subprocess.run([sys.executable, "-c", code], env=_bare_env(), cwd=ROOT, check=True,
+                       capture_output=True, text=True).stdout.splitlines()[-1]
+  unchanged, flags, tunables = json.loads(out)
+  assert unchanged
+  assert flags == _YNN
+  assert tunables == ("glibc.malloc.hugetlb=1" if platform.libc_ver()[0] == "glibc" else "")
+
+
+def test_xla_env_adds_the_flags_unless_set_or_off():
+  assert cpu.xla_env({})["XLA_FLAGS"] == _YNN
+  mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_foo=1"}
+  assert cpu.xla_env(mine) == mine  # the user's own value wins
+  assert cpu.xla_env({"XLA_FLAGS": "--xla_foo=1"})["XLA_FLAGS"] == f"--xla_foo=1 {_YNN}"
+  off = {"FEDJAX_LM_XLA_DEFAULTS": "0"}
+  assert cpu.xla_env(off) == off
+  env = {"A": "1"}
+  assert cpu.process_env(env, one_core=True)["XLA_FLAGS"] == _YNN and env == {"A": "1"}
+  assert cpu.process_env({}, one_core=True).get("GLIBC_TUNABLES", "") == (
+      cpu.malloc_env({}, one_core=True).get("GLIBC_TUNABLES", ""))
+
+
+def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
+  assert cpu.malloc_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  user = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
+  assert cpu.malloc_env(user, tcmalloc=None) == user  # the user's own hugetlb wins
+  assert cpu.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[
+      "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
+  assert cpu.malloc_env(off) == off
+  assert cpu.malloc_env(off, one_core=True) == off
+
+
+def test_malloc_env_preloads_tcmalloc_where_found_unless_off_or_another_allocator():
+  lib = "libtcmalloc_minimal.so.4"
+  env = cpu.malloc_env({}, tcmalloc=lib)
+  assert env["LD_PRELOAD"] == lib and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 30
+  assert cpu.malloc_env(env, tcmalloc=lib) == env  # once
+  assert cpu.malloc_env({"LD_PRELOAD": "libfoo.so"}, tcmalloc=lib)["LD_PRELOAD"] == (
+      f"{lib} libfoo.so")
+  for user in ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, {"FEDJAX_LM_TCMALLOC": "0"},
+               {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}):
+    assert cpu.malloc_env(user, tcmalloc=lib).get("LD_PRELOAD") == user.get("LD_PRELOAD")
+  assert "LD_PRELOAD" not in cpu.malloc_env({}, tcmalloc=None)  # none on the system
+  assert cpu.without_tcmalloc({"LD_PRELOAD": f"{lib} libfoo.so", "A": "1"}) == {
+      "LD_PRELOAD": "libfoo.so", "A": "1"}
+  assert cpu.without_tcmalloc(env) == {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+  found = cpu.tcmalloc_library()
+  assert found is None or "tcmalloc" in found
+
+
+@pytest.mark.skipif(cpu.tcmalloc_library() is None, reason="TCMalloc not installed")
+def test_a_command_runs_with_tcmalloc_preloaded():
+  """Where the system has TCMalloc, a command restarts itself with it preloaded: it is in the
+  process's memory map, and a JAX computation runs on it."""
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FEDJAX_LM_TCMALLOC")}
+  code = ("from fedjax_lm import cpu; cpu.apply_defaults(); import jax.numpy as jnp; "
+          "print(float(jnp.ones((512, 512)).sum()), any('tcmalloc' in line for line in "
+          "open('/proc/self/maps')))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                       text=True).stdout.split()
+  assert out[-2:] == ["262144.0", "True"]
+
+
+def test_malloc_env_one_core_adds_the_heap_tunables_unless_set_or_off():
+  one = cpu.malloc_env({}, one_core=True)["GLIBC_TUNABLES"].split(":")
+  assert one == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                 "glibc.malloc.trim_threshold=17179869184"]
+  user = cpu.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, one_core=True)
+  assert user["GLIBC_TUNABLES"].split(":")[:2] == ["glibc.malloc.arena_max=4",
+                                                   "glibc.malloc.hugetlb=1"]
+  assert "arena_max=1" not in user["GLIBC_TUNABLES"]  # the user's arena count wins
+  off = cpu.malloc_env({"FEDJAX_LM_HEAP_DEFAULTS": "0"}, one_core=True)
+  assert off["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("preset, expected", [
+    (None, "glibc.malloc.hugetlb=1"),
+    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
+])
+def test_command_reexecs_itself_once_with_the_tunables(preset, expected):
+  """glibc reads its tunables at start: a command restarts itself once to get them, with
+  the same arguments; a value already set is left alone (no restart)."""
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  if preset:
+    env["GLIBC_TUNABLES"] = preset
+  code = ("import os, sys; from fedjax_lm import cpu; print('start', flush=True); "
+          "cpu.apply_defaults(); "
+          "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+  out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, check=True,
+                       capture_output=True, text=True).stdout.split("\n")
+  assert out[-2] == f"{expected} ['a', '--b=1']"
+  assert out.count("start") == (1 if preset else 2)

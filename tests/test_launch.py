@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-import fedjax_lm
 from fedjax_lm import launch
 
 # conftest imports JAX in this process, and launch_local's preexec_fn makes subprocess fork();
@@ -188,76 +187,3 @@ def test_free_port_is_bindable():
     s.bind(("127.0.0.1", port))
     s.listen(1)
     assert s.getsockname()[1] == port
-
-
-def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
-  assert fedjax_lm.malloc_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-  user = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
-  assert fedjax_lm.malloc_env(user, tcmalloc=None) == user  # the user's own hugetlb wins
-  assert fedjax_lm.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[
-      "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
-  assert fedjax_lm.malloc_env(off) == off
-  assert fedjax_lm.malloc_env(off, one_core=True) == off
-
-
-def test_malloc_env_preloads_tcmalloc_where_found_unless_off_or_another_allocator():
-  lib = "libtcmalloc_minimal.so.4"
-  env = fedjax_lm.malloc_env({}, tcmalloc=lib)
-  assert env["LD_PRELOAD"] == lib and int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 30
-  assert fedjax_lm.malloc_env(env, tcmalloc=lib) == env  # once
-  assert fedjax_lm.malloc_env({"LD_PRELOAD": "libfoo.so"}, tcmalloc=lib)["LD_PRELOAD"] == (
-      f"{lib} libfoo.so")
-  for user in ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, {"FEDJAX_LM_TCMALLOC": "0"},
-               {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}):
-    assert fedjax_lm.malloc_env(user, tcmalloc=lib).get("LD_PRELOAD") == user.get("LD_PRELOAD")
-  assert "LD_PRELOAD" not in fedjax_lm.malloc_env({}, tcmalloc=None)  # none on the system
-  assert fedjax_lm.without_tcmalloc({"LD_PRELOAD": f"{lib} libfoo.so", "A": "1"}) == {
-      "LD_PRELOAD": "libfoo.so", "A": "1"}
-  assert fedjax_lm.without_tcmalloc(env) == {k: v for k, v in env.items() if k != "LD_PRELOAD"}
-  found = fedjax_lm.tcmalloc_library()
-  assert found is None or "tcmalloc" in found
-
-
-@pytest.mark.skipif(fedjax_lm.tcmalloc_library() is None, reason="TCMalloc not installed")
-def test_a_command_runs_with_tcmalloc_preloaded():
-  """Where the system has TCMalloc, a command restarts itself with it preloaded: it is in the
-  process's memory map, and a JAX computation runs on it."""
-  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FEDJAX_LM_TCMALLOC")}
-  code = ("import fedjax_lm; fedjax_lm.reexec_with_malloc_defaults(); import jax.numpy as jnp; "
-          "print(float(jnp.ones((512, 512)).sum()), any('tcmalloc' in line for line in "
-          "open('/proc/self/maps')))")
-  out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
-                       text=True).stdout.split()
-  assert out[-2:] == ["262144.0", "True"]
-
-
-def test_malloc_env_one_core_adds_the_heap_tunables_unless_set_or_off():
-  one = fedjax_lm.malloc_env({}, one_core=True)["GLIBC_TUNABLES"].split(":")
-  assert one == ["glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-                 "glibc.malloc.trim_threshold=17179869184"]
-  user = fedjax_lm.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, one_core=True)
-  assert user["GLIBC_TUNABLES"].split(":")[:2] == ["glibc.malloc.arena_max=4",
-                                                   "glibc.malloc.hugetlb=1"]
-  assert "arena_max=1" not in user["GLIBC_TUNABLES"]  # the user's arena count wins
-  off = fedjax_lm.malloc_env({"FEDJAX_LM_HEAP_DEFAULTS": "0"}, one_core=True)
-  assert off["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-
-
-@pytest.mark.parametrize("preset, expected", [
-    (None, "glibc.malloc.hugetlb=1"),
-    ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
-])
-def test_command_reexecs_itself_once_with_the_tunables(preset, expected):
-  """glibc reads its tunables at start: a command restarts itself once to get them, with
-  the same arguments; a value already set is left alone (no restart)."""
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  if preset:
-    env["GLIBC_TUNABLES"] = preset
-  code = ("import os, sys, fedjax_lm; print('start', flush=True); "
-          "fedjax_lm.reexec_with_malloc_defaults(); "
-          "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
-  out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, check=True,
-                       capture_output=True, text=True).stdout.split("\n")
-  assert out[-2] == f"{expected} ['a', '--b=1']"
-  assert out.count("start") == (1 if preset else 2)

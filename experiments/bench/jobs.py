@@ -86,8 +86,8 @@ def plan(suite: str, have: set[tuple[str, str]],
 
 
 def _spawn(spec: dict, devices: int = 1) -> subprocess.Popen:
-  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
-  env = fedjax_lm.malloc_env(dict(os.environ))
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
+  env = cpu.malloc_env(dict(os.environ))
   env.setdefault("JAX_PLATFORMS", "cpu")
   if devices > 1:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

@@ -218,8 +218,8 @@ UNROLLED = {"model.scan_layers": False, "model.attention": "einsum", "model.atte
             **ONE_VMAP}
 # fedjax_lm's runtime defaults that are on: "xla" = its XLA:CPU flags, "malloc" = its glibc
 # tunables, "compile" = its XLA:CPU compile options (fedjax_lm.cpu), "heap" = its glibc
-# tunables for a process pinned to one core (fedjax_lm.ONE_CORE_TUNABLES; 1-core path only),
-# "tcmalloc" = TCMalloc preloaded where the system has it (fedjax_lm.malloc_env)
+# tunables for a process pinned to one core (cpu.ONE_CORE_TUNABLES; 1-core path only),
+# "tcmalloc" = TCMalloc preloaded where the system has it (cpu.malloc_env)
 NONE, XLA, MALLOC = (), ("xla",), ("xla", "malloc")
 COMPILE, HEAP = ("xla", "malloc", "compile"), ("xla", "malloc", "compile", "heap")
 ALL = (*HEAP, "tcmalloc")
@@ -262,7 +262,7 @@ PATHS = {  # name -> (overrides, one_core)
 
 def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   """One measurement in a fresh process (``defaults``: fedjax_lm's runtime defaults on in it)."""
-  import fedjax_lm  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top  (no jax: env helpers only)
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f]
   env["XLA_FLAGS"] = " ".join(flags)
@@ -271,12 +271,12 @@ def _measure(spec: dict, defaults: tuple[str, ...] = ALL) -> dict:
   env["FEDJAX_LM_COMPILE_DEFAULTS"] = "1" if "compile" in defaults else "0"
   env["FEDJAX_LM_HEAP_DEFAULTS"] = "1" if "heap" in defaults else "0"
   env["FEDJAX_LM_TCMALLOC"] = "1" if "tcmalloc" in defaults else "0"
-  env = fedjax_lm.without_tcmalloc(env)  # malloc_env below adds it back where asked
-  ours = {d.split("=")[0] for d in fedjax_lm.GLIBC_TUNABLES + fedjax_lm.ONE_CORE_TUNABLES}
+  env = cpu.without_tcmalloc(env)  # malloc_env below adds it back where asked
+  ours = {d.split("=")[0] for d in cpu.GLIBC_TUNABLES + cpu.ONE_CORE_TUNABLES}
   tunables = [t for t in env.pop("GLIBC_TUNABLES", "").split(":")
               if t and t.split("=")[0] not in ours]
-  env = fedjax_lm.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)},
-                             one_core=bool(spec.get("one_core")))
+  env = cpu.malloc_env({**env, "GLIBC_TUNABLES": ":".join(tunables)},
+                       one_core=bool(spec.get("one_core")))
   env.setdefault("JAX_PLATFORMS", "cpu")
   proc = subprocess.run([sys.executable, "-m", "experiments.bench.step", json.dumps(spec)],
                         capture_output=True, text=True, env=env, check=False)
@@ -401,7 +401,8 @@ def main(spec: dict) -> dict:
   """One measurement of ``spec`` in this process (``kind`` step | peak), with its setting."""
   if spec.get("one_core"):
     pin_one_core()
-  import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_xla_defaults()  # before JAX starts (FEDJAX_LM_XLA_DEFAULTS from _measure)
   if spec["kind"] == "step":
     spec = with_island_devices(spec)
   import jax  # pylint: disable=g-import-not-at-top

@@ -331,7 +331,8 @@ def worker(spec: dict) -> None:
   and its directory goes once its row is written."""
   if spec.get("one_core") is not None:
     step.pin_one_core(spec["one_core"])
-  import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (XLA flags first)
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_xla_defaults()  # before JAX starts
   _setup_cache(spec.get("cache"))
   suite, workdir = spec["suite"], spec["workdir"]
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+from fedjax_lm import cpu
 from fedjax_lm import health
 from fedjax_lm import launch as launch_lib
 from fedjax_lm import wire
@@ -33,7 +34,7 @@ def _env(secret: str) -> dict:
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
   env["PYTHONUNBUFFERED"] = "1"
-  return env
+  return cpu.process_env(env)  # the XLA flags and allocator defaults
 
 
 def _progress(workdir: str) -> int:
