@@ -26,7 +26,7 @@ The method, per replica r at each sync (every H inner AdamW steps):
 | inner optimizer      | this repo's DiLoCo config (AdamW    | AdamW lr 1e-3, wd 0.1, warmup    |
 |                      | lr 3e-3, cosine)                    | 500, clip 1, 256 x 2048 tokens   |
 | model / steps        | Shakespeare byte LM, 1,000 steps    | 512M LLaMA-style, DCLM, ~2.4k    |
-|                      | (measured at 250: results/sparseloco) |                                |
+|                      | (measured at 250: studies/sparseloco) |                                |
 
 ``outer.compression=topk``, ``outer.topk_quantizer=sigma``, ``outer.topk_aggregate=selected``
 are this repository's names for the paper's quantizer and aggregation
@@ -54,7 +54,7 @@ blocks; 16 bytes of bin table per 128 kept values); uint16 indices (counted exac
 paper's 512M / DCLM recipe does not fit this model or machine).
 
 Tuned at the quick-suite size: ``configs/shakespeare_sparseloco_tuned.py``;
-measurements: ``experiments/results/sparseloco/summary.md``.
+measurements: ``experiments/studies/sparseloco/summary.md``.
 """
 
 from configs import shakespeare_diloco

@@ -26,7 +26,7 @@ DiLoCo's outer lr / momentum got in ``experiments/results/tuning/summary.md``):
 
 H 5 is the lowest loss but sends 3x the bytes of H 15 (same density); at H 15 the tuned
 density / beta alone give 2.1402. Comparison with DiLoCo at H 15 / 50:
-``experiments/results/sparseloco/summary.md``.
+``experiments/studies/sparseloco/summary.md``.
 """
 
 from configs import shakespeare_sparseloco

@@ -20,7 +20,7 @@ from experiments.bench import projection
 from experiments.bench import report as suite_report
 from experiments.bench import suites
 from experiments.studies.torch_peer import torch_peer
-import fedjax_lm
+from fedjax_lm import cpu
 
 
 def test_link_and_step_times():
@@ -294,7 +294,8 @@ _FAULTS = """
 import resource
 from experiments.bench import step
 step.pin_one_core()
-import fedjax_lm
+from fedjax_lm import cpu
+cpu.apply_xla_defaults()
 s = step.Stepper({"config": "configs/shakespeare_diloco.py",
                   "overrides": step.PATHS["1 island / 1 core"][0]})
 s.run(8)  # warm: the heap grows to the step's size
@@ -317,10 +318,26 @@ def test_one_core_heap_tunables_stop_the_per_step_page_faults():
   for one_core in (False, True):
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD")}
-    env = fedjax_lm.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core,
-                               tcmalloc=None)  # 1 device; glibc's malloc
+    env = cpu.malloc_env({**env, "PYTHONPATH": ROOT}, one_core=one_core,
+                         tcmalloc=None)  # 1 device; glibc's malloc
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True)
     faults[one_core] = float(out.stdout.strip().splitlines()[-1])
   assert faults[False] >= 64, faults
   assert faults[True] <= 4, faults
+
+
+def test_compare_runs_every_study_set_by_name_and_keeps_only_method_sets_itself():
+  """``compare --set NAME`` finds a study's set (experiments/studies/<name>/sets.py) as well as
+  its own; every row names a config that exists and a unique run name within its set."""
+  from experiments import compare  # pylint: disable=g-import-not-at-top
+  sets = compare.run_sets()
+  assert not any(n.startswith(("eager", "budget", "sparseloco", "fidelity", "m_rows"))
+                 for n in compare.RUN_SETS)
+  for name in ("eager_quick", "budget_2000", "sparseloco", "sparseloco_2000", "fidelity_1000",
+               "m_rows64", "methods"):
+    assert name in sets, name
+  for name, rows in sets.items():
+    assert len({r[0] for r in rows}) == len(rows), name
+    assert all(os.path.isfile(os.path.join(ROOT, config)) for _, config, _ in rows), name
+  assert len(sets["eager_quick"]) == 1 + 2 * 2 * 3 + 2  # DDP, seed x H x 3 methods, ours x H

@@ -201,13 +201,15 @@ def tuned_lr_goal(res: dict) -> list[str]:
           f"{'**met**' if va / vb <= 1.02 else '**not met**'} |"]
 
 
-def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
-  """Writes the PNGs; returns their file names."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = []
-  ddp = res["methods"][0][1]
+def _save(fig, plt, out: str, name: str) -> str:
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, name), dpi=110)
+  plt.close(fig)
+  return name
+
+
+def _methods_plot(plt, res: dict, out: str) -> str:
+  """Every method's eval loss against tokens and against bytes sent per island."""
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, r in res["methods"]:
     a1.plot(r["eval_tokens"], r["eval_losses"], marker="o", ms=3, label=name)
@@ -218,14 +220,16 @@ def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
   a2.set(xlabel="island bytes (approx., linear in steps)", xscale="log",
          title="loss vs bytes sent per island")
   a1.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "methods.png"), dpi=110)
-  plt.close(fig)
-  names.append("methods.png")
+  return _save(fig, plt, out, "methods.png")
+
+
+def _sweep_plots(plt, res: dict, out: str, ddp_loss: float) -> list[str]:
+  """One plot per sweep: final eval loss against the swept value, one line per series."""
   groups: dict = {}
   for sw, series, x, r in res["sweeps"]:
     if r is not None:
       groups.setdefault(sw, {}).setdefault(series, []).append((x, r["eval_loss"]))
+  names = []
   for sw, by_series in groups.items():
     fig, ax = plt.subplots(figsize=(6, 4))
     numeric = all(isinstance(x, (int, float)) for pts in by_series.values() for x, _ in pts)
@@ -234,18 +238,19 @@ def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
         pts = sorted(pts)
       xs = [x if numeric else str(x) for x, _ in pts]
       ax.plot(xs, [l for _, l in pts], marker="o", label=series)
-    ax.axhline(ddp["eval_loss"], color="k", ls="--", lw=1, label="DDP (M=2)")
+    ax.axhline(ddp_loss, color="k", ls="--", lw=1, label="DDP (M=2)")
     if sw in ("H", "inner_lr") and numeric:
       ax.set_xscale("log")
     ax.set(xlabel=sw, ylabel="final eval loss (nats/byte)", title=f"sweep: {sw}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"sweep_{sw}.png"), dpi=110)
-    plt.close(fig)
-    names.append(f"sweep_{sw}.png")
+    names.append(_save(fig, plt, out, f"sweep_{sw}.png"))
+  return names
+
+
+def _time_to_loss_plot(plt, out: str, proj_links: list[dict], target: float) -> str:
+  """Projected time to DDP's final loss against the link's bandwidth, one line per method."""
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   bws = [10 ** (e / 4) for e in range(-12, 9)]
-  target = ddp["eval_loss"]
   for link in proj_links:
     ys, xs = [], []
     for b in bws:
@@ -258,11 +263,17 @@ def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
   ax.set(xscale="log", yscale="log", xlabel="link bandwidth (Gbit/s), latency 50 ms",
          ylabel="projected time to DDP's final loss (s)", title="time to loss vs bandwidth")
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "time_to_loss.png"), dpi=110)
-  plt.close(fig)
-  names.append("time_to_loss.png")
-  return names
+  return _save(fig, plt, out, "time_to_loss.png")
+
+
+def plots(res: dict, out: str, proj_links: list[dict]) -> list[str]:
+  """Writes the PNGs; returns their file names."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ddp_loss = res["methods"][0][1]["eval_loss"]
+  return [_methods_plot(plt, res, out), *_sweep_plots(plt, res, out, ddp_loss),
+          _time_to_loss_plot(plt, out, proj_links, ddp_loss)]
 
 
 def goals(facts: dict, proj: list) -> list[str]:

@@ -193,24 +193,11 @@ def abstract_inputs(config, eng):
   return state, batch
 
 
-def compile_report(config, devices=None, hlo_dir: str | None = None) -> dict:
-  """Lowers and compiles every program of ``config`` on abstract inputs: compile seconds,
-  XLA's memory analysis per program, the island HLO check and the bytes per sync."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from fedjax_lm import hlo, model as model_lib  # pylint: disable=g-import-not-at-top
-  t0 = time.perf_counter()
-  mesh, model_cfg, eng = build(config, devices)
-  state, batch = abstract_inputs(config, eng)
-  t_build = time.perf_counter() - t0
-  n = mesh.devices.size
-  per_island = n // mesh.shape["island"]
+def _compile_programs(lowered: dict, n: int, per_island: int, hlo_dir: str | None) -> tuple:
+  """Compiles each lowered program: ({name: compile seconds, memory, collectives}, the inner
+  step's collectives, the other programs')."""
+  from fedjax_lm import hlo  # pylint: disable=g-import-not-at-top
   programs, inner, outer = {}, [], []
-  t0 = time.perf_counter()
-  if config.algorithm == "ddp":
-    lowered = {"inner": eng.lower(state, batch)["inner"]} if hasattr(eng, "lower") else {}
-  else:
-    lowered = eng.lower(state, batch)
-  t_lower = time.perf_counter() - t0
   for name, low in lowered.items():
     t0 = time.perf_counter()
     compiled = low.compile()
@@ -227,6 +214,27 @@ def compile_report(config, devices=None, hlo_dir: str | None = None) -> dict:
       os.makedirs(hlo_dir, exist_ok=True)
       with open(os.path.join(hlo_dir, name.replace("/", "_") + ".hlo.txt"), "w") as f:
         f.write(text)
+  return programs, inner, outer
+
+
+def compile_report(config, devices=None, hlo_dir: str | None = None) -> dict:
+  """Lowers and compiles every program of ``config`` on abstract inputs: compile seconds,
+  XLA's memory analysis per program, the island HLO check and the bytes per sync."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import hlo, model as model_lib  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  mesh, model_cfg, eng = build(config, devices)
+  state, batch = abstract_inputs(config, eng)
+  t_build = time.perf_counter() - t0
+  n = mesh.devices.size
+  per_island = n // mesh.shape["island"]
+  t0 = time.perf_counter()
+  if config.algorithm == "ddp":
+    lowered = {"inner": eng.lower(state, batch)["inner"]} if hasattr(eng, "lower") else {}
+  else:
+    lowered = eng.lower(state, batch)
+  t_lower = time.perf_counter() - t0
+  programs, inner, outer = _compile_programs(lowered, n, per_island, hlo_dir)
   abstract_params = (state.server.params if config.algorithm == "islands" else state.params)
   n_params = model_lib.count_params(abstract_params)
   out = {
@@ -471,6 +479,87 @@ def wan_ratio(config_path: str = "configs/c4_150m.py", *, gpus_per_island: int =
   return out
 
 
+def _load(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _wan_run(run_dir: str, name: str) -> tuple:
+  """One testbed run of ``run_dir``: its ``wan.json`` record, metrics and config."""
+  from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  d = os.path.join(run_dir, name)
+  record = _load(os.path.join(d, "wan.json"))
+  metrics = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+  overrides = {a.split("=", 1)[0][len("--config."):]: parse_value(a.split("=", 1)[1])
+               for a in record["args"]}
+  return record, metrics, load_config(record["config"], overrides)
+
+
+def _curve_steps(run: dict, target: float, projection):
+  """Steps to ``target`` on the run's eval curve (interpolated)."""
+  return projection.steps_to_loss([e["step"] for e in run["evals"]],
+                                  [e["eval_loss"] for e in run["evals"]], target)
+
+
+def _wan_ddp_row(free: dict, shaped: dict, target: float, t_c: float, bits: float,
+                 projection) -> dict:
+  """DDP's row: its steps to its own final loss (the unshaped curve) x its shaped step."""
+  ddp_steps = _curve_steps(free, target, projection)
+  grad = shaped["island_bytes"] / shaped["steps"]
+  return {"method": "DDP", "steps_to_target": ddp_steps,
+          "time_to_target_s": ddp_steps * shaped["median_step_s"],
+          "median_step_s": shaped["median_step_s"],
+          "predicted_s": ddp_steps * projection.step_time("ddp", t_c, grad, bits / 1e9, 0.0,
+                                                          False),
+          "island_bytes_per_step": grad, "foreign_cpu": shaped["foreign_cpu_share"],
+          "how": f"{ddp_steps:g} steps (the unshaped run's curve) x its median step "
+                 f"over {shaped['steps']} shaped steps"}
+
+
+def _wan_island_row(run: tuple, label: str, kind: str, target: float, bits: float,
+                    projection) -> dict:
+  """An islands method's row: the measured training time to the target, and the projection
+  of the same steps."""
+  from experiments import wan  # pylint: disable=g-import-not-at-top
+  rec, met, cfg = run
+  r = wan.analyze(rec, met, cfg, target=target)
+  steps = _curve_steps(r, target, projection)
+  syncs = max(1, int(cfg.total_steps) // int(cfg.outer.sync_every))
+  payload = r["island_bytes"] / syncs  # the whole model's payload per round
+  reached = r["target_step"]  # the measured time is to this eval; project the same steps
+  pred = None if reached is None else reached * projection.step_time(
+      kind, r["compute_step_s"], payload, bits / 1e9, 0.0, False, int(cfg.outer.sync_every),
+      0.0, int(cfg.outer.fragments), int(cfg.outer.overlap))
+  return {"method": label, "steps_to_target": reached, "interpolated_steps_to_target": steps,
+          "time_to_target_s": r["train_s_to_target"], "median_step_s": r["median_step_s"],
+          "compute_step_s": r["compute_step_s"], "predicted_s": pred,
+          "final_eval_loss": r["final_eval_loss"], "island_bytes": r["island_bytes"],
+          "blocked_in_syncs_s": r["blocked_in_syncs_s"], "foreign_cpu": r["foreign_cpu_share"],
+          "how": f"measured: training time to the first eval <= target (step "
+                 f"{reached}; interpolated {steps and round(steps, 1)})"}
+
+
+def _wan_lines(out: dict, rows: list[dict]) -> list[str]:
+  """The testbed table's header line and rows."""
+  lines = [f"Link {out['rate']} each direction (tbf); target = DDP's final eval loss "
+           f"{out['target_loss']:.4f} (100 steps); testbed compute step t_c = "
+           f"{out['t_c_s']:.3f} s (DiLoCo's steps away from syncs; DDP unshaped: "
+           f"{out['ddp_unshaped_step_s']:.3f} s); DDP's shaped step "
+           f"{rows[0]['median_step_s']:.2f} s: link / compute on the testbed "
+           f"= {out['testbed_link_over_compute']:.1f} (c4_150m on 2 x 8 H100 at 1 Gbit/s: 67.2).",
+           "", "| method | steps to target | time to target (s) | speed-up vs DDP | projected time "
+           "(s) | projected speed-up | median step (s) | foreign CPU | how |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  def f(x, spec="{:.1f}"):
+    return "-" if x is None else spec.format(x)
+  for r in rows:
+    lines.append(f"| {r['method']} | {f(r['steps_to_target'])} | {f(r['time_to_target_s'])} | "
+                 f"{f(r['speedup_vs_ddp'], '{:.1f}x')} | {f(r['predicted_s'])} | "
+                 f"{f(r['predicted_speedup'], '{:.1f}x')} | {f(r['median_step_s'], '{:.3f}')} | "
+                 f"{f(r['foreign_cpu'], '{:.0%}')} | {r['how']} |")
+  return lines
+
+
 def wan_table(run_dir: str = "runs/scale_wan", out_dir: str = "experiments/results/scale/wan"
               ) -> dict:
   """Item 5's table from the testbed runs of ``run_dir`` (``experiments.wan`` single runs):
@@ -480,89 +569,34 @@ def wan_table(run_dir: str = "runs/scale_wan", out_dir: str = "experiments/resul
   median shaped step (its losses do not depend on the link); the islands' is measured. Beside
   each, ``projection.step_time`` x the steps to the target on the run's own eval curve."""
   from experiments import wan  # pylint: disable=g-import-not-at-top
-  try:
-    from experiments.bench import projection  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    from experiments import projection  # pylint: disable=g-import-not-at-top
-  from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-
-  def load(name):
-    d = os.path.join(run_dir, name)
-    record = json.load(open(os.path.join(d, "wan.json")))
-    metrics = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
-    overrides = {a.split("=", 1)[0][len("--config."):]: parse_value(a.split("=", 1)[1])
-                 for a in record["args"]}
-    return record, metrics, load_config(record["config"], overrides)
-
-  free = wan.analyze(*load("ddp_free"))
+  from experiments.bench import projection  # pylint: disable=g-import-not-at-top
+  free = wan.analyze(*_wan_run(run_dir, "ddp_free"))
   target = free["final_eval_loss"]
-  shaped_rec, shaped_metrics, shaped_cfg = load("ddp_shaped")
-  shaped = wan.analyze(shaped_rec, shaped_metrics, shaped_cfg)
+  shaped_rec, *shaped_run = _wan_run(run_dir, "ddp_shaped")
+  shaped = wan.analyze(shaped_rec, *shaped_run)
   rate = shaped_rec["bandwidth"]
   bits = float(rate.removesuffix("kbit")) * 1e3 if rate.endswith("kbit") else float(
       rate.removesuffix("mbit")) * 1e6
   # The testbed's compute step: DiLoCo's steps away from syncs at this rate (as experiments.wan
   # takes it for DDP); DDP's unshaped step also carries its all-reduce over the free link.
-  d_rec, d_met, d_cfg = load("diloco")
-  t_c = wan.analyze(d_rec, d_met, d_cfg)["compute_step_s"]
-  rows = []
-  ddp_steps = projection.steps_to_loss([e["step"] for e in free["evals"]],
-                                       [e["eval_loss"] for e in free["evals"]], target)
-  grad = shaped["island_bytes"] / shaped["steps"]
-  ddp_time = ddp_steps * shaped["median_step_s"]
-  ddp_pred = ddp_steps * projection.step_time("ddp", t_c, grad, bits / 1e9, 0.0, False)
-  rows.append({"method": "DDP", "steps_to_target": ddp_steps,
-               "time_to_target_s": ddp_time, "median_step_s": shaped["median_step_s"],
-               "predicted_s": ddp_pred, "island_bytes_per_step": grad,
-               "foreign_cpu": shaped["foreign_cpu_share"],
-               "how": f"{ddp_steps:g} steps (the unshaped run's curve) x its median step "
-                      f"over {shaped['steps']} shaped steps"})
-  for name, label, kind in (("diloco", "DiLoCo (H=50)", "diloco"),
-                            ("streaming", "Streaming DiLoCo (P=4, tau=5, 4-bit, host)",
-                             "streaming")):
-    rec, met, cfg = load(name)
-    r = wan.analyze(rec, met, cfg, target=target)
-    steps = projection.steps_to_loss([e["step"] for e in r["evals"]],
-                                     [e["eval_loss"] for e in r["evals"]], target)
-    syncs = max(1, int(cfg.total_steps) // int(cfg.outer.sync_every))
-    payload = r["island_bytes"] / syncs  # the whole model's payload per round
-    reached = r["target_step"]  # the measured time is to this eval; project the same steps
-    pred = None if reached is None else reached * projection.step_time(
-        kind, r["compute_step_s"], payload, bits / 1e9, 0.0, False, int(cfg.outer.sync_every),
-        0.0, int(cfg.outer.fragments), int(cfg.outer.overlap))
-    rows.append({"method": label, "steps_to_target": reached,
-                 "interpolated_steps_to_target": steps,
-                 "time_to_target_s": r["train_s_to_target"], "median_step_s": r["median_step_s"],
-                 "compute_step_s": r["compute_step_s"], "predicted_s": pred,
-                 "final_eval_loss": r["final_eval_loss"], "island_bytes": r["island_bytes"],
-                 "blocked_in_syncs_s": r["blocked_in_syncs_s"],
-                 "foreign_cpu": r["foreign_cpu_share"],
-                 "how": f"measured: training time to the first eval <= target (step "
-                        f"{reached}; interpolated {steps and round(steps, 1)})"})
+  diloco = _wan_run(run_dir, "diloco")
+  t_c = wan.analyze(*diloco)["compute_step_s"]
+  rows = [_wan_ddp_row(free, shaped, target, t_c, bits, projection),
+          _wan_island_row(diloco, "DiLoCo (H=50)", "diloco", target, bits, projection),
+          _wan_island_row(_wan_run(run_dir, "streaming"),
+                          "Streaming DiLoCo (P=4, tau=5, 4-bit, host)", "streaming", target,
+                          bits, projection)]
+  ddp_time, ddp_pred = rows[0]["time_to_target_s"], rows[0]["predicted_s"]
   for r in rows:
     r["speedup_vs_ddp"] = (ddp_time / r["time_to_target_s"]) if r["time_to_target_s"] else None
     r["predicted_speedup"] = (ddp_pred / r["predicted_s"]) if r["predicted_s"] else None
-  link_ratio = (shaped["median_step_s"] - t_c) / t_c
   out = {"rate": rate, "t_c_s": t_c, "ddp_unshaped_step_s": free["median_step_s"],
-         "target_loss": target, "grad_bytes": grad,
-         "testbed_link_over_compute": link_ratio, "rows": rows}
+         "target_loss": target, "grad_bytes": rows[0]["island_bytes_per_step"],
+         "testbed_link_over_compute": (shaped["median_step_s"] - t_c) / t_c, "rows": rows}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(out, f, indent=1)
-  lines = [f"Link {rate} each direction (tbf); target = DDP's final eval loss {target:.4f} "
-           f"(100 steps); testbed compute step t_c = {t_c:.3f} s (DiLoCo's steps away from "
-           f"syncs; DDP unshaped: {free['median_step_s']:.3f} s); "
-           f"DDP's shaped step {shaped['median_step_s']:.2f} s: link / compute on the testbed "
-           f"= {link_ratio:.1f} (c4_150m on 2 x 8 H100 at 1 Gbit/s: 67.2).", "",
-           "| method | steps to target | time to target (s) | speed-up vs DDP | projected time "
-           "(s) | projected speed-up | median step (s) | foreign CPU | how |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  f = lambda x, spec="{:.1f}": "-" if x is None else spec.format(x)  # pylint: disable=unnecessary-lambda-assignment
-  for r in rows:
-    lines.append(f"| {r['method']} | {f(r['steps_to_target'])} | {f(r['time_to_target_s'])} | "
-                 f"{f(r['speedup_vs_ddp'], '{:.1f}x')} | {f(r['predicted_s'])} | "
-                 f"{f(r['predicted_speedup'], '{:.1f}x')} | {f(r['median_step_s'], '{:.3f}')} | "
-                 f"{f(r['foreign_cpu'], '{:.0%}')} | {r['how']} |")
+  lines = _wan_lines(out, rows)
   with open(os.path.join(out_dir, "summary.md"), "w") as fh:
     fh.write("# WAN testbed at c4_150m's DDP link / compute ratio\n\n" + "\n".join(lines) + "\n")
   out["table"] = "\n".join(lines)
@@ -608,13 +642,8 @@ def _bytes_row(name: str, d: dict) -> str:
           f"{d.get('duplicate_bytes', '-'):,} | {d['checkpoint_bytes'] / 1e9:.2f} GB |")
 
 
-def report(out_dir: str) -> str:
-  """Tables from the JSON files in ``out_dir`` (``compile_*.json``, ``run_*.json``,
-  ``pipeline_*.json``, ``wan_ratio.json``) into ``summary.md`` above the reading marker."""
-  import glob  # pylint: disable=g-import-not-at-top
-  load = lambda path: json.load(open(path))  # pylint: disable=unnecessary-lambda-assignment
-  compiles = {os.path.basename(p)[len("compile_"):-5]: load(p)
-              for p in sorted(glob.glob(os.path.join(out_dir, "compile_*.json")))}
+def _compile_sections(compiles: dict) -> list[str]:
+  """The report's title, compile / memory, analytic memory and bytes-per-sync tables."""
   lines = ["# Real size on an emulated CPU mesh: c4_150m and c4_1b", "",
            "Generated by `python -m experiments.bench.scale report` from the JSON files beside "
            "this one (each holds its command in `argv`); the reading below the marker is "
@@ -638,47 +667,71 @@ def report(out_dir: str) -> str:
             "per island | of which who-sent weights | of which ZeRO shards replicated over "
             "tensor | checkpoint (whole state) |", "|---|---|---|---|---|---|---|---|"]
   lines += [_bytes_row(k, v) for k, v in compiles.items() if "bytes_per_sync" in v]
-  for path in sorted(glob.glob(os.path.join(out_dir, "run_*.json"))):
-    d = load(path)
-    r, c = d["run"], d["run"]["config"]
-    lines += ["", f"## Training run `{os.path.basename(path)}`", "",
-              f"{c['params'] / 1e6:.1f}M params, mesh {c['mesh']}, {c['islands']} islands, "
-              f"batch {c['batch_per_island']} x {c['seq_len']} per island, H={c['H']}; "
-              f"init {r['init_s']} s; step 1 {r['first_step_s']} s (programs loaded from "
-              f"this invocation's compile cache), median step {r['steady_step_s']} s "
-              f"({r['tokens_per_step']} tokens/step); island_bytes after "
-              f"{len(r['steps'])} steps: {r['island_bytes']:,}.", "",
-              "| step | mean loss | island losses | inner s | sync s | island_bytes |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {s['step']} | {s['loss']:.4f} | {', '.join(f'{x:.4f}' for x in s['island_loss'])}"
-              f" | {s['inner_s']} | {s['sync_s']} | {s['island_bytes']:,} |" for s in r["steps"]]
-  pipes = [load(p) for p in sorted(glob.glob(os.path.join(out_dir, "pipeline_*.json")))]
-  if pipes:
-    h = pipes[0]["h100"]
-    lines += ["", "## Input pipeline (one island's iterator, this host)", "",
-              f"Need: one 8 x H100 island at c4_150m = MFU x peak / FLOPs per token = "
-              f"{h['mfu']} x {h['peak_flops'] / 1e12:.0f} TFLOP/s / {h['flops_per_token'] / 1e6:.1f}"
-              f" MFLOP = {h['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, "
-              f"{h['tokens_per_s_island']:,.0f} per island (one host).", "",
-              "| setting | tokens/s | SentencePiece alone, one core (tokens/s) | share of one "
-              "island's need | load average (2 cores) |", "|---|---|---|---|---|"]
-    for d in pipes:
-      what = (f"{d['workers']} grain worker processes" if d["workers"] else
-              f"make_train_iterator, {d['num_threads']} read threads, prefetch {d['prefetch']}")
-      need = d["h100"]["tokens_per_s_island"]
-      lines.append(f"| {what} | {d['tokens_per_s']:,.0f} | "
-                   f"{d['sentencepiece_tokens_per_s_one_core']:,.0f} | "
-                   f"{d['tokens_per_s'] / need:.1%} | {d.get('load_avg_1min', 0):.1f} |")
-  ratio = os.path.join(out_dir, "wan_ratio.json")
-  if os.path.exists(ratio):
-    w = load(ratio)
-    lines += ["", "## WAN testbed ratio", "",
-              f"c4_150m, 2 islands x {w['gpus_per_island']} H100 over "
-              f"{w['link_bits_per_s'] / 1e9:g} Gbit/s: DDP sends {w['grad_bytes']:,} B "
-              f"(params x 4) per step: {w['link_s']:.2f} s on the link; a step computes "
-              f"{w['tokens_per_island_step']:,} tokens x {w['flops_per_token'] / 1e6:.1f} MFLOP "
-              f"/ ({w['gpus_per_island']} x {w['mfu']} x 989 TFLOP/s) = "
-              f"{w['h100_step_s'] * 1e3:.1f} ms. Link / compute = **{w['ratio']:.1f}**."]
+  return lines
+
+
+def _run_section(name: str, d: dict) -> list[str]:
+  """One training run's (``run_*.json``) header line and per-step table."""
+  r, c = d["run"], d["run"]["config"]
+  lines = ["", f"## Training run `{name}`", "",
+           f"{c['params'] / 1e6:.1f}M params, mesh {c['mesh']}, {c['islands']} islands, "
+           f"batch {c['batch_per_island']} x {c['seq_len']} per island, H={c['H']}; "
+           f"init {r['init_s']} s; step 1 {r['first_step_s']} s (programs loaded from "
+           f"this invocation's compile cache), median step {r['steady_step_s']} s "
+           f"({r['tokens_per_step']} tokens/step); island_bytes after "
+           f"{len(r['steps'])} steps: {r['island_bytes']:,}.", "",
+           "| step | mean loss | island losses | inner s | sync s | island_bytes |",
+           "|---|---|---|---|---|---|"]
+  return lines + [
+      f"| {s['step']} | {s['loss']:.4f} | {', '.join(f'{x:.4f}' for x in s['island_loss'])}"
+      f" | {s['inner_s']} | {s['sync_s']} | {s['island_bytes']:,} |" for s in r["steps"]]
+
+
+def _pipeline_section(pipes: list[dict]) -> list[str]:
+  """The input pipeline's rates (``pipeline_*.json``) against one H100 island's need."""
+  h = pipes[0]["h100"]
+  lines = ["", "## Input pipeline (one island's iterator, this host)", "",
+           f"Need: one 8 x H100 island at c4_150m = MFU x peak / FLOPs per token = "
+           f"{h['mfu']} x {h['peak_flops'] / 1e12:.0f} TFLOP/s / "
+           f"{h['flops_per_token'] / 1e6:.1f} MFLOP = {h['tokens_per_s_per_gpu']:,.0f} "
+           f"tokens/s per GPU, {h['tokens_per_s_island']:,.0f} per island (one host).", "",
+           "| setting | tokens/s | SentencePiece alone, one core (tokens/s) | share of one "
+           "island's need | load average (2 cores) |", "|---|---|---|---|---|"]
+  for d in pipes:
+    what = (f"{d['workers']} grain worker processes" if d["workers"] else
+            f"make_train_iterator, {d['num_threads']} read threads, prefetch {d['prefetch']}")
+    need = d["h100"]["tokens_per_s_island"]
+    lines.append(f"| {what} | {d['tokens_per_s']:,.0f} | "
+                 f"{d['sentencepiece_tokens_per_s_one_core']:,.0f} | "
+                 f"{d['tokens_per_s'] / need:.1%} | {d.get('load_avg_1min', 0):.1f} |")
+  return lines
+
+
+def _wan_ratio_section(w: dict) -> list[str]:
+  """The WAN testbed's link / compute ratio (``wan_ratio.json``)."""
+  return ["", "## WAN testbed ratio", "",
+          f"c4_150m, 2 islands x {w['gpus_per_island']} H100 over "
+          f"{w['link_bits_per_s'] / 1e9:g} Gbit/s: DDP sends {w['grad_bytes']:,} B "
+          f"(params x 4) per step: {w['link_s']:.2f} s on the link; a step computes "
+          f"{w['tokens_per_island_step']:,} tokens x {w['flops_per_token'] / 1e6:.1f} MFLOP "
+          f"/ ({w['gpus_per_island']} x {w['mfu']} x 989 TFLOP/s) = "
+          f"{w['h100_step_s'] * 1e3:.1f} ms. Link / compute = **{w['ratio']:.1f}**."]
+
+
+def report(out_dir: str) -> str:
+  """Tables from the JSON files in ``out_dir`` (``compile_*.json``, ``run_*.json``,
+  ``pipeline_*.json``, ``wan_ratio.json``) into ``summary.md`` above the reading marker."""
+  import glob  # pylint: disable=g-import-not-at-top
+  def paths(kind):
+    return sorted(glob.glob(os.path.join(out_dir, f"{kind}_*.json")))
+  lines = _compile_sections({os.path.basename(p)[len("compile_"):-5]: _load(p)
+                             for p in paths("compile")})
+  for path in paths("run"):
+    lines += _run_section(os.path.basename(path), _load(path))
+  if pipes := [_load(p) for p in paths("pipeline")]:
+    lines += _pipeline_section(pipes)
+  if os.path.exists(ratio := os.path.join(out_dir, "wan_ratio.json")):
+    lines += _wan_ratio_section(_load(ratio))
   text = "\n".join(lines) + "\n\n"
   path = os.path.join(out_dir, "summary.md")
   reading = ""
@@ -752,7 +805,7 @@ def _main(args, argv, cache: str) -> dict:
       out = pipeline_rate(config, batches=args.batches, num_threads=args.threads,
                           workers=args.workers, prefetch=args.prefetch)
       out["h100"] = h100_requirement(config, mfu=args.mfu)
-  out["argv"] = sys.argv if argv is None else ["scale.py", *argv]
+  out["argv"] = ["experiments/bench/scale.py", *(sys.argv[1:] if argv is None else argv)]
   text = json.dumps(out, indent=1, default=str)
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -763,4 +816,6 @@ def _main(args, argv, cache: str) -> dict:
 
 
 if __name__ == "__main__":
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_defaults()
   main()

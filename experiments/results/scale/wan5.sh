@@ -1,7 +1,7 @@
 #!/bin/bash
 # Item 5: the WAN testbed at c4_150m's DDP link/compute ratio (67.2).
 set -e
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 . .venv/bin/activate
 W=runs/scale_wan
 COMMON="--config.mesh.island=2 --config.mesh.data=1 --config.launch.processes=2 --config.log_every=1 --config.checkpoint_every=100000 --config.data.batch_size=4 --config.eval_batches=4 --config.eval_every=25"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Item 5, continued: the host link needs a job secret (the local launcher makes one; the
 # testbed's plain-scheduler start does not), so export one for the runs.
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 . .venv/bin/activate
 export FEDJAX_LM_JOB_SECRET=$(python -c "import secrets; print(secrets.token_hex(16))")
 COMMON="--config.mesh.island=2 --config.mesh.data=1 --config.launch.processes=2 --config.log_every=1 --config.checkpoint_every=100000 --config.data.batch_size=4 --config.eval_batches=4 --config.eval_every=25"

@@ -28,8 +28,8 @@ import sys
 import threading
 import time
 
-import fedjax_lm
-from experiments.bench import machine
+from fedjax_lm import cpu
+from fedjax_lm import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/shakespeare.py"
@@ -55,7 +55,7 @@ def run_once(workdir: str, pin: bool, heap: bool = True, tcmalloc: bool = True) 
   env = {**os.environ, "FEDJAX_LM_HEAP_DEFAULTS": "1" if heap else "0",
          "FEDJAX_LM_TCMALLOC": "1" if tcmalloc else "0"}
   if not tcmalloc:
-    env = fedjax_lm.without_tcmalloc(env)
+    env = cpu.without_tcmalloc(env)
   args = [sys.executable, "-m", "experiments.train", "--config", CONFIG, "--workdir", workdir,
           f"--config.launch.pin_cores={pin}"]
   samples, stop = [], threading.Event()

@@ -38,14 +38,11 @@ from fedjax_lm import machine
 CONFIG = "configs/shakespeare_diloco.py"
 
 
-def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
-                 start_at: float = 0.0, profile: bool = False) -> dict:
-  """PyTorch: loss on ``params`` before any step, then the median seconds per AdamW step
-  (``profile``: and ms per step by category over ``steps`` more, from ``torch.profiler``)."""
+def _torch_loss_fn(cfg: dict, w: dict, rows):
+  """The model's training loss in PyTorch on the batch ``rows``, a closure over the parameter
+  tensors ``w`` (the same function as ours: RMSNorm, NeoX RoPE, causal attention, SwiGLU)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  w = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
   L, H, Dh = cfg["num_layers"], cfg["num_heads"], cfg["head_dim"]
   tokens = torch.tensor(rows[:, :-1], dtype=torch.long)
   targets = torch.tensor(rows[:, 1:], dtype=torch.long)
@@ -75,6 +72,31 @@ def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
     logits = rms(x, w["final_norm"]) @ w["unembed"]
     return F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(-1))
 
+  return loss_fn
+
+
+def _torch_breakdown(step, steps: int) -> dict:
+  """Self CPU ms per step by category over ``steps`` steps, from ``torch.profiler``."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(steps):
+      step()
+  cats = dict.fromkeys(CATEGORIES, 0.0)
+  for e in prof.key_averages():
+    cat = ("matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm") else
+           "attention" if "scaled_dot_product" in e.key else "elementwise, copies, reductions")
+    cats[cat] += e.self_cpu_time_total / 1e3 / steps
+  return cats
+
+
+def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
+                 start_at: float = 0.0, profile: bool = False) -> dict:
+  """PyTorch: loss on ``params`` before any step, then the median seconds per AdamW step
+  (``profile``: and ms per step by category over ``steps`` more, from ``torch.profiler``)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  w = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+  loss_fn = _torch_loss_fn(cfg, w, rows)
   with torch.no_grad():
     loss0 = float(loss_fn())
   opt = torch.optim.AdamW(list(w.values()), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -96,15 +118,7 @@ def torch_step_s(cfg: dict, params: dict, rows, steps: int, repeats: int,
     times.append((time.perf_counter() - start) / steps)
   out = {"step_s": statistics.median(times), "loss0": loss0}
   if profile:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-      for _ in range(steps):
-        step()
-    cats = dict.fromkeys(CATEGORIES, 0.0)
-    for e in prof.key_averages():
-      cat = ("matmul" if e.key in ("aten::mm", "aten::bmm", "aten::addmm") else
-             "attention" if "scaled_dot_product" in e.key else "elementwise, copies, reductions")
-      cats[cat] += e.self_cpu_time_total / 1e3 / steps
-    out["breakdown"] = cats
+    out["breakdown"] = _torch_breakdown(step, steps)
   return out
 
 
@@ -124,7 +138,8 @@ def worker(spec: dict) -> dict:
   from experiments.bench import step  # pylint: disable=g-import-not-at-top  (no jax)
   if spec["one_core"]:
     step.pin_one_core(spec.get("core"))
-  import fedjax_lm  # pylint: disable=g-import-not-at-top,unused-import  (its XLA flags first)
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_xla_defaults()  # before JAX starts
   if spec["framework"] == "ours":
     out = step.step(step.with_island_devices({
         "config": CONFIG, "steps": spec["steps"], "repeats": 3,
@@ -163,13 +178,13 @@ def worker(spec: dict) -> dict:
 def _spawn(spec: dict) -> subprocess.Popen:
   """A worker for ``spec``: ours with fedjax_lm's allocator defaults, PyTorch with glibc's
   malloc as it comes (``spec["tcmalloc"]``: with TCMalloc preloaded too)."""
-  import fedjax_lm  # pylint: disable=g-import-not-at-top
-  env = fedjax_lm.without_tcmalloc(dict(os.environ))
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  env = cpu.without_tcmalloc(dict(os.environ))
   tcmalloc = spec.get("tcmalloc", spec["framework"] == "ours")
-  env = fedjax_lm.malloc_env(env, one_core=spec["one_core"],
-                             tcmalloc=fedjax_lm.tcmalloc_library() if tcmalloc else None)
-  return subprocess.Popen([sys.executable, "-m", "experiments.bench.torch_peer", "--worker",
-                           json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
+  env = cpu.malloc_env(env, one_core=spec["one_core"],
+                       tcmalloc=cpu.tcmalloc_library() if tcmalloc else None)
+  return subprocess.Popen([sys.executable, "-m", "experiments.studies.torch_peer.torch_peer",
+                           "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -200,9 +215,9 @@ PEER_TCMALLOC = "torch + TCMalloc"  # PyTorch with the allocator our default pre
 def measure(rounds: int, steps: int) -> dict:
   """{(row, framework): [tokens/s per round]}, the rows interleaved round by round; where the
   system has TCMalloc, PyTorch also with it preloaded (framework ``PEER_TCMALLOC``)."""
-  import fedjax_lm  # pylint: disable=g-import-not-at-top  (env helpers only)
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top  (env helpers only)
   runs = [("ours", "ours", {}), ("torch", "torch", {})]
-  if fedjax_lm.tcmalloc_library():
+  if cpu.tcmalloc_library():
     runs.append((PEER_TCMALLOC, "torch", {"tcmalloc": True}))
   samples: dict = {}
   for _ in range(rounds):

@@ -97,4 +97,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_defaults()
   main()
