@@ -23,6 +23,29 @@ def format_bytes(n: float) -> str:
   return str(n)
 
 
+class JsonlWriter:
+  """Appends one JSON object per line to ``path``, flushed at each write (a crashed process
+  loses nothing it wrote): the decoupled roles' logs, and :class:`MetricsWriter`'s file."""
+
+  def __init__(self, path: str):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    self.path = path
+    self._f = open(path, "a", encoding="utf-8")
+
+  def write(self, record: dict[str, Any]) -> None:
+    self._f.write(json.dumps(record) + "\n")
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+  def __enter__(self) -> "JsonlWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
 class MetricsWriter:
   """Writes one JSON object per logged step; on resume drops records past the resume step."""
 

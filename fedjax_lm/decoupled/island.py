@@ -20,13 +20,11 @@ dynamic local updates (``outer.policy=async``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import os
-import signal
 import threading
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,17 +33,16 @@ import optax
 
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
+from fedjax_lm import faults
 from fedjax_lm import input as input_lib
 from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import syncer as syncer_lib
 from fedjax_lm.engine import clock as clock_lib
-
-ENV_KILL = "FEDJAX_LM_KILL_ISLAND"  # fault injection: "island:step" SIGKILLs that island once
-ENV_RECORD = "FEDJAX_LM_RECORD_BATCHES"  # test hook: log a digest of every batch read
-
 
 def speeds(config) -> list[float]:
   text = str(config.islands.speed).strip()
@@ -57,146 +54,137 @@ def speeds(config) -> list[float]:
   return values
 
 
-def _maybe_kill(workdir: str, island: int, step: int) -> None:
-  spec = os.environ.get(ENV_KILL, "")
-  if spec and spec == f"{island}:{step}":
-    marker = os.path.join(workdir, f".killed_island_{island}_{step}")
-    if not os.path.exists(marker):
-      open(marker, "w").close()
-      os.kill(os.getpid(), signal.SIGKILL)
+class Job(NamedTuple):
+  """What one island job holds: its engine (M = 1, with the remote link), its batches."""
+  engine: Any
+  link: remote.RemoteLink
+  batches: Any
+  island: int
 
 
-def run(config, workdir: str) -> None:
+def build(config, client, secret: bytes) -> Job:
+  """The mesh-axis engine for this one island: its own in-island mesh and batch, the run's
+  clock as this island sees it (or, async, its own), and the remote link to the syncer."""
   k = int(config.launch.island)
   parts = int(config.islands.max_num) or int(config.islands.num)
   if not 0 <= k < parts:
     raise ValueError(f"launch.island={k} must be in [0, {parts}) (islands.max_num or "
                      "islands.num data partitions)")
+  one = syncer_lib.island_config(config)
+  mesh = mesh_lib.make_mesh(dict(one.mesh))
+  batches = input_lib.TrainBatches(one.data, mesh, num_islands=1, seed=int(config.seed),
+                                   tokenizer=data_lib.get_tokenizer(config.data.tokenizer),
+                                   part=(k, parts))
+  asynchronous = config.outer.policy == "async"
+  link = remote.RemoteLink(client, secret, k, total_steps=int(config.total_steps),
+                           position=lambda: batches.global_state()[f"island{k}"],
+                           asynchronous=asynchronous)
+  if asynchronous:
+    clock = clock_lib.LocalClock(int(config.outer.sync_every), 0, int(config.total_steps))
+  else:  # the run's clock (drop-out drawn over every partition), this island's entry
+    clock = clock_lib.Clock.from_config(config, receive_at_merge=True, member=k, num=parts,
+                                        delayed=config.outer.delay != "none")
+  eng = engine.build(one, mesh, model_lib.ModelConfig.from_config(config.model), link=link,
+                     clock=clock, world=int(config.islands.num))
+  return Job(eng, link, batches, k)
+
+
+def join(job: Job, config, client, secret: bytes) -> tuple[Any, int]:
+  """Joins the run: the syncer checks the fingerprint and hands over its server state, the
+  step to start at and this island's data position (live recovery after a crash). The inner
+  learning-rate schedule resumes at the run's position, not at warm-up."""
+  _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
+  _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
+      secret, "join", {"island": job.island,
+                       "fingerprint": syncer_lib.fingerprint(config, abstract)})), "joined")
+  eng, link = job.engine, job.link
+  state = eng.init(jax.random.key(int(config.seed)))
+  state = state._replace(server=jax.jit(remote.adopt, donate_argnums=0)(
+      state.server, link.parts(state.server, arrays)))
+  link.version, start = int(meta.get("version", 0)), int(meta["step"])
+  link.applied = {int(p): int(s) for p, s in meta.get("closed", {}).items()}
+  if meta["data"]:
+    job.batches.set_global_state({f"island{job.island}": meta["data"]})
+  if isinstance(eng.clock, clock_lib.LocalClock):
+    eng.clock.last, link.progress = start, int(meta["progress"])
+  position = link.progress if link.progress is not None else start
+  state = state._replace(islands=_reschedule(eng)(state.islands, np.int32(position)))
+  return state, start
+
+
+def _reschedule(eng) -> Any:
+  return jax.jit(at_schedule_step, out_shardings=eng.state_shardings.islands, donate_argnums=0)
+
+
+def run(config, workdir: str) -> None:
+  """Joins, then the mesh-axis loop (inner step, then the clock's events through the engine's
+  one ``sync``), paced by ``islands.speed``; heartbeats on a thread; leaves at the end."""
   secret = wire.job_secret(config.launch.secret_file)
-  client = channel.Client(config.launch.syncer, secret, f"island/{k}",
+  client = channel.Client(config.launch.syncer, secret, f"island/{int(config.launch.island)}",
                           give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
                           tls=channel.Tls.from_config(config.launch))
-  single = syncer_lib.single_island_config(config)
-  mesh = mesh_lib.make_mesh(dict(single.mesh))
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
-  eng = engine.build(single, mesh, model_cfg)
-  _, abstract = model_lib.build(model_cfg)
-  tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
-  batches = input_lib.TrainBatches(single.data, mesh, num_islands=1, tokenizer=tokenizer,
-                                   seed=int(config.seed), part=(k, parts))
-  everyone = copy.deepcopy(config)  # the clock's drop-out schedule over every partition
-  everyone.islands.num = parts
-  clock = clock_lib.Clock.from_config(everyone, receive_at_merge=True,
-                                      delayed=config.outer.delay != "none")
-  factors = speeds(config)
-  factor = factors[k] if k < len(factors) else 1.0
-  pace_s = float(config.islands.step_seconds)
-
-  _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
-      secret, "join", {"island": k, "fingerprint": syncer_lib.fingerprint(config, abstract)})),
-      "joined")
-  leaves, treedef = jax.tree.flatten(abstract)
-  if [a.shape for a in arrays] != [x.shape for x in leaves]:
-    raise wire.WireError("the syncer's global params do not match this model")
-  params = jax.device_put(jax.tree.unflatten(treedef, list(arrays)),
-                          eng.state_shardings.server.params)
-  state = eng.programs.init(params)
-  reschedule = jax.jit(at_schedule_step, out_shardings=eng.state_shardings.islands,
-                       donate_argnums=0)
-  start = int(meta["step"])
-  if config.outer.policy == "async":
-    state = state._replace(islands=reschedule(state.islands, np.int32(meta["progress"])))
-  if meta["data"]:
-    batches.set_global_state({f"island{k}": meta["data"]})
-  out_dir = os.path.join(workdir, "islands", str(k))
+  job = build(config, client, secret)
+  state, start = join(job, config, client, secret)
+  out_dir = os.path.join(workdir, "islands", str(job.island))
   os.makedirs(out_dir, exist_ok=True)
-  log = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
-  stop = threading.Event()
-
   timing = {"step_s": 0.0}  # measured seconds per step (EMA), for dynamic local updates
-
-  def beat():
-    while not stop.wait(float(config.launch.heartbeat_seconds) / 4):
-      try:
-        client.call("Heartbeat", wire.pack(secret, "heartbeat",
-                                           {"island": k, "step_s": timing["step_s"]}),
-                    deadline_s=5.0)
-      except (channel.SyncerUnreachable, wire.WireError):
-        pass
-
-  threading.Thread(target=beat, daemon=True).start()
-  frags = eng.spec.frags
-  put = [jax.jit(lambda server, values, p=p: server._replace(
-      params=frags.put(server.params, p, values))) for p in range(frags.num)]
-  sent_bytes, in_flight = 0, {}
-  asynchronous = config.outer.policy == "async"
-  version, local_h, last_sync = int(meta.get("version", 0)), int(config.outer.sync_every), start
-  limit = int(config.total_steps) * (4 if asynchronous else 1)  # async: until the syncer stops
-  stopping = False
+  stop = threading.Event()
+  threading.Thread(target=_heartbeat, args=(config, client, secret, job.island, timing, stop),
+                   daemon=True).start()
   try:
-    for step in range(start, limit):
-      began = time.perf_counter()
-      batch = next(batches)
-      record_batch = os.environ.get(ENV_RECORD) == "1"  # test hook: which tokens were read
-      digest = (hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
-                if record_batch else "")
-      state, metrics = eng.inner_step(state, batch)
-      jax.block_until_ready(metrics["island_loss"])
-      if step > start:  # (the first step compiles: it is neither emulated nor timed)
-        compute_s = time.perf_counter() - began
-        time.sleep(slowdown_s(compute_s, factor, pace_s))
-        timing["step_s"] = step_seconds(timing["step_s"], time.perf_counter() - began)
-      done = step + 1
-      if asynchronous:
-        events = [] if done - last_sync < local_h else [
-            clock_lib.Event(clock_lib.SEND, 0, np.ones(1, bool)),
-            clock_lib.Event(clock_lib.RECEIVE, 0), clock_lib.Event(clock_lib.MERGE, 0)]
-      else:
-        events = island_events(clock, done)
-      for event in events:
-        p = event.fragment
-        if event.kind == clock_lib.SEND:
-          who = event.who if asynchronous else event.who[k:k + 1]
-          islands, sent = eng.programs.encode[p](state.islands, state.server, np.int32(done), who)
-          state = state._replace(islands=islands)
-          payload = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
-          position = batches.global_state()[f"island{k}"]
-          message = wire.pack(secret, "send", {
-              "island": k, "fragment": p, "step": min(done, int(config.total_steps)),
-              "data": position, "version": version, "local_steps": done - last_sync},
-              payload)
-          reply = wire.unpack(secret, client.call("Send", message), "ok")[1]
-          stopping = stopping or (asynchronous and bool(reply.get("stop", False)))
-          sent_bytes += sum(a.nbytes for a in payload[:-1])
-          in_flight.setdefault(p, []).append((done, message))
-        elif event.kind == clock_lib.RECEIVE:
-          queue = in_flight.get(p, [])
-          if not queue or (clock.delayed and len(queue) < 2 and done < int(config.total_steps)):
-            continue  # delayed: only the previous round is received (none before round 2)
-          values, reply = _receive(client, secret, k, p, *in_flight[p].pop(0))
-          state = state._replace(server=put[p](state.server, tuple(values)))
-          version, last_sync = int(reply.get("version", 0)), done
-          local_h = int(reply.get("local_steps", local_h))
-          if asynchronous:
-            state = state._replace(islands=reschedule(state.islands,
-                                                      np.int32(reply["progress"])))
-          stopping = stopping or (asynchronous and bool(reply.get("stop", False)))
-        else:
-          state = state._replace(islands=eng.programs.merge[p](state.islands, state.server))
-      loss = float(np.asarray(jax.device_get(metrics["island_loss"]))[0])
-      log.write(json.dumps({"step": done, "island_loss": loss, "island_bytes": sent_bytes,
-                            "wire_sent_bytes": client.sent_bytes,
-                            "wire_received_bytes": client.received_bytes,
-                            "time": time.time(), **({"batch": digest} if digest else {})}) + "\n")
-      log.flush()
-      _maybe_kill(workdir, k, done)
-      if stopping:
-        break
-    client.call("Leave", wire.pack(secret, "leave", {"island": k}))
+    with metrics_lib.JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) as log:
+      _loop(config, workdir, job, state, start, timing, log)
+    client.call("Leave", wire.pack(secret, "leave", {"island": job.island}))
   finally:
     stop.set()
-    log.close()
     client.close()
+
+
+def _loop(config, workdir, job: Job, state, start: int, timing: dict, log) -> None:
+  eng, link, k = job.engine, job.link, job.island
+  factors = speeds(config)
+  factor, pace_s = factors[k] if k < len(factors) else 1.0, float(config.islands.step_seconds)
+  plan = faults.Plan.from_config(config)
+  reschedule = _reschedule(eng)
+  asynchronous = isinstance(eng.clock, clock_lib.LocalClock)
+  limit = int(config.total_steps) * (4 if asynchronous else 1)  # async: until the syncer stops
+  for step in range(start, limit):
+    began = time.perf_counter()
+    batch = next(job.batches)
+    state, metrics = eng.inner_step(state, batch)
+    jax.block_until_ready(metrics["island_loss"])
+    if step > start:  # (the first step compiles: it is neither emulated nor timed)
+      time.sleep(slowdown_s(time.perf_counter() - began, factor, pace_s))
+      timing["step_s"] = step_seconds(timing["step_s"], time.perf_counter() - began)
+    done = step + 1
+    pulled = link.version
+    state = eng.sync(state, done)
+    if asynchronous and link.version != pulled:  # the run's position and the next H
+      state = state._replace(islands=reschedule(state.islands, np.int32(link.progress)))
+      eng.clock.h = link.local_steps
+    log.write({"step": done, "island_loss": float(np.asarray(jax.device_get(
+        metrics["island_loss"]))[0]), "island_bytes": link.sent_bytes,
+               "wire_sent_bytes": link.client.sent_bytes,
+               "wire_received_bytes": link.client.received_bytes, "time": time.time(),
+               **({"batch": _digest(batch)} if plan.record_batches else {})})
+    plan.maybe_kill(f"island/{k}", done, workdir)
+    if link.stopping:
+      break
+
+
+def _digest(batch) -> str:
+  """Which tokens a step read (``faults.record_batches``: the data-position checks)."""
+  return hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
+
+
+def _heartbeat(config, client, secret, island: int, timing: dict, stop) -> None:
+  while not stop.wait(float(config.launch.heartbeat_seconds) / 4):
+    try:
+      client.call("Heartbeat", wire.pack(secret, "heartbeat",
+                                         {"island": island, "step_s": timing["step_s"]}),
+                  deadline_s=5.0)
+    except (channel.SyncerUnreachable, wire.WireError):
+      pass
 
 
 def slowdown_s(compute_s: float, factor: float, pace_s: float = 0.0) -> float:
@@ -227,33 +215,3 @@ def at_schedule_step(islands, step):
       lambda x: x._replace(count=jnp.full_like(x.count, step)) if is_schedule(x) else x,
       islands.opt_state, is_leaf=is_schedule)
   return islands._replace(opt_state=opt_state)
-
-
-def island_events(clock: clock_lib.Clock, done: int) -> list:
-  """The clock's events for one island job. With ``outer.delay=naive`` the island sends round
-  r's pseudo-gradient (relative to where phase r started) before it takes round r - 1's global,
-  which the syncer closed during phase r, and restarts from it: the exchange overlaps the whole
-  inner phase. (The mesh engine's order receives first; there a receive only holds the mean.)"""
-  events = clock.events(done)
-  if not clock.delayed:
-    return events
-  out = []
-  for event in events:
-    if event.kind == clock_lib.SEND and out and out[-1].kind == clock_lib.RECEIVE:
-      out.insert(len(out) - 1, event)
-    else:
-      out.append(event)
-  return out
-
-
-def _receive(client, secret, k: int, p: int, step: int, message: bytes) -> list:
-  """The global fragment after round (p, step), resending our contribution if the syncer
-  lost it (it restarted from an older checkpoint)."""
-  while True:
-    kind, meta, arrays = wire.unpack(secret, client.call("Receive", wire.pack(
-        secret, "receive", {"island": k, "fragment": p, "step": step})),
-        ("global", "pending", "resend"))
-    if kind == "global":
-      return arrays, meta
-    if kind == "resend":
-      client.call("Send", message)

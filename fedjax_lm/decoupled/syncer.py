@@ -47,10 +47,9 @@ import functools
 import json
 import logging
 import os
-import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,45 +59,67 @@ import orbax.checkpoint as ocp
 from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
+from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
+from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import outer
 from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import remote
 from fedjax_lm.engine import links
 from fedjax_lm.engine import programs as programs_lib
+from fedjax_lm.engine import stages
 from fedjax_lm.outer import delayed
 
 POLICIES = ("sync", "async")
-ENV_KILL = "FEDJAX_LM_KILL_SYNCER_AT"
 
 
-def single_island_config(config):
-  """The config one island job (or the syncer) builds its engine from: M = 1, island axis 1,
-  the in-island axes as configured. A one-step-delayed outer step (``outer.delay``) is the
-  islands' (each restarts from the previous round's global), not the syncer's, which applies
-  the rounds' means in order either way."""
+def island_config(config):
+  """The config one island job builds its engine from: M = 1, island axis 1, the in-island
+  axes as configured; drop-out is the run's clock's (:meth:`Clock.from_config` ``member``)."""
   c = copy.deepcopy(config)
   c.islands.num = 1
-  c.outer.delay = "none"
   c.islands.dropout, c.islands.absent = 0.0, ""
   c.mesh.island = 1
   return c
 
 
+def single_island_config(config):
+  """The syncer's engine config: an island's, with the outer step applied when a round
+  closes (``outer.delay`` is the islands' own: each applies the mean one round late, while
+  the syncer's copy, what evaluation reads, applies the rounds' means in order either way)."""
+  c = island_config(config)
+  c.outer.delay = "none"
+  return c
+
+
+# Config fields that may differ between the roles of one run: where each role runs and what it
+# is told to do there. Everything else in the schema must match (a new field is compared by
+# default).
+PER_ROLE = ("launch.", "faults.", "mesh.", "data.data_dir", "log_every", "checkpoint_every",
+            "keep_checkpoints")
+
+
 def fingerprint(config, abstract_params) -> dict:
-  """What every island and the syncer must agree on."""
+  """What every island and the syncer must agree on: every config field outside ``PER_ROLE``,
+  and the params' shapes and dtypes."""
   shapes = {jax.tree_util.keystr(k): [list(v.shape), str(v.dtype)]
             for k, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-  oc = config.outer
-  return {**config_lib.layout(config), "outer.sync_every": int(oc.sync_every),
-          "outer.overlap": int(oc.overlap), "outer.quant_block": int(oc.quant_block),
-          "outer.topk": [float(oc.topk_fraction), int(oc.topk_chunk), int(oc.topk_bits),
-                         oc.topk_quantizer, float(oc.topk_sigmas), oc.topk_aggregate],
-          "total_steps": int(config.total_steps), "seed": int(config.seed),
-          "data.seq_len": int(config.data.seq_len), "params": shapes}
+  fields = {k: v for k, v in _flat(config.to_dict()).items() if not k.startswith(PER_ROLE)}
+  return {**fields, "params": shapes}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
 
 
 def difference(mine: dict, theirs: dict) -> str | None:
@@ -110,6 +131,11 @@ def difference(mine: dict, theirs: dict) -> str | None:
             return f"param {name}: {theirs.get(key, {}).get(name)} (syncer: {mine[key].get(name)})"
       return f"{key}={theirs.get(key)!r} (syncer: {mine.get(key)!r})"
   return None
+
+
+class _Closed(NamedTuple):
+  after: int  # the fragment's round closed before this one (what its mean applies on)
+  arrays: list  # the round's mean leaves, count and masked (what islands receive)
 
 
 @dataclasses.dataclass
@@ -149,7 +175,11 @@ class Syncer:
                                         tokenizer)
     self.server = self.engine.init(jax.random.key(int(config.seed))).server
     frags = range(self.spec.frags.num)
-    self._receive: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> program
+    self._receive: dict[tuple[int, int], Any] = {}  # async: (fragment, islands) -> program
+    self._reducers: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> reduce program
+    self._outer = [jax.jit(functools.partial(remote._apply_mean, self.spec, p),
+                           donate_argnums=0, out_shardings=self.engine.state_shardings.server)
+                   for p in frags]  # the islands' own outer-step program
     # What one island sends per fragment (abstract): the layout every send is checked against.
     state = jax.eval_shape(self.engine.init, jax.random.key(0))
     self._sent = [jax.eval_shape(self.engine.programs.encode[p], state.islands, state.server,
@@ -189,7 +219,10 @@ class Syncer:
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     if not self._restore():
       self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
-    self.metrics = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self.metrics = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
+    self._updates = metrics_lib.JsonlWriter(os.path.join(workdir, "updates.jsonl"))
+    self.plan = faults.Plan.from_config(config)
 
   # ------------------------------------------------------------------ checkpoint
   def _meta(self) -> dict:
@@ -233,8 +266,7 @@ class Syncer:
     record = {"event": kind, "time": time.time(), **fields}
     self.events.append(record)
     logging.warning("syncer: %s", json.dumps(record))
-    with open(os.path.join(self.workdir, "events.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    self._events.write(record)
 
   # ------------------------------------------------------------------ membership
   def _live(self) -> set[int]:
@@ -270,12 +302,16 @@ class Syncer:
       if self.asynchronous:
         start = self.applied_steps.get(str(island), 0)
       self._log("island_rejoined" if rejoin else "island_joined", island=island, step=start)
-      leaves = jax.tree.leaves(self.server.params)
-      arrays = [np.asarray(jax.device_get(x)) for x in leaves]
+      arrays = self._state_arrays()
       position = self.data_positions.get(str(island), "")
     return wire.pack(self.secret, "joined", {"step": start, "data": position,
-                                             "version": self.version,
+                                             "version": self.version, "closed": self.closed,
                                              "progress": self.progress()}, arrays)
+
+  def _state_arrays(self) -> list:
+    """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`)."""
+    return [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(
+        remote.transferable(self.server, self.asynchronous))]
 
   def heartbeat(self, request: bytes) -> bytes:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
@@ -339,7 +375,7 @@ class Syncer:
         rnd.contributions.append((island, arrays[:-1], weight, meta.get("data", "")))
       if late:
         self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
-      _maybe_kill(self.workdir, self.version)
+      self.plan.maybe_kill("syncer", self.version, self.workdir)
       self._maybe_close(p)
     return wire.pack(self.secret, "ok", {"late": late})
 
@@ -366,9 +402,15 @@ class Syncer:
           return wire.pack(self.secret, "pending", {})
         self._maybe_close(p)
         self.lock.wait(0.05)
-      values = self.after_round[p].get(step) or [
-          np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
-    return wire.pack(self.secret, "global", {"version": self.version}, values)
+      kept = self.after_round[p].get(step)
+      if kept is not None and kept.after == int(meta.get("applied", -1)):
+        return wire.pack(self.secret, remote.MEAN, {"version": self.version, "round": step,
+                                                    "after": kept.after}, kept.arrays)
+      self._log("state_sent", island=island, fragment=p, step=step,
+                applied=meta.get("applied"), closed=self.closed[p])
+      return wire.pack(self.secret, remote.STATE, {"version": self.version,
+                                                   "closed": self.closed},
+                       self._state_arrays())
 
   def _maybe_close(self, p: int) -> None:
     """Closes fragment p's oldest open round if the policy says so (lock held)."""
@@ -386,9 +428,14 @@ class Syncer:
     self._close(p, step, rnd, live - senders)
 
   def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
-    self._apply(p, rnd.contributions)
+    """The round's mean (the stages' reduce over the islands that sent), the same outer-step
+    program the islands run on it, and the mean kept for the islands' receives (the last two
+    rounds: with ``outer.delay`` an island asks for round r - 1 after round r may close)."""
+    reduced = self._reduce(p, rnd.contributions)
+    self.server = self._outer[p](self.server, reduced)
     kept = self.after_round[p]
-    kept[step] = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
+    kept[step] = _Closed(self.closed[p], [np.asarray(jax.device_get(x)) for x in (
+        *reduced.mean, reduced.count, reduced.masked)])
     for old in sorted(kept)[:-2]:
       del kept[old]
     del self.rounds[p][step]
@@ -411,10 +458,9 @@ class Syncer:
     self._apply(0, [(island, arrays, weight, meta.get("data", ""))])
     self.applied_steps[str(island)] = self.applied_steps.get(str(island), 0) + local_steps
     self.version += 1
-    with open(os.path.join(self.workdir, "updates.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps({"version": self.version, "island": island, "pulled": pulled,
-                          "staleness": staleness, "local_steps": local_steps,
-                          "time": time.time()}) + "\n")
+    self._updates.write({"version": self.version, "island": island, "pulled": pulled,
+                         "staleness": staleness, "local_steps": local_steps,
+                         "time": time.time()})
     self._maybe_evaluate()
     if self.done or self.version % self.checkpoint_every == 0:
       self._save()
@@ -434,23 +480,39 @@ class Syncer:
     return dynamic_local_steps(h, {k: v for k, v in self.step_s.items() if k in live}, island,
                                live)
 
-  def _apply(self, p: int, contributions: list) -> None:
-    """The islands' payloads stacked as if gathered, then the mesh-axis mode's receive
-    program for that many islands: the mean of the decoded payloads that were sent (weight >
-    0) and fragment p's outer step, one program (so the numbers are the mesh-axis mode's);
-    positions and bytes recorded."""
-    num = len(contributions)
-    key = (p, num)
-    if key not in self._receive:
-      spec = dataclasses.replace(self.spec, num=num)
-      self._receive[key] = jax.jit(functools.partial(programs_lib.receive, spec, p,
-                                                     links.Gathered()), donate_argnums=0)
+  def _stacked(self, p: int, contributions: list) -> tuple:
+    """The islands' payloads and weights stacked as the mesh-axis mode gathers them."""
     leaves = [np.concatenate([c[1][i] for c in contributions]) for i in range(len(
         contributions[0][1]))]
     weight = np.concatenate([np.full((1, self.spec.devices_per_island), c[2], np.float32)
                              for c in contributions])
-    payload = self._payload_tree(p, leaves)
-    self.server = self._receive[key](self.server, (payload, jnp.asarray(weight)))
+    return self._payload_tree(p, leaves), jnp.asarray(weight)
+
+  def _reduce(self, p: int, contributions: list) -> Any:
+    """The stages' reduce (a program per fragment and island count): the mean of the decoded
+    payloads that were sent (weight > 0), as the mesh-axis mode's gathered link computes it."""
+    key = (p, len(contributions))
+    if key not in self._reducers:
+      spec = dataclasses.replace(self.spec, num=len(contributions))
+      self._reducers[key] = jax.jit(functools.partial(stages.reduce, spec, p,
+                                                      links.Gathered()))
+    reduced = self._reducers[key](self._stacked(p, contributions))
+    self._record(contributions)
+    return reduced
+
+  def _apply(self, p: int, contributions: list) -> None:
+    """Async: the mesh-axis mode's receive program (reduce and the Delayed Nesterov outer
+    step, one program) on one island's payload."""
+    key = (p, len(contributions))
+    if key not in self._receive:
+      spec = dataclasses.replace(self.spec, num=len(contributions))
+      self._receive[key] = jax.jit(functools.partial(programs_lib.receive, spec, p,
+                                                     links.Gathered()), donate_argnums=0)
+    self.server = self._receive[key](self.server, self._stacked(p, contributions))
+    self._record(contributions)
+
+  def _record(self, contributions: list) -> None:
+    """Data positions and payload bytes of the accepted contributions."""
     for island, arrays, _, position in contributions:
       if position:
         self.data_positions[str(island)] = position
@@ -485,8 +547,7 @@ class Syncer:
               "island_bytes": (sum(self.payload_bytes.values()) /
                                max(len(self.payload_bytes), 1)),
               "rounds": self.version, "members": sorted(self.members), "time": time.time()}
-    self.metrics.write(json.dumps(record) + "\n")
-    self.metrics.flush()
+    self.metrics.write(record)
     self.evaluated = e
     if e == self.total:
       self.done = True
@@ -537,16 +598,6 @@ def dynamic_local_steps(h: int, step_s: dict, island: int, live=None) -> int:
   return max(1, min(h, int(np.floor(h * fastest / seconds[island] + 1e-9))))
 
 
-def _maybe_kill(workdir: str, version: int) -> None:
-  """Fault injection: ``FEDJAX_LM_KILL_SYNCER_AT=V`` SIGKILLs the syncer once, on the first
-  send after V rounds closed (that send's contribution is lost with it)."""
-  at = os.environ.get(ENV_KILL)
-  marker = os.path.join(workdir, ".killed_syncer")
-  if at is not None and version >= int(at) and not os.path.exists(marker):
-    open(marker, "w").close()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def serve(config, workdir: str) -> None:
   """Runs the syncer until every island that joined has finished the run."""
   os.makedirs(workdir, exist_ok=True)
@@ -565,5 +616,6 @@ def serve(config, workdir: str) -> None:
           break
   finally:
     server.stop(grace=1.0)
-    syncer.metrics.close()
+    for writer in (syncer.metrics, syncer._events, syncer._updates):  # pylint: disable=protected-access
+      writer.close()
     syncer.ckpt.close()

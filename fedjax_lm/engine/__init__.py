@@ -42,8 +42,9 @@ Engine = IslandsEngine | ddp.DdpEngine
 
 
 def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
-          outer_tx: optax.GradientTransformation | None = None) -> Engine:
-  """The engine named by ``config.algorithm`` for the transformer LM on ``mesh``."""
+          outer_tx: optax.GradientTransformation | None = None, **deployment) -> Engine:
+  """The engine named by ``config.algorithm`` for the transformer LM on ``mesh``
+  (``deployment``: a decoupled island job's ``link``, ``clock`` and ``world``)."""
   graphdef, abstract = model_lib.build(model_cfg)
   axes = model_lib.logical_axes(model_cfg)
   inner_tx = steps.inner_optimizer(config.inner, int(config.total_steps),
@@ -53,13 +54,14 @@ def build(config, mesh: Mesh, model_cfg: model_lib.ModelConfig,
                                               rows=mesh_lib.activation_rows(mesh)),
       init_fn=functools.partial(model_lib.init_params, model_cfg), abstract_params=abstract,
       param_specs=mesh_lib.param_specs(axes, dict(config.rules)), outer_tx=outer_tx,
-      inner_tx=inner_tx)
+      inner_tx=inner_tx, **deployment)
 
 
 def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
                    abstract_params: Any, param_specs: Any,
                    inner_tx: optax.GradientTransformation | None = None,
-                   outer_tx: optax.GradientTransformation | None = None) -> Engine:
+                   outer_tx: optax.GradientTransformation | None = None,
+                   **deployment) -> Engine:
   """Any model: ``loss_fn(params, batch)`` is the mean loss of one island's ``[B, ...]``
   batch, ``init_fn(key)`` makes params shaped like ``abstract_params``, ``param_specs`` their
   in-island PartitionSpecs; batches are ``[M, B, ...]``. ``inner_tx`` / ``outer_tx`` replace
@@ -84,7 +86,8 @@ def build_for_loss(config, mesh: Mesh, *, loss_fn: Callable, init_fn: Callable,
   return islands_lib.build(config, mesh, loss_fn=loss_fn, make_params=make_params,
                            abstract=abstract_params, param_specs=param_specs,
                            zero_specs=zero_specs, tx=tx, groups=groups, guard=guard,
-                           outer_tx=outer_tx or outer.from_config(config.outer))
+                           outer_tx=outer_tx or outer.from_config(config.outer),
+                           **deployment)
 
 
 def _check(ok: bool, msg: str) -> None:

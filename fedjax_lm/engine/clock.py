@@ -52,20 +52,27 @@ class Clock:
   participation: health.Participation
   receive_at_merge: bool = False  # the link exchanges during the overlap window
   delayed: bool = False  # outer.delay: a round's mean is applied at the next round's send
+  member: int | None = None  # a decoupled island job: ``who`` is this island's entry only
 
   @classmethod
-  def from_config(cls, config, receive_at_merge: bool = False, delayed: bool = False
-                  ) -> "Clock":
+  def from_config(cls, config, receive_at_merge: bool = False, delayed: bool = False,
+                  member: int | None = None, num: int | None = None) -> "Clock":
+    """``num``: the islands the drop-out schedule is drawn over (default ``islands.num``);
+    ``member``: the clock of that one island (a decoupled island job)."""
     oc = config.outer
     schedule = fragments.Schedule(int(oc.sync_every), int(oc.fragments), int(oc.overlap),
                                   int(config.total_steps))
-    who = health.Participation(int(config.islands.num), float(config.islands.dropout),
+    who = health.Participation(int(num or config.islands.num), float(config.islands.dropout),
                                config.islands.absent, int(config.seed))
-    return cls(schedule, who, receive_at_merge, delayed)
+    return cls(schedule, who, receive_at_merge, delayed, member)
 
   @property
   def num_islands(self) -> int:
-    return self.participation.num
+    return self.participation.num if self.member is None else 1
+
+  def _present(self, done: int, p: int) -> np.ndarray:
+    who = self.participation.present(done, p)
+    return who if self.member is None else who[self.member:self.member + 1]
 
   def events(self, done: int) -> list[Event]:
     """The events due after inner step ``done``, in the order they must run."""
@@ -74,7 +81,7 @@ class Clock:
     out = []
     for kind, p in self.schedule.events(done):
       if kind == "send":
-        out.append(Event(SEND, p, self.participation.present(done, p)))
+        out.append(Event(SEND, p, self._present(done, p)))
         if not self.receive_at_merge:
           out.append(Event(RECEIVE, p))
       else:
@@ -90,7 +97,7 @@ class Clock:
     out = []
     for p in self.schedule.sends(done):
       host = self.receive_at_merge
-      out += [Event(RECEIVE, p)] * host + [Event(SEND, p, self.participation.present(done, p)),
+      out += [Event(RECEIVE, p)] * host + [Event(SEND, p, self._present(done, p)),
                                            Event(MERGE, p)]
       out += [Event(RECEIVE, p)] * (not host or done == self.schedule.total)
       out += [Event(MERGE, p)] * (done == self.schedule.total)
@@ -129,3 +136,25 @@ class Clock:
     """The largest single sync (one fragment's payload) sent so far."""
     return max([b for p, b in enumerate(fragment_bytes) if self.schedule.send_count(p, done)],
                default=0)
+
+
+class LocalClock:
+  """The clock of one island under ``outer.policy=async`` (decoupled): the island syncs its one
+  fragment after its own H local steps, H set by the syncer at each receive (dynamic local
+  updates). Not a pure function of the step: ``h`` and ``last`` follow the syncer's replies."""
+
+  delayed = False
+
+  def __init__(self, h: int, last: int, total: int):
+    self.h, self.last = int(h), int(last)
+    self.schedule = fragments.Schedule(int(h), 1, 0, int(total))
+
+  @property
+  def num_islands(self) -> int:
+    return 1
+
+  def events(self, done: int) -> list[Event]:
+    if done - self.last < self.h:
+      return []
+    self.last = done
+    return [Event(SEND, 0, np.ones(1, bool)), Event(RECEIVE, 0), Event(MERGE, 0)]

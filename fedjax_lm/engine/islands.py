@@ -176,15 +176,18 @@ class IslandsEngine:
 
 def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstract: Any,
           param_specs: Any, zero_specs: Any, tx: optax.GradientTransformation, groups: int,
-          guard: bool, outer_tx: optax.GradientTransformation) -> IslandsEngine:
+          guard: bool, outer_tx: optax.GradientTransformation, link: Any = None,
+          clock: Any = None, world: int = 0) -> IslandsEngine:
   """Mesh-axis islands from ``config.outer`` / ``config.islands``: the codec, the link, the
-  clock, the fragments and their ZeRO specs, the typed state's specs, then the programs."""
+  clock, the fragments and their ZeRO specs, the typed state's specs, then the programs.
+  A decoupled island job passes its own ``link`` (to the syncer), ``clock`` (its own view of
+  the run's) and ``world`` (the run's M, for the merge policies that divide by it)."""
   oc = config.outer
   codec = codecs.from_config(oc)
   check_streaming_options(oc, codec)
-  link = links.from_config(config)
-  clock = clock_lib.Clock.from_config(config, receive_at_merge=isinstance(link, links.HostLink),
-                                      delayed=oc.delay != "none")
+  link = link or links.from_config(config)
+  clock = clock or clock_lib.Clock.from_config(config, receive_at_merge=link.overlaps,
+                                               delayed=oc.delay != "none")
   frags = fragments.Fragments(abstract, clock.schedule.fragments)
   frag_abstract = tuple(frags.abstract(abstract, p) for p in range(frags.num))
   frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
@@ -213,7 +216,8 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
       inner_tx=tx, outer_tx=outer_tx, shardings=mesh_lib.shardings(mesh, specs),
       alpha=float(oc.mixing), beta=beta, eager=eager, delay=oc.delay, guard=guard,
       keep_absent=config.islands.absent_policy == "keep",
-      reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed))
+      reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed),
+      world=int(world) or int(config.islands.num))
   return IslandsEngine(spec=spec, programs=programs_lib.build(spec, link), clock=clock,
                        link=link, make_params=make_params)
 

@@ -62,6 +62,7 @@ class XlaLink:
   """The exchange as a collective over ``island`` inside the reduce program."""
 
   lead = "island"  # the received payload's island dim is sharded over the island axis
+  overlaps = False  # the collective is queued on the device: RECEIVE right after SEND
 
   @staticmethod
   def gather(x: jax.Array) -> jax.Array:
@@ -89,6 +90,7 @@ class Gathered:
   reduce program runs no collective. The host link's, and the decoupled syncer's."""
 
   lead = None
+  overlaps = True  # exchanged off the device meanwhile: RECEIVE just before the MERGE
 
   @staticmethod
   def gather(x: jax.Array) -> jax.Array:

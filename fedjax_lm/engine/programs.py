@@ -68,9 +68,8 @@ def build(spec: stages.Spec, link: Any) -> Programs:
       encode=tuple(jit(stages.encode, p, in_shardings=(sh.islands, sh.server, None, None),
                        out_shardings=(sh.islands, spec.sent_shardings(p, "island")),
                        donate_argnums=0) for p in frags),
-      receive=tuple(jax.jit(functools.partial(receive, spec, p, link),
-                            in_shardings=(sh.server, spec.sent_shardings(p, link.lead)),
-                            out_shardings=sh.server, donate_argnums=0) for p in frags),
+      receive=tuple(getattr(link, "receive_program", functools.partial(fused_receive, link))(
+          spec, p) for p in frags),
       merge=tuple(jit(stages.merge, p, in_shardings=(sh.islands, sh.server),
                       out_shardings=sh.islands, donate_argnums=0) for p in frags),
       late=tuple(jit(stages.late_merge, p, in_shardings=(sh.islands, sh.server),
@@ -79,6 +78,15 @@ def build(spec: stages.Spec, link: Any) -> Programs:
       current=jax.jit(functools.partial(current_params, spec),
                       in_shardings=(sh.server,), out_shardings=sh.server.params)
       if spec.delay != "none" else None)
+
+
+def fused_receive(link: Any, spec: stages.Spec, p: int) -> Callable:
+  """``receive/p`` of a link that delivers every island's payload (XLA, host): reduce and
+  outer step in one program. A link that delivers something else (the decoupled island's
+  remote link: the syncer's mean) gives its own ``receive_program(spec, p)``."""
+  return jax.jit(functools.partial(receive, spec, p, link),
+                 in_shardings=(spec.shardings.server, spec.sent_shardings(p, link.lead)),
+                 out_shardings=spec.shardings.server, donate_argnums=0)
 
 
 def current_params(spec: stages.Spec, server: Any) -> Any:

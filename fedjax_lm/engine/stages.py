@@ -97,6 +97,12 @@ class Spec:
   keep_absent: bool = False  # an absent island keeps its params at the merge
   reset_inner: bool = False  # re-initialise the inner optimizer state at the merge
   seed: int = 0
+  world: int = 0  # M of the algorithm (eager estimates divide by it); 0: num. A decoupled
+  #                 island job holds one island (num 1) of a run of M.
+
+  @property
+  def m(self) -> int:
+    return self.world or self.num
 
   @property
   def devices_per_island(self) -> int:
@@ -201,7 +207,7 @@ def _eager_step(spec, p, islands, server, delta, g):
   take = lambda tree: spec.frags.take(tree, p, lead=1)
   put = lambda tree, values: spec.frags.put(tree, p, values, lead=1)
   avg_prev = spec.frags.take(server.merge.avg_prev, p)
-  d_hat = tuple(a[None] + (d - o) / spec.num
+  d_hat = tuple(a[None] + (d - o) / spec.m
                 for d, o, a in zip(delta, take(islands.merge.own_prev), avg_prev))
   base = jax.vmap(lambda d: _outer_update(spec.outer_tx, d, server.outer[p], g)[0])(d_hat)
   return islands._replace(params=put(islands.params, base),
@@ -217,7 +223,7 @@ def _eager_copy_step(spec, p, islands, server, delta):
   put = lambda tree, values: spec.frags.put(tree, p, values, lead=1)
   copies = islands.merge
   held = spec.frags.take(server.merge.mean, p)
-  d_eager = tuple(h[None] + (d - o) / spec.num
+  d_eager = tuple(h[None] + (d - o) / spec.m
                   for d, o, h in zip(delta, take(copies.own_prev), held))
   new, outer = jax.vmap(lambda d, s, x: _outer_update(spec.outer_tx, d, s, x))(
       d_eager, copies.outer[p], take(copies.params))

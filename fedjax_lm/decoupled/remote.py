@@ -1,0 +1,176 @@
+"""The remote link: a decoupled island job's link to the syncer, the island half of the exchange.
+
+A decoupled island runs the mesh-axis engine and loop with M = 1 (:mod:`fedjax_lm.engine`);
+this link is the only thing that differs. Like the host link it exchanges off the device while
+the island keeps stepping (``overlaps``: the clock puts RECEIVE just before the MERGE, or with
+``outer.delay`` just before the next send), with the same two halves:
+
+* ``start(sent, p, step, _)``: the encoded payload (and its weight) goes to the syncer with the
+  island's data position, in one signed ``Send``;
+* ``finish(ticket)``: long-polls ``Receive`` until the round closed, and returns what the
+  syncer delivers, which ``receive_program(spec, p)`` applies to the island's server copy:
+
+  ``mean``    the round's :class:`stages.Reduced` (mean over the islands that sent, count,
+              masked): the island runs the *same* outer step (or, delayed, hold) program as the
+              mesh-axis mode and the syncer, so its global copy, outer state and merge state
+              are the mesh-axis mode's, and every variant (eager, ``outer.delay``, streaming,
+              codecs, drop-out) runs unchanged;
+  ``state``   the syncer's whole server (global params, outer states, eager merge state):
+              when the island's copy does not hold the round just before this one (it joined
+              late, missed a round, or the round is older than the syncer keeps) it adopts
+              the syncer's instead of applying the mean;
+  ``global``  ``outer.policy=async``: the global fragment after the syncer applied this send
+              on arrival (Delayed Nesterov), with the H to run next.
+
+The syncer (:mod:`fedjax_lm.decoupled.syncer`) is the server half: it reduces with the stages'
+own reduce and runs the same outer-step program on its copy, for evaluation, checkpoints and
+joiners. Each island and the syncer apply the same means in the same order with the same
+programs, so on one CPU class their copies are bit for bit equal (on different hardware they
+may differ by rounding; a mismatch of rounds, not of bits, triggers ``state``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lm import wire
+from fedjax_lm.engine import stages
+from fedjax_lm.engine.state import EagerServer, Pending
+
+MEAN, STATE, GLOBAL = "mean", "state", "global"
+
+
+class Ticket(NamedTuple):
+  fragment: int
+  step: int
+  message: bytes  # the signed send, kept to resend if the syncer lost it (it restarted)
+
+
+def transferable(server: Any, params_only: bool = False) -> tuple:
+  """The parts of a server copy a joiner or a lagging island adopts from the syncer: global
+  params, outer states, and the eager merge state (a delayed island's held mean is its own).
+  ``params_only`` (async: the syncer's outer optimizer is its own, Delayed Nesterov): params."""
+  if params_only:
+    return (server.params, (), ())
+  merge = server.merge if isinstance(server.merge, EagerServer) else ()
+  return (server.params, server.outer, merge)
+
+
+def adopt(server: Any, parts: tuple) -> Any:
+  """``server`` with the syncer's ``parts`` (:func:`transferable`); a held mean is dropped as
+  applied (the syncer's copy holds every closed round)."""
+  params, outer, merge = parts
+  if not outer:
+    return server._replace(params=params)
+  if isinstance(server.merge, EagerServer):
+    return server._replace(params=params, outer=outer, merge=merge)
+  if isinstance(server.merge, Pending):
+    merge = server.merge._replace(count=jnp.zeros_like(server.merge.count))
+    return server._replace(params=params, outer=outer, merge=merge)
+  return server._replace(params=params, outer=outer)
+
+
+class RemoteLink:
+  """The link of a decoupled island job to the syncer (``client``: a channel.Client)."""
+
+  lead = None
+  overlaps = True
+
+  def __init__(self, client, secret: bytes, island: int, *, position: Callable[[], str],
+               total_steps: int, asynchronous: bool = False):
+    self.client, self.secret, self.island = client, secret, int(island)
+    self.position, self.total = position, int(total_steps)
+    self.asynchronous = asynchronous
+    self.applied: dict[int, int] = {}  # fragment -> the last round this island's copy holds
+    self.version = 0  # the syncer's rounds (async: updates) when this island last pulled
+    self.progress = None  # async: the run's progress in inner steps, at the last pull
+    self.local_steps = None  # async: the H the syncer set for the next local phase
+    self.stopping = False  # async: the run's tokens are in; the island stops
+    self.sent_bytes = 0  # encoded payload bytes sent (the weight is control, not counted)
+    self._server_treedef = None
+
+  # ------------------------------------------------------------------ the link's halves
+  def start(self, sent: Any, fragment: int, step: int, gathered: Any = None) -> Ticket:
+    del gathered
+    arrays = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
+    step = min(int(step), self.total)
+    message = wire.pack(self.secret, "send", {
+        "island": self.island, "fragment": int(fragment), "step": step,
+        "data": self.position(), "version": self.version,
+        "local_steps": int(self.local_steps or 0)}, arrays)
+    reply = self._call("Send", message, "ok")[1]
+    self.stopping |= self.asynchronous and bool(reply.get("stop", False))
+    self.sent_bytes += sum(a.nbytes for a in arrays[:-1])
+    return Ticket(int(fragment), step, message)
+
+  def finish(self, ticket: Ticket) -> tuple[str, Any]:
+    """What the syncer delivers for the ticket's round, as ``(kind, arrays)``."""
+    request = wire.pack(self.secret, "receive", {
+        "island": self.island, "fragment": ticket.fragment, "step": ticket.step,
+        "applied": self.applied.get(ticket.fragment, 0)})
+    while True:
+      kind, meta, arrays = self._call("Receive", request, (MEAN, STATE, GLOBAL, "pending",
+                                                           "resend"))
+      if kind == "resend":  # the syncer restarted from a checkpoint without our send
+        self._call("Send", ticket.message, "ok")
+      elif kind != "pending":
+        break
+    self.version = int(meta.get("version", self.version))
+    if kind == MEAN:
+      self.applied[ticket.fragment] = ticket.step
+    elif kind == STATE:
+      self.applied.update({int(p): int(s) for p, s in meta["closed"].items()})
+    else:
+      self.progress, self.local_steps = int(meta["progress"]), int(meta["local_steps"])
+      self.stopping |= bool(meta.get("stop", False))
+    return kind, arrays
+
+  def _call(self, method: str, message: bytes, kinds) -> tuple:
+    return wire.unpack(self.secret, self.client.call(method, message), kinds)
+
+  # ------------------------------------------------------------------ what it delivers
+  def receive_program(self, spec: stages.Spec, p: int) -> Callable:
+    """``receive/p`` for what the syncer delivers: the round's mean through the mesh-axis
+    mode's own outer-step (or hold) program, the syncer's server adopted, or (async) the
+    global fragment put in place."""
+    sh = spec.shardings.server
+    mean_sh = spec.named(spec.frag_specs[p])
+    scalar = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
+    apply_mean = jax.jit(functools.partial(_apply_mean, spec, p), donate_argnums=0,
+                         out_shardings=sh)
+    put = jax.jit(lambda server, values: server._replace(
+        params=spec.frags.put(server.params, p, values)), donate_argnums=0, out_shardings=sh)
+    take_over = jax.jit(adopt, donate_argnums=0, out_shardings=sh)
+
+    def program(server: Any, delivered: tuple[str, list]) -> Any:
+      kind, arrays = delivered
+      if kind == MEAN:
+        *mean, count, masked = arrays
+        reduced = stages.Reduced(tuple(jax.device_put(m, s) for m, s in zip(mean, mean_sh)),
+                                 jax.device_put(np.float32(count), scalar),
+                                 jax.device_put(np.bool_(masked), scalar))
+        return apply_mean(server, reduced)
+      if kind == GLOBAL:
+        return put(server, tuple(jax.device_put(a, s) for a, s in zip(arrays, mean_sh)))
+      return take_over(server, self.parts(server, arrays))
+    return program
+
+  def parts(self, server: Any, arrays: list) -> tuple:
+    """The syncer's :func:`transferable` leaves as this island's server parts, checked."""
+    like = transferable(server, self.asynchronous)
+    leaves, treedef = jax.tree.flatten(like)
+    if [tuple(a.shape) for a in arrays] != [tuple(x.shape) for x in leaves]:
+      raise wire.WireError("the syncer's server state does not match this island's layout")
+    return treedef.unflatten([jax.device_put(a.astype(x.dtype), x.sharding)
+                              for a, x in zip(arrays, leaves)])
+
+
+def _apply_mean(spec: stages.Spec, p: int, server: Any, reduced: stages.Reduced) -> Any:
+  if spec.delay != "none":
+    return stages.hold(spec, p, server, reduced)
+  return stages.outer_step(spec, p, server, reduced)
