@@ -45,8 +45,8 @@ def kernel_rate(kind: int, core: int, start_at: float, seconds: float) -> float:
 def _spawn(kind: int, core: int, start_at: float, seconds: float) -> subprocess.Popen:
   env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
   return subprocess.Popen([sys.executable, "-m", "experiments.studies.contention.contend",
-                           "--worker", f"{kind},{core},{start_at},{seconds}"], stdout=subprocess.PIPE,
-                          text=True, env=env)
+                           "--worker", f"{kind},{core},{start_at},{seconds}"],
+                          stdout=subprocess.PIPE, text=True, env=env)
 
 
 def _rates(procs: list[subprocess.Popen]) -> list[float]:

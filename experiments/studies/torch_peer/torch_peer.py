@@ -1,7 +1,8 @@
 """The step bench's peer: the same model and inner step in PyTorch, timed beside ours.
 
 ``python -m experiments.studies.torch_peer.torch_peer [--rounds 3]`` times, interleaved round
-by round (this machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a fixed batch:
+by round (this machine's speed drifts), the inner step of ``configs/shakespeare_diloco.py`` on a
+fixed batch:
 
 - **1 island / 1 core**: one process pinned to one core, one thread;
 - **M=2, 2 processes × 1 core**: the peer's layout (and our launcher's), one island per
@@ -184,7 +185,8 @@ def _spawn(spec: dict) -> subprocess.Popen:
   env = cpu.malloc_env(env, one_core=spec["one_core"],
                        tcmalloc=cpu.tcmalloc_library() if tcmalloc else None)
   return subprocess.Popen([sys.executable, "-m", "experiments.studies.torch_peer.torch_peer",
-                           "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env)
+                           "--worker", json.dumps(spec)], stdout=subprocess.PIPE, text=True,
+                          env=env)
 
 
 def _result(proc: subprocess.Popen) -> dict:
