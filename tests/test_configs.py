@@ -36,8 +36,10 @@ def test_config_loads_validates_and_is_locked(path):
 
 def test_default_config_contract():
   c = load(os.path.join(ROOT, "configs", "shakespeare.py"))
-  assert (c.algorithm, c.islands.num, c.launch.processes) == ("ddp", 1, 2)
-  assert mesh_lib.mesh_shape(dict(c.mesh), 2) == (1, 2, 1, 1)
+  assert (c.algorithm, c.islands.num, c.launch.processes, c.outer.optimizer) == (
+      "islands", 2, 2, "diloco")  # the README's first command: DiLoCo, one process per island
+  assert mesh_lib.mesh_shape(dict(c.mesh), 2) == (2, 1, 1, 1)
+  assert c.total_steps // c.outer.sync_every >= 4  # several syncs in a first run
   for key in ("total_steps", "seed", "log_every", "eval_every", "checkpoint_every"):
     assert key in c
   assert c.inner.optimizer == "adamw" and c.inner.learning_rate > 0

@@ -22,7 +22,7 @@ SlowMo: with base lr gamma, slow lr alpha and slow momentum beta the paper's upd
 (exact for a constant inner lr; with a schedule the paper rescales by the current gamma).
 
 ``outer.clip_norm > 0`` chains global-norm clipping of the pseudo-gradient in front; any other
-optax transform can be passed to :func:`fedjax_lm.islands.build` directly.
+optax transform can be passed to :func:`fedjax_lm.engine.build_for_loss` directly (``outer_tx``).
 """
 
 from __future__ import annotations
