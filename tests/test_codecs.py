@@ -1,5 +1,7 @@
 """Codecs: round-trip error bounds, exact payload sizes, bit packing, top-k, error feedback."""
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -129,3 +131,132 @@ def test_bad_codec_options_name_the_key():
     _codec("int4", quant_block=7)
   with pytest.raises(ValueError, match="outer.topk_fraction"):
     _codec("topk", topk_fraction=0.0)
+
+
+# ------------------------------------------------------------------ the battery, over CODECS
+#
+# One line per codec configuration: its outer.* options (on _codec's defaults: blocks and chunks
+# of 64, top-k keeps 8 per chunk) and a numpy reference of the bound on |decode(encode(x)) - x|
+# per coordinate. A new codec adds its line here; test_battery_covers_the_registry fails until
+# it does.
+
+
+def _blocks(x, qmax):
+  """Per coordinate: its block's absmax / qmax (the integer codecs' step)."""
+  return np.repeat(np.abs(x).reshape(-1, 64).max(axis=1) / qmax, 64)
+
+
+def _kept(x):
+  """Per chunk of 64: a mask of the 8 largest |x| (the reference top-k)."""
+  rows = np.abs(x).reshape(-1, 64)
+  mask = np.zeros(rows.shape, bool)
+  np.put_along_axis(mask, np.argsort(-rows, axis=1)[:, :8], True, axis=1)
+  return mask.reshape(-1)
+
+
+def _topk_bound(steps):
+  """Kept: ``steps`` grid steps of the chunk's kept |x| range over 2^(b-1) - 1 levels
+  (b = 2 here; 0 steps: exact); dropped: |x|."""
+  def bound(x):
+    kept = _kept(x)
+    mags = np.where(kept, np.abs(x), np.nan).reshape(-1, 64)
+    step = (np.nanmax(mags, axis=1) - np.nanmin(mags, axis=1)) / (2 ** (2 - 1) - 1)
+    return np.where(kept, np.repeat(steps * step, 64), np.abs(x))
+  return bound
+
+
+def _sigma_bound(x):
+  """Kept: the chunk's kept range (a kept value decodes to its bin's mean, which lies between
+  the chunk's smallest and largest kept value); dropped: |x|."""
+  kept = _kept(x)
+  vals = np.where(kept, x, np.nan).reshape(-1, 64)
+  spread = np.nanmax(vals, axis=1) - np.nanmin(vals, axis=1)
+  return np.where(kept, np.repeat(spread + 1e-6 * np.nanmax(np.abs(vals), axis=1), 64),
+                  np.abs(x))
+
+
+class Case(NamedTuple):
+  config: dict  # outer.* overrides on _codec's defaults; "compression" names the codec
+  bound: Callable[[np.ndarray], np.ndarray]  # x -> per-coordinate bound on the round trip
+
+
+BATTERY = {
+    "bf16": Case(dict(compression="bf16"), lambda x: np.abs(x) * 2.0**-8),
+    "int8": Case(dict(compression="int8"), lambda x: _blocks(x, 127) / 2),
+    "int8/stochastic": Case(dict(compression="int8", stochastic_rounding=True),
+                            lambda x: _blocks(x, 127)),
+    "int4": Case(dict(compression="int4"), lambda x: _blocks(x, 7) / 2),
+    "topk": Case(dict(compression="topk"), _topk_bound(0.5)),
+    "topk/stochastic": Case(dict(compression="topk", stochastic_rounding=True), _topk_bound(1.0)),
+    "topk@32b": Case(dict(compression="topk", topk_bits=32), _topk_bound(0.0)),
+    "topk/sigma/selected": Case(dict(compression="topk", topk_quantizer="sigma",
+                                     topk_aggregate="selected"), _sigma_bound),
+}
+
+
+def _battery_codec(case):
+  return _codec(case.config["compression"], **case.config)
+
+
+def test_battery_covers_the_registry():
+  tested = {case.config["compression"] for case in BATTERY.values()}
+  assert tested == set(codecs.CODECS) - {"none"}
+  assert codecs.from_config(ml_collections.ConfigDict(dict(compression="none"))) is None
+
+
+@pytest.mark.parametrize("name", BATTERY)
+def test_battery_round_trip_within_the_numpy_bound(name):
+  case = BATTERY[name]
+  codec, x = _battery_codec(case), _x()
+  out = codec.decode(codec.encode(x, jax.random.key(1)))
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  err = np.abs(np.asarray(out) - np.asarray(x))
+  assert np.all(err <= case.bound(np.asarray(x)) * (1 + 1e-5) + 1e-30)
+  assert err.max() > 0  # lossy on this x: the bound is what is being tested
+
+
+@pytest.mark.parametrize("name", BATTERY)
+def test_battery_payload_bytes_are_the_encoded_arrays(name):
+  codec, x = _battery_codec(BATTERY[name]), _x()
+  payload = codec.encode(x, jax.random.key(1))
+  leaves = jax.tree.leaves(payload)
+  assert codecs.payload_bytes(codec, x.size) == sum(leaf.nbytes for leaf in leaves)
+  assert all(leaf.shape[0] == x.size // codec.block for leaf in leaves)
+  padded = codecs.padded_size(x.size - 1, codec, 2)
+  assert padded % (2 * codec.block) == 0 and x.size - 1 < padded <= x.size - 1 + 2 * codec.block
+
+
+@pytest.mark.parametrize("name", BATTERY)
+def test_battery_jit_and_vmap_equal_eager(name):
+  codec, xs = _battery_codec(BATTERY[name]), jnp.stack([_x(seed=s) for s in range(3)])
+  keys = jax.random.split(jax.random.key(2), 3)
+  eager = [codec.decode(codec.encode(x, k)) for x, k in zip(xs, keys)]
+  jitted = [jax.jit(lambda x, k: codec.decode(codec.encode(x, k)))(x, k) for x, k in zip(xs, keys)]
+  vmapped = jax.vmap(codec.decode)(jax.vmap(codec.encode)(xs, keys))
+  for e, j, v in zip(eager, jitted, vmapped):
+    np.testing.assert_allclose(j, e, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(v, e, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", BATTERY)
+def test_battery_error_feedback_residual_identity(name):
+  """``residual' = (beta residual + delta) - decode(payload)``, payload = encode of the same."""
+  codec = _battery_codec(BATTERY[name])
+  delta, residual, key = _x(seed=1), _x(seed=2) / 3, jax.random.key(3)
+  for beta in (1.0, 0.5):
+    payload, new = codecs.error_feedback_step(codec, beta, delta, residual, key)
+    e = beta * residual + delta
+    np.testing.assert_array_equal(new, e - codec.decode(codec.encode(e, key)))
+    jax.tree.map(np.testing.assert_array_equal, payload, codec.encode(e, key))
+
+
+@pytest.mark.parametrize("name", BATTERY)
+def test_battery_support_marks_what_was_sent(name):
+  codec, x = _battery_codec(BATTERY[name]), _x()
+  if codec.support is None:
+    assert BATTERY[name].config.get("topk_aggregate", "mean") == "mean"
+    return
+  payload = codec.encode(x, None)
+  support, decoded = np.asarray(codec.support(payload)), np.asarray(codec.decode(payload))
+  np.testing.assert_array_equal(support, _kept(np.asarray(x)).astype(np.float32))
+  assert np.all(decoded[support == 0] == 0)
