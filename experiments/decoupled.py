@@ -119,11 +119,10 @@ def crashes(base: str, data_dir: str, steps: int) -> list[dict]:
   rows.append({"run": "fault-free (3 islands)", "wall_s": wall, "eval": ref, "ratio": 1.0,
                "stall_s": max(_longest_stall(clean, k) for k in range(3)), "events": ""})
   kill_at = int(0.4 * steps)
-  for name, env in ((f"SIGKILL island 2 at step {kill_at}", {"FEDJAX_LM_KILL_ISLAND":
-                                                             f"2:{kill_at}"}),
-                    ("SIGKILL the syncer after 4 rounds", {"FEDJAX_LM_KILL_SYNCER_AT": "4"})):
+  for name, kill in ((f"SIGKILL island 2 at step {kill_at}", f"island/2@{kill_at}"),
+                     ("SIGKILL the syncer after 4 rounds", "syncer@4")):
     workdir = f"{base}/crash_{len(rows)}"
-    wall = _train(workdir, common, env)
+    wall = _train(workdir, {**common, "faults.kill": kill})
     final = _evals(workdir)[-1]["eval_loss"]
     events = [e for e in _jsonl(os.path.join(workdir, "events.jsonl"))
               if e["event"] not in ("island_joined", "island_finished")]
@@ -209,7 +208,7 @@ def elastic(base: str, data_dir: str, steps: int) -> list[dict]:
                       (f"2 islands + 2 joining at step {at}",
                        {"islands.num": 2, "launch.join": f"2:{at},3:{at}"})):
     workdir = f"{base}/elastic_{len(rows)}"
-    wall = _train(workdir, {**common, **extra}, {"FEDJAX_LM_RECORD_BATCHES": "1"})
+    wall = _train(workdir, {**common, **extra, "faults.record_batches": True})
     digests = [r["batch"] for k in range(4)
                for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))]
     joined = {e["island"]: e["step"] for e in _jsonl(os.path.join(workdir, "events.jsonl"))

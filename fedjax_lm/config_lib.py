@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from fedjax_lm import engine
+from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import steps
 
@@ -32,95 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.algorithm = "ddp"  # ddp | islands
 
-  c.islands = ml_collections.ConfigDict()
-  c.islands.num = 1  # M
-  # Island axis 1 (all M islands on each device): run them as this many concurrent vmapped
-  # groups. 0 = one per core on CPU: a one-process experiments.train run emulates a CPU device
-  # per core and puts the island axis over them (cpu.island_devices); a process that has
-  # already started JAX runs per-core vmapped groups on its one device (mesh.island_groups).
-  c.islands.simulated_groups = 0
-  # Health (fedjax_lm/health.py): skip non-finite steps, mask their islands out of the sync.
-  c.islands.nonfinite_guard = True
-  c.islands.max_nonfinite = 3  # stop after this many syncs (DDP: steps) in a row with none healthy
-  c.islands.dropout = 0.0  # probability that an island misses a send (seeded schedule)
-  c.islands.absent = ""  # explicit misses, "step:island,step:island" (sends after that step)
-  c.islands.absent_policy = "reset"  # a missing island at the merge: reset (to global) | keep
-  # Decoupled mode (launch.mode=decoupled): data partitions (0 = islands.num; more lets islands
-  # join later), and per-island speed factors "1,1,0.25" (emulated slower hardware).
-  c.islands.max_num = 0
-  c.islands.speed = ""
-  # > 0: every inner step padded to step_seconds / speed of wall time (islands sharing a few
-  # cores then run as on their own hardware); 0: compute slowed by 1 / speed.
-  c.islands.step_seconds = 0.0
-
-  c.outer = ml_collections.ConfigDict()
-  c.outer.optimizer = "diloco"  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
-  c.outer.sync_every = 50  # H
-  c.outer.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
-  c.outer.momentum = config_dict.placeholder(float)
-  # "" : learning_rate / momentum apply to whichever outer.optimizer runs. A name: they were
-  # tuned for that optimizer; with another one (e.g. --config.outer.optimizer=fedavg on a
-  # DiLoCo config) that optimizer's defaults apply instead, and the run prints a note.
-  c.outer.hparams_for = ""
-  c.outer.nesterov = False  # only for outer.optimizer=sgd
-  c.outer.clip_norm = 0.0  # > 0: clip the pseudo-gradient's global norm first
-  c.outer.reset_inner_opt_state = False
-  # Streaming DiLoCo (Douillard et al. 2025) and eager updates (Kale et al. 2025).
-  c.outer.fragments = 1  # P: strided parameter fragments, staggered by H / P
-  c.outer.overlap = 0  # tau: inner steps between a fragment's send and its merge
-  c.outer.mixing = 0.0  # alpha: merge local <- alpha local + (1 - alpha) global
-  c.outer.eager = False  # ours: the eager estimate fills a tau < H overlap window
-  # Kale et al. 2025: the outer step one round late, so the exchange overlaps a whole inner
-  # phase. none | naive (the delayed mean) | eager (own fresh share + others' delayed)
-  c.outer.delay = "none"
-  # xla: the exchange is a collective in its own program (serialised with the inner steps on
-  # one device queue); host: a background thread exchanges while the device computes.
-  c.outer.transport = "xla"
-  # Decoupled mode: how the syncer closes a round. sync: when every live island has sent, or
-  # (quorum > 0) when that many have and round_timeout_seconds passed since the first.
-  c.outer.policy = "sync"
-  c.outer.quorum = 0
-  c.outer.round_timeout_seconds = 0.0
-  # async (Liu et al. 2024): each pseudo-gradient applied on arrival through Delayed Nesterov
-  # (momentum once per delay_every arrivals; 0 = islands.num), each island's H scaled to its
-  # measured speed (dynamic local updates).
-  c.outer.delay_every = 0
-  c.outer.dynamic_local_steps = True
-  # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
-  c.outer.compression = "none"
-  c.outer.quant_block = 256  # values per scale (int8 / int4)
-  c.outer.stochastic_rounding = False
-  c.outer.topk_fraction = 1 / 32  # kept per chunk (topk)
-  c.outer.topk_chunk = 4096
-  c.outer.topk_bits = 2  # bits per kept value: 2 | 4 | 8 | 32 (sign included)
-  # minmax: sign + magnitude grid between the chunk's kept min / max | sigma: SparseLoCo's
-  # 2^bits bins over the chunk's kept mean +- topk_sigmas / 2 sd, each decoded to its bin mean
-  c.outer.topk_quantizer = "minmax"
-  c.outer.topk_sigmas = 6.0  # sigma quantizer's range, in sd of the kept values
-  # mean: over the islands that sent | selected: per coordinate, over the islands that kept it
-  c.outer.topk_aggregate = "mean"
-  c.outer.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
-
-  c.inner = ml_collections.ConfigDict()
-  c.inner.optimizer = "adamw"  # adamw | sgd | muon
-  c.inner.learning_rate = 3e-3
-  c.inner.warmup_steps = 50
-  c.inner.min_lr_ratio = 0.1
-  c.inner.b1 = 0.9
-  c.inner.b2 = 0.95
-  c.inner.weight_decay = 0.1
-  c.inner.momentum = 0.0  # sgd only
-  c.inner.grad_clip = 1.0
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = "shakespeare"  # or any TFDS catalog name: lm1b, c4/en, tiny_shakespeare, ...
-  c.data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
-  c.data.text_key = "text"
-  c.data.tokenizer = "byte"  # byte | sentencepiece:/path/to/model.model
-  c.data.seq_len = 256
-  c.data.batch_size = 32  # rows per island per step; global batch = islands.num x batch_size
-  c.data.partition = "iid"  # iid | by_play | by_genre (how islands split the data)
-  c.data.append_eos = False
+  c.islands = _islands()
+  c.outer = _outer()
+  c.inner = _inner()
+  c.data = _data()
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=512, num_layers=4, embed_dim=128, num_heads=4, num_kv_heads=4, head_dim=32,
@@ -136,32 +52,146 @@ def base_config() -> ml_collections.ConfigDict:
       "head_dim": config_dict.placeholder(str), "mlp": "tensor",
       "layers": config_dict.placeholder(str)})
 
-  c.launch = ml_collections.ConfigDict()
+  c.launch = _launch()
+  c.faults = faults.config()
+  return c
+
+
+def _islands() -> ml_collections.ConfigDict:
+  """M islands: how they run, their health, drop-out and decoupled-mode data."""
+  s = ml_collections.ConfigDict()
+  s.num = 1  # M
+  # Island axis 1 (all M islands on each device): run them as this many concurrent vmapped
+  # groups. 0 = one per core on CPU: a one-process experiments.train run emulates a CPU device
+  # per core and puts the island axis over them (cpu.island_devices); a process that has
+  # already started JAX runs per-core vmapped groups on its one device (mesh.island_groups).
+  s.simulated_groups = 0
+  # Health (fedjax_lm/health.py): skip non-finite steps, mask their islands out of the sync.
+  s.nonfinite_guard = True
+  s.max_nonfinite = 3  # stop after this many syncs (DDP: steps) in a row with none healthy
+  s.dropout = 0.0  # probability that an island misses a send (seeded schedule)
+  s.absent = ""  # explicit misses, "step:island,step:island" (sends after that step)
+  s.absent_policy = "reset"  # a missing island at the merge: reset (to global) | keep
+  # Decoupled mode (launch.mode=decoupled): data partitions (0 = islands.num; more lets islands
+  # join later), and per-island speed factors "1,1,0.25" (emulated slower hardware).
+  s.max_num = 0
+  s.speed = ""
+  # > 0: every inner step padded to step_seconds / speed of wall time (islands sharing a few
+  # cores then run as on their own hardware); 0: compute slowed by 1 / speed.
+  s.step_seconds = 0.0
+  return s
+
+
+def _outer() -> ml_collections.ConfigDict:
+  """The outer step: optimizer, sync schedule, streaming / eager / delayed, policy, codec."""
+  s = ml_collections.ConfigDict()
+  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
+  s.optimizer = "diloco"
+  s.sync_every = 50  # H
+  s.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
+  s.momentum = config_dict.placeholder(float)
+  # "" : learning_rate / momentum apply to whichever outer.optimizer runs. A name: they were
+  # tuned for that optimizer; with another one (e.g. --config.outer.optimizer=fedavg on a
+  # DiLoCo config) that optimizer's defaults apply instead, and the run prints a note.
+  s.hparams_for = ""
+  s.nesterov = False  # only for outer.optimizer=sgd
+  s.clip_norm = 0.0  # > 0: clip the pseudo-gradient's global norm first
+  s.reset_inner_opt_state = False
+  # Streaming DiLoCo (Douillard et al. 2025) and eager updates (Kale et al. 2025).
+  s.fragments = 1  # P: strided parameter fragments, staggered by H / P
+  s.overlap = 0  # tau: inner steps between a fragment's send and its merge
+  s.mixing = 0.0  # alpha: merge local <- alpha local + (1 - alpha) global
+  s.eager = False  # ours: the eager estimate fills a tau < H overlap window
+  # Kale et al. 2025: the outer step one round late, so the exchange overlaps a whole inner
+  # phase. none | naive (the delayed mean) | eager (own fresh share + others' delayed)
+  s.delay = "none"
+  # xla: the exchange is a collective in its own program (serialised with the inner steps on
+  # one device queue); host: a background thread exchanges while the device computes.
+  s.transport = "xla"
+  # Decoupled mode: how the syncer closes a round. sync: when every live island has sent, or
+  # (quorum > 0) when that many have and round_timeout_seconds passed since the first.
+  s.policy = "sync"
+  s.quorum = 0
+  s.round_timeout_seconds = 0.0
+  # async (Liu et al. 2024): each pseudo-gradient applied on arrival through Delayed Nesterov
+  # (momentum once per delay_every arrivals; 0 = islands.num), each island's H scaled to its
+  # measured speed (dynamic local updates).
+  s.delay_every = 0
+  s.dynamic_local_steps = True
+  # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
+  s.compression = "none"
+  s.quant_block = 256  # values per scale (int8 / int4)
+  s.stochastic_rounding = False
+  s.topk_fraction = 1 / 32  # kept per chunk (topk)
+  s.topk_chunk = 4096
+  s.topk_bits = 2  # bits per kept value: 2 | 4 | 8 | 32 (sign included)
+  # minmax: sign + magnitude grid between the chunk's kept min / max | sigma: SparseLoCo's
+  # 2^bits bins over the chunk's kept mean +- topk_sigmas / 2 sd, each decoded to its bin mean
+  s.topk_quantizer = "minmax"
+  s.topk_sigmas = 6.0  # sigma quantizer's range, in sd of the kept values
+  # mean: over the islands that sent | selected: per coordinate, over the islands that kept it
+  s.topk_aggregate = "mean"
+  s.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
+  return s
+
+
+def _inner() -> ml_collections.ConfigDict:
+  """The inner optimizer of every island (DDP: the only one)."""
+  s = ml_collections.ConfigDict()
+  s.optimizer = "adamw"  # adamw | sgd | muon
+  s.learning_rate = 3e-3
+  s.warmup_steps = 50
+  s.min_lr_ratio = 0.1
+  s.b1 = 0.9
+  s.b2 = 0.95
+  s.weight_decay = 0.1
+  s.momentum = 0.0  # sgd only
+  s.grad_clip = 1.0
+  return s
+
+
+def _data() -> ml_collections.ConfigDict:
+  """The dataset, tokenizer and per-island batch."""
+  s = ml_collections.ConfigDict()
+  s.name = "shakespeare"  # or any TFDS catalog name: lm1b, c4/en, tiny_shakespeare, ...
+  s.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+  s.text_key = "text"
+  s.tokenizer = "byte"  # byte | sentencepiece:/path/to/model.model
+  s.seq_len = 256
+  s.batch_size = 32  # rows per island per step; global batch = islands.num x batch_size
+  s.partition = "iid"  # iid | by_play | by_genre (how islands split the data)
+  s.append_eos = False
+  return s
+
+
+def _launch() -> ml_collections.ConfigDict:
+  """How the processes (or decoupled roles) of a run start and find each other."""
+  s = ml_collections.ConfigDict()
   # local (spawn launch.processes here) | cluster | none | decoupled (a syncer and M island
   # jobs: here, or one role per scheduler job with launch.role / island / syncer)
-  c.launch.mode = "local"
-  c.launch.processes = 1
-  c.launch.pin_cores = True  # local: each process on its own cores (launch.core_groups)
-  c.launch.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
-  c.launch.role = ""  # decoupled: "" (start every role here) | syncer | island
-  c.launch.island = 0  # decoupled island: which one (its data partition)
-  c.launch.syncer = ""  # decoupled: the syncer's HOST:PORT
-  c.launch.syncer_checkpoint_every = 0  # async: syncer saves every N updates (0 = islands.num)
-  c.launch.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
+  s.mode = "local"
+  s.processes = 1
+  s.pin_cores = True  # local: each process on its own cores (launch.core_groups)
+  s.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
+  s.role = ""  # decoupled: "" (start every role here) | syncer | island
+  s.island = 0  # decoupled island: which one (its data partition)
+  s.syncer = ""  # decoupled: the syncer's HOST:PORT
+  s.syncer_checkpoint_every = 0  # async: syncer saves every N updates (0 = islands.num)
+  s.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
   # decoupled: rounds wait this long for an expected island (the first islands.num from the
   # start, a launch.join one once the run is that far) to join before going on without it
-  c.launch.join_grace_seconds = 120.0
+  s.join_grace_seconds = 120.0
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
-  c.launch.secret_file = ""
-  c.launch.interface = ""
+  s.secret_file = ""
+  s.interface = ""
   # Decoupled mode, optional mutual TLS on the syncer's channel (PEM files: the job's CA, this
   # role's certificate and key, signed by that CA); the HMAC checks stay either way.
-  c.launch.tls_ca = ""
-  c.launch.tls_cert = ""
-  c.launch.tls_key = ""
-  return c
+  s.tls_ca = ""
+  s.tls_cert = ""
+  s.tls_key = ""
+  return s
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -205,6 +235,14 @@ def _check(ok: bool, msg: str) -> None:
 
 def validate(c) -> None:
   """One clear error naming the first bad value."""
+  _validate_training(c)
+  engine.validate(c)
+  _validate_launch(c)
+  faults.validate(c)
+
+
+def _validate_training(c) -> None:
+  """The run, inner optimizer, data, outer codec and island health fields."""
   _check(c.algorithm in engine.ALGORITHMS,
          f"algorithm={c.algorithm!r}: expected one of {engine.ALGORITHMS}")
   _check(c.inner.optimizer in steps.INNER_OPTIMIZERS,
@@ -232,33 +270,14 @@ def validate(c) -> None:
          f"{health.ABSENT_POLICIES}")
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
-  engine.validate(c)
+
+
+def _validate_launch(c) -> None:
+  """How the run is launched (decoupled mode: :func:`_validate_decoupled`)."""
   _check(c.launch.mode in ("local", "cluster", "none", "decoupled"),
          f"launch.mode={c.launch.mode!r}: expected local, cluster, none or decoupled")
   if c.launch.mode == "decoupled":
-    _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
-    _check(c.outer.policy in ("sync", "async"),
-           f"outer.policy={c.outer.policy!r}: expected sync or async")
-    _check(c.outer.policy == "sync" or (int(c.outer.fragments) == 1 and
-                                        int(c.outer.overlap) == 0),
-           "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
-    _check(not c.outer.eager, "outer.eager is not available with launch.mode=decoupled yet")
-    _check(c.outer.delay != "eager",
-           "outer.delay=eager is not available with launch.mode=decoupled yet (naive is)")
-    _check(c.outer.delay == "none" or c.outer.policy == "sync",
-           "outer.delay needs outer.policy=sync (async applies each send on arrival)")
-    _check(c.launch.role in ("", "syncer", "island"),
-           f"launch.role={c.launch.role!r}: expected '', syncer or island")
-    _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
-    _check(not c.launch.role or ":" in c.launch.syncer,
-           f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
-    _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
-           f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
-    parts = int(c.islands.max_num) or int(c.islands.num)
-    for island, _ in health.parse_pairs(c.launch.join, "launch.join"):
-      _check(int(c.islands.num) <= island < parts,
-             f"launch.join names island {island}: joining islands are islands.num.."
-             f"islands.max_num-1 ({int(c.islands.num)}..{parts - 1})")
+    _validate_decoupled(c)
   _check(int(c.launch.processes) >= 1, f"launch.processes={c.launch.processes} must be >= 1")
   _check(float(c.islands.step_seconds) >= 0,
          f"islands.step_seconds={c.islands.step_seconds} must be >= 0")
@@ -268,3 +287,27 @@ def validate(c) -> None:
          f"launch.join_grace_seconds={c.launch.join_grace_seconds} must be > 0")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")
+
+
+def _validate_decoupled(c) -> None:
+  """launch.mode=decoupled: a syncer and island jobs."""
+  _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
+  _check(c.outer.policy in ("sync", "async"),
+         f"outer.policy={c.outer.policy!r}: expected sync or async")
+  _check(c.outer.policy == "sync" or (int(c.outer.fragments) == 1 and
+                                      int(c.outer.overlap) == 0),
+         "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
+  _check(c.outer.delay == "none" or c.outer.policy == "sync",
+         "outer.delay needs outer.policy=sync (async applies each send on arrival)")
+  _check(c.launch.role in ("", "syncer", "island"),
+         f"launch.role={c.launch.role!r}: expected '', syncer or island")
+  _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
+  _check(not c.launch.role or ":" in c.launch.syncer,
+         f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
+  _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
+         f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
+  parts = int(c.islands.max_num) or int(c.islands.num)
+  for island, _ in health.parse_pairs(c.launch.join, "launch.join"):
+    _check(int(c.islands.num) <= island < parts,
+           f"launch.join names island {island}: joining islands are islands.num.."
+           f"islands.max_num-1 ({int(c.islands.num)}..{parts - 1})")

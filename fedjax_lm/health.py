@@ -24,7 +24,6 @@ deployment would not send it, and the accounting counts what a deployment sends.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -35,7 +34,6 @@ import numpy as np
 ABSENT_POLICIES = ("reset", "keep")
 # Per island and fragment, what its merge does (set at the send).
 MERGE, RESTART, KEEP = 0, 1, 2
-ENV_INJECT = "FEDJAX_LM_NONFINITE_AT"  # test hook: "step:island[,step:island...]"
 
 
 class NonFiniteError(RuntimeError):
@@ -95,14 +93,9 @@ class Participation:
     return out
 
 
-def injected(step: int) -> list[int]:
-  """Islands whose batch after ``step`` inner steps the test hook ``FEDJAX_LM_NONFINITE_AT``
-  poisons (a NaN loss mask: a bad batch)."""
-  return [m for s, m in parse_pairs(os.environ.get(ENV_INJECT, ""), ENV_INJECT) if s == step]
-
-
 @jax.jit
 def poison(batch: dict, islands: jax.Array) -> dict:
-  """``batch`` with the loss mask of the rows of ``islands`` (bool ``[M]``) set to NaN."""
+  """``batch`` with the loss mask of the rows of ``islands`` (bool ``[M]``) set to NaN (a bad
+  batch; ``faults.nonfinite`` says which, :mod:`fedjax_lm.faults`)."""
   bad = islands.reshape((-1,) + (1,) * (batch["mask"].ndim - 1))
   return {**batch, "mask": jnp.where(bad, jnp.nan, batch["mask"])}

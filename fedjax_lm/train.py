@@ -9,10 +9,8 @@ steps only.
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from fedjax_lm import cpu
 from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import config_lib
 from fedjax_lm import data as data_lib
+from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import input as input_lib
 from fedjax_lm import engine
@@ -83,15 +82,123 @@ def _check_health(writer, max_failures: int, name: str, island_ok: np.ndarray | 
   return len(bad)
 
 
-def _maybe_inject_fault(step: int, checkpointer) -> None:
-  """Fault injection for resume tests: ``FEDJAX_LM_KILL_AT_STEP=S`` (and optionally
-  ``FEDJAX_LM_KILL_PROCESS=i``, default the last process) SIGKILLs that process after step S,
-  once the checkpoints it started have been written."""
-  at = os.environ.get("FEDJAX_LM_KILL_AT_STEP")
-  victim = int(os.environ.get("FEDJAX_LM_KILL_PROCESS", jax.process_count() - 1))
-  if at is not None and step == int(at) and jax.process_index() == victim:
-    checkpointer.wait()
-    os.kill(os.getpid(), signal.SIGKILL)
+class _Run(NamedTuple):
+  """What the loop of one :func:`train` call works with (built once, before the first step)."""
+  config: Any
+  workdir: str
+  alg: Any  # engine.Algorithm
+  mesh: Any
+  batches: input_lib.TrainBatches
+  evaluate: Evaluator
+  checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricsWriter
+  preemption: ckpt_lib.PreemptionWatch
+  layout: dict
+  tokens_per_step: int
+
+
+def _restore_or_init(alg, checkpointer, batches, layout, seed: int) -> tuple[int, Any]:
+  """(start step, state): the latest restorable checkpoint's (the data position too), or
+  step 0 and a fresh init."""
+  key = jax.random.key(seed)
+  if checkpointer.latest_step() is not None:
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
+    start, state = checkpointer.restore_latest(abstract, batches, layout, alg.clock_state)
+    if start is None:
+      raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored (each "
+                         "was moved aside to corrupt_checkpoints/); use another --workdir")
+    return start, state
+  return 0, alg.init(key)
+
+
+def _announce(run: _Run, abstract_params, start: int) -> None:
+  """The run's first lines: what trains where, and any outer hparams set for another
+  optimizer."""
+  alg, config = run.alg, run.config
+  run.writer.print(
+      f"[fedjax_lm] {alg.name}: {alg.num_islands} island(s), H={alg.sync_every or '-'}, "
+      f"{model_lib.count_params(abstract_params) / 1e6:.2f}M params, mesh {dict(run.mesh.shape)} "
+      f"on {jax.device_count()} devices / {jax.process_count()} processes, "
+      f"{run.tokens_per_step} tokens/step, " +
+      (f"resumed at step {start}" if start else "fresh start"))
+  if config.algorithm == "islands" and outer.ignored_hparams(config.outer):
+    run.writer.print(f"[fedjax_lm] note: outer {outer.ignored_hparams(config.outer)} were set "
+                     f"for outer.hparams_for={config.outer.hparams_for!r}, not used by "
+                     f"outer.optimizer={config.outer.optimizer!r}: its defaults "
+                     f"{outer.resolved_hparams(config.outer)} apply")
+
+
+def _record(run: _Run, state, pending, pending_ok, check_health, replicate, done: int,
+            since: tuple[float, int]) -> dict[str, Any]:
+  """The metrics record of a log step: the mean losses of the steps since the last one (each
+  skipped non-finite step warned about), bytes sent, and throughput since ``since``
+  (time, step)."""
+  alg = run.alg
+  island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
+  island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
+  nonfinite = check_health(island_ok, done, _fetch(alg.failures_in_a_row(state)))
+  now = time.time()
+  return {"step": done, "tokens": done * run.tokens_per_step,
+          "train_loss": float(np.nanmean(island_loss)) if nonfinite else
+                        float(island_loss.mean()),
+          "island_loss": [float(x) for x in island_loss],
+          "island_bytes": alg.island_bytes(done),
+          "island_peak_bytes": alg.island_peak_bytes(done),
+          "island_control_bytes": alg.island_control_bytes(done),
+          "nonfinite": nonfinite,
+          "tokens_per_sec": (done - since[1]) * run.tokens_per_step / max(now - since[0], 1e-9)}
+
+
+def _checkpoint(run: _Run, state, done: int, check_health):
+  """Saves after ``done`` steps with in-flight host exchanges landed (the returned state);
+  stops first if nothing healthy was applied too many syncs in a row."""
+  state = run.alg.settle(state)
+  check_health(None, done, _fetch(run.alg.failures_in_a_row(state)))
+  run.checkpointer.save(done, state, run.batches, force=True, layout=run.layout,
+                        clock=run.alg.clock_state(done))
+  return state
+
+
+def _loop(run: _Run, state, start: int) -> tuple[dict[str, Any], int, bool]:
+  """Steps ``start`` .. ``total_steps`` (or to a preemption): inner steps, syncs, logs, evals,
+  checkpoints and the configured faults. Returns (last record, steps done, preempted)."""
+  config, alg = run.config, run.alg
+  total = int(config.total_steps)
+  plan, role = faults.Plan.from_config(config), f"process/{jax.process_index()}"
+  replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(run.mesh, P()))
+  pending: list[jax.Array] = []
+  pending_ok: list[jax.Array] = []
+  check_health = functools.partial(_check_health, run.writer, int(config.islands.max_nonfinite),
+                                   alg.name)
+  record: dict[str, Any] = {}
+  since, preempted, done = (time.time(), start), False, start
+  with jax.transfer_guard_device_to_host("disallow"):
+    for step in range(start, total):
+      batch = next(run.batches)
+      if bad := plan.nonfinite_islands(step + 1):  # faults.nonfinite: a bad batch
+        batch = health.poison(batch, np.isin(np.arange(alg.num_islands), bad))
+      state, step_metrics = alg.inner_step(state, batch)
+      done = step + 1
+      state = alg.sync(state, done)
+      pending.append(step_metrics["island_loss"])
+      pending_ok.append(step_metrics["island_ok"])
+      run.writer.step()
+      is_eval = done % config.eval_every == 0 or done == total
+      if done % config.log_every == 0 or is_eval:
+        record = _record(run, state, pending, pending_ok, check_health, replicate, done, since)
+        if is_eval:  # the global model with every exchange sent so far applied
+          state = alg.settle(state)
+          record.update(run.evaluate(alg.eval_params(state)))
+        run.writer.write(record)
+        pending, pending_ok, since = [], [], (time.time(), done)
+      preempted = run.preemption.reached(done)
+      if done % config.checkpoint_every == 0 or done == total or preempted:
+        state = _checkpoint(run, state, done, check_health)
+      # faults.kill / faults.mtbf_steps: SIGKILL once the checkpoints started are written
+      plan.maybe_kill(role, done, run.workdir, before=run.checkpointer.wait)
+      if preempted and done < total:
+        break
+  return record, done, preempted
 
 
 def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
@@ -104,7 +211,8 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   model_cfg = model_lib.ModelConfig.from_config(config.model)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                     f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={config.data.tokenizer!r})")
+                     f"vocabulary ({tokenizer.vocab_size}, "
+                     f"data.tokenizer={config.data.tokenizer!r})")
   alg = engine.build(config, mesh, model_cfg, outer_tx=outer_tx)
   graphdef, abstract_params = model_lib.build(model_cfg)
   total = int(config.total_steps)
@@ -112,84 +220,17 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
                                    tokenizer=tokenizer, seed=int(config.seed))
   evaluate = Evaluator(config, mesh, graphdef, alg.params_sharding, tokenizer)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint_every, config.keep_checkpoints)
-
-  key = jax.random.key(int(config.seed))
   layout = config_lib.layout(config)
-  start, state = None, None
-  if checkpointer.latest_step() is not None:
-    abstract = ckpt_lib.abstract_like(jax.eval_shape(alg.init, key), alg.state_shardings)
-    start, state = checkpointer.restore_latest(abstract, batches, layout, alg.clock_state)
-    if start is None:
-      raise RuntimeError(f"no checkpoint in {checkpointer.directory} could be restored (each "
-                         "was moved aside to corrupt_checkpoints/); use another --workdir")
-  if start is None:
-    start, state = 0, alg.init(key)
+  start, state = _restore_or_init(alg, checkpointer, batches, layout, int(config.seed))
 
   preemption = ckpt_lib.PreemptionWatch()
-  preempted, done = False, start
-  lead = jax.process_index() == 0
-  writer = metrics_lib.MetricsWriter(workdir, enabled=lead, total_steps=total, start_step=start)
-  tokens_per_step = int(np.prod(batches.shape))
-  writer.print(
-      f"[fedjax_lm] {alg.name}: {alg.num_islands} island(s), H={alg.sync_every or '-'}, "
-      f"{model_lib.count_params(abstract_params) / 1e6:.2f}M params, mesh {dict(mesh.shape)} "
-      f"on {jax.device_count()} devices / {jax.process_count()} processes, "
-      f"{tokens_per_step} tokens/step, " + (f"resumed at step {start}" if start else "fresh start"))
-
-  if config.algorithm == "islands" and outer.ignored_hparams(config.outer):
-    writer.print(f"[fedjax_lm] note: outer {outer.ignored_hparams(config.outer)} were set for "
-                 f"outer.hparams_for={config.outer.hparams_for!r}, not used by "
-                 f"outer.optimizer={config.outer.optimizer!r}: its defaults "
-                 f"{outer.resolved_hparams(config.outer)} apply")
-  replicate = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
-  pending: list[jax.Array] = []
-  pending_ok: list[jax.Array] = []
-  check_health = functools.partial(_check_health, writer, int(config.islands.max_nonfinite),
-                                   alg.name)
-  record: dict[str, Any] = {}
-  last_time, last_step = time.time(), start
+  writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                     total_steps=total, start_step=start)
+  run = _Run(config, workdir, alg, mesh, batches, evaluate, checkpointer, writer, preemption,
+             layout, int(np.prod(batches.shape)))
+  _announce(run, abstract_params, start)
   try:  # on any exit, an error's too, the save in flight is finished and the manager shut
-    with jax.transfer_guard_device_to_host("disallow"):
-      for step in range(start, total):
-        batch = next(batches)
-        if bad := health.injected(step + 1):  # test hook: a bad batch
-          batch = health.poison(batch, np.isin(np.arange(alg.num_islands), bad))
-        state, step_metrics = alg.inner_step(state, batch)
-        done = step + 1
-        state = alg.sync(state, done)
-        pending.append(step_metrics["island_loss"])
-        pending_ok.append(step_metrics["island_ok"])
-        writer.step()
-        is_eval = done % config.eval_every == 0 or done == total
-        if done % config.log_every == 0 or is_eval:
-          island_loss = np.stack([_fetch(replicate(x)) for x in pending]).mean(axis=0)
-          island_ok = np.stack([_fetch(replicate(x)) for x in pending_ok])
-          nonfinite = check_health(island_ok, done, _fetch(alg.failures_in_a_row(state)))
-          now = time.time()
-          record = {"step": done, "tokens": done * tokens_per_step,
-                    "train_loss": float(np.nanmean(island_loss)) if nonfinite else
-                                  float(island_loss.mean()),
-                    "island_loss": [float(x) for x in island_loss],
-                    "island_bytes": alg.island_bytes(done),
-                    "island_peak_bytes": alg.island_peak_bytes(done),
-                    "island_control_bytes": alg.island_control_bytes(done),
-                    "nonfinite": nonfinite,
-                    "tokens_per_sec": (done - last_step) * tokens_per_step
-                                      / max(now - last_time, 1e-9)}
-          if is_eval:  # the global model with every exchange sent so far applied
-            state = alg.settle(state)
-            record.update(evaluate(alg.eval_params(state)))
-          writer.write(record)
-          pending, pending_ok, last_time, last_step = [], [], time.time(), done
-        preempted = preemption.reached(done)
-        if done % config.checkpoint_every == 0 or done == total or preempted:
-          state = alg.settle(state)  # in-flight host exchanges land in the checkpoint
-          check_health(None, done, _fetch(alg.failures_in_a_row(state)))
-          checkpointer.save(done, state, batches, force=True, layout=layout,
-                            clock=alg.clock_state(done))
-        _maybe_inject_fault(done, checkpointer)
-        if preempted and done < total:
-          break
+    record, done, preempted = _loop(run, state, start)
   finally:
     checkpointer.wait()
     checkpointer.close()

@@ -66,7 +66,7 @@ RUNS: dict[str, dict] = {
                      "islands.absent_policy": "keep"},
     "dropout_reset": {**_ISLANDS, "islands.num": 3, "islands.dropout": 0.4,
                       "islands.absent_policy": "reset"},
-    "nonfinite_guard": {**_ISLANDS, "env": {"FEDJAX_LM_NONFINITE_AT": "3:1,10:0"}},
+    "nonfinite_guard": {**_ISLANDS, "faults.nonfinite": "3:1,10:0"},
     "host_transport": {**_ISLANDS, "outer.fragments": 2, "outer.overlap": 1,
                        "outer.mixing": 0.5, "outer.compression": "int8",
                        "outer.quant_block": 64, "outer.transport": "host", "mesh.island": 2,
@@ -78,8 +78,7 @@ RUNS: dict[str, dict] = {
 
 
 def overrides(name: str, data_dir: str) -> dict:
-  run = {k: v for k, v in RUNS[name].items() if k != "env"}
-  return {**_COMMON, "data.data_dir": data_dir, **run}
+  return {**_COMMON, "data.data_dir": data_dir, **RUNS[name]}
 
 
 def summary(records: list[dict]) -> dict:
@@ -97,13 +96,12 @@ def run(name: str, workdir: str, data_dir: str) -> dict:
   """Trains run ``name`` into ``workdir`` and returns its :func:`summary`."""
   from fedjax_lm import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   cfg = overrides(name, data_dir)
-  env = RUNS[name].get("env", {})
   if cfg["launch.processes"] > 1:
     args = ["--config", "configs/tiny.py", "--workdir", workdir,
             *(f"--config.{k}={v}" for k, v in cfg.items())]
-    full_env = {**os.environ, "XLA_FLAGS": "", **env}
     done = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                          timeout=600)
     if done.returncode:
       raise RuntimeError(f"golden run {name} failed:\n{done.stderr[-3000:]}")
   else:
@@ -113,14 +111,5 @@ def run(name: str, workdir: str, data_dir: str) -> dict:
     config = tiny.get_config()
     config.unlock()
     config_lib.override(config, cfg)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-      train.train(config, workdir, devices=jax.devices()[:1])
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
+    train.train(config, workdir, devices=jax.devices()[:1])
   return summary(metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")))

@@ -92,3 +92,31 @@ def test_readme_is_short_and_its_commands_name_real_configs():
   assert "git clone" in head and "--config configs/shakespeare_diloco.py" in head
   for name in set(re.findall(r"--config (configs/\w+\.py)", "\n".join(lines))):
     assert os.path.exists(os.path.join(ROOT, name)), name
+
+
+def test_base_config_sections_and_their_defaults():
+  """One builder per section (config_lib._islands, ...); the faults section is all off."""
+  c = config_lib.base_config()
+  assert {k for k in c.keys() if hasattr(c[k], "keys")} == {
+      "islands", "outer", "inner", "data", "model", "mesh", "rules", "launch", "faults"}
+  assert dict(c.faults) == {"kill": "", "nonfinite": "", "record_batches": False,
+                            "mtbf_steps": 0.0, "random_roles": "", "seed": 0}
+  assert (c.islands.num, c.outer.sync_every, c.inner.optimizer, c.data.seq_len,
+          c.launch.mode) == (1, 50, "adamw", 256, "local")
+
+
+@pytest.mark.parametrize("dotted,message", [
+    ({"algorithm": "fsdp"}, "algorithm='fsdp': expected one of"),
+    ({"eval_every": 0}, "eval_every=0 must be positive"),
+    ({"data.seq_len": 4096}, "data.seq_len=4096 exceeds model.max_len="),
+    ({"launch.mode": "slurm"}, "launch.mode='slurm': expected local, cluster, none or decoupled"),
+    ({"launch.mode": "decoupled"}, "launch.mode=decoupled needs algorithm=islands"),
+    ({"launch.heartbeat_seconds": 0}, "launch.heartbeat_seconds=0 must be >= 1"),
+    ({"faults.kill": "island@3"}, "faults.kill='island@3': expected 'ROLE@STEP' items"),
+])
+def test_validate_names_the_first_bad_value_of_each_section(dotted, message):
+  c = load(os.path.join(ROOT, "configs", "tiny.py"))
+  c.unlock()
+  config_lib.override(c, dotted)
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    config_lib.validate(c)

@@ -70,7 +70,7 @@ def test_island_crash_is_survived_and_the_island_rejoins(tmp_path, data_dir):
   stops, island 0 keeps going, the launcher restarts island 1, which pulls the global params
   and its data position and rejoins; the run finishes and every process is gone."""
   result = _decoupled(tmp_path, data_dir, "diloco", "--config.launch.heartbeat_seconds=2",
-                      env={"FEDJAX_LM_KILL_ISLAND": "1:6"})
+                      "--config.faults.kill=island/1@6")
   assert result.returncode == 0, result.stderr[-3000:]
   events = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
   kinds = [(e["event"], e.get("island")) for e in events]
@@ -88,7 +88,7 @@ def test_syncer_crash_is_survived_and_it_resumes_from_its_checkpoint(tmp_path, d
   launcher restarts it, it resumes from its checkpoint, the islands resend what it lost, and
   the run ends with the fault-free run's losses (nothing applied twice or lost)."""
   result = _decoupled(tmp_path, data_dir, "diloco",
-                      env={syncer_lib.ENV_KILL: "2"})
+                      "--config.faults.kill=syncer@2")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "syncer exited with -9: restarting it" in result.stderr
   events = [json.loads(l)["event"] for l in open(tmp_path / "events.jsonl")]
@@ -108,7 +108,7 @@ def test_islands_join_mid_run_and_no_token_is_read_twice(tmp_path, data_dir):
   data partitions): the joiners start at the current global params and step, every island
   reads its own partition, and no batch is read twice across the four islands."""
   result = _decoupled(tmp_path, data_dir, "diloco", "--config.islands.max_num=4",
-                      "--config.launch.join=2:8,3:8", env={"FEDJAX_LM_RECORD_BATCHES": "1"})
+                      "--config.launch.join=2:8,3:8", "--config.faults.record_batches=True")
   assert result.returncode == 0, result.stderr[-3000:]
   joined = {e["island"]: e["step"] for e in map(json.loads, open(tmp_path / "events.jsonl"))
             if e["event"] == "island_joined"}

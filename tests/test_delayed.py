@@ -194,7 +194,7 @@ def test_eager_kill_mid_phase_resumes_exactly(tmp_path, data_dir):
   straight = run_cli([*args, "--workdir", str(tmp_path / "straight")])
   assert straight.returncode == 0, straight.stderr[-3000:]
   resumed = str(tmp_path / "resumed")
-  killed = run_cli([*args, "--workdir", resumed], env={"FEDJAX_LM_KILL_AT_STEP": "7"})
+  killed = run_cli([*args, "--workdir", resumed, "--config.faults.kill=process/0@7"])
   assert killed.returncode != 0
   again = run_cli([*args, "--workdir", resumed])
   assert again.returncode == 0, again.stderr[-3000:]

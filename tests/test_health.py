@@ -138,12 +138,12 @@ def _smoke(workdir, **overrides):
       "log_every": 5, "checkpoint_every": 10, **overrides})
 
 
-def test_injected_nan_batches_are_survived_end_to_end(tmp_path, data_dir, monkeypatch, capsys):
-  """``FEDJAX_LM_NONFINITE_AT``: bad batches on island 1 at step 4 and island 0 at step 12;
+def test_injected_nan_batches_are_survived_end_to_end(tmp_path, data_dir, capsys):
+  """``faults.nonfinite``: bad batches on island 1 at step 4 and island 0 at step 12;
   training finishes, warns naming each step and island, logs ``nonfinite``, and every
   checkpoint holds only finite values."""
-  monkeypatch.setenv(health.ENV_INJECT, "4:1,12:0")
-  config = _smoke(tmp_path, data={"data_dir": data_dir, "seq_len": 64, "batch_size": 8})
+  config = _smoke(tmp_path, data={"data_dir": data_dir, "seq_len": 64, "batch_size": 8},
+                  faults={"nonfinite": "4:1,12:0"})
   records = simulate.run(config, str(tmp_path / "run"))
   out = capsys.readouterr().out + capsys.readouterr().err
   assert "non-finite loss or gradient on island 1 at step 4" in out
@@ -168,8 +168,8 @@ def test_all_islands_nonfinite_stops_with_last_good_checkpoint(tmp_path, data_di
                     f"--config.data.data_dir={data_dir}", "--config.launch.processes=1",
                     "--config.algorithm=islands", "--config.islands.num=2",
                     "--config.outer.sync_every=5", "--config.total_steps=30",
-                    "--config.checkpoint_every=10", "--config.islands.max_nonfinite=2"],
-                   env={health.ENV_INJECT: bad})
+                    "--config.checkpoint_every=10", "--config.islands.max_nonfinite=2",
+                    f"--config.faults.nonfinite={bad}"])
   assert result.returncode != 0
   assert result.stderr.count("error: ") == 1, result.stderr[-2000:]
   assert "error: nothing finite to apply for 2 syncs in a row (step 20" in result.stderr
@@ -192,12 +192,11 @@ def test_a_stop_on_nonfinite_finishes_the_save_in_flight_and_shuts_the_checkpoin
     real = getattr(ckpt_lib.Checkpointer, name)
     monkeypatch.setattr(ckpt_lib.Checkpointer, name,
                         lambda self, _real=real, _name=name: (calls.append(_name), _real(self)))
-  monkeypatch.setenv(health.ENV_INJECT,
-                     ",".join(f"{s}:{m}" for s in range(11, 31) for m in range(2)))
   config = tiny_config(**{"algorithm": "islands", "islands.num": 2, "outer.sync_every": 5,
                           "total_steps": 30, "checkpoint_every": 10, "log_every": 5,
                           "eval_every": 10, "islands.max_nonfinite": 2,
-                          "data.data_dir": data_dir})
+                          "data.data_dir": data_dir, "faults.nonfinite": ",".join(
+                              f"{s}:{m}" for s in range(11, 31) for m in range(2))})
   with pytest.raises(health.NonFiniteError, match=r"2 syncs in a row \(step 20"):
     train_lib.train(config, str(tmp_path), devices=one_device)
   assert calls == ["wait", "close"]

@@ -142,14 +142,15 @@ def test_a_killed_full_suite_run_resumes_exactly_where_its_queue_left_it(tmp_pat
   del compile_cache
   run = {"outer.sync_every": 4, "outer.fragments": 2, "outer.overlap": 1}  # Streaming
   jobs = tmp_path / "jobs.json"
-  jobs.write_text(json.dumps([{"kind": "runs", "runs": [run]}]))
+  killed_once = {**run, "faults.kill": "process/0@6"}  # the key (and resume dir) is run's
+  jobs.write_text(json.dumps([{"kind": "runs", "runs": [killed_once]}]))
   out, resume = tmp_path / "runs.jsonl", tmp_path / "resume"
   spec = {"kind": "queue", "suite": "smoke", "jobs": str(jobs), "out": str(out),
           "workdir": str(tmp_path / "w"), "resume_dir": str(resume)}
   # The same XLA configuration as this process, which resumes the run and trains the reference
   # (run_suite's workers share one too): XLA:CPU splits some dots differently with 1 host
   # device than with this process's 4, which moves the 7th digit of the losses.
-  env = {**os.environ, "FEDJAX_LM_KILL_AT_STEP": "6"}
+  env = dict(os.environ)
   killed = subprocess.run([sys.executable, "-m", "experiments.bench.suites", json.dumps(spec)],
                           env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -58,7 +58,7 @@ def test_sigkill_one_process_then_resume_is_exact(tmp_path, data_dir):
   straight = tmp_path / "straight"
   _ok(_train(straight, data_dir))
   resumed = tmp_path / "resumed"
-  killed = _train(resumed, data_dir, env={"FEDJAX_LM_KILL_AT_STEP": "7"})
+  killed = _train(resumed, data_dir, "--config.faults.kill=process/1@7")
   assert killed.returncode != 0
   assert "process 1 exited with -9" in killed.stderr
   result = _ok(_train(resumed, data_dir))
@@ -209,7 +209,7 @@ def test_data_does_not_depend_on_the_layout_and_resume_is_elastic(tmp_path, data
   base = ["--config.total_steps=8", "--config.checkpoint_every=4", "--config.eval_every=100"]
   _ok(_train(tmp_path / "one", data_dir, *base, "--config.launch.processes=1"))
   killed = _train(tmp_path / "two", data_dir, *base, "--config.launch.processes=2",
-                  env={"FEDJAX_LM_KILL_AT_STEP": "4"})  # SIGKILLed after its step-4 checkpoint
+                  "--config.faults.kill=process/1@4")  # SIGKILLed after its step-4 checkpoint
   assert killed.returncode != 0
   result = _ok(_train(tmp_path / "two", data_dir, *base, "--config.launch.processes=1"))
   assert "resumed at step 4" in result.stdout + result.stderr
