@@ -20,6 +20,7 @@ dynamic local updates (``outer.policy=async``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -99,8 +100,9 @@ def join(job: Job, config, client, secret: bytes) -> tuple[Any, int]:
                        "fingerprint": syncer_lib.fingerprint(config, abstract)})), "joined")
   eng, link = job.engine, job.link
   state = eng.init(jax.random.key(int(config.seed)))
-  state = state._replace(server=jax.jit(remote.adopt, donate_argnums=0)(
-      state.server, link.parts(state.server, arrays)))
+  state = state._replace(server=jax.jit(functools.partial(remote.adopt, eng.spec),
+                                        donate_argnums=0)(
+      state.server, link.parts(eng.spec, state.server, arrays)))
   link.version, start = int(meta.get("version", 0)), int(meta["step"])
   link.applied = {int(p): int(s) for p, s in meta.get("closed", {}).items()}
   if meta["data"]:

@@ -40,7 +40,6 @@ import numpy as np
 
 from fedjax_lm import wire
 from fedjax_lm.engine import stages
-from fedjax_lm.engine.state import EagerServer, Pending
 
 MEAN, STATE, GLOBAL = "mean", "state", "global"
 
@@ -51,28 +50,23 @@ class Ticket(NamedTuple):
   message: bytes  # the signed send, kept to resend if the syncer lost it (it restarted)
 
 
-def transferable(server: Any, params_only: bool = False) -> tuple:
+def transferable(spec: stages.Spec, server: Any, params_only: bool = False) -> tuple:
   """The parts of a server copy a joiner or a lagging island adopts from the syncer: global
-  params, outer states, and the eager merge state (a delayed island's held mean is its own).
-  ``params_only`` (async: the syncer's outer optimizer is its own, Delayed Nesterov): params."""
+  params, outer states, and what the merge policy shares (eager: the last mean; a delayed
+  island's held mean is its own). ``params_only`` (async: the syncer's outer optimizer is its
+  own, Delayed Nesterov): the params."""
   if params_only:
     return (server.params, (), ())
-  merge = server.merge if isinstance(server.merge, EagerServer) else ()
-  return (server.params, server.outer, merge)
+  return (server.params, server.outer, spec.merge.shared(server.merge))
 
 
-def adopt(server: Any, parts: tuple) -> Any:
-  """``server`` with the syncer's ``parts`` (:func:`transferable`); a held mean is dropped as
-  applied (the syncer's copy holds every closed round)."""
-  params, outer, merge = parts
+def adopt(spec: stages.Spec, server: Any, parts: tuple) -> Any:
+  """``server`` with the syncer's ``parts`` (:func:`transferable`)."""
+  params, outer, shared = parts
   if not outer:
     return server._replace(params=params)
-  if isinstance(server.merge, EagerServer):
-    return server._replace(params=params, outer=outer, merge=merge)
-  if isinstance(server.merge, Pending):
-    merge = server.merge._replace(count=jnp.zeros_like(server.merge.count))
-    return server._replace(params=params, outer=outer, merge=merge)
-  return server._replace(params=params, outer=outer)
+  return server._replace(params=params, outer=outer,
+                         merge=spec.merge.adopt(server.merge, shared))
 
 
 class RemoteLink:
@@ -141,11 +135,11 @@ class RemoteLink:
     sh = spec.shardings.server
     mean_sh = spec.named(spec.frag_specs[p])
     scalar = jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec())
-    apply_mean = jax.jit(functools.partial(_apply_mean, spec, p), donate_argnums=0,
+    apply_mean = jax.jit(functools.partial(stages.receive, spec, p), donate_argnums=0,
                          out_shardings=sh)
     put = jax.jit(lambda server, values: server._replace(
         params=spec.frags.put(server.params, p, values)), donate_argnums=0, out_shardings=sh)
-    take_over = jax.jit(adopt, donate_argnums=0, out_shardings=sh)
+    take_over = jax.jit(functools.partial(adopt, spec), donate_argnums=0, out_shardings=sh)
 
     def program(server: Any, delivered: tuple[str, list]) -> Any:
       kind, arrays = delivered
@@ -157,20 +151,14 @@ class RemoteLink:
         return apply_mean(server, reduced)
       if kind == GLOBAL:
         return put(server, tuple(jax.device_put(a, s) for a, s in zip(arrays, mean_sh)))
-      return take_over(server, self.parts(server, arrays))
+      return take_over(server, self.parts(spec, server, arrays))
     return program
 
-  def parts(self, server: Any, arrays: list) -> tuple:
+  def parts(self, spec: stages.Spec, server: Any, arrays: list) -> tuple:
     """The syncer's :func:`transferable` leaves as this island's server parts, checked."""
-    like = transferable(server, self.asynchronous)
+    like = transferable(spec, server, self.asynchronous)
     leaves, treedef = jax.tree.flatten(like)
     if [tuple(a.shape) for a in arrays] != [tuple(x.shape) for x in leaves]:
       raise wire.WireError("the syncer's server state does not match this island's layout")
     return treedef.unflatten([jax.device_put(a.astype(x.dtype), x.sharding)
                               for a, x in zip(arrays, leaves)])
-
-
-def _apply_mean(spec: stages.Spec, p: int, server: Any, reduced: stages.Reduced) -> Any:
-  if spec.delay != "none":
-    return stages.hold(spec, p, server, reduced)
-  return stages.outer_step(spec, p, server, reduced)

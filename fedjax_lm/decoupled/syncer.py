@@ -177,7 +177,7 @@ class Syncer:
     frags = range(self.spec.frags.num)
     self._receive: dict[tuple[int, int], Any] = {}  # async: (fragment, islands) -> program
     self._reducers: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> reduce program
-    self._outer = [jax.jit(functools.partial(remote._apply_mean, self.spec, p),
+    self._outer = [jax.jit(functools.partial(stages.receive, self.spec, p),
                            donate_argnums=0, out_shardings=self.engine.state_shardings.server)
                    for p in frags]  # the islands' own outer-step program
     # What one island sends per fragment (abstract): the layout every send is checked against.
@@ -311,7 +311,7 @@ class Syncer:
   def _state_arrays(self) -> list:
     """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`)."""
     return [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(
-        remote.transferable(self.server, self.asynchronous))]
+        remote.transferable(self.spec, self.server, self.asynchronous))]
 
   def heartbeat(self, request: bytes) -> bytes:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy

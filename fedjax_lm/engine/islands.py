@@ -37,6 +37,7 @@ from fedjax_lm import steps
 from fedjax_lm.engine.state import tree_bytes
 from fedjax_lm.engine import clock as clock_lib
 from fedjax_lm.engine import links
+from fedjax_lm.engine import merges
 from fedjax_lm.engine import programs as programs_lib
 from fedjax_lm.engine import stages
 from fedjax_lm.engine import state as state_lib
@@ -78,7 +79,7 @@ class IslandsEngine:
       elif event.kind == clock_lib.RECEIVE:
         if p in self._in_flight:  # (settle may have received it already, for an eval)
           server = self._receive(server, p)
-      elif self.spec.delay != "none":  # MERGE / FLUSH: the outer step one round late
+      elif self.spec.merge.delayed:  # MERGE / FLUSH: the outer step one round late
         islands, server = self.programs.late[p](islands, server)
       else:
         islands = self.programs.merge[p](islands, server)
@@ -99,7 +100,7 @@ class IslandsEngine:
     """The global params; with ``outer.delay``, with every received mean applied (what the
     syncer of decoupled mode holds), though the islands take the last one only at its next
     send."""
-    if self.spec.delay == "none":
+    if not self.spec.merge.delayed:
       return state.server.params
     return self.programs.current(state.server)
 
@@ -186,8 +187,9 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
   codec = codecs.from_config(oc)
   check_streaming_options(oc, codec)
   link = link or links.from_config(config)
+  merge = merges.from_config(oc)
   clock = clock or clock_lib.Clock.from_config(config, receive_at_merge=link.overlaps,
-                                               delayed=oc.delay != "none")
+                                               delayed=merge.delayed)
   frags = fragments.Fragments(abstract, clock.schedule.fragments)
   frag_abstract = tuple(frags.abstract(abstract, p) for p in range(frags.num))
   frag_specs = []  # per fragment: ZeRO specs of its (unstacked) leaves
@@ -199,13 +201,13 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
   # Fragment p's payload: [M, n_p] flat, padded so each in-island device sends whole blocks.
   in_island = math.prod(mesh.shape[a] for a in mesh_lib.IN_ISLAND_AXES)
   sizes = [sum(math.prod(x.shape) for x in f) for f in frag_abstract]
-  beta, eager = float(oc.error_feedback), bool(oc.eager)
+  beta = float(oc.error_feedback)
   specs = state_lib.specs(
       param_specs=param_specs, zero_specs=zero_specs,
       inner_opt_specs=mesh_lib.opt_state_specs(tx, abstract, param_specs),
       outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, s)
                         for a, s in zip(frag_abstract, frag_specs)),
-      error_feedback=beta > 0, eager=eager, delay=oc.delay,
+      error_feedback=beta > 0, merge=merge,
       copy_outer_specs=tuple(mesh_lib.opt_state_specs(outer_tx, a, frags.specs(param_specs, p))
                              for p, a in enumerate(frag_abstract)))
   spec = stages.Spec(
@@ -214,7 +216,7 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
       padded=tuple(codecs.padded_size(n, codec, in_island) if codec else n for n in sizes),
       codec=codec, train_step=steps.make_train_step(loss_fn, tx, guard=guard), groups=groups,
       inner_tx=tx, outer_tx=outer_tx, shardings=mesh_lib.shardings(mesh, specs),
-      alpha=float(oc.mixing), beta=beta, eager=eager, delay=oc.delay, guard=guard,
+      merge=merge, beta=beta, guard=guard,
       keep_absent=config.islands.absent_policy == "keep",
       reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed),
       world=int(world) or int(config.islands.num))

@@ -74,10 +74,10 @@ def build(spec: stages.Spec, link: Any) -> Programs:
                       out_shardings=sh.islands, donate_argnums=0) for p in frags),
       late=tuple(jit(stages.late_merge, p, in_shardings=(sh.islands, sh.server),
                      out_shardings=(sh.islands, sh.server), donate_argnums=(0, 1))
-                 for p in frags) if spec.delay != "none" else (),
-      current=jax.jit(functools.partial(current_params, spec),
+                 for p in frags) if spec.merge.delayed else (),
+      current=jax.jit(functools.partial(stages.current_params, spec),
                       in_shardings=(sh.server,), out_shardings=sh.server.params)
-      if spec.delay != "none" else None)
+      if spec.merge.delayed else None)
 
 
 def fused_receive(link: Any, spec: stages.Spec, p: int) -> Callable:
@@ -89,20 +89,10 @@ def fused_receive(link: Any, spec: stages.Spec, p: int) -> Callable:
                  out_shardings=spec.shardings.server, donate_argnums=0)
 
 
-def current_params(spec: stages.Spec, server: Any) -> Any:
-  """outer.delay: the global params with every held mean applied (the server is not changed)."""
-  for p in range(spec.frags.num):
-    server = stages.outer_step(spec, p, server, stages.held_mean(spec, p, server))
-  return server.params
-
-
 def receive(spec: stages.Spec, p: int, link: Any, server: Any, sent: tuple) -> Any:
   """RECEIVE: the mean of what the islands sent (the link's collective), then the outer step
-  (with ``outer.delay``, the mean is held for the next send's :func:`stages.late_merge`)."""
-  reduced = stages.reduce(spec, p, link, sent)
-  if spec.delay != "none":
-    return stages.hold(spec, p, server, reduced)
-  return stages.outer_step(spec, p, server, reduced)
+  (a delayed merge policy holds the mean for the next send's :func:`stages.late_merge`)."""
+  return stages.receive(spec, p, server, stages.reduce(spec, p, link, sent))
 
 
 def lower_sync(programs: Programs, spec: stages.Spec, link: Any, state: Any, p: int) -> dict:

@@ -18,39 +18,11 @@ the send (drop-out), or with a non-finite pseudo-gradient sends zeros with weigh
 -1 (masked), is left out of the mean, and restarts from (or, absent with ``keep``, keeps its
 params at) the merge.
 
-Eager updates (``outer.eager``), adapted from Kale et al. 2025 (arXiv 2502.12996). Their eager
-outer gradient for island m replaces the island's own stale share of the last averaged
-pseudo-gradient by its fresh one: ``d~_m = dbar_prev + (d_m - d_m_prev) / M``. They overlap the
-whole inner phase and drive a per-island outer optimizer with d~_m. Here the exchange overlaps
-tau < H steps and one global copy is driven by the true average, so: at the send, island m steps
-from ``eager_m = global + outer_update(d~_m)`` at once (the outer state is read, not advanced);
-when the mean lands the global copy takes the true outer step and, at the merge, the island is
-corrected by the difference, ``local += (1 - alpha) (global_new - eager_m)``. Without ``eager``
-the merge is ``local = alpha local + (1 - alpha) global_new`` (Streaming DiLoCo). This
-tau < H adaptation is ours (``outer.eager``); the paper's own setting is ``outer.delay``:
+The reference these stages must equal, in plain jax.numpy: :mod:`fedjax_lm.reference`.
 
-One-step-delayed outer step (``outer.delay``, Kale et al. 2025, their naive delayed and eager
-variants): the exchange of round r overlaps the whole inner phase r + 1, so the outer step of
-round r is applied at round r + 1's send. The algorithm box becomes
-
-    at fragment p's send (round r):  islands, sent = encode(p, ...)        delta_r = start - local
-                                                                           (eager: each island's
-                                                                           outer copy steps with
-                                                                           its eager estimate)
-                                     islands, server = late_merge(p, ...)  server: outer step with
-                                                                           the held mean of r - 1;
-                                                                           islands restart (naive:
-                                                                           from global; eager:
-                                                                           from their own copy)
-    when round r's mean lands:       server = hold(p, server, reduced)     kept, not applied
-    at T, after the last mean lands: late_merge once more                  the last outer step
-
-Naive: every island starts round r + 1 from ``global_{r} = OuterOpt(global_{r-1}, dbar_{r-1})``.
-Eager: island m replaces its own stale share of the held mean by its fresh pseudo-gradient,
-``d~_m = dbar_{r-1} + (d_m,r - d_m,r-1) / M`` (own current, others' previous), and steps its own
-outer copy and outer optimizer state with it: each pseudo-gradient is applied once, its own
-share one round earlier. The global copy (what evaluation reads) applies the true means in
-order, one round late, in both variants.
+Variants live in their own modules and enter only through the hooks the stages call:
+merge policies (``spec.merge``, :mod:`fedjax_lm.engine.merges`: alpha-mix, our eager updates,
+Kale et al.'s one-step-delayed outer step) and codecs (``spec.codec``, :mod:`fedjax_lm.codecs`).
 """
 
 from __future__ import annotations
@@ -69,8 +41,9 @@ from fedjax_lm import fragments
 from fedjax_lm import health
 from fedjax_lm import mesh as mesh_lib
 from fedjax_lm.engine import links
-from fedjax_lm.engine.state import (Absent, EagerIslands, EagerServer, ErrorFeedback, Health,
-                                    Islands, OuterCopies, Pending, Server, State)
+from fedjax_lm.engine import merges
+from fedjax_lm.engine.merges.mix import outer_update
+from fedjax_lm.engine.state import Absent, ErrorFeedback, Health, Islands, Server, State
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -89,10 +62,8 @@ class Spec:
   inner_tx: optax.GradientTransformation
   outer_tx: optax.GradientTransformation
   shardings: State  # of the whole state
-  alpha: float = 0.0  # merge: local <- alpha local + (1 - alpha) global
+  merge: merges.Mix = merges.Mix()  # the merge policy (alpha-mix: DiLoCo, Streaming DiLoCo)
   beta: float = 0.0  # error feedback decay; 0 = off
-  eager: bool = False  # ours: the eager estimate within a tau < H overlap
-  delay: str = "none"  # none | naive | eager: the outer step one round late (Kale et al.)
   guard: bool = True  # mask non-finite pseudo-gradients
   keep_absent: bool = False  # an absent island keeps its params at the merge
   reset_inner: bool = False  # re-initialise the inner optimizer state at the merge
@@ -140,14 +111,7 @@ def init(spec: Spec, params: Any) -> State:
   stacked = _broadcast(spec, params)
   zeros = lambda: jax.tree.map(jnp.zeros_like, stacked)
   outer = tuple(spec.outer_tx.init(spec.frags.take(params, p)) for p in range(spec.frags.num))
-  merge, server_merge = Absent(), Absent()
-  if spec.eager:
-    merge, server_merge = EagerIslands(zeros(), zeros()), EagerServer(_zeros_like(params))
-  elif spec.delay != "none":
-    server_merge = Pending(_zeros_like(params), jnp.zeros((spec.frags.num,), jnp.float32))
-    if spec.delay == "eager":
-      merge = OuterCopies(stacked, jax.tree.map(
-          lambda x: jnp.broadcast_to(x, (spec.num,) + x.shape), outer), zeros())
+  merge, server_merge = spec.merge.init(spec, params, stacked, outer)
   islands = Islands(
       params=stacked, opt_state=_fresh_inner_opt(spec, stacked),
       codec=ErrorFeedback(zeros()) if spec.beta > 0 else Absent(), merge=merge,
@@ -176,8 +140,7 @@ def encode(spec: Spec, p: int, islands: Islands, server: Server, done: jax.Array
   feedback and codec (and the eager step). The islands that are ``present``, untainted and
   finite send it with weight 1; the rest send zeros, weight 0 (absent) or -1 (masked)."""
   g = spec.frags.take(server.params, p)
-  start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
-           else tuple(x[None] for x in g))  # where the island's inner phase started
+  start = spec.merge.start(spec, p, islands, g)  # where the island's inner phase started
   delta = tuple(x - l for x, l in zip(start, spec.frags.take(islands.params, p, lead=1)))
   ok = present & ~islands.health.tainted[:, p]
   if spec.guard:
@@ -191,45 +154,11 @@ def encode(spec: Spec, p: int, islands: Islands, server: Server, done: jax.Array
   weight = jax.lax.with_sharding_constraint(  # each of the island's devices sends a copy
       jnp.broadcast_to(weight[:, None], (spec.num, spec.devices_per_island)),
       NamedSharding(spec.mesh, P("island", mesh_lib.IN_ISLAND_AXES)))
-  if spec.eager:
-    islands = _eager_step(spec, p, islands, server, delta, g)
-  if spec.delay == "eager":
-    islands = _eager_copy_step(spec, p, islands, server, delta)
+  islands = spec.merge.at_send(spec, p, islands, server, delta, g)
   if spec.codec is None:
     return islands, (delta, weight)
   payload, islands = _compress(spec, p, islands, delta, ok, done)
   return islands, (payload, weight)
-
-
-def _eager_step(spec, p, islands, server, delta, g):
-  """Kale et al.'s estimate of the mean, ``dbar_prev + (d_m - d_m_prev) / M``, and the
-  island's step from ``global + outer_update(estimate)`` (the outer state read, not advanced)."""
-  take = lambda tree: spec.frags.take(tree, p, lead=1)
-  put = lambda tree, values: spec.frags.put(tree, p, values, lead=1)
-  avg_prev = spec.frags.take(server.merge.avg_prev, p)
-  d_hat = tuple(a[None] + (d - o) / spec.m
-                for d, o, a in zip(delta, take(islands.merge.own_prev), avg_prev))
-  base = jax.vmap(lambda d: _outer_update(spec.outer_tx, d, server.outer[p], g)[0])(d_hat)
-  return islands._replace(params=put(islands.params, base),
-                          merge=EagerIslands(put(islands.merge.own_prev, delta),
-                                             put(islands.merge.base, base)))
-
-
-def _eager_copy_step(spec, p, islands, server, delta):
-  """Kale et al.'s eager outer gradient ``d~_m = dbar_prev + (d_m - d_m_prev) / M`` (the held
-  mean with the island's own stale share replaced by its fresh one), applied by the island's
-  own outer optimizer to its own outer copy."""
-  take = lambda tree: spec.frags.take(tree, p, lead=1)
-  put = lambda tree, values: spec.frags.put(tree, p, values, lead=1)
-  copies = islands.merge
-  held = spec.frags.take(server.merge.mean, p)
-  d_eager = tuple(h[None] + (d - o) / spec.m
-                  for d, o, h in zip(delta, take(copies.own_prev), held))
-  new, outer = jax.vmap(lambda d, s, x: _outer_update(spec.outer_tx, d, s, x))(
-      d_eager, copies.outer[p], take(copies.params))
-  return islands._replace(merge=OuterCopies(
-      put(copies.params, new), copies.outer[:p] + (outer,) + copies.outer[p + 1:],
-      put(copies.own_prev, delta)))
 
 
 def _compress(spec, p, islands, delta, ok, done):
@@ -293,66 +222,44 @@ def outer_step(spec: Spec, p: int, server: Server, reduced: Reduced) -> Server:
   """Fragment p's own outer optax step on the global copy; skipped (and counted as a failure
   when islands were present) if nothing healthy was sent or the result is not finite."""
   g, state = spec.frags.take(server.params, p), server.outer[p]
-  new_g, new_state = _outer_update(spec.outer_tx, reduced.mean, state, g)
+  new_g, new_state = outer_update(spec.outer_tx, reduced.mean, state, g)
   ok = (reduced.count > 0) & health.all_finite(new_g)
   new_g, new_state = health.keep_if(ok, (new_g, new_state), (g, state))
   nothing_sent = (reduced.count == 0) & ~reduced.masked
-  merge = server.merge
-  if spec.eager:
-    merge = EagerServer(spec.frags.put(merge.avg_prev, p, reduced.mean))
+  merge = spec.merge.at_outer(spec, p, server.merge, reduced)
   return Server(params=spec.frags.put(server.params, p, new_g),
                 outer=server.outer[:p] + (new_state,) + server.outer[p + 1:], merge=merge,
                 failures_in_a_row=jnp.where(ok | nothing_sent, 0,
                                             server.failures_in_a_row + 1))
 
 
-def _outer_update(outer_tx, delta: tuple, opt_state: Any, global_frag: tuple):
-  updates, opt_state = outer_tx.update(delta, opt_state, global_frag)
-  return optax.apply_updates(global_frag, updates), opt_state
-
-
-def hold(spec: Spec, p: int, server: Server, reduced: Reduced) -> Server:
-  """One-step delay (``outer.delay``): fragment p's mean is kept, not applied; the outer step
-  takes it at p's next send (:func:`late_merge`)."""
-  held = server.merge
-  return server._replace(merge=Pending(spec.frags.put(held.mean, p, reduced.mean),
-                                       held.count.at[p].set(reduced.count)))
-
-
-def held_mean(spec: Spec, p: int, server: Server) -> Reduced:
-  """Fragment p's held mean, as the reduce stage returned it (count 0: nothing held)."""
-  held = server.merge
-  return Reduced(spec.frags.take(held.mean, p), held.count[p], jnp.bool_(False))
+def receive(spec: Spec, p: int, server: Server, reduced: Reduced) -> Server:
+  """What the global copy does with fragment p's mean: the outer step (a delayed policy holds
+  the mean for its late step at p's next send instead)."""
+  return spec.merge.at_receive(spec, p, server, reduced, outer_step)
 
 
 def late_merge(spec: Spec, p: int, islands: Islands, server: Server
                ) -> tuple[Islands, Server]:
-  """At fragment p's send, one round late: the global copy takes the outer step with the held
-  mean (skipped while nothing is held); the islands restart their next inner phase from it
-  (naive) or from their own outer copy, already stepped by :func:`encode` (eager)."""
-  held = server.merge
-  server = outer_step(spec, p, server, held_mean(spec, p, server))
-  server = server._replace(merge=held._replace(count=held.count.at[p].set(0.0)))  # applied
-  start = (spec.frags.take(islands.merge.params, p, lead=1) if spec.delay == "eager"
-           else tuple(jnp.broadcast_to(g[None], (spec.num,) + g.shape)
-                      for g in spec.frags.take(server.params, p)))
-  islands = islands._replace(params=spec.frags.put(islands.params, p, start, lead=1))
-  return islands, server
+  """A delayed policy's outer step one round late, at fragment p's send (islands restart)."""
+  return spec.merge.late(spec, p, islands, server, outer_step, Reduced)
+
+
+def current_params(spec: Spec, server: Server) -> Any:
+  """The global params with every received mean applied (a delayed policy's held ones too)."""
+  if not spec.merge.delayed:
+    return server.params
+  return spec.merge.current(spec, server, outer_step, Reduced)
 
 
 # ------------------------------------------------------------------------ 5. merge
 def merge(spec: Spec, p: int, islands: Islands, server: Server) -> Islands:
-  """Islands take the new global fragment p: ``alpha local + (1 - alpha) global``, or with
-  eager, ``local + (1 - alpha) (global - eager_base)``; restart from it, or keep local params,
-  as the island's health says."""
+  """Islands take the new global fragment p as the merge policy says (alpha-mix:
+  ``alpha local + (1 - alpha) global``); restart from it, or keep local params, as the
+  island's health says."""
   local = spec.frags.take(islands.params, p, lead=1)
   new_g = spec.frags.take(server.params, p)
-  if spec.eager:
-    base = spec.frags.take(islands.merge.base, p, lead=1)
-    merged = tuple(l + (1.0 - spec.alpha) * (g[None] - b)
-                   for l, g, b in zip(local, new_g, base))
-  else:
-    merged = tuple(spec.alpha * l + (1.0 - spec.alpha) * g[None] for l, g in zip(local, new_g))
+  merged = spec.merge.merged(spec, p, islands, local, new_g)
   mode = islands.health.merge_mode[:, p]
   restart = tuple(jnp.broadcast_to(g[None], l.shape) for g, l in zip(new_g, local))
   merged = health.keep_if(mode == health.RESTART, restart, merged)

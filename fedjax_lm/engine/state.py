@@ -41,46 +41,18 @@ class ErrorFeedback(NamedTuple):
   residual: Any
 
 
-class EagerIslands(NamedTuple):
-  """Eager merge state per island: its own last pseudo-gradient, and the point its eager
-  outer step started from (both ``[M, ...]``)."""
-  own_prev: Any
-  base: Any
-
-
-class EagerServer(NamedTuple):
-  """Eager merge state of the server: the last mean pseudo-gradient."""
-  avg_prev: Any
-
-
-class Pending(NamedTuple):
-  """One-step-delayed outer step (``outer.delay``): the mean each fragment last received, to be
-  applied at its next send, and how many islands it averages (0: nothing to apply)."""
-  mean: Any  # like params (ZeRO-sharded)
-  count: jax.Array  # float32 [P]
-
-
-class OuterCopies(NamedTuple):
-  """Eager updates as in Kale et al. 2025 (``outer.delay=eager``): each island's own outer
-  copy, stepped by its own outer optimizer with the eager estimate; and its last pseudo-gradient
-  (all ``[M, ...]``)."""
-  params: Any
-  outer: tuple  # per fragment: the island's outer optimizer state
-  own_prev: Any
-
-
 class Islands(NamedTuple):
   params: Any
   opt_state: Any
   codec: ErrorFeedback | Absent
-  merge: EagerIslands | OuterCopies | Absent
+  merge: Any  # the merge policy's island state (fedjax_lm.engine.merges), or Absent
   health: Health
 
 
 class Server(NamedTuple):
   params: Any
   outer: tuple  # one outer optimizer state per fragment
-  merge: EagerServer | Pending | Absent
+  merge: Any  # the merge policy's server state, or Absent
   failures_in_a_row: jax.Array  # int32: syncs in a row with nothing healthy applied
 
 
@@ -95,25 +67,17 @@ def _stack(specs: Any) -> Any:
 
 
 def specs(*, param_specs: Any, zero_specs: Any, inner_opt_specs: Any, outer_specs: tuple,
-          error_feedback: bool, eager: bool, delay: str = "none",
-          copy_outer_specs: tuple = ()) -> State:
-  """The partition specs of :class:`State`, shaped like it (``copy_outer_specs``: per fragment,
-  the outer state's specs laid out like the params, for the islands' outer copies)."""
+          error_feedback: bool, merge: Any, copy_outer_specs: tuple = ()) -> State:
+  """The partition specs of :class:`State`, shaped like it (``merge``: the merge policy, which
+  lays out its own state; ``copy_outer_specs``: per fragment, the outer state's specs laid out
+  like the params, for policies that keep an outer copy per island)."""
   stacked = _stack(param_specs)
-  merge = Absent()
-  if eager:
-    merge = EagerIslands(stacked, stacked)
-  elif delay == "eager":
-    merge = OuterCopies(stacked, tuple(_stack(s) for s in copy_outer_specs), stacked)
+  island_merge, server_merge = merge.state_specs(
+      stacked, zero_specs, tuple(_stack(s) for s in copy_outer_specs))
   islands = Islands(
       params=stacked, opt_state=_stack(inner_opt_specs),
-      codec=ErrorFeedback(stacked) if error_feedback else Absent(), merge=merge,
+      codec=ErrorFeedback(stacked) if error_feedback else Absent(), merge=island_merge,
       health=Health(P("island"), P("island")))
-  server_merge = Absent()
-  if eager:
-    server_merge = EagerServer(zero_specs)
-  elif delay != "none":
-    server_merge = Pending(zero_specs, P())
   server = Server(params=zero_specs, outer=tuple(outer_specs), merge=server_merge,
                   failures_in_a_row=P())
   return State(islands, server)
