@@ -417,4 +417,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from fedjax_lm import cpu  # pylint: disable=g-import-not-at-top
+  cpu.apply_defaults()
   main()
