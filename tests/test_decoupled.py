@@ -16,6 +16,7 @@ import golden
 from conftest import run_cli, tiny_config
 from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
+from fedjax_lm import train
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import syncer as syncer_lib
@@ -62,6 +63,29 @@ def test_decoupled_sync_with_every_island_is_the_mesh_axis_run(tmp_path, data_di
   np.testing.assert_allclose([r["eval_loss"] for r in evals], want["eval_loss"], rtol=1e-5)
   assert evals[-1]["island_bytes"] == want["island_bytes"]
   _no_orphans(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["eager", "delayed_eager"])
+def test_decoupled_eager_variants_are_the_mesh_axis_run_over_40_steps(tmp_path, data_dir, run):
+  """The variants the decoupled island used to refuse run through the one island loop: ours
+  eager (P=2, tau=1, alpha=0.5) and Kale et al.'s ``outer.delay=eager``, 40 steps (10 rounds)
+  as 2 island jobs + a syncer, equal to the mesh-axis run of the same config (islands
+  simulated in this process) per island and step, and at every eval (rtol 1e-5)."""
+  steps = {"total_steps": 40, "eval_every": 20}
+  config = tiny_config(**{**golden.overrides(run, data_dir), **steps})
+  train.train(config, str(tmp_path / "mesh"), devices=jax.devices()[:1])
+  mesh = metrics_lib.read_jsonl(str(tmp_path / "mesh" / "metrics.jsonl"))
+  result = _decoupled(tmp_path / "decoupled", data_dir, run,
+                      *(f"--config.{k}={v}" for k, v in steps.items()))
+  assert result.returncode == 0, result.stderr[-3000:]
+  for k in range(2):
+    np.testing.assert_allclose(_island_losses(tmp_path / "decoupled", k),
+                               [r["island_loss"][k] for r in mesh], rtol=1e-5)
+  evals = metrics_lib.read_jsonl(str(tmp_path / "decoupled" / "metrics.jsonl"))
+  np.testing.assert_allclose([r["eval_loss"] for r in evals],
+                             [r["eval_loss"] for r in mesh if "eval_loss" in r], rtol=1e-5)
+  assert [r["step"] for r in evals] == [20, 40]
 
 
 @pytest.mark.slow
