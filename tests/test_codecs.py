@@ -182,6 +182,7 @@ class Case(NamedTuple):
 
 BATTERY = {
     "bf16": Case(dict(compression="bf16"), lambda x: np.abs(x) * 2.0**-8),
+    "fp16": Case(dict(compression="fp16"), lambda x: np.abs(x) * 2.0**-11 + 2.0**-25),
     "int8": Case(dict(compression="int8"), lambda x: _blocks(x, 127) / 2),
     "int8/stochastic": Case(dict(compression="int8", stochastic_rounding=True),
                             lambda x: _blocks(x, 127)),

@@ -55,6 +55,7 @@ VARIANTS = {
     "int4_ef": Variant({"outer.compression": "int4", "outer.quant_block": 64,
                         "outer.error_feedback": 0.9, **_STREAM}, None),
     "sparseloco": Variant(_TOPK, None),
+    "fp16": Variant({"outer.compression": "fp16"}, None),
     "host_link": Variant({"outer.transport": "host", **_STREAM}, None),
     "absent_keep": Variant({"islands.absent": "4:1", "islands.absent_policy": "keep"}, None),
 }

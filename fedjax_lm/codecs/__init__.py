@@ -10,6 +10,7 @@ exactly what one island sends: values + scales + indices, padding included.
 name    module             payload per block of ``block`` values      |decode(encode(x)) - x|
 ======= ================== ========================================== ======================
 bf16    :mod:`.cast`       bfloat16 values                            <= 2^-8 |x|
+fp16    :mod:`.fp16`       float16 values (clipped to +-65504)        <= 2^-11 |x| + 2^-25
 int8    :mod:`.blockquant` int8 in [-127, 127] + f32 absmax scale     <= s / 2, s = absmax/127
 int4    :mod:`.blockquant` 4-bit in [-7, 7] packed 2 per byte + scale <= s / 2, s = absmax/7
 topk    :mod:`.topk`       k largest |x| per chunk: uint16 index +    kept (minmax): <= half
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 
 from fedjax_lm.codecs import blockquant
 from fedjax_lm.codecs import cast
+from fedjax_lm.codecs import fp16
 from fedjax_lm.codecs import topk
 from fedjax_lm.codecs.bits import pack_bits, unpack_bits  # noqa: F401 (public names)
 from fedjax_lm.codecs.topk import sigma_quantize  # noqa: F401 (public name)
@@ -74,6 +76,7 @@ class Codec(Protocol):
 CODECS: dict[str, Callable[[Any], Codec | None]] = {
     "none": lambda cfg: None,
     "bf16": cast.from_config,
+    "fp16": fp16.from_config,
     "int8": functools.partial(blockquant.from_config, bits=8),
     "int4": functools.partial(blockquant.from_config, bits=4),
     "topk": topk.from_config,
