@@ -61,10 +61,13 @@ class PreemptionWatch:
 
 
 class Checkpointer:
-  """Saves every ``every`` steps (keeping ``keep``) and restores the latest step."""
+  """Saves every ``every`` steps (keeping ``keep``) and restores the latest step: the
+  training loop's (``DIR/checkpoints``) and the decoupled syncer's
+  (``DIR/syncer_checkpoints``: its server state, and its rounds and membership as the
+  ``clock`` item; no data iterator)."""
 
-  def __init__(self, workdir: str, every: int, keep: int):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  def __init__(self, workdir: str, every: int, keep: int, name: str = "checkpoints"):
+    self.directory = os.path.abspath(os.path.join(workdir, name))
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_names=("state", "data", "config", "clock"),
@@ -84,7 +87,7 @@ class Checkpointer:
     host-side clock says at ``step``: schedule, drop-out, what is in flight)."""
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_iterator.global_state()),
+        data=ocp.args.JsonSave(data_iterator.global_state() if data_iterator else {}),
         config=ocp.args.JsonSave(layout or {}),
         clock=ocp.args.JsonSave(clock or {"step": step})), force=force)
 
@@ -110,12 +113,16 @@ class Checkpointer:
   def _check_clock(self, step: int, mine: dict) -> None:
     self._check_saved(step, "clock", mine, "is on a different clock")
 
+  def json(self, step: int, item: str) -> dict:
+    """JSON item ``item`` (``data``, ``config``, ``clock``) of checkpoint ``step``."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.JsonRestore()}))[item]
+
   def _check_saved(self, step: int, item: str, mine: dict, what: str) -> None:
     """One clear error naming every field where JSON item ``item`` of checkpoint ``step``
     differs from ``mine``."""
     try:
-      saved = self.manager.restore(step, args=ocp.args.Composite(
-          **{item: ocp.args.JsonRestore()}))[item]
+      saved = self.json(step, item)
     except Exception:  # pylint: disable=broad-except  (older or damaged: the state decides)
       return
     diff = [f"{k}={saved[k]!r} (this run: {v!r})" for k, v in mine.items()
@@ -141,7 +148,8 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      data_iterator.set_global_state(restored["data"])
+      if data_iterator is not None:
+        data_iterator.set_global_state(restored["data"])
     except Exception as e:  # orbax/grain raise many types; name the culprit once.
       raise RuntimeError(
           f"Could not restore checkpoint step {step} from {self.directory}: "

@@ -294,11 +294,17 @@ def _validate_decoupled(c) -> None:
   _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
   _check(c.outer.policy in ("sync", "async"),
          f"outer.policy={c.outer.policy!r}: expected sync or async")
+  _check(not c.outer.eager or c.outer.policy == "sync",
+         "outer.eager needs outer.policy=sync (its estimate stands in for a round's mean; async "
+         "has no rounds)")
   _check(c.outer.policy == "sync" or (int(c.outer.fragments) == 1 and
                                       int(c.outer.overlap) == 0),
          "outer.policy=async needs outer.fragments=1 and outer.overlap=0")
   _check(c.outer.delay == "none" or c.outer.policy == "sync",
          "outer.delay needs outer.policy=sync (async applies each send on arrival)")
+  _check(c.outer.transport == "xla",
+         f"outer.transport={c.outer.transport!r} has no meaning with launch.mode=decoupled: each "
+         "island job holds one island and its link is the syncer; leave it at 'xla'")
   _check(c.launch.role in ("", "syncer", "island"),
          f"launch.role={c.launch.role!r}: expected '', syncer or island")
   _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")

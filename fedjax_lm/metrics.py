@@ -54,6 +54,7 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     self._bar = None
+    self._jsonl = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -61,6 +62,7 @@ class MetricsWriter:
       kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
       with open(self.path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+    self._jsonl = JsonlWriter(self.path)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
@@ -76,8 +78,7 @@ class MetricsWriter:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._jsonl.write(record)
     step = record["step"]
     if self._tb is not None:
       for k, v in record.items():
@@ -102,6 +103,8 @@ class MetricsWriter:
       (self._bar.write if self._bar is not None else print)(msg)
 
   def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
     if self._bar is not None:

@@ -112,6 +112,10 @@ def test_base_config_sections_and_their_defaults():
     ({"launch.mode": "slurm"}, "launch.mode='slurm': expected local, cluster, none or decoupled"),
     ({"launch.mode": "decoupled"}, "launch.mode=decoupled needs algorithm=islands"),
     ({"launch.heartbeat_seconds": 0}, "launch.heartbeat_seconds=0 must be >= 1"),
+    ({"launch.mode": "decoupled", "algorithm": "islands", "outer.transport": "host"},
+     "outer.transport='host' has no meaning with launch.mode=decoupled"),
+    ({"launch.mode": "decoupled", "algorithm": "islands", "outer.policy": "async",
+      "outer.eager": True, "outer.overlap": 1}, "outer.eager needs outer.policy=sync"),
     ({"faults.kill": "island@3"}, "faults.kill='island@3': expected 'ROLE@STEP' items"),
 ])
 def test_validate_names_the_first_bad_value_of_each_section(dotted, message):

@@ -46,76 +46,86 @@ def _progress(workdir: str) -> int:
     return 0
 
 
+class _Roles:
+  """The roles of one local decoupled run, as processes: started, restarted, supervised."""
+
+  def __init__(self, argv: list[str], config, workdir: str):
+    self.workdir, self.logs = workdir, os.path.join(workdir, "logs")
+    os.makedirs(self.logs, exist_ok=True)
+    self.address = f"{config.launch.interface or '127.0.0.1'}:{launch_lib.free_port()}"
+    self.env = _env(wire.new_secret())
+    island = lambda k: ["--config.launch.role=island", f"--config.launch.island={k}"]
+    self.args = {"syncer": ["--config.launch.role=syncer"],
+                 **{f"island_{k}": island(k) for k in range(int(config.islands.num))}}
+    self.joins = {f"island_{k}": step for k, step in health.parse_pairs(config.launch.join,
+                                                                         "launch.join")}
+    self.args.update({role: island(role[7:]) for role in self.joins})
+    self.argv = [*argv, f"--config.launch.syncer={self.address}"]
+    self.max_restarts = int(os.environ.get("FEDJAX_LM_DECOUPLED_RESTARTS", "3"))
+    self.procs, self.restarts, self.finished = {}, {r: 0 for r in self.args}, set()
+
+  def start(self, role: str) -> None:
+    out = open(os.path.join(self.logs, f"{role}.log"), "ab")
+    self.procs[role] = subprocess.Popen([*self.argv, *self.args[role]], env=self.env,
+                                        stdout=out, stderr=subprocess.STDOUT,
+                                        preexec_fn=launch_lib.die_with_parent)
+    out.close()
+    with open(os.path.join(self.workdir, "roles.json"), "w", encoding="utf-8") as f:
+      json.dump({r: {"pid": p.pid, "address": self.address if r == "syncer" else None,
+                     "restarts": self.restarts[r]} for r, p in self.procs.items()}, f, indent=1)
+
+  def start_joiners(self) -> None:
+    """Elastic: a ``launch.join`` island starts once the run is that far."""
+    for role, step in list(self.joins.items()):
+      if _progress(self.workdir) >= step:
+        print(f"[launch] {role} joins at step {_progress(self.workdir)}", file=sys.stderr)
+        self.start(role)
+        del self.joins[role]
+
+  def check(self) -> int | None:
+    """Restarts a role that died (at most ``max_restarts`` times each); 1 once one died too
+    often, 0 once every role finished, None while the run goes on."""
+    for role, proc in list(self.procs.items()):
+      if role in self.finished or proc.poll() is None:
+        continue
+      if proc.returncode == 0:
+        self.finished.add(role)
+      elif self.restarts[role] < self.max_restarts:
+        self.restarts[role] += 1
+        print(f"[launch] {role} exited with {proc.returncode}: restarting it "
+              f"({self.restarts[role]}/{self.max_restarts})", file=sys.stderr)
+        self.start(role)
+      else:
+        print(f"[launch] {role} exited with {proc.returncode} {self.max_restarts + 1} times: "
+              "stopping the run", file=sys.stderr)
+        launch_lib.print_tail(os.path.join(self.logs, f"{role}.log"))
+        return 1
+    return 0 if len(self.finished) == len(self.args) else None
+
+
 def run(argv: list[str], config, workdir: str, poll_seconds: float = 0.2) -> int:
   """Runs every role of ``config`` here; returns the job's exit code (0 when the syncer and
   every island finished)."""
-  logs = os.path.join(workdir, "logs")
-  os.makedirs(logs, exist_ok=True)
-  address = f"{config.launch.interface or '127.0.0.1'}:{launch_lib.free_port()}"
-  env = _env(wire.new_secret())
-  roles = {"syncer": ["--config.launch.role=syncer"]}
-  joins = {f"island_{k}": step for k, step in health.parse_pairs(config.launch.join,
-                                                                  "launch.join")}
-  for k in range(int(config.islands.num)):
-    roles[f"island_{k}"] = ["--config.launch.role=island", f"--config.launch.island={k}"]
-  for role in joins:
-    roles[role] = ["--config.launch.role=island", f"--config.launch.island={role[7:]}"]
-  common = [f"--config.launch.syncer={address}"]
-  max_restarts = int(os.environ.get("FEDJAX_LM_DECOUPLED_RESTARTS", "3"))
-  procs, restarts, finished = {}, {r: 0 for r in roles}, set()
-
-  def start(role):
-    out = open(os.path.join(logs, f"{role}.log"), "ab")
-    procs[role] = subprocess.Popen([*argv, *roles[role], *common], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, preexec_fn=launch_lib.die_with_parent)
-    out.close()
-    with open(os.path.join(workdir, "roles.json"), "w", encoding="utf-8") as f:
-      json.dump({r: {"pid": p.pid, "address": address if r == "syncer" else None,
-                     "restarts": restarts[r]} for r, p in procs.items()}, f, indent=1)
-
+  roles = _Roles(argv, config, workdir)
   stop = {"signal": None}
 
   def forward(signum, _frame):
     stop["signal"] = signum
 
   old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-  code = 0
   try:
-    start("syncer")
-    for role in roles:
-      if role != "syncer" and role not in joins:
-        start(role)
-    while len(finished) < len(roles):
-      for role, step in list(joins.items()):  # elastic: start it once the run is that far
-        if _progress(workdir) >= step:
-          print(f"[launch] {role} joins at step {_progress(workdir)}", file=sys.stderr)
-          start(role)
-          del joins[role]
+    for role in roles.args:
+      if role not in roles.joins:
+        roles.start(role)
+    while True:
+      roles.start_joiners()
       if stop["signal"] is not None:
-        code = 128 + stop["signal"]
-        break
-      for role, proc in list(procs.items()):
-        if role in finished or proc.poll() is None:
-          continue
-        if proc.returncode == 0:
-          finished.add(role)
-        elif restarts[role] < max_restarts:
-          restarts[role] += 1
-          print(f"[launch] {role} exited with {proc.returncode}: restarting it "
-                f"({restarts[role]}/{max_restarts})", file=sys.stderr)
-          start(role)
-        else:
-          print(f"[launch] {role} exited with {proc.returncode} {max_restarts + 1} times: "
-                "stopping the run", file=sys.stderr)
-          launch_lib.print_tail(os.path.join(logs, f"{role}.log"))
-          code = 1
-          break
-      else:
-        time.sleep(poll_seconds)
-        continue
-      break
+        return 128 + stop["signal"]
+      code = roles.check()
+      if code is not None:
+        return code
+      time.sleep(poll_seconds)
   finally:
-    launch_lib.terminate(list(procs.values()))
+    launch_lib.terminate(list(roles.procs.values()))
     for s, h in old.items():
       signal.signal(s, h)
-  return code

@@ -54,9 +54,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from fedjax_lm import config_lib
+from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
 from fedjax_lm import faults
@@ -155,43 +154,15 @@ class Syncer:
     self.quorum = int(config.outer.quorum)
     self.timeout_s = float(config.outer.round_timeout_seconds)
     self.total = int(config.total_steps)
-    single = single_island_config(config)
-    mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1},
-                              jax.devices()[:1])
-    model_cfg = model_lib.ModelConfig.from_config(config.model)
     self.asynchronous = config.outer.policy == "async"
-    outer_tx = None
-    if self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
-      hp = outer.resolved_hparams(config.outer)
-      outer_tx = delayed.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0),
-                                          int(config.outer.delay_every) or self.num)
-    self.engine = engine.build(single, mesh, model_cfg, outer_tx=outer_tx)
-    self.spec = self.engine.spec
-    self.schedule = self.engine.clock.schedule
-    graphdef, abstract = model_lib.build(model_cfg)
-    self.fingerprint = fingerprint(config, abstract)
-    tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
-    self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
-                                        tokenizer)
-    self.server = self.engine.init(jax.random.key(int(config.seed))).server
+    self._build_programs(config)
     frags = range(self.spec.frags.num)
-    self._receive: dict[tuple[int, int], Any] = {}  # async: (fragment, islands) -> program
-    self._reducers: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> reduce program
-    self._outer = [jax.jit(functools.partial(stages.receive, self.spec, p),
-                           donate_argnums=0, out_shardings=self.engine.state_shardings.server)
-                   for p in frags]  # the islands' own outer-step program
-    # What one island sends per fragment (abstract): the layout every send is checked against.
-    state = jax.eval_shape(self.engine.init, jax.random.key(0))
-    self._sent = [jax.eval_shape(self.engine.programs.encode[p], state.islands, state.server,
-                                 jax.ShapeDtypeStruct((), jnp.int32),
-                                 jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
-    self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
     self.closed: dict[int, int] = {p: 0 for p in frags}  # last closed send step per fragment
-    # per fragment: {step: its global values just after round step closed}, the last two
-    # rounds (outer.delay: an island asks for round r - 1's global after round r may close)
-    self.after_round: dict[int, dict[int, list]] = {p: {} for p in frags}
+    # per fragment: {step: the round's mean and what it applies on}, the last two rounds
+    # (outer.delay: an island asks for round r - 1 after round r may close)
+    self.after_round: dict[int, dict[int, _Closed]] = {p: {} for p in frags}
     self.members: dict[int, dict] = {}  # island -> {"last": time, "live": bool}
     # Islands expected but not yet joined -> the time they are dropped if they have not: the
     # first islands.num from the start (a round must not close before a slow starter came
@@ -211,18 +182,44 @@ class Syncer:
     self.done = False
     self.checkpoint_every = int(config.launch.syncer_checkpoint_every) or self.num
     self.checkpoints = 0  # saves by this process
-    self.ckpt = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "syncer_checkpoints")),
-        item_names=("server", "meta"),
-        item_handlers={"server": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    if not self._restore():
-      self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
+    self.plan = faults.Plan.from_config(config)
     self.metrics = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
     self._updates = metrics_lib.JsonlWriter(os.path.join(workdir, "updates.jsonl"))
-    self.plan = faults.Plan.from_config(config)
+    self.ckpt = ckpt_lib.Checkpointer(workdir, every=1, keep=2, name="syncer_checkpoints")
+    if not self._restore():
+      self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
+
+  def _build_programs(self, config) -> None:
+    """The island's engine (M = 1, outer step on receipt) on this process's first device:
+    the reduce and outer-step programs rounds run, the evaluator, the sends' layout."""
+    mesh = mesh_lib.make_mesh({"island": 1, "data": 1, "fsdp": 1, "tensor": 1},
+                              jax.devices()[:1])
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    outer_tx = None
+    if self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
+      hp = outer.resolved_hparams(config.outer)
+      outer_tx = delayed.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0),
+                                          int(config.outer.delay_every) or self.num)
+    self.engine = engine.build(single_island_config(config), mesh, model_cfg, outer_tx=outer_tx)
+    self.spec, self.schedule = self.engine.spec, self.engine.clock.schedule
+    graphdef, abstract = model_lib.build(model_cfg)
+    self.fingerprint = fingerprint(config, abstract)
+    self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
+                                        data_lib.get_tokenizer(config.data.tokenizer))
+    self.server = self.engine.init(jax.random.key(int(config.seed))).server
+    frags = range(self.spec.frags.num)
+    self._receive: dict[tuple[int, int], Any] = {}  # async: (fragment, islands) -> program
+    self._reducers: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> reduce program
+    self._outer = [jax.jit(functools.partial(stages.receive, self.spec, p),
+                           donate_argnums=0, out_shardings=self.engine.state_shardings.server)
+                   for p in frags]  # the islands' own outer-step program
+    # What one island sends per fragment (abstract): the layout every send is checked against.
+    state = jax.eval_shape(self.engine.init, jax.random.key(0))
+    self._sent = [jax.eval_shape(self.engine.programs.encode[p], state.islands, state.server,
+                                 jax.ShapeDtypeStruct((), jnp.int32),
+                                 jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
+    self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
 
   # ------------------------------------------------------------------ checkpoint
   def _meta(self) -> dict:
@@ -232,24 +229,19 @@ class Syncer:
             "applied_steps": self.applied_steps}
 
   def _save(self) -> None:
-    self.ckpt.save(self.version, args=ocp.args.Composite(
-        server=ocp.args.StandardSave(self.server), meta=ocp.args.JsonSave(self._meta())),
-        force=True)
-    self.ckpt.wait_until_finished()
+    self.ckpt.save(self.version, self.server, None, force=True, clock=self._meta())
+    self.ckpt.wait()
     self.checkpoints += 1
     with open(os.path.join(self.workdir, "progress.json"), "w", encoding="utf-8") as f:
       json.dump({"closed_through": min(self.closed.values()), "version": self.version,
                  "checkpoints": self.checkpoints}, f)
 
   def _restore(self) -> bool:
-    step = self.ckpt.latest_step()
+    abstract = ckpt_lib.abstract_like(self.server, self.engine.state_shardings.server)
+    step, server = self.ckpt.restore_latest(abstract, None, layout={})
     if step is None:
       return False
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.server, self.engine.state_shardings.server)
-    got = self.ckpt.restore(step, args=ocp.args.Composite(
-        server=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    self.server, meta = got["server"], got["meta"]
+    self.server, meta = server, self.ckpt.json(step, "clock")
     self.closed = {int(k): v for k, v in meta["closed"].items()}
     self.version, self.evaluated = meta["version"], meta["evaluated"]
     self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
