@@ -1,13 +1,16 @@
 """One decoupled island: its own JAX job training alone, talking only to the syncer.
 
-The island builds the same engine as the mesh-axis mode with M = 1 on its own devices (its own
-in-island mesh, its own batch), reads data partition ``launch.island`` of ``islands.max_num``
-(default ``islands.num``), and follows the same clock: at a SEND it runs the same encode program
-(pseudo-gradient against its copy of the global fragment, error feedback, codec) and sends the
-encoded payload; at the RECEIVE (just before the MERGE, tau steps later) it asks the syncer for
-the new global fragment; at the MERGE it runs the same merge program. It heartbeats on a
-thread. On start it joins: the syncer checks its fingerprint and hands it the current global
-params, the step to start at and its data position (live recovery after a crash).
+The island runs the mesh-axis engine and loop with M = 1 on its own devices (its own in-island
+mesh, its own batch): ``engine.build`` with a :class:`remote.RemoteLink` to the syncer and the
+run's clock as this island sees it (:meth:`Clock.from_config` ``member``; async: its own
+:class:`clock.LocalClock`). The clock's events go through the engine's one ``sync``, exactly as
+in the mesh-axis mode: SEND runs the encode program and the link sends the payload; RECEIVE
+(just before the MERGE, or with ``outer.delay`` just before the next send) takes the round's
+mean from the syncer through the same outer-step program; MERGE runs the merge program. So
+every variant runs here unchanged. Data: partition ``launch.island`` of ``islands.max_num``
+(default ``islands.num``). It heartbeats on a thread. On start it joins: the syncer checks its
+fingerprint and hands over its server state, the step to start at and this island's data
+position (live recovery after a crash).
 
 ``islands.speed`` emulates slower hardware: with speed f < 1 the island sleeps after each inner
 step so that the step's compute takes 1/f of its measured time (the exchange with the syncer is
@@ -44,6 +47,8 @@ from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import syncer as syncer_lib
 from fedjax_lm.engine import clock as clock_lib
+from fedjax_lm.engine import merges
+
 
 def speeds(config) -> list[float]:
   text = str(config.islands.speed).strip()
@@ -83,8 +88,8 @@ def build(config, client, secret: bytes) -> Job:
   if asynchronous:
     clock = clock_lib.LocalClock(int(config.outer.sync_every), 0, int(config.total_steps))
   else:  # the run's clock (drop-out drawn over every partition), this island's entry
-    clock = clock_lib.Clock.from_config(config, receive_at_merge=True, member=k, num=parts,
-                                        delayed=config.outer.delay != "none")
+    clock = clock_lib.Clock.from_config(config, receive_at_merge=link.overlaps, member=k,
+                                        num=parts, delayed=merges.from_config(config.outer).delayed)
   eng = engine.build(one, mesh, model_lib.ModelConfig.from_config(config.model), link=link,
                      clock=clock, world=int(config.islands.num))
   return Job(eng, link, batches, k)

@@ -558,6 +558,11 @@ class Syncer:
         self._maybe_close(p)
       self.lock.notify_all()
 
+  def close(self) -> None:
+    for writer in (self.metrics, self._events, self._updates):
+      writer.close()
+    self.ckpt.close()
+
   def methods(self) -> dict:
     return {"Join": self.join, "Heartbeat": self.heartbeat, "Send": self.send,
             "Receive": self.receive, "Leave": self.leave}
@@ -608,6 +613,4 @@ def serve(config, workdir: str) -> None:
           break
   finally:
     server.stop(grace=1.0)
-    for writer in (syncer.metrics, syncer._events, syncer._updates):  # pylint: disable=protected-access
-      writer.close()
-    syncer.ckpt.close()
+    syncer.close()
