@@ -91,7 +91,7 @@ def _train(alg, state, batches, first: int = 0):
 
 @pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.m1_equals])
 def test_one_island_identity(name, one_device):
-  steps = 12
+  steps = 8
 
   def run(variant):
     config = (tiny_config(algorithm="ddp", total_steps=steps) if variant == "plain" else
@@ -130,9 +130,9 @@ def test_cross_island_bytes_are_the_accounted_payload(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_alone_resumes_exactly(name, one_device):
-  """Steps 1-6, the state to the host and back into a new engine, steps 7-12: bit for bit
+  """Steps 1-5, the state to the host and back into a new engine, steps 6-10: bit for bit
   the uninterrupted run's losses and params (the host link settles its exchanges first)."""
-  steps, cut = 12, 6
+  steps, cut = 10, 5
   config = _config(name, total_steps=steps)
   alg = _build(config, one_device)
   whole, whole_losses = _train(alg, alg.init(jax.random.key(0)), _batches(2, steps))

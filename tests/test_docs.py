@@ -16,6 +16,7 @@ Extraction rules (simple on purpose; fenced code blocks are skipped):
   value of the docs' code (``state.islands``: the engine's state) are fields, not modules.
 """
 
+import ast
 import glob
 import importlib
 import importlib.util
@@ -115,6 +116,8 @@ def _resolves(module: str, attrs: list[str]) -> bool:
         continue
     except ModuleNotFoundError:
       continue
+    if name.split(".")[0] == "experiments":  # commands define absl flags when imported: read
+      return not attrs[i:] or attrs[i] in _top_level_names(importlib.util.find_spec(name).origin)
     obj = importlib.import_module(name)
     try:
       for attr in attrs[i:]:
@@ -123,6 +126,18 @@ def _resolves(module: str, attrs: list[str]) -> bool:
       return False
     return True
   return False
+
+
+def _top_level_names(path: str) -> set[str]:
+  """The functions, classes and assigned names at the top of the module at ``path``."""
+  names = set()
+  for node in ast.parse(open(path, encoding="utf-8").read()).body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names |= {t.id for t in targets if isinstance(t, ast.Name)}
+  return names
 
 
 def _is_config_key(name: str, config) -> bool:

@@ -331,10 +331,15 @@ def test_one_core_heap_tunables_stop_the_per_step_page_faults():
 def test_compare_runs_every_study_set_by_name_and_keeps_only_method_sets_itself():
   """``compare --set NAME`` finds a study's set (experiments/studies/<name>/sets.py) as well as
   its own; every row names a config that exists and a unique run name within its set."""
-  from experiments import compare  # pylint: disable=g-import-not-at-top
-  sets = compare.run_sets()
+  # compare defines absl flags when imported (as other commands do): read it in a process
+  # of its own
+  out = subprocess.run([sys.executable, "-c", (
+      "import json; from experiments import compare; "
+      "print(json.dumps([compare.run_sets(), list(compare.RUN_SETS)]))")], cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+  sets, own = json.loads(out.stdout.strip().splitlines()[-1])
   assert not any(n.startswith(("eager", "budget", "sparseloco", "fidelity", "m_rows"))
-                 for n in compare.RUN_SETS)
+                 for n in own)
   for name in ("eager_quick", "budget_2000", "sparseloco", "sparseloco_2000", "fidelity_1000",
                "m_rows64", "methods"):
     assert name in sets, name

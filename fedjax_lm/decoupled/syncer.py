@@ -504,12 +504,14 @@ class Syncer:
     self._record(contributions)
 
   def _record(self, contributions: list) -> None:
-    """Data positions and payload bytes of the accepted contributions."""
-    for island, arrays, _, position in contributions:
+    """Data positions and payload bytes of the accepted contributions. An island absent from
+    the round (drop-out, weight 0) counts no payload, as in the mesh-axis accounting (its
+    zeros still travel here: the round must hear from it)."""
+    for island, arrays, weight, position in contributions:
       if position:
         self.data_positions[str(island)] = position
       self.payload_bytes[str(island)] = (self.payload_bytes.get(str(island), 0) +
-                                         sum(a.nbytes for a in arrays))
+                                         sum(a.nbytes for a in arrays) * (weight != 0))
 
   def _payload_tree(self, p: int, arrays: list) -> Any:
     """An island's payload leaves (stacked) as the tree the receive program takes."""
