@@ -1,5 +1,8 @@
 """The algorithm box: one outer round of (Streaming) DiLoCo as top-level pure functions.
 
+Read first: ``fedjax_lm/reference.py``, the same algorithm in 40 lines of plain jax.numpy with
+the paper's numbered steps; the tests hold these stages to it.
+
     for every inner step:        islands = inner_step(islands, batch)       H local steps each
     for each fragment p sending: islands, sent = encode(p, islands, server)  delta = global - local,
                                                                             error feedback, codec
@@ -17,8 +20,6 @@ Health (:mod:`fedjax_lm.health`): an island tainted by a skipped non-finite step
 the send (drop-out), or with a non-finite pseudo-gradient sends zeros with weight 0 (absent) or
 -1 (masked), is left out of the mean, and restarts from (or, absent with ``keep``, keeps its
 params at) the merge.
-
-The reference these stages must equal, in plain jax.numpy: :mod:`fedjax_lm.reference`.
 
 Variants live in their own modules and enter only through the hooks the stages call:
 merge policies (``spec.merge``, :mod:`fedjax_lm.engine.merges`: alpha-mix, our eager updates,
@@ -270,10 +271,6 @@ def merge(spec: Spec, p: int, islands: Islands, server: Server) -> Islands:
 
 
 # ----------------------------------------------------------------------- helpers
-def _zeros_like(tree: Any) -> Any:
-  return jax.tree.map(jnp.zeros_like, tree)
-
-
 def _broadcast(spec: Spec, params: Any) -> Any:
   stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (spec.num,) + g.shape), params)
   return jax.lax.with_sharding_constraint(stacked, spec.shardings.islands.params)
