@@ -36,15 +36,20 @@ import grpc
 from fedjax_lm import wire
 
 SERVICE = "fedjax_lm.Syncer"
-MAX_MESSAGE_BYTES = 1 << 30
+MAX_MESSAGE_BYTES = 1 << 30  # what the syncer accepts (work before authentication is bounded)
+# What the syncer may send and an island accept: gRPC's largest message (int32 length), so a
+# joiner of a 150M-parameter model takes its params and outer state (1.2 GB) in one reply.
+MAX_REPLY_BYTES = (1 << 31) - 1
 _TOKEN_AGE_S = 300.0
-_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+_SERVER_OPTIONS = [("grpc.max_send_message_length", MAX_REPLY_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 # Reconnect within a second of a restarted syncer coming back (gRPC's default backoff grows to
 # minutes: measured here, islands with a 2 s heartbeat were dropped by a syncer that was up).
-_CLIENT_OPTIONS = _OPTIONS + [("grpc.initial_reconnect_backoff_ms", 200),
-                              ("grpc.min_reconnect_backoff_ms", 100),
-                              ("grpc.max_reconnect_backoff_ms", 1000)]
+_CLIENT_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def _token(secret: bytes, method: str, who: str) -> str:
@@ -127,7 +132,7 @@ def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[byte
   # silently, the kernel splitting connections between the two (the likely cause of a CI run
   # where one test's island got UNAVAILABLE from a syncer that another island had joined).
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads),
-                       options=_OPTIONS + [("grpc.so_reuseport", 0)],
+                       options=_SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
                        interceptors=[_Auth(secret)])
 
   def wrap(fn):
