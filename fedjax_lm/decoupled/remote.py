@@ -140,9 +140,13 @@ class RemoteLink:
     put = jax.jit(lambda server, values: server._replace(
         params=spec.frags.put(server.params, p, values)), donate_argnums=0, out_shardings=sh)
     take_over = jax.jit(functools.partial(adopt, spec), donate_argnums=0, out_shardings=sh)
+    shapes = [tuple(x.shape) for x in spec.frag_abstract[p]]
 
     def program(server: Any, delivered: tuple[str, list]) -> Any:
       kind, arrays = delivered
+      if kind in (MEAN, GLOBAL) and ([tuple(a.shape) for a in arrays[:len(shapes)]] != shapes
+                                     or len(arrays) != len(shapes) + 2 * (kind == MEAN)):
+        raise wire.WireError(f"the syncer's {kind} of fragment {p} does not match its layout")
       if kind == MEAN:
         *mean, count, masked = arrays
         reduced = stages.Reduced(tuple(jax.device_put(m, s) for m, s in zip(mean, mean_sh)),
