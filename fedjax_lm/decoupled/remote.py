@@ -35,7 +35,6 @@ import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lm import wire
@@ -86,7 +85,6 @@ class RemoteLink:
     self.local_steps = None  # async: the H the syncer set for the next local phase
     self.stopping = False  # async: the run's tokens are in; the island stops
     self.sent_bytes = 0  # encoded payload bytes sent (the weight is control, not counted)
-    self._server_treedef = None
 
   # ------------------------------------------------------------------ the link's halves
   def start(self, sent: Any, fragment: int, step: int, gathered: Any = None) -> Ticket:
