@@ -181,6 +181,11 @@ def _launch() -> ml_collections.ConfigDict:
   # decoupled: rounds wait this long for an expected island (the first islands.num from the
   # start, a launch.join one once the run is that far) to join before going on without it
   s.join_grace_seconds = 120.0
+  # decoupled: the syncer refuses (logs, and leaves out of the sum) a payload whose norm exceeds
+  # norm_bound x the median of the fragment's last norm_window accepted ones (0 = no norm
+  # check; a non-finite payload is refused either way) (fedjax_lm/decoupled/validate.py)
+  s.norm_bound = 10.0
+  s.norm_window = 8
   # Network paths between processes (the host link): the job's shared secret (the local
   # launcher makes one; on a cluster, a file the scheduler distributes) and the interface to
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
@@ -287,6 +292,10 @@ def _validate_launch(c) -> None:
          f"launch.join_grace_seconds={c.launch.join_grace_seconds} must be > 0")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")
+  _check(float(c.launch.norm_bound) == 0 or 1 < float(c.launch.norm_bound) < float("inf"),
+         f"launch.norm_bound={c.launch.norm_bound} must be 0 (off) or > 1")
+  _check(int(c.launch.norm_window) >= 1,
+         f"launch.norm_window={c.launch.norm_window} must be >= 1")
 
 
 def _validate_decoupled(c) -> None:
