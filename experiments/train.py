@@ -40,7 +40,8 @@ def main(argv):
                                  pin_cores=bool(config.launch.pin_cores)))
   if config.launch.mode in ("local", "none") and not launch.is_launched_child():
     cpu.emulate_island_devices(config)  # before JAX starts its CPU backend
-  launch.initialize(config.launch.mode, int(config.launch.heartbeat_seconds))
+  launch.initialize(config.launch.mode, int(config.launch.heartbeat_seconds),
+                    interface=config.launch.interface)
   # pylint: disable-next=g-import-not-at-top  (after distributed init)
   import jax
   from fedjax_lm import checkpoint as ckpt_lib

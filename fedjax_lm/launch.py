@@ -12,13 +12,14 @@ stops every process (non-zero exit) as soon as any one fails: it never waits on 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from fedjax_lm import cpu
 from fedjax_lm import wire
@@ -38,30 +39,78 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def initialize(mode: str, heartbeat_seconds: int = 20) -> None:
+def coordinator_bind(coordinator_address: str, interface: str = "") -> str:
+  """Where process 0's ``jax.distributed`` coordinator listens: ``interface`` (a host name or
+  address; IPv6 with or without brackets) if given, else the coordinator address's own host,
+  on the coordinator's port. JAX's default, ``[::]:port``, is every interface: a client in
+  another network namespace registered as process 1 and overwrote its host-link address in the
+  key-value store (issue 44). One clear error for an address that is not ``host:port``."""
+  host, sep, port = coordinator_address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ValueError(f"coordinator address {coordinator_address!r}: expected host:port "
+                     "([address]:port for IPv6)")
+  if ":" in host and not (host.startswith("[") and host.endswith("]")):
+    raise ValueError(f"coordinator address {coordinator_address!r}: an IPv6 address needs "
+                     "brackets, [address]:port")
+  if interface:
+    host = interface
+    if ":" in interface and not interface.startswith("["):
+      try:
+        ipaddress.IPv6Address(interface)
+      except ValueError:
+        raise ValueError(f"launch.interface={interface!r}: expected a host name or address, "
+                         "without a port") from None
+      host = f"[{interface}]"
+  return f"{host}:{port}"
+
+
+def distributed_args(mode: str, interface: str = "",
+                     environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+  """The keyword arguments :func:`initialize` gives ``jax.distributed.initialize`` for
+  ``mode`` in ``environ`` (default ``os.environ``); None where it is not called. The
+  coordinator binds :func:`coordinator_bind`'s address whenever the coordinator address is
+  known here: the local launcher's (loopback, which its children dial, so ``interface`` does
+  not apply) or ``JAX_COORDINATOR_ADDRESS`` on a plain scheduler (``interface`` applies);
+  ``JAX_COORDINATOR_BIND_ADDRESS``, if set, is left to JAX. Under a scheduler's
+  auto-detection the coordinator address is only known inside JAX, which binds its default."""
+  environ = os.environ if environ is None else environ
+  if mode not in ("local", "cluster", "none"):
+    raise ValueError(f"launch.mode={mode!r}: expected 'local', 'cluster' or 'none'")
+  if mode == "local" and ENV_PROCESS_ID in environ:
+    coordinator = environ[ENV_COORDINATOR]
+    return dict(coordinator_address=coordinator,
+                num_processes=int(environ[ENV_NUM_PROCESSES]),
+                process_id=int(environ[ENV_PROCESS_ID]),
+                coordinator_bind_address=coordinator_bind(coordinator))
+  if mode != "cluster":
+    return None
+  args = {}
+  if ENV_PROCESS_ID in environ:
+    args = dict(num_processes=int(environ[ENV_NUM_PROCESSES]),
+                process_id=int(environ[ENV_PROCESS_ID]))
+  coordinator = environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if coordinator and not environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+    args["coordinator_bind_address"] = coordinator_bind(coordinator, interface)
+  return args
+
+
+def initialize(mode: str, heartbeat_seconds: int = 20, interface: str = "") -> None:
   """Joins the job's processes before JAX is used. ``mode``: local | cluster | none.
 
   ``cluster``: the scheduler's settings (``jax.distributed.initialize()`` auto-detection), or,
   for a plain scheduler, ``JAX_COORDINATOR_ADDRESS`` plus ``FEDJAX_LM_NUM_PROCESSES`` and
   ``FEDJAX_LM_PROCESS_ID`` in each process's environment. A peer that dies is noticed by the
   coordination service within ``heartbeat_seconds`` (and usually at once by the gloo
-  collective it leaves hanging): every other process then exits non-zero, never hangs."""
+  collective it leaves hanging): every other process then exits non-zero, never hangs.
+  Process 0's coordinator listens on one address, not all (:func:`distributed_args`;
+  ``interface`` is ``launch.interface``)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
-  explicit = {}
-  if mode == "cluster" and ENV_PROCESS_ID in os.environ:
-    explicit = dict(num_processes=int(os.environ[ENV_NUM_PROCESSES]),
-                    process_id=int(os.environ[ENV_PROCESS_ID]))
-  if mode == "local" and is_launched_child():
-    explicit = dict(coordinator_address=os.environ[ENV_COORDINATOR],
-                    num_processes=int(os.environ[ENV_NUM_PROCESSES]),
-                    process_id=int(os.environ[ENV_PROCESS_ID]))
-  if mode == "cluster" or explicit:
-    jax.distributed.initialize(**explicit, initialization_timeout=120,
+  args = distributed_args(mode, interface)
+  if args is not None:
+    jax.distributed.initialize(**args, initialization_timeout=120,
                                heartbeat_timeout_seconds=int(heartbeat_seconds))
-  elif mode not in ("local", "none"):
-    raise ValueError(f"launch.mode={mode!r}: expected 'local', 'cluster' or 'none'")
 
 
 def die_with_parent() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import struct
@@ -65,6 +66,13 @@ def job_secret(secret_file: str = "") -> bytes:
   return value.encode()
 
 
+def _short(x, limit: int = 200) -> str:
+  """``repr(x)`` cut to ``limit`` characters: an error line quotes a peer's value, not 64 KiB
+  of it."""
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _dtype(name: str) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
@@ -103,6 +111,8 @@ def unpack(secret: bytes, message: bytes, kind: str | Sequence[str]
     got, meta, specs = header["kind"], header["meta"], header["arrays"]
     if not isinstance(meta, dict) or not isinstance(specs, list):
       raise TypeError("meta must be an object and arrays a list")
+  except RecursionError as e:  # json.loads of deeply nested input: no traceback, one line
+    raise WireError("malformed header: nested too deeply") from e
   except (ValueError, KeyError, TypeError) as e:
     raise WireError(f"malformed header: {e}") from e
   kinds = (kind,) if isinstance(kind, str) else tuple(kind)
@@ -113,12 +123,17 @@ def unpack(secret: bytes, message: bytes, kind: str | Sequence[str]
     if (not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or
         not isinstance(spec.get("shape"), list) or
         not all(isinstance(d, int) and d >= 0 for d in spec["shape"])):
-      raise WireError(f"bad array spec {spec!r}")
+      raise WireError(f"bad array spec {_short(spec)}")
     dtype = _dtype(spec["dtype"])
-    size = int(np.prod(spec["shape"], dtype=np.int64)) * dtype.itemsize
+    # Python ints: np.prod in int64 wraps (2**32 x 2**32 gave 0 bytes, then a reshape error).
+    size = math.prod(spec["shape"]) * dtype.itemsize
     if offset + size > len(body):
-      raise WireError(f"truncated payload: {len(body) - offset} bytes left, {size} declared")
-    arrays.append(np.frombuffer(body[offset:offset + size], dtype).reshape(spec["shape"]))
+      declared = size if size < 2**63 else "over 2**63"  # str() of 4300+ digits raises
+      raise WireError(f"truncated payload: {len(body) - offset} bytes left, {declared} declared")
+    try:  # numpy's own limits (at most 64 dims, each size within intp)
+      arrays.append(np.frombuffer(body[offset:offset + size], dtype).reshape(spec["shape"]))
+    except ValueError as e:
+      raise WireError(f"bad array spec {_short(spec)}: {e}") from e
     offset += size
   if offset != len(body):
     raise WireError(f"{len(body) - offset} bytes after the declared arrays")

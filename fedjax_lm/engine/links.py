@@ -43,6 +43,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import jax
@@ -200,16 +201,25 @@ def gather_weights(weight: jax.Array, mesh: Any, link: Any) -> jax.Array:
 # ------------------------------------------------------------------ the host link's wire
 _LEN = struct.Struct("!Q")
 _ID = struct.Struct("!q")
+HANDSHAKE_S = 5.0  # a connection that has not answered the nonce by then is dropped
+_POLL_S = 0.1  # how often the acceptor looks up from accept() to see whether it is done
 
 
 def _client():
   return distributed.global_state.client
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+def _recv_exactly(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+  """``n`` bytes from ``sock``; with ``deadline`` (``time.monotonic()``), TimeoutError once it
+  passes however the bytes trickle in (a per-call socket timeout restarts with every byte)."""
   buf = bytearray(n)
   view, got = memoryview(buf), 0
   while got < n:
+    if deadline is not None:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        raise TimeoutError("handshake deadline passed")
+      sock.settimeout(left)
     k = sock.recv_into(view[got:], n - got)
     if not k:
       raise ConnectionError("peer closed the connection")
@@ -239,6 +249,7 @@ class _Peers:
                             f"{host}:{self.listener.getsockname()[1]}")
     self.send: dict[int, socket.socket] = {}
     self.recv: dict[int, socket.socket] = {}
+    self._held: dict[tuple, dict[int, set]] = {}  # per payload layout (shapes, shardings)
 
   def connect(self):
     if self.send:
@@ -261,8 +272,13 @@ class _Peers:
 
   def all_gather(self, meta: dict, arrays: list, leaves: list) -> list[dict]:
     """Sends this process's shards to every peer and returns each peer's, as
-    ``{(leaf, index): array}``, every shard checked against ``leaves`` (dtype, bounds)."""
+    ``{(leaf, index): array}``, every shard checked against ``leaves`` (dtype, bounds) and each
+    peer's list against the shards its devices hold (:func:`_held`): no more, no fewer."""
     self.connect()
+    layout = tuple((tuple(x.shape), x.sharding) for x in leaves)
+    held = self._held.get(layout)
+    if held is None:
+      held = self._held[layout] = _held(leaves)
     message = wire.pack(self.secret, "island_exchange", meta, arrays)
     framed = _LEN.pack(len(message)) + message
     senders = [threading.Thread(target=sock.sendall, args=(framed,), daemon=True)
@@ -280,8 +296,8 @@ class _Peers:
       if (got.get("step"), got.get("fragment")) != (meta["step"], meta["fragment"]):
         raise RuntimeError(f"island exchange out of order: expected step {meta['step']} "
                            f"fragment {meta['fragment']} from process {q}, got step "
-                           f"{got.get('step')} fragment {got.get('fragment')}")
-      out.append(_check_shards(q, got.get("shards"), arrays, leaves))
+                           f"{_short(got.get('step'))} fragment {_short(got.get('fragment'))}")
+      out.append(_check_shards(q, got.get("shards"), arrays, leaves, held.get(q, set())))
     for t in senders:
       t.join()
     return out
@@ -294,47 +310,149 @@ def hello(sock: socket.socket, secret: bytes, me: int) -> None:
 
 
 def accept_peers(listener: socket.socket, secret: bytes, me: int, count: int,
-                 timeout_s: float = _TIMEOUT_MS / 1000) -> dict[int, socket.socket]:
-  """Accepts one authenticated connection from each of the other ``count - 1`` processes. A
-  connection that fails the handshake (no secret, a wrong one, an unexpected or duplicate
-  process id) is refused and logged before a byte of its payload is read."""
-  listener.settimeout(timeout_s)
+                 timeout_s: float = _TIMEOUT_MS / 1000, handshake_s: float = HANDSHAKE_S
+                 ) -> dict[int, socket.socket]:
+  """Accepts one authenticated connection from each of the other ``count - 1`` processes;
+  returns them by process id once all are in, or those it has when ``timeout_s`` passes.
+
+  Handshakes run concurrently, each on its own thread with a ``handshake_s`` deadline, at most
+  ``2 * count`` at a time (more wait in the listen backlog): a silent or slow connection holds
+  one slot for ``handshake_s`` at most and never delays the peers behind it (accepted one at a
+  time with the full timeout, two silent connections delayed the first exchange by 90 s). A
+  connection that fails the handshake (no secret or a wrong one; this process's own, an
+  out-of-range or an already connected process id; no answer in time) is refused, closed and
+  logged in one line before a byte of its payload is read."""
+  deadline = time.monotonic() + timeout_s
+  lock = threading.Lock()
   peers: dict[int, socket.socket] = {}
-  while len(peers) < count - 1:
-    conn, address = listener.accept()
-    conn.settimeout(timeout_s)
+  pending: set[socket.socket] = set()
+  slots = threading.BoundedSemaphore(2 * max(count, 1))
+  state = {"done": False}
+
+  def admit(who: int, conn: socket.socket) -> None:
+    with lock:
+      if state["done"]:
+        raise wire.WireError("arrived after the exchange stopped accepting")
+      if who == me:
+        raise wire.WireError(f"peer claims process {who}, which is this process")
+      if not 0 <= who < count:
+        raise wire.WireError(f"peer claims process {who}, out of range for {count} processes")
+      if who in peers:
+        raise wire.WireError(f"peer claims process {who}, which is already connected")
+      peers[who] = conn
+      pending.discard(conn)
+
+  def handshake(conn: socket.socket, address: Any) -> None:
     try:
+      end = time.monotonic() + handshake_s
+      conn.settimeout(handshake_s)
       nonce = wire.challenge()
       conn.sendall(nonce)
-      (who,) = _ID.unpack(_recv_exactly(conn, _ID.size))
-      wire.check_answer(secret, nonce, f"process/{who}", _recv_exactly(conn, 32))
-      if who == me or not 0 <= who < count or who in peers:
-        raise wire.WireError(f"peer claims process {who}, which is not expected here")
+      reply = _recv_exactly(conn, _ID.size + 32, end)
+      (who,) = _ID.unpack(reply[:_ID.size])
+      wire.check_answer(secret, nonce, f"process/{who}", reply[_ID.size:])
+      conn.settimeout(timeout_s)  # the exchanges' own timeout from here on
+      admit(who, conn)
     except (wire.WireError, ConnectionError, OSError) as e:
-      logging.warning("island exchange: refused a connection from %s: %s", address, e)
+      with lock:
+        pending.discard(conn)
+        late = state["done"]
+      reason = (str(e) if isinstance(e, wire.WireError) else
+                "the exchange stopped accepting" if late else
+                f"no handshake within {handshake_s:g} s" if isinstance(e, TimeoutError) else
+                f"{type(e).__name__}: {e}")
+      logging.warning("island exchange: refused a connection from %s: %s", address, reason)
       conn.close()
-      continue
-    peers[who] = conn
-  return peers
+    finally:
+      slots.release()
+
+  listener.settimeout(_POLL_S)
+  try:
+    while True:
+      with lock:
+        if len(peers) >= count - 1:
+          break
+      left = deadline - time.monotonic()
+      if left <= 0:
+        break
+      if not slots.acquire(timeout=min(left, _POLL_S)):
+        continue
+      try:
+        conn, address = listener.accept()
+      except TimeoutError:
+        slots.release()
+        continue
+      with lock:
+        pending.add(conn)
+      threading.Thread(target=handshake, args=(conn, address), daemon=True,
+                       name="island-handshake").start()
+  finally:
+    with lock:
+      state["done"] = True
+      for conn in pending:  # wakes their threads, which log and close them
+        try:
+          conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+      accepted = dict(peers)
+  return accepted
 
 
-def _check_shards(q: int, shards: Any, arrays: list, leaves: list) -> dict:
-  """``{(leaf, index): array}`` of a peer's message, each shard in bounds and of its leaf's
-  dtype and the shape its index says; one clear error otherwise."""
+def _short(x: Any, limit: int = 120) -> str:
+  """``repr(x)`` cut to ``limit`` characters: a refusal quotes a peer's value, not 64 KiB."""
+  text = repr(x)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _box(index: tuple, shape: tuple) -> tuple:
+  """A shard's index (slices) as ``((start, stop), ...)``: the key both sides use."""
+  return tuple(s.indices(d)[:2] for s, d in zip(index, shape))
+
+
+def _held(leaves: list) -> dict[int, set]:
+  """``{process: {(leaf, index), ...}}``: the distinct shards each process's devices hold, from
+  the leaves' shardings; exactly what each process sends (replicated copies once)."""
+  held: dict[int, set] = {}
+  for i, leaf in enumerate(leaves):
+    for device, index in leaf.sharding.devices_indices_map(tuple(leaf.shape)).items():
+      held.setdefault(device.process_index, set()).add((i, _box(index, leaf.shape)))
+  return held
+
+
+def _is_int(x: Any) -> bool:
+  return type(x) is int  # pylint: disable=unidiomatic-typecheck  (not a bool, float or str)
+
+
+def _check_shards(q: int, shards: Any, arrays: list, leaves: list, held: set) -> dict:
+  """``{(leaf, index): array}`` of process ``q``'s message: each shard in bounds, of its leaf's
+  dtype and the shape its index says, listed once, and together exactly the shards ``held``
+  (what ``q``'s devices hold): a missing one would be left zero, an extra one would overlap
+  another's. One clear error otherwise."""
   if not isinstance(shards, list) or len(shards) != len(arrays):
     raise wire.WireError(f"process {q}: shard list does not match its {len(arrays)} arrays")
   out = {}
   for entry, array in zip(shards, arrays):
-    try:
-      i, bounds = entry
+    ok = (isinstance(entry, list) and len(entry) == 2 and _is_int(entry[0]) and
+          0 <= entry[0] < len(leaves) and isinstance(entry[1], list) and
+          all(isinstance(b, list) and len(b) == 2 and _is_int(b[0]) and _is_int(b[1])
+              for b in entry[1]))
+    if ok:
+      i, index = entry[0], tuple(tuple(b) for b in entry[1])
       leaf = leaves[i]
-      index = tuple((int(a), int(b)) for a, b in bounds)
       ok = (len(index) == leaf.ndim and array.dtype == leaf.dtype and
             all(0 <= a <= b <= d for (a, b), d in zip(index, leaf.shape)) and
             array.shape == tuple(b - a for a, b in index))
-    except (TypeError, ValueError, IndexError):
-      ok = False
     if not ok:
-      raise wire.WireError(f"process {q}: shard {entry!r} does not fit the payload")
+      raise wire.WireError(f"process {q}: shard {_short(entry)} does not fit the payload")
+    if (i, index) in out:
+      raise wire.WireError(f"process {q}: leaf {i}: shard {list(index)} is listed twice")
+    if (i, index) not in held:
+      raise wire.WireError(f"process {q}: leaf {i}: shard {list(index)} is not one its devices "
+                           "hold (it would overlap another's)")
     out[(i, index)] = array
+  missing = sorted(held - set(out))
+  if missing:
+    i, index = missing[0]
+    raise wire.WireError(f"process {q}: leaf {i}: partial shard list, shard {list(index)} "
+                         f"missing ({len(missing)} in all)")
   return out
