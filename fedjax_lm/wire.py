@@ -152,3 +152,137 @@ def answer(secret: bytes, nonce: bytes, identity: str) -> bytes:
 def check_answer(secret: bytes, nonce: bytes, identity: str, got: bytes) -> None:
   if not hmac.compare_digest(answer(secret, nonce, identity), bytes(got)):
     raise WireError(f"peer claiming to be {identity!r} failed the handshake (wrong secret)")
+
+
+# ------------------------------------------------------------------ streams and per-peer keys
+# A payload of any size travels as a stream of messages: a signed head (``pack`` with no
+# arrays; ``meta["stream"]`` lists the arrays' dtypes and shapes and the chunk size) and then
+# the array bytes, concatenated and cut into chunks of at most ``chunk`` bytes, each
+#
+#     mac[32] | bytes     mac = HMAC(key, head_mac | index[8] | bytes)
+#
+# so every chunk is authenticated on arrival, bound to its head and to its place; a reader
+# holds one buffer of the declared size (checked against its limit before it is allocated) and
+# nothing else, and a stream that breaks or ends early yields nothing.
+CHUNK_BYTES = 4 << 20
+_INDEX = struct.Struct("!Q")
+
+
+def derive(secret: bytes, identity: str) -> bytes:
+  """The key of one identity (``island/3``) derived from the job secret (HMAC as a PRF): a
+  member given only its own key cannot sign as another."""
+  return hmac.new(secret, b"fedjax_lm/key|" + identity.encode(), hashlib.sha256).hexdigest(
+      ).encode()
+
+
+def _chunk_mac(key: bytes, head_mac: bytes, index: int, data) -> bytes:
+  h = hmac.new(key, head_mac, hashlib.sha256)
+  h.update(_INDEX.pack(index))
+  h.update(data)
+  return h.digest()
+
+
+def stream(key: bytes, kind: str, meta: dict, arrays: Sequence[np.ndarray] = (),
+           chunk: int = CHUNK_BYTES):
+  """The messages of one streamed payload: a signed head, then authenticated chunks. The
+  arrays' bytes are read in place (no payload-sized copy is made)."""
+  specs, views = [], []
+  for a in arrays:
+    name = str(a.dtype)
+    if name not in DTYPES:
+      raise WireError(f"dtype {name} cannot be sent (allowed: {', '.join(DTYPES)})")
+    specs.append({"dtype": name, "shape": [int(d) for d in a.shape]})
+    views.append(memoryview(np.ascontiguousarray(a)).cast("B"))
+  head = pack(key, kind, {**meta, "stream": {"arrays": specs, "chunk": int(chunk)}})
+  yield head
+  head_mac, index, pending, size = head[:MAC_BYTES], 0, [], 0
+  for view in views:
+    at = 0
+    while at < len(view):
+      piece = view[at:at + chunk - size]
+      pending.append(piece)
+      size, at = size + len(piece), at + len(piece)
+      if size == chunk:
+        data = b"".join(pending)
+        yield _chunk_mac(key, head_mac, index, data) + data
+        index, pending, size = index + 1, [], 0
+  if size:
+    data = b"".join(pending)
+    yield _chunk_mac(key, head_mac, index, data) + data
+
+
+def specs_bytes(specs: object, limit: int) -> list[tuple[np.dtype, tuple[int, ...], int]]:
+  """``(dtype, shape, nbytes)`` of declared arrays: allowed dtypes, non-negative int dims,
+  total at most ``limit`` bytes (checked without overflow); WireError otherwise."""
+  if not isinstance(specs, list):
+    raise WireError("stream head: arrays must be a list")
+  out, total = [], 0
+  for spec in specs:
+    if (not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or
+        not isinstance(spec.get("shape"), list) or
+        not all(type(d) is int and d >= 0 for d in spec["shape"])):  # pylint: disable=unidiomatic-typecheck
+      raise WireError(f"bad array spec {str(spec)[:200]}")
+    dtype, size = _dtype(spec["dtype"]), 1
+    for d in spec["shape"]:
+      size *= d
+      if size * dtype.itemsize > limit:
+        raise WireError(f"declared arrays exceed the {limit}-byte limit")
+    total += size * dtype.itemsize
+    if total > limit:
+      raise WireError(f"declared arrays exceed the {limit}-byte limit")
+    out.append((dtype, tuple(spec["shape"]), size * dtype.itemsize))
+  return out
+
+
+def unstream(key: bytes, messages, kind: str | Sequence[str], limit: int
+             ) -> tuple[str, dict, list[np.ndarray]]:
+  """(kind, meta, arrays) of a streamed payload (:func:`stream`), each chunk checked before
+  it is copied into the one buffer; WireError if the head or any chunk is not authentic, the
+  declared arrays exceed ``limit`` bytes, or the stream ends early or runs on."""
+  messages = iter(messages)
+  try:
+    head = next(messages)
+  except StopIteration:
+    raise WireError("empty stream") from None
+  got, meta, _ = unpack(key, head, kind)
+  info = meta.pop("stream", None)
+  if not isinstance(info, dict) or type(info.get("chunk")) is not int or info["chunk"] < 1:  # pylint: disable=unidiomatic-typecheck
+    raise WireError("stream head without a valid stream description")
+  layout = specs_bytes(info.get("arrays"), limit)
+  total, chunk = sum(n for _, _, n in layout), info["chunk"]
+  buffer = np.empty(total, np.uint8)
+  head_mac, at, index = bytes(head[:MAC_BYTES]), 0, 0
+  while at < total:
+    try:
+      message = memoryview(next(messages))
+    except StopIteration:
+      raise WireError(f"stream ended after {at} of {total} bytes") from None
+    data = message[MAC_BYTES:]
+    if len(data) != min(chunk, total - at):
+      raise WireError(f"chunk {index} of {len(data)} bytes, expected {min(chunk, total - at)}")
+    if not hmac.compare_digest(bytes(message[:MAC_BYTES]),
+                               _chunk_mac(key, head_mac, index, data)):
+      raise WireError(f"chunk {index}: bad message authentication code")
+    buffer[at:at + len(data)] = np.frombuffer(data, np.uint8)
+    at, index = at + len(data), index + 1
+  for _ in messages:
+    raise WireError("stream runs on after its declared bytes")
+  arrays, at = [], 0
+  for dtype, shape, n in layout:
+    arrays.append(buffer[at:at + n].view(dtype).reshape(shape))
+    at += n
+  return got, meta, arrays
+
+
+ENV_MEMBER_KEY = "FEDJAX_LM_MEMBER_KEY"
+
+
+def member_key(identity: str, secret_file: str = "") -> bytes:
+  """This member's own key: ``FEDJAX_LM_MEMBER_KEY`` (what the launcher gives an island: its
+  key alone, not the job secret), else derived from the job secret (:func:`job_secret`)."""
+  value = os.environ.get(ENV_MEMBER_KEY, "")
+  if value:
+    if len(value) < 16:
+      raise WireError(f"{ENV_MEMBER_KEY} is shorter than 16 characters")
+    return value.encode()
+  return derive(job_secret(secret_file), identity)

@@ -5,6 +5,7 @@ arrival order (and its global params against the reference), no update applied a
 tokens are in, the speed emulation slowing compute only, and an end-to-end run with a slow
 island."""
 
+import itertools
 import json
 import os
 import shutil
@@ -137,9 +138,15 @@ def test_async_staleness_counts_updates_since_the_pull():
 
 
 # ----------------------------------------------------------------- the syncer, in process
+_COUNTER = itertools.count(1)
+
+
 def _call(syncer, method, kind, meta, arrays=()):
-  reply = syncer.methods()[method](wire.pack(SECRET, kind, meta, list(arrays)))
-  return wire.unpack(SECRET, reply, ("ok", "joined", "global"))
+  """A method of the syncer as the channel calls it (the caller authenticated as the island
+  its request names; each request with the next counter)."""
+  del kind
+  return syncer.methods()[method].fn(f"island/{meta['island']}",
+                                     {**meta, "counter": next(_COUNTER)}, list(arrays))
 
 
 def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp_path,
@@ -217,21 +224,27 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   restarted.metrics.close()
   restarted.ckpt.close()
 
-  # DyLU: island 1 at a quarter of island 0's speed; island 7 is fast but no member
-  for k, s in ((0, 0.1), (1, 0.4), (7, 0.001)):
+  # DyLU: island 1 at a quarter of island 0's speed (an island outside the run, e.g. 7, has
+  # no key: the channel refuses it, tests/test_channel_attacks.py)
+  for k, s in ((0, 0.1), (1, 0.4)):
     _call(syncer, "Heartbeat", "heartbeat", {"island": k, "step_s": s})
   assert pull(0)["local_steps"] == 4 and pull(1)["local_steps"] == 1
   assert pull(0)["progress"] == 5 * 4 // 2  # applied inner steps per island
 
-  # the run's tokens: 5 x 4 + 12 = 32 = 2 islands x 16 steps -> the final eval, then stop
-  assert not syncer.done
-  assert not send(0, local_steps=12)[1]["stop"] or syncer.done
+  # an island may not claim more inner steps than the H it was told (the red team ended the
+  # run with local_steps=1e9)
+  with pytest.raises(wire.WireError, match="local_steps"):
+    send(0, local_steps=10 ** 9)
+  # the run's tokens: 5 x 4 + 3 x 4 = 32 = 2 islands x 16 steps -> the final eval, then stop
+  for _ in range(3):
+    assert not syncer.done
+    send(0)
   evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-  assert evals[-1]["step"] == 16 and evals[-1]["rounds"] == 6 and syncer.done
+  assert evals[-1]["step"] == 16 and evals[-1]["rounds"] == 8 and syncer.done
   before = flat(syncer._take[0](syncer.server.params))
   _, reply = send(1)
-  assert reply["stop"] is True and syncer.version == 6
-  assert len(metrics_lib.read_jsonl(os.path.join(tmp_path, "updates.jsonl"))) == 6
+  assert reply["stop"] is True and syncer.version == 8
+  assert len(metrics_lib.read_jsonl(os.path.join(tmp_path, "updates.jsonl"))) == 8
   np.testing.assert_array_equal(flat(syncer._take[0](syncer.server.params)), before)
   assert pull(1)["stop"] is True
   syncer.metrics.close()

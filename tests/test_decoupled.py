@@ -155,22 +155,26 @@ def served(tmp_path_factory, data_dir):
   config = tiny_config(**{**golden.overrides("diloco", data_dir), "launch.mode": "decoupled"})
   workdir = str(tmp_path_factory.mktemp("syncer"))
   syncer = syncer_lib.Syncer(config, workdir, SECRET)
-  server, port = channel.serve(SECRET, "127.0.0.1", 0, syncer.methods())
+  server, port = channel.serve(syncer.keys, syncer.job, "127.0.0.1", 0, syncer.methods())
   yield config, syncer, f"127.0.0.1:{port}"
   server.stop(grace=0)
 
 
-def _join(address, c, secret=SECRET):
+def _client(address, syncer, secret=SECRET, who="island/0", **kw):
+  return channel.Client(address, wire.derive(secret, who), who, syncer.job, give_up_s=5, **kw)
+
+
+def _join(address, c, syncer, secret=SECRET):
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(c.model))
-  client = channel.Client(address, secret, "island/0", give_up_s=5)
-  return client.call("Join", wire.pack(secret, "join", {
-      "island": 0, "fingerprint": syncer_lib.fingerprint(c, abstract)}))
+  return _client(address, syncer, secret).call(
+      "Join", "join", {"island": 0, "fingerprint": syncer_lib.fingerprint(c, abstract)},
+      reply="joined", reply_limit=1 << 30)
 
 
 def test_client_without_the_secret_is_refused_before_its_payload_is_read(served, caplog):
   config, syncer, address = served
   with pytest.raises(wire.WireError, match="UNAUTHENTICATED|refused Join"):
-    _join(address, config, secret=b"x" * 32)
+    _join(address, config, syncer, secret=b"x" * 32)
   assert 0 not in syncer.members
   assert any("bad fedjax-auth token" in r.getMessage() for r in caplog.records)
 
@@ -180,23 +184,30 @@ def test_island_with_another_model_is_refused_naming_the_difference(served):
   c = copy.deepcopy(config)
   c.model.num_layers = 3
   with pytest.raises(wire.WireError, match=r"island 0 refused: model.num_layers=3 \(syncer: 2\)"):
-    _join(address, c)
+    _join(address, c, syncer)
   assert 0 not in syncer.members
 
 
 def test_corrupt_or_truncated_payload_leaves_the_global_state_alone(served):
   config, syncer, address = served
-  _join(address, config)
+  _join(address, config, syncer)
   before = jax.tree.map(np.asarray, syncer.server)
-  client = channel.Client(address, SECRET, "island/0", give_up_s=5)
-  good_shapes = [np.zeros((1, 8), np.float32)]  # not the fragment's layout
+  client = _client(address, syncer)
+  step = syncer._next_send(0)  # pylint: disable=protected-access
+  wrong_shapes = [np.zeros((1, 8), np.float32)]  # not the fragment's layout
   with pytest.raises(wire.WireError, match="fragment 0"):
-    client.call("Send", wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": 4},
-                                  good_shapes))
-  message = wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": 4},
-                      [np.zeros(100, np.float32)])
-  with pytest.raises(wire.WireError, match="authentication"):
-    client.call("Send", message[:-7])
+    client.call("Send", "send", {"island": 0, "fragment": 0, "step": step}, wrong_shapes)
+  # a chunk altered in transit: the stream is refused, nothing of it applied
+  layout = [np.ones(x.shape, x.dtype) for x in jax.tree.leaves(syncer._sent[0])]  # pylint: disable=protected-access
+  stub = client._channel.stream_stream(f"/{channel.SERVICE}/Send")  # pylint: disable=protected-access
+  value, nonce = channel.token(wire.derive(SECRET, "island/0"), f"/{channel.SERVICE}/Send",
+                               "island/0")
+  messages = list(wire.stream(wire.derive(SECRET, "island/0"), "send", {
+      "island": 0, "fragment": 0, "step": step, "nonce": nonce, "job": syncer.job,
+      "counter": 1 << 62}, layout, chunk=4096))
+  messages[2] = messages[2][:-1] + bytes([messages[2][-1] ^ 1])
+  with pytest.raises(Exception, match="chunk 1: bad message authentication"):
+    list(stub(iter(messages), timeout=10, metadata=[("fedjax-auth", value)]))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), syncer.server,
                before)
   assert not any(syncer.rounds.values())
@@ -212,11 +223,11 @@ def test_a_round_waits_for_an_island_that_has_not_come_up_until_its_join_grace(t
   syncer = syncer_lib.Syncer(config, str(tmp_path), SECRET)
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
   fingerprint = syncer_lib.fingerprint(config, abstract)
-  syncer.join(wire.pack(SECRET, "join", {"island": 0, "fingerprint": fingerprint}))
+  syncer.join("island/0", {"island": 0, "fingerprint": fingerprint}, [])
   step = syncer._next_send(0)  # pylint: disable=protected-access
   payload = [np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(syncer._sent[0])]  # pylint: disable=protected-access
   payload[-1] = np.ones_like(payload[-1])
-  syncer.send(wire.pack(SECRET, "send", {"island": 0, "fragment": 0, "step": step}, payload))
+  syncer.send("island/0", {"island": 0, "fragment": 0, "step": step, "counter": 1}, payload)
   syncer.tick()
   assert syncer.closed[0] == 0 and step in syncer.rounds[0]
   time.sleep(1.6)
@@ -224,8 +235,7 @@ def test_a_round_waits_for_an_island_that_has_not_come_up_until_its_join_grace(t
   assert syncer.closed[0] == step
   left = [e for e in syncer.events if e["event"] == "island_left"]
   assert [(e["island"], e["reason"]) for e in left] == [(1, "did not join within 2 s")]
-  _, meta, _ = wire.unpack(SECRET, syncer.join(wire.pack(
-      SECRET, "join", {"island": 1, "fingerprint": fingerprint})), "joined")
+  _, meta, _ = syncer.join("island/1", {"island": 1, "fingerprint": fingerprint}, [])
   assert meta["step"] == step and syncer.events[-1]["event"] == "island_joined"
   syncer.metrics.close()
   syncer.ckpt.close()
@@ -264,25 +274,35 @@ def _pki(root, name):
   return out
 
 
+def _keys(who):
+  return wire.derive(SECRET, who) if who.startswith("island/") else None
+
+
+def _echo(calls):
+  return {"Echo": channel.Method(lambda who, meta, arrays: calls.append(meta["x"]) or (
+      "echo", {"x": meta["x"]}, arrays), ("echo",))}
+
+
 def test_mutual_tls_admits_the_job_s_certificates_only(tmp_path):
   """With launch.tls_*: a client holding a certificate of the job's CA (and the secret) is
   served; one with another CA's certificate, or none, is refused in the TLS handshake: the
   method never runs."""
   job, rogue = _pki(tmp_path / "job", "job"), _pki(tmp_path / "rogue", "rogue")
   calls = []
-  server, port = channel.serve(SECRET, "127.0.0.1", 0,
-                               {"Echo": lambda b: calls.append(b) or b}, tls=job["server"])
+  server, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo(calls), tls=job["server"])
   try:
     address = f"127.0.0.1:{port}"
-    ok = channel.Client(address, SECRET, "island/0", give_up_s=5, tls=job["client"])
-    assert ok.call("Echo", b"hello") == b"hello" and calls == [b"hello"]
+    ok = channel.Client(address, _keys("island/0"), "island/0", "job", give_up_s=5,
+                        tls=job["client"])
+    assert ok.call("Echo", "echo", {"x": "hello"}, reply="echo")[1] == {"x": "hello"}
+    assert calls == ["hello"]
     wrong_ca = job["client"]._replace(cert=rogue["client"].cert, key=rogue["client"].key)
     for tls in (wrong_ca, None):
-      bad = channel.Client(address, SECRET, "island/1", give_up_s=1, tls=tls)
+      bad = channel.Client(address, _keys("island/1"), "island/1", "job", give_up_s=1, tls=tls)
       with pytest.raises(channel.SyncerUnreachable):
-        bad.call("Echo", b"let me in", deadline_s=1)
+        bad.call("Echo", "echo", {"x": "let me in"}, reply="echo", deadline=1)
       bad.close()
-    assert calls == [b"hello"]
+    assert calls == ["hello"]
     ok.close()
   finally:
     server.stop(grace=0)
@@ -318,9 +338,9 @@ def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir):
 def test_a_second_server_on_a_taken_port_is_refused_not_shared():
   """gRPC's SO_REUSEPORT default would let two syncers share one port, the kernel splitting
   islands between them; the second must fail to listen instead."""
-  first, port = channel.serve(SECRET, "127.0.0.1", 0, {"Echo": lambda b: b})
+  first, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]))
   try:
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
-      channel.serve(SECRET, "127.0.0.1", port, {"Echo": lambda b: b})
+      channel.serve(_keys, "job", "127.0.0.1", port, _echo([]))
   finally:
     first.stop(grace=0)

@@ -1,96 +1,172 @@
-"""The decoupled channel: gRPC between island jobs and the syncer, authenticated, no pickle.
+"""The decoupled channel: gRPC streams between island jobs and the syncer, authenticated, no pickle.
 
 gRPC (grpcio, the RPC library JAX's own coordination service is built on) gives deadlines,
-retries on a fresh connection, keep-alives and bounded message sizes. Methods carry raw bytes:
-each request and reply is a :mod:`fedjax_lm.wire` message (HMAC-signed typed header plus raw
-array bytes), so nothing is deserialised by a generic codec.
+keep-alives and bounded message sizes. Every method is a bidirectional stream of bounded
+messages carrying a :func:`fedjax_lm.wire.stream` payload each way: a signed typed head, then
+the raw array bytes in authenticated chunks. No payload size is capped by the transport (a 1B
+model's float32 pseudo-gradient is 4.2 GB); each side holds one buffer of the declared size,
+checked against what it expects before it is allocated.
 
-Authentication happens twice, both before our code reads a payload byte:
+Identity. Every member has its own key, derived from the job secret
+(:func:`wire.derive` of ``island/<k>``); the syncer derives them all, an island is given only
+its own (``FEDJAX_LM_MEMBER_KEY``; the local launcher does this). Every call:
 
-1. every call carries a ``fedjax-auth`` metadata token, ``island:time:nonce:HMAC(secret,
-   method|island|time|nonce)``; a server interceptor checks it (and that ``time`` is within
-   five minutes) and aborts the call with UNAUTHENTICATED otherwise, without running the
-   method's handler;
-2. the handler checks the message's own MAC (:func:`wire.unpack`) before parsing its header.
+1. carries a ``fedjax-auth`` token ``who:time:nonce:HMAC(key(who), method|who|time|nonce)``.
+   Before any handler runs (no payload byte read), the server checks that ``who`` is a member
+   it knows, the MAC, that ``time`` is within ``TOKEN_AGE_S`` (seconds, not minutes) and that the
+   nonce was not seen within that window (a nonce cache): a captured call cannot be replayed;
+2. the request head is signed with the same key and names the token's nonce, the job
+   (``job``: the digest of the config fingerprint) and the sender's counter (strictly
+   increasing per member across its restarts; the syncer checks it on sends), so a body cannot
+   be moved to another call, job or member; each chunk's MAC binds it to that head and index;
+3. the reply is signed with the member's key and names the request's nonce (``reply_to``):
+   the island accepts no reply but the one to its own call.
+
+Work before authentication is bounded: one gRPC message is at most a chunk plus a header;
+calls are capped per server (``maximum_concurrent_rpcs``) and per member; a call whose request
+does not arrive in full within its deadline (the declared bytes at ``MIN_RATE`` bytes/s, plus
+``BASE_DEADLINE_S``) is cancelled; refusals are logged at most ``_LOG_BURST`` lines per
+``_LOG_WINDOW_S`` (then counted).
 
 With ``launch.tls_ca`` / ``tls_cert`` / ``tls_key`` (PEM files) the channel is also mutual TLS:
-the syncer presents its certificate and requires one from every island, both signed by the job's
-CA, so a peer without one is refused in the handshake, before any call reaches the server; the
-HMAC checks stay (a certificate alone does not make a peer a member of this job).
-
+the syncer presents its certificate and requires one from every island, both signed by the
+job's CA; the keys above stay (a certificate alone does not make a peer a member of this job).
 The server listens on the configured interface only (``launch.interface``, default loopback).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 import hmac
+import json
 import logging
 import secrets
+import threading
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import grpc
+import numpy as np
 
 from fedjax_lm import wire
 
 SERVICE = "fedjax_lm.Syncer"
-MAX_MESSAGE_BYTES = 1 << 30  # what the syncer accepts (work before authentication is bounded)
-# What the syncer may send and an island accept: gRPC's largest message (int32 length), so a
-# joiner of a 150M-parameter model takes its params and outer state (1.2 GB) in one reply.
-MAX_REPLY_BYTES = (1 << 31) - 1
-_TOKEN_AGE_S = 300.0
-_SERVER_OPTIONS = [("grpc.max_send_message_length", MAX_REPLY_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+TOKEN_AGE_S = 30.0
+BASE_DEADLINE_S = 30.0
+MIN_RATE = 1 << 20  # bytes/s a call's stream must sustain (1 MiB/s) before it is cancelled
+SMALL_BYTES = 1 << 20  # what a control call (join, heartbeat, receive request) may carry
+PER_MEMBER_CALLS = 6  # a member's calls in flight (heartbeat, send, receive, join, retries)
+_MESSAGE_BYTES = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES + 4096
+_SERVER_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", _MESSAGE_BYTES),
+                   ("grpc.so_reuseport", 0)]
 # Reconnect within a second of a restarted syncer coming back (gRPC's default backoff grows to
 # minutes: measured here, islands with a 2 s heartbeat were dropped by a syncer that was up).
-_CLIENT_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+_CLIENT_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", _MESSAGE_BYTES),
                    ("grpc.initial_reconnect_backoff_ms", 200),
                    ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
+_LOG_WINDOW_S, _LOG_BURST = 10.0, 5
 
 
-def _token(secret: bytes, method: str, who: str) -> str:
-  stamp, nonce = f"{time.time():.3f}", secrets.token_hex(8)
-  mac = hmac.new(secret, f"{method}|{who}|{stamp}|{nonce}".encode(), hashlib.sha256).hexdigest()
-  return f"{who}:{stamp}:{nonce}:{mac}"
+def deadline_s(nbytes: int) -> float:
+  """How long a call carrying ``nbytes`` may take (either end cancels it after that)."""
+  return BASE_DEADLINE_S + nbytes / MIN_RATE
 
 
-def check_token(secret: bytes, method: str, token: str | None) -> str:
-  """The caller's identity, if ``token`` is authentic for ``method``; WireError otherwise."""
-  try:
-    who, stamp, nonce, mac = (token or "").rsplit(":", 3)
-    fresh = abs(time.time() - float(stamp)) < _TOKEN_AGE_S
-  except ValueError as e:
-    raise wire.WireError("missing or malformed fedjax-auth token") from e
-  want = hmac.new(secret, f"{method}|{who}|{stamp}|{nonce}".encode(), hashlib.sha256).hexdigest()
-  if not hmac.compare_digest(want, mac):
-    raise wire.WireError(f"bad fedjax-auth token (caller claims {who!r})")
-  if not fresh:
-    raise wire.WireError(f"stale fedjax-auth token from {who!r}")
-  return who
+def token(key: bytes, method: str, who: str) -> tuple[str, str]:
+  """(token, nonce) for one call of ``method`` by ``who``."""
+  stamp, nonce = f"{time.time():.3f}", secrets.token_hex(16)
+  mac = hmac.new(key, f"{method}|{who}|{stamp}|{nonce}".encode(), hashlib.sha256).hexdigest()
+  return f"{who}:{stamp}:{nonce}:{mac}", nonce
+
+
+class Tokens:
+  """The server's token check: members' keys, freshness, and a nonce cache over the tokens'
+  lifetime (a replayed token is refused even within it)."""
+
+  def __init__(self, keys: Callable[[str], bytes | None], max_age_s: float = TOKEN_AGE_S):
+    self.keys, self.max_age_s = keys, max_age_s
+    self._seen: dict[str, float] = {}
+    self._order: collections.deque = collections.deque()
+    self._lock = threading.Lock()
+
+  def check(self, method: str, value: str | None) -> tuple[str, str]:
+    """(who, nonce) of an authentic, fresh, unseen token; WireError otherwise."""
+    try:
+      who, stamp, nonce, mac = (value or "").rsplit(":", 3)
+      age = time.time() - float(stamp)
+    except ValueError as e:
+      raise wire.WireError("missing or malformed fedjax-auth token") from e
+    key = self.keys(who)
+    if key is None:
+      raise wire.WireError(f"token from {who[:40]!r}, which is not a member of this job")
+    want = hmac.new(key, f"{method}|{who}|{stamp}|{nonce}".encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(want, mac):
+      raise wire.WireError(f"bad fedjax-auth token (caller claims {who!r})")
+    if not abs(age) < self.max_age_s:
+      raise wire.WireError(f"fedjax-auth token from {who!r} is {age:.0f} s old (at most "
+                           f"{self.max_age_s:.0f} s either way)")
+    now = time.time()
+    with self._lock:
+      while self._order and self._order[0][0] < now:
+        self._seen.pop(self._order.popleft()[1], None)
+      if nonce in self._seen:
+        raise wire.WireError(f"replayed fedjax-auth token from {who!r}")
+      self._seen[nonce] = now + 2 * self.max_age_s
+      self._order.append((now + 2 * self.max_age_s, nonce))
+    return who, nonce
+
+
+class _Log:
+  """Refusal lines, at most ``_LOG_BURST`` per ``_LOG_WINDOW_S`` (a flood writes a count)."""
+
+  def __init__(self):
+    self._lock, self._window, self._lines, self._dropped = threading.Lock(), 0.0, 0, 0
+
+  def __call__(self, fmt: str, *args) -> None:
+    with self._lock:
+      now = time.time()
+      if now - self._window > _LOG_WINDOW_S:
+        if self._dropped:
+          logging.warning("syncer: %d more refusals not logged", self._dropped)
+        self._window, self._lines, self._dropped = now, 0, 0
+      self._lines += 1
+      if self._lines > _LOG_BURST:
+        self._dropped += 1
+        return
+    logging.warning(fmt, *args)
 
 
 class _Auth(grpc.ServerInterceptor):
-  """Refuses a call whose metadata token is not authentic, before its handler runs."""
+  """Refuses a call whose token is not authentic, fresh and new, or whose member has too many
+  calls in flight, before its handler runs."""
 
-  def __init__(self, secret: bytes):
-    self._secret = secret
+  def __init__(self, tokens: Tokens, log: _Log):
+    self.tokens, self.log = tokens, log
+    self.in_flight: collections.Counter = collections.Counter()
+    self.lock = threading.Lock()
 
   def intercept_service(self, continuation, handler_call_details):
-    token = dict(handler_call_details.invocation_metadata).get("fedjax-auth")
+    value = dict(handler_call_details.invocation_metadata).get("fedjax-auth")
+    code = grpc.StatusCode.UNAUTHENTICATED
     try:
-      check_token(self._secret, handler_call_details.method, token)
+      who, _ = self.tokens.check(handler_call_details.method, value)
+      with self.lock:
+        if self.in_flight[who] >= PER_MEMBER_CALLS:
+          code = grpc.StatusCode.RESOURCE_EXHAUSTED
+          raise wire.WireError(f"{who} has {PER_MEMBER_CALLS} calls in flight")
     except wire.WireError as e:
-      logging.warning("syncer: refused %s: %s", handler_call_details.method, e)
+      self.log("syncer: refused %s: %s", handler_call_details.method, e)
       message = str(e)
 
-      def deny(request, context):
-        del request
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-      return grpc.unary_unary_rpc_method_handler(deny)
+      def deny(requests, context):
+        del requests
+        context.abort(code, message)
+      return grpc.stream_stream_rpc_method_handler(deny)
     return continuation(handler_call_details)
 
 
@@ -124,31 +200,67 @@ class Refused(Exception):
   """A well-formed, authentic request the syncer will not serve (one line says why)."""
 
 
-def serve(secret: bytes, host: str, port: int, methods: dict[str, Callable[[bytes], bytes]],
-          threads: int = 16, tls: Tls | None = None) -> tuple[grpc.Server, int]:
-  """Starts a server for ``methods`` (name -> bytes handler) on ``host:port`` (0: any free
-  port), mutual TLS with ``tls``; returns (server, port)."""
-  # No SO_REUSEPORT (gRPC's default on Linux): a second server on a taken port would share it
-  # silently, the kernel splitting connections between the two (the likely cause of a CI run
-  # where one test's island got UNAVAILABLE from a syncer that another island had joined).
-  server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads),
-                       options=_SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
-                       interceptors=[_Auth(secret)])
+Reply = tuple  # (kind, meta, arrays)
 
-  def wrap(fn):
-    def handler(request: bytes, context) -> bytes:
+
+class Method(NamedTuple):
+  """A served method: ``fn(who, meta, arrays) -> (kind, meta, arrays)``, the request kinds it
+  takes, the most request bytes ``limit(who)`` it accepts, and whether the request must name
+  this job (``Join`` carries the whole fingerprint instead, compared field by field)."""
+  fn: Callable[[str, dict, list], Reply]
+  kinds: tuple[str, ...]
+  limit: Callable[[str], int] = lambda who: SMALL_BYTES
+  same_job: bool = True
+
+
+def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
+          methods: dict[str, Method], threads: int = 16, tls: Tls | None = None
+          ) -> tuple[grpc.Server, int]:
+  """Starts a server for ``methods`` on ``host:port`` (0: any free port), with members'
+  ``keys`` (identity -> key, None for a stranger), mutual TLS with ``tls``; returns
+  (server, port)."""
+  log = _Log()
+  tokens = Tokens(keys)
+  auth = _Auth(tokens, log)
+  # No SO_REUSEPORT (gRPC's default on Linux): a second server on a taken port would share it
+  # silently, the kernel splitting connections between the two.
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads), options=_SERVER_OPTIONS,
+                       interceptors=[auth], maximum_concurrent_rpcs=threads)
+
+  def wrap(name: str, method: Method):
+    full = f"/{SERVICE}/{name}"
+
+    def handler(requests: Iterator[bytes], context) -> Iterator[bytes]:
+      who, _, nonce, _ = dict(context.invocation_metadata())["fedjax-auth"].rsplit(":", 3)
+      key, limit = keys(who), method.limit(who)
+      with auth.lock:
+        auth.in_flight[who] += 1
+      timer = threading.Timer(deadline_s(limit), context.cancel)
+      timer.daemon = True
+      timer.start()
       try:
-        return fn(request)
+        kind, meta, arrays = wire.unstream(key, requests, method.kinds, limit)
+        if meta.pop("nonce", None) != nonce:
+          raise wire.WireError(f"{full}: the request names another call")
+        if meta.pop("job", None) != job and method.same_job:
+          raise wire.WireError(f"{full}: the request names another job")
+        timer.cancel()
+        out_kind, out_meta, out_arrays = method.fn(who, meta, arrays)
+        yield from wire.stream(key, out_kind, {**out_meta, "reply_to": nonce}, out_arrays)
       except wire.WireError as e:
-        logging.warning("syncer: rejected a message: %s", e)
+        log("syncer: rejected %s from %s: %s", name, who, e)
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
       except Refused as e:
-        logging.warning("syncer: refused: %s", e)
+        log("syncer: refused %s from %s: %s", name, who, e)
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-    return grpc.unary_unary_rpc_method_handler(handler)
+      finally:
+        timer.cancel()
+        with auth.lock:
+          auth.in_flight[who] -= 1
+    return grpc.stream_stream_rpc_method_handler(handler)
 
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-      SERVICE, {name: wrap(fn) for name, fn in methods.items()}),))
+      SERVICE, {name: wrap(name, m) for name, m in methods.items()}),))
   try:
     if tls is None:
       bound = server.add_insecure_port(f"{host}:{port}")
@@ -168,32 +280,65 @@ class SyncerUnreachable(ConnectionError):
 
 
 class Client:
-  """Calls the syncer's methods with a deadline, retrying while it is unavailable (a syncer
-  being restarted) until ``give_up_s``."""
+  """Calls the syncer's methods as member ``who`` with its ``key``, retrying while the syncer
+  is unavailable (being restarted) or a stream broke, until ``give_up_s``. A retried call is a
+  new call (new token, nonce and counter): the syncer never applies a partial payload, and a
+  send it already has is answered as a duplicate."""
 
-  def __init__(self, address: str, secret: bytes, who: str, give_up_s: float = 60.0,
+  def __init__(self, address: str, key: bytes, who: str, job: str, give_up_s: float = 60.0,
                tls: Tls | None = None):
-    self.address, self._secret, self.who, self.give_up_s = address, secret, who, give_up_s
+    self.address, self._key, self.who, self.job = address, key, who, job
+    self.give_up_s = give_up_s
     if tls is None:
       self._channel = grpc.insecure_channel(address, options=_CLIENT_OPTIONS)
     else:
       self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(
           root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert),
                                           options=_CLIENT_OPTIONS)
-    self.sent_bytes = 0  # request bytes put on the wire (what this client sent)
+    self.sent_bytes = 0  # stream bytes put on the wire (what this client sent)
     self.received_bytes = 0
+    # strictly increasing per member, across its restarts (microseconds at start, then +1)
+    self._counter, self._lock = time.time_ns() // 1000, threading.Lock()
 
-  def call(self, method: str, request: bytes, deadline_s: float = 30.0) -> bytes:
+  def _next(self) -> int:
+    with self._lock:
+      self._counter += 1
+      return self._counter
+
+  def call(self, method: str, kind: str, meta: dict, arrays: Sequence[np.ndarray] = (),
+           reply: str | Sequence[str] = "ok", reply_limit: int = SMALL_BYTES,
+           deadline: float | None = None) -> Reply:
+    """(kind, meta, arrays) of the syncer's reply to one ``method`` call."""
     full = f"/{SERVICE}/{method}"
-    stub = self._channel.unary_unary(full)
+    stub = self._channel.stream_stream(full)
+    nbytes = sum(int(a.nbytes) for a in arrays)
+    deadline = deadline or deadline_s(max(nbytes, reply_limit if reply_limit > SMALL_BYTES
+                                          else 0))
     start = time.time()
     while True:
+      value, nonce = token(self._key, full, self.who)
+      counted = [0]
+
+      def requests():
+        for m in wire.stream(self._key, kind, {**meta, "nonce": nonce, "job": self.job,
+                                               "counter": self._next()}, arrays):
+          counted[0] += len(m)
+          yield m
       try:
-        reply = stub(request, timeout=deadline_s,
-                     metadata=[("fedjax-auth", _token(self._secret, full, self.who))])
-        self.sent_bytes += len(request)
-        self.received_bytes += len(reply)
-        return reply
+        responses = stub(requests(), timeout=deadline, metadata=[("fedjax-auth", value)])
+        got = [0]
+
+        def replies():
+          for m in responses:
+            got[0] += len(m)
+            yield m
+        out_kind, out_meta, out_arrays = wire.unstream(self._key, replies(), reply,
+                                                       reply_limit)
+        if out_meta.pop("reply_to", None) != nonce:
+          raise wire.WireError(f"syncer {self.address}: a reply to another call")
+        self.sent_bytes += counted[0]
+        self.received_bytes += got[0]
+        return out_kind, out_meta, out_arrays
       except grpc.RpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
@@ -207,3 +352,13 @@ class Client:
 
   def close(self):
     self._channel.close()
+
+
+def member_keys(secret: bytes, members: Callable[[str], bool]) -> Callable[[str], bytes | None]:
+  """The server's ``keys``: a member's derived key (``members(who)``), None for a stranger."""
+  return lambda who: wire.derive(secret, who) if members(who) else None
+
+
+def job_id(fingerprint: dict) -> str:
+  """The job's id every signed head names: the digest of the config fingerprint."""
+  return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]

@@ -68,7 +68,7 @@ class Job(NamedTuple):
   island: int
 
 
-def build(config, client, secret: bytes) -> Job:
+def build(config, client) -> Job:
   """The mesh-axis engine for this one island: its own in-island mesh and batch, the run's
   clock as this island sees it (or, async, its own), and the remote link to the syncer."""
   k = int(config.launch.island)
@@ -82,7 +82,7 @@ def build(config, client, secret: bytes) -> Job:
                                    tokenizer=data_lib.get_tokenizer(config.data.tokenizer),
                                    part=(k, parts))
   asynchronous = config.outer.policy == "async"
-  link = remote.RemoteLink(client, secret, k, total_steps=int(config.total_steps),
+  link = remote.RemoteLink(client, k, total_steps=int(config.total_steps),
                            position=lambda: batches.global_state()[f"island{k}"],
                            asynchronous=asynchronous)
   if asynchronous:
@@ -92,17 +92,19 @@ def build(config, client, secret: bytes) -> Job:
                                         num=parts, delayed=merges.from_config(config.outer).delayed)
   eng = engine.build(one, mesh, model_lib.ModelConfig.from_config(config.model), link=link,
                      clock=clock, world=int(config.islands.num))
+  server = jax.eval_shape(eng.init, jax.random.key(0)).server
+  link.reply_limit = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(server)) + 4096
   return Job(eng, link, batches, k)
 
 
-def join(job: Job, config, client, secret: bytes) -> tuple[Any, int]:
+def join(job: Job, config, client) -> tuple[Any, int]:
   """Joins the run: the syncer checks the fingerprint and hands over its server state, the
   step to start at and this island's data position (live recovery after a crash). The inner
   learning-rate schedule resumes at the run's position, not at warm-up."""
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
-  _, meta, arrays = wire.unpack(secret, client.call("Join", wire.pack(
-      secret, "join", {"island": job.island,
-                       "fingerprint": syncer_lib.fingerprint(config, abstract)})), "joined")
+  _, meta, arrays = client.call("Join", "join", {
+      "island": job.island, "fingerprint": syncer_lib.fingerprint(config, abstract)},
+                                reply="joined", reply_limit=job.link.reply_limit)
   eng, link = job.engine, job.link
   state = eng.init(jax.random.key(int(config.seed)))
   state = state._replace(server=jax.jit(functools.partial(remote.adopt, eng.spec),
@@ -126,22 +128,20 @@ def _reschedule(eng) -> Any:
 def run(config, workdir: str) -> None:
   """Joins, then the mesh-axis loop (inner step, then the clock's events through the engine's
   one ``sync``), paced by ``islands.speed``; heartbeats on a thread; leaves at the end."""
-  secret = wire.job_secret(config.launch.secret_file)
-  client = channel.Client(config.launch.syncer, secret, f"island/{int(config.launch.island)}",
-                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
-                          tls=channel.Tls.from_config(config.launch))
-  job = build(config, client, secret)
-  state, start = join(job, config, client, secret)
+  syncer_lib.compilation_cache(workdir)
+  client = connect(config)
+  job = build(config, client)
+  state, start = join(job, config, client)
   out_dir = os.path.join(workdir, "islands", str(job.island))
   os.makedirs(out_dir, exist_ok=True)
   timing = {"step_s": 0.0}  # measured seconds per step (EMA), for dynamic local updates
   stop = threading.Event()
-  threading.Thread(target=_heartbeat, args=(config, client, secret, job.island, timing, stop),
+  threading.Thread(target=_heartbeat, args=(config, client, job.island, timing, stop),
                    daemon=True).start()
   try:
     with metrics_lib.JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) as log:
       _loop(config, workdir, job, state, start, timing, log)
-    client.call("Leave", wire.pack(secret, "leave", {"island": job.island}))
+    client.call("Leave", "leave", {"island": job.island})
   finally:
     stop.set()
     client.close()
@@ -184,12 +184,22 @@ def _digest(batch) -> str:
   return hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
 
 
-def _heartbeat(config, client, secret, island: int, timing: dict, stop) -> None:
+def connect(config) -> channel.Client:
+  """This island's client of the syncer: its own key (``FEDJAX_LM_MEMBER_KEY``, or derived
+  from the job secret), the job's id (the config fingerprint's digest)."""
+  who = f"island/{int(config.launch.island)}"
+  _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
+  return channel.Client(config.launch.syncer, wire.member_key(who, config.launch.secret_file),
+                        who, channel.job_id(syncer_lib.fingerprint(config, abstract)),
+                        give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
+                        tls=channel.Tls.from_config(config.launch))
+
+
+def _heartbeat(config, client, island: int, timing: dict, stop) -> None:
   while not stop.wait(float(config.launch.heartbeat_seconds) / 4):
     try:
-      client.call("Heartbeat", wire.pack(secret, "heartbeat",
-                                         {"island": island, "step_s": timing["step_s"]}),
-                  deadline_s=5.0)
+      client.call("Heartbeat", "heartbeat", {"island": island, "step_s": timing["step_s"]},
+                  deadline=5.0)
     except (channel.SyncerUnreachable, wire.WireError):
       pass
 

@@ -66,13 +66,23 @@ class _Roles:
 
   def start(self, role: str) -> None:
     out = open(os.path.join(self.logs, f"{role}.log"), "ab")
-    self.procs[role] = subprocess.Popen([*self.argv, *self.args[role]], env=self.env,
+    self.procs[role] = subprocess.Popen([*self.argv, *self.args[role]], env=self._env(role),
                                         stdout=out, stderr=subprocess.STDOUT,
                                         preexec_fn=launch_lib.die_with_parent)
     out.close()
     with open(os.path.join(self.workdir, "roles.json"), "w", encoding="utf-8") as f:
       json.dump({r: {"pid": p.pid, "address": self.address if r == "syncer" else None,
                      "restarts": self.restarts[r]} for r, p in self.procs.items()}, f, indent=1)
+
+  def _env(self, role: str) -> dict:
+    """The syncer gets the job secret; an island only its own key (it cannot sign as
+    another island)."""
+    if role == "syncer":
+      return self.env
+    env = {k: v for k, v in self.env.items() if k != wire.ENV_SECRET}
+    env[wire.ENV_MEMBER_KEY] = wire.derive(self.env[wire.ENV_SECRET].encode(),
+                                           f"island/{int(role[7:])}").decode()
+    return env
 
   def start_joiners(self) -> None:
     """Elastic: a ``launch.join`` island starts once the run is that far."""

@@ -46,7 +46,8 @@ MEAN, STATE, GLOBAL = "mean", "state", "global"
 class Ticket(NamedTuple):
   fragment: int
   step: int
-  message: bytes  # the signed send, kept to resend if the syncer lost it (it restarted)
+  meta: dict  # the send's fields and payload (host arrays), kept to resend if the syncer
+  arrays: list  # lost it (it restarted): the one payload-sized host buffer an island holds
 
 
 def transferable(spec: stages.Spec, server: Any, params_only: bool = False) -> tuple:
@@ -74,9 +75,10 @@ class RemoteLink:
   lead = None
   overlaps = True
 
-  def __init__(self, client, secret: bytes, island: int, *, position: Callable[[], str],
-               total_steps: int, asynchronous: bool = False):
-    self.client, self.secret, self.island = client, secret, int(island)
+  def __init__(self, client, island: int, *, position: Callable[[], str], total_steps: int,
+               asynchronous: bool = False, reply_limit: int = 0):
+    self.client, self.island = client, int(island)
+    self.reply_limit = int(reply_limit)  # bytes: the largest reply (the syncer's server state)
     self.position, self.total = position, int(total_steps)
     self.asynchronous = asynchronous
     self.applied: dict[int, int] = {}  # fragment -> the last round this island's copy holds
@@ -91,25 +93,24 @@ class RemoteLink:
     del gathered
     arrays = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
     step = min(int(step), self.total)
-    message = wire.pack(self.secret, "send", {
-        "island": self.island, "fragment": int(fragment), "step": step,
-        "data": self.position(), "version": self.version,
-        "local_steps": int(self.local_steps or 0)}, arrays)
-    reply = self._call("Send", message, "ok")[1]
+    meta = {"island": self.island, "fragment": int(fragment), "step": step,
+            "data": self.position(), "version": self.version,
+            "local_steps": int(self.local_steps or 0)}
+    reply = self.client.call("Send", "send", meta, arrays)[1]
     self.stopping |= self.asynchronous and bool(reply.get("stop", False))
     self.sent_bytes += sum(a.nbytes for a in arrays[:-1])
-    return Ticket(int(fragment), step, message)
+    return Ticket(int(fragment), step, meta, arrays)
 
   def finish(self, ticket: Ticket) -> tuple[str, Any]:
     """What the syncer delivers for the ticket's round, as ``(kind, arrays)``."""
-    request = wire.pack(self.secret, "receive", {
-        "island": self.island, "fragment": ticket.fragment, "step": ticket.step,
-        "applied": self.applied.get(ticket.fragment, 0)})
+    request = {"island": self.island, "fragment": ticket.fragment, "step": ticket.step,
+               "applied": self.applied.get(ticket.fragment, 0)}
     while True:
-      kind, meta, arrays = self._call("Receive", request, (MEAN, STATE, GLOBAL, "pending",
-                                                           "resend"))
+      kind, meta, arrays = self.client.call("Receive", "receive", request,
+                                            reply=(MEAN, STATE, GLOBAL, "pending", "resend"),
+                                            reply_limit=self.reply_limit)
       if kind == "resend":  # the syncer restarted from a checkpoint without our send
-        self._call("Send", ticket.message, "ok")
+        self.client.call("Send", "send", ticket.meta, ticket.arrays)
       elif kind != "pending":
         break
     self.version = int(meta.get("version", self.version))
@@ -121,9 +122,6 @@ class RemoteLink:
       self.progress, self.local_steps = int(meta["progress"]), int(meta["local_steps"])
       self.stopping |= bool(meta.get("stop", False))
     return kind, arrays
-
-  def _call(self, method: str, message: bytes, kinds) -> tuple:
-    return wire.unpack(self.secret, self.client.call(method, message), kinds)
 
   # ------------------------------------------------------------------ what it delivers
   def receive_program(self, spec: stages.Spec, p: int) -> Callable:

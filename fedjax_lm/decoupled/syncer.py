@@ -68,6 +68,7 @@ from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import remote
+from fedjax_lm.decoupled import validate
 from fedjax_lm.engine import links
 from fedjax_lm.engine import programs as programs_lib
 from fedjax_lm.engine import stages
@@ -139,17 +140,25 @@ class _Closed(NamedTuple):
 
 @dataclasses.dataclass
 class _Round:
-  contributions: list  # (island, payload arrays, weight, data position)
+  """An open round: the running sum of the decoded contributions accepted so far (memory: one
+  fragment, whatever the number of islands), and who sent."""
   first_at: float
+  total: Any = None  # sum of the decoded payloads (fragment leaves, on the device)
+  kept: Any = None  # codecs with a support: per coordinate, how many sending islands kept it
+  count: int = 0  # contributions with weight > 0
+  masked: bool = False  # an island reported a non-finite pseudo-gradient (weight < 0)
+  senders: dict = dataclasses.field(default_factory=dict)  # island -> data position
 
 
 class Syncer:
   """The syncer service's state and methods (``join``, ``heartbeat``, ``send``, ``receive``,
-  ``leave``), each a bytes -> bytes handler of :mod:`fedjax_lm.decoupled.channel`."""
+  ``leave``), each a ``(who, meta, arrays) -> (kind, meta, arrays)`` handler of
+  :mod:`fedjax_lm.decoupled.channel` (which authenticated ``who`` and the request)."""
 
   def __init__(self, config, workdir: str, secret: bytes):
     self.config, self.workdir, self.secret = config, workdir, secret
     self.num = int(config.islands.num)
+    self.max_islands = int(config.islands.max_num) or self.num  # ids 0 .. max_islands - 1
     self.heartbeat_s = float(config.launch.heartbeat_seconds)
     self.quorum = int(config.outer.quorum)
     self.timeout_s = float(config.outer.round_timeout_seconds)
@@ -182,6 +191,11 @@ class Syncer:
     self.done = False
     self.checkpoint_every = int(config.launch.syncer_checkpoint_every) or self.num
     self.checkpoints = 0  # saves by this process
+    self.counters: dict[str, int] = {}  # island -> the counter of its last accepted send
+    self.sent_positions: dict[int, str | None] = {}  # island -> its last sent data position
+    self.told: dict[int, int] = {}  # async: island -> the H it was told at its last pull
+    self.norms = validate.NormGate(float(config.launch.norm_bound),
+                                   int(config.launch.norm_window))
     self.plan = faults.Plan.from_config(config)
     self.metrics = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
@@ -205,12 +219,15 @@ class Syncer:
     self.spec, self.schedule = self.engine.spec, self.engine.clock.schedule
     graphdef, abstract = model_lib.build(model_cfg)
     self.fingerprint = fingerprint(config, abstract)
+    self.job = channel.job_id(self.fingerprint)
     self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
                                         data_lib.get_tokenizer(config.data.tokenizer))
     self.server = self.engine.init(jax.random.key(int(config.seed))).server
     frags = range(self.spec.frags.num)
-    self._receive: dict[tuple[int, int], Any] = {}  # async: (fragment, islands) -> program
-    self._reducers: dict[tuple[int, int], Any] = {}  # (fragment, islands) -> reduce program
+    one = dataclasses.replace(self.spec, num=1)
+    self._contribution = [jax.jit(functools.partial(contribution, one, p)) for p in frags]
+    self._add = jax.jit(accumulate, donate_argnums=(0, 1))
+    self._mean = jax.jit(finish)
     self._outer = [jax.jit(functools.partial(stages.receive, self.spec, p),
                            donate_argnums=0, out_shardings=self.engine.state_shardings.server)
                    for p in frags]  # the islands' own outer-step program
@@ -226,7 +243,8 @@ class Syncer:
     return {"closed": {str(k): v for k, v in self.closed.items()}, "version": self.version,
             "members": sorted(self.members), "data_positions": self.data_positions,
             "payload_bytes": self.payload_bytes, "evaluated": self.evaluated,
-            "applied_steps": self.applied_steps}
+            "applied_steps": self.applied_steps, "counters": self.counters,
+            "norms": self.norms.to_json()}
 
   def _save(self) -> None:
     self.ckpt.save(self.version, self.server, None, force=True, clock=self._meta())
@@ -246,6 +264,11 @@ class Syncer:
     self.version, self.evaluated = meta["version"], meta["evaluated"]
     self.data_positions, self.payload_bytes = meta["data_positions"], meta["payload_bytes"]
     self.applied_steps = meta.get("applied_steps", {})
+    self.counters = meta.get("counters", {})
+    if "norms" in meta:
+      self.norms = validate.NormGate.from_json(meta["norms"],
+                                               float(self.config.launch.norm_bound),
+                                               int(self.config.launch.norm_window))
     # The islands reconnect (and resend what the checkpoint lacks) while this process comes
     # up: three heartbeat periods of grace, so that a restart with a
     # short heartbeat does not drop them and close rounds without them.
@@ -280,9 +303,16 @@ class Syncer:
         self._log("island_left", island=k, reason=f"no heartbeat for {self.heartbeat_s:.0f} s")
     return {k for k, m in self.members.items() if m["live"]} | set(self.expected)
 
-  def join(self, request: bytes) -> bytes:
-    _, meta, _ = wire.unpack(self.secret, request, "join")
-    island = int(meta["island"])
+  def _island(self, who: str, meta: dict) -> int:
+    """The caller's island: its key's identity; a body naming another island is refused."""
+    island = int(who.split("/", 1)[1])
+    if "island" in meta and validate.island_id(meta["island"], self.max_islands) != island:
+      raise validate.Refusal(f"island {island} signs as island {meta['island']!r}")
+    return island
+
+  def join(self, who: str, meta: dict, arrays: list) -> channel.Reply:
+    del arrays
+    island = self._island(who, meta)
     why = difference(self.fingerprint, meta.get("fingerprint", {}))
     if why is not None:
       raise channel.Refused(f"island {island} refused: {why}")
@@ -296,41 +326,46 @@ class Syncer:
       self._log("island_rejoined" if rejoin else "island_joined", island=island, step=start)
       arrays = self._state_arrays()
       position = self.data_positions.get(str(island), "")
-    return wire.pack(self.secret, "joined", {"step": start, "data": position,
-                                             "version": self.version, "closed": self.closed,
-                                             "progress": self.progress()}, arrays)
+      self.told.pop(island, None)
+      self.sent_positions[island] = position or None
+    return "joined", {"step": start, "data": position, "version": self.version,
+                      "closed": self.closed, "progress": self.progress()}, arrays
 
   def _state_arrays(self) -> list:
     """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`)."""
     return [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(
         remote.transferable(self.spec, self.server, self.asynchronous))]
 
-  def heartbeat(self, request: bytes) -> bytes:
+  def heartbeat(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
     closing a round (compiling, evaluating, checkpointing) does not make islands look dead."""
-    _, meta, _ = wire.unpack(self.secret, request, "heartbeat")
-    island = int(meta["island"])
+    del arrays
+    island = self._island(who, meta)
     m = self.members.get(island)
     if m is not None:
       m["last"] = time.time()
     if meta.get("step_s"):
-      self.step_s[island] = float(meta["step_s"])
+      try:
+        self.step_s[island] = validate.step_s(meta["step_s"], island, self.step_s)
+      except validate.Refusal as e:  # unknown speed: everyone runs H (fails safe)
+        self.step_s.pop(island, None)
+        self._log("step_s_refused", island=island, reason=str(e))
     if m is not None and not m["live"]:
       with self.lock:
         m["live"] = True
         self._log("island_back", island=island)
         self.lock.notify_all()
-    return wire.pack(self.secret, "ok", {})
+    return "ok", {}, []
 
-  def leave(self, request: bytes) -> bytes:
-    _, meta, _ = wire.unpack(self.secret, request, "leave")
+  def leave(self, who: str, meta: dict, arrays: list) -> channel.Reply:
+    del arrays
+    island = self._island(who, meta)
     with self.lock:
-      island = int(meta["island"])
       if island in self.members:
         del self.members[island]
         self._log("island_finished", island=island)
       self.lock.notify_all()
-    return wire.pack(self.secret, "ok", {})
+    return "ok", {}, []
 
   # ------------------------------------------------------------------ rounds
   def _check_payload(self, p: int, arrays: list) -> None:
@@ -342,67 +377,138 @@ class Syncer:
         raise wire.WireError(f"fragment {p}: array {a.dtype}{list(a.shape)}, expected "
                              f"{e.dtype}{list(e.shape)}")
 
-  def send(self, request: bytes) -> bytes:
-    _, meta, arrays = wire.unpack(self.secret, request, "send")
-    island, p, step = int(meta["island"]), int(meta["fragment"]), int(meta["step"])
-    if not 0 <= p < self.spec.frags.num or step < 1 or step > self.total:
-      raise wire.WireError(f"send of fragment {p} at step {step} is out of range")
+  def _check_send(self, island: int, meta: dict, arrays: list) -> tuple[int, int, float]:
+    """(fragment, step, weight) of a send, every field validated before anything is kept:
+    the fragment and step on this run's schedule, the layout, the weight one of 1 (sent),
+    0 (absent) or -1 (non-finite, masked), a counter above the island's last, the data
+    position well formed."""
+    p, step = validate.send_step(meta.get("step"), meta.get("fragment"), self.spec.frags.num,
+                                 self.total, None if self.asynchronous else self.schedule.sends,
+                                 island=island)
     self._check_payload(p, arrays)
     weight = float(arrays[-1].reshape(-1)[0])
+    if weight not in (1.0, 0.0, -1.0) or np.any(arrays[-1] != weight):
+      raise validate.Refusal(f"island {island}: send weight {weight!r} (1, 0 or -1)")
+    counter = meta.get("counter")
+    if type(counter) is not int or counter <= self.counters.get(str(island), -1):  # pylint: disable=unidiomatic-typecheck
+      raise validate.Refusal(f"island {island}: send counter {counter!r} is not above its last "
+                             f"({self.counters.get(str(island))}): a replay")
+    if meta.get("data", ""):
+      validate.data_position(meta["data"], island, self.sent_positions.get(island))
+    return p, step, weight
+
+  def send(self, who: str, meta: dict, arrays: list) -> channel.Reply:
+    island = self._island(who, meta)
+    p, step, weight = self._check_send(island, meta, arrays)
+    # decoded and measured on the device, outside the lock (the norm gate decides under it)
+    one = self._contribution[p](self._one(p, arrays[:-1], weight))
+    norm, finite = float(one.norm), bool(one.finite)
     with self.lock:
       if island not in self.members:
         raise channel.Refused(f"island {island} has not joined")
       self.members[island]["last"] = time.time()
+      self.counters[str(island)] = meta["counter"]
+      if meta.get("data", ""):
+        self.sent_positions[island] = meta["data"]
       if self.asynchronous:
         if self.done:  # the run's tokens are in and evaluated: not applied, the island stops
-          return wire.pack(self.secret, "ok", {"late": True, "stop": True})
-        self._apply_async(island, meta, arrays[:-1], weight)
-        return wire.pack(self.secret, "ok", {"late": False, "stop": self.done})
+          return "ok", {"late": True, "stop": True}, []
+        self._apply_async(island, p, meta, one, norm, finite, arrays)
+        return "ok", {"late": False, "stop": self.done}, []
       late = step <= self.closed[p]
       key = min((s for s in self.rounds[p] if s > step), default=None) if late else step
       if late and key is None:
         key = self.closed[p] + self.schedule.every  # the fragment's next round
-      rnd = self.rounds[p].setdefault(key, _Round([], time.time()))
-      if not any(c[0] == island for c in rnd.contributions if not late):
-        rnd.contributions.append((island, arrays[:-1], weight, meta.get("data", "")))
+      if key > self.total:
+        self._log("late_send_dropped", island=island, fragment=p, step=step)
+        return "ok", {"late": True}, []
+      rnd = self.rounds[p].setdefault(key, _Round(time.time()))
+      if island in rnd.senders:  # one contribution per island and round, late or not
+        self._log("duplicate_send", island=island, fragment=p, step=step, round=key)
+        return "ok", {"late": late, "duplicate": True}, []
+      refused = self._gate(island, p, step, one, norm, finite)
+      if refused:  # heard from (the round need not wait for it), nothing of it summed
+        rnd.senders[island] = ""
+        self.plan.maybe_kill("syncer", self.version, self.workdir)
+        self._maybe_close(p)
+        return "ok", {"late": late, "refused": refused}, []
+      self._add_to(rnd, one, island, meta.get("data", ""), arrays)
       if late:
         self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
       self.plan.maybe_kill("syncer", self.version, self.workdir)
       self._maybe_close(p)
-    return wire.pack(self.secret, "ok", {"late": late})
+    return "ok", {"late": late}, []
 
-  def receive(self, request: bytes) -> bytes:
+  def _gate(self, island: int, p: int, step: int, one: "Contribution", norm: float,
+            finite: bool) -> str:
+    """Why a sent payload may not enter the sum (not finite, or its norm far above the recent
+    median: :class:`validate.NormGate`), logged; "" if it may (and its norm is recorded)."""
+    if not one.count > 0:
+      return ""
+    try:
+      self.norms.check(island, p, norm, finite)
+    except validate.Refusal as e:
+      self._log("payload_refused", island=island, fragment=p, step=step, reason=str(e))
+      return str(e)
+    self.norms.accept(p, norm)
+    return ""
+
+  def _one(self, p: int, arrays: list, weight: float) -> tuple:
+    """One island's payload leaves and weight as the mesh-axis reduce takes them (M = 1)."""
+    leaves = [jnp.asarray(a) for a in arrays]
+    payload = (tuple(leaves) if self.spec.codec is None else
+               jax.tree.unflatten(jax.tree.structure(self._sent[p][0]), leaves))
+    return payload, jnp.full((1, self.spec.devices_per_island), weight, jnp.float32)
+
+  def _add_to(self, rnd: _Round, one: "Contribution", island: int, position: str,
+              arrays: list) -> None:
+    """Adds an accepted contribution to its round's running sum (arrival order) and records
+    its data position and payload bytes (none for an absent island: as in the mesh-axis
+    accounting, its zeros still travel here, the round must hear from it)."""
+    if rnd.total is None:
+      rnd.total, rnd.kept = one.decoded, one.kept
+    else:
+      rnd.total, rnd.kept = self._add(rnd.total, rnd.kept, one.decoded, one.kept)
+    rnd.count += int(one.count)
+    rnd.masked |= bool(one.masked)
+    rnd.senders[island] = position
+    self.payload_bytes[str(island)] = (self.payload_bytes.get(str(island), 0) +
+                                       sum(a.nbytes for a in arrays[:-1]) * int(one.count > 0))
+
+  def receive(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     """Long poll: the global fragment as round (p, step) left it (the current one if that
     round is older than the last two); "pending" after a few
     seconds (the island asks again); "resend" if the syncer holds no contribution of the island
     for an open round (it restarted from a checkpoint that predates it)."""
-    _, meta, _ = wire.unpack(self.secret, request, "receive")
-    island, p, step = int(meta["island"]), int(meta["fragment"]), int(meta["step"])
+    del arrays
+    island = self._island(who, meta)
+    p, step = validate.send_step(meta.get("step"), meta.get("fragment"), self.spec.frags.num,
+                                 self.total, None if self.asynchronous else self.schedule.sends,
+                                 island=island)
     deadline = time.time() + 5.0
     if self.asynchronous:
       with self.lock:
         values = [np.asarray(jax.device_get(x)) for x in self._take[p](self.server.params)]
-        return wire.pack(self.secret, "global", {
-            "version": self.version, "stop": self.done, "progress": self.progress(),
-            "local_steps": self._local_steps(island)}, values)
+        self.told[island] = self._local_steps(island)
+        return "global", {"version": self.version, "stop": self.done,
+                          "progress": self.progress(), "local_steps": self.told[island]}, values
     with self.lock:
       while self.closed[p] < step:
         rnd = self.rounds[p].get(step)
-        if rnd is None or not any(c[0] == island for c in rnd.contributions):
-          return wire.pack(self.secret, "resend", {})
+        if rnd is None or island not in rnd.senders:
+          return "resend", {}, []
         if time.time() > deadline:
-          return wire.pack(self.secret, "pending", {})
+          return "pending", {}, []
         self._maybe_close(p)
         self.lock.wait(0.05)
       kept = self.after_round[p].get(step)
-      if kept is not None and kept.after == int(meta.get("applied", -1)):
-        return wire.pack(self.secret, remote.MEAN, {"version": self.version, "round": step,
-                                                    "after": kept.after}, kept.arrays)
+      if kept is not None and kept.after == meta.get("applied", -1):
+        return remote.MEAN, {"version": self.version, "round": step,
+                             "after": kept.after}, kept.arrays
       self._log("state_sent", island=island, fragment=p, step=step,
                 applied=meta.get("applied"), closed=self.closed[p])
-      return wire.pack(self.secret, remote.STATE, {"version": self.version,
-                                                   "closed": self.closed},
-                       self._state_arrays())
+      return remote.STATE, {"version": self.version, "closed": self.closed}, \
+          self._state_arrays()
 
   def _maybe_close(self, p: int) -> None:
     """Closes fragment p's oldest open round if the policy says so (lock held)."""
@@ -410,7 +516,7 @@ class Syncer:
       return
     step = min(self.rounds[p])
     rnd = self.rounds[p][step]
-    senders = {c[0] for c in rnd.contributions}
+    senders = set(rnd.senders)
     live = self._live()
     everyone = live <= senders
     quorum = (self.quorum > 0 and len(senders) >= self.quorum and
@@ -420,10 +526,10 @@ class Syncer:
     self._close(p, step, rnd, live - senders)
 
   def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
-    """The round's mean (the stages' reduce over the islands that sent), the same outer-step
+    """The round's mean (its running sum over the islands that sent), the same outer-step
     program the islands run on it, and the mean kept for the islands' receives (the last two
     rounds: with ``outer.delay`` an island asks for round r - 1 after round r may close)."""
-    reduced = self._reduce(p, rnd.contributions)
+    reduced = self._mean(rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked))
     self.server = self._outer[p](self.server, reduced)
     kept = self.after_round[p]
     kept[step] = _Closed(self.closed[p], [np.asarray(jax.device_get(x)) for x in (
@@ -431,6 +537,7 @@ class Syncer:
     for old in sorted(kept)[:-2]:
       del kept[old]
     del self.rounds[p][step]
+    self.data_positions.update({str(k): v for k, v in rnd.senders.items() if v})
     self.closed[p] = step
     self.version += 1
     if missing:
@@ -439,15 +546,24 @@ class Syncer:
     self._maybe_evaluate()
     self.lock.notify_all()
 
-  def _apply_async(self, island: int, meta: dict, arrays: list, weight: float) -> None:
+  def _apply_async(self, island: int, p: int, meta: dict, one: "Contribution", norm: float,
+                   finite: bool, arrays: list) -> None:
     """Async: one island's pseudo-gradient, applied on arrival (Delayed Nesterov); its
     staleness is the number of updates applied since the island pulled the params it used."""
     if "version" not in meta or "local_steps" not in meta:
       raise wire.WireError(f"island {island}: an async send needs the version its params were "
                            "pulled at and its local_steps")
-    pulled, local_steps = int(meta["version"]), int(meta["local_steps"])
+    pulled = int(meta["version"])
+    local_steps = validate.local_steps(meta["local_steps"], island, int(self.schedule.every),
+                                       self.told.get(island))
     staleness = async_staleness(self.version, pulled)
-    self._apply(0, [(island, arrays, weight, meta.get("data", ""))])
+    if self._gate(island, p, pulled, one, norm, finite):
+      return
+    rnd = _Round(time.time())
+    self._add_to(rnd, one, island, meta.get("data", ""), arrays)
+    self.server = self._outer[p](self.server, self._mean(
+        rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked)))
+    self.data_positions.update({str(k): v for k, v in rnd.senders.items() if v})
     self.applied_steps[str(island)] = self.applied_steps.get(str(island), 0) + local_steps
     self.version += 1
     self._updates.write({"version": self.version, "island": island, "pulled": pulled,
@@ -471,54 +587,6 @@ class Syncer:
     live = self._live() | {island}
     return dynamic_local_steps(h, {k: v for k, v in self.step_s.items() if k in live}, island,
                                live)
-
-  def _stacked(self, p: int, contributions: list) -> tuple:
-    """The islands' payloads and weights stacked as the mesh-axis mode gathers them."""
-    leaves = [np.concatenate([c[1][i] for c in contributions]) for i in range(len(
-        contributions[0][1]))]
-    weight = np.concatenate([np.full((1, self.spec.devices_per_island), c[2], np.float32)
-                             for c in contributions])
-    return self._payload_tree(p, leaves), jnp.asarray(weight)
-
-  def _reduce(self, p: int, contributions: list) -> Any:
-    """The stages' reduce (a program per fragment and island count): the mean of the decoded
-    payloads that were sent (weight > 0), as the mesh-axis mode's gathered link computes it."""
-    key = (p, len(contributions))
-    if key not in self._reducers:
-      spec = dataclasses.replace(self.spec, num=len(contributions))
-      self._reducers[key] = jax.jit(functools.partial(stages.reduce, spec, p,
-                                                      links.Gathered()))
-    reduced = self._reducers[key](self._stacked(p, contributions))
-    self._record(contributions)
-    return reduced
-
-  def _apply(self, p: int, contributions: list) -> None:
-    """Async: the mesh-axis mode's receive program (reduce and the Delayed Nesterov outer
-    step, one program) on one island's payload."""
-    key = (p, len(contributions))
-    if key not in self._receive:
-      spec = dataclasses.replace(self.spec, num=len(contributions))
-      self._receive[key] = jax.jit(functools.partial(programs_lib.receive, spec, p,
-                                                     links.Gathered()), donate_argnums=0)
-    self.server = self._receive[key](self.server, self._stacked(p, contributions))
-    self._record(contributions)
-
-  def _record(self, contributions: list) -> None:
-    """Data positions and payload bytes of the accepted contributions. An island absent from
-    the round (drop-out, weight 0) counts no payload, as in the mesh-axis accounting (its
-    zeros still travel here: the round must hear from it)."""
-    for island, arrays, weight, position in contributions:
-      if position:
-        self.data_positions[str(island)] = position
-      self.payload_bytes[str(island)] = (self.payload_bytes.get(str(island), 0) +
-                                         sum(a.nbytes for a in arrays) * (weight != 0))
-
-  def _payload_tree(self, p: int, arrays: list) -> Any:
-    """An island's payload leaves (stacked) as the tree the receive program takes."""
-    leaves = [jnp.asarray(a) for a in arrays]
-    if self.spec.codec is None:
-      return tuple(leaves)
-    return jax.tree.unflatten(jax.tree.structure(self._sent[p][0]), leaves)
 
   def _maybe_evaluate(self) -> None:
     """Evaluates the global model at every eval step all of whose sends have closed (async:
@@ -566,8 +634,67 @@ class Syncer:
     self.ckpt.close()
 
   def methods(self) -> dict:
-    return {"Join": self.join, "Heartbeat": self.heartbeat, "Send": self.send,
-            "Receive": self.receive, "Leave": self.leave}
+    """The channel's methods: the request kinds each takes and the most bytes it accepts
+    (a send: its fragment's layout; the rest: control messages)."""
+    send_bytes = max(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(sent))
+                     for sent in self._sent)
+    return {"Join": channel.Method(self.join, ("join",), same_job=False),
+            "Heartbeat": channel.Method(self.heartbeat, ("heartbeat",)),
+            "Send": channel.Method(self.send, ("send",), lambda who: send_bytes),
+            "Receive": channel.Method(self.receive, ("receive",)),
+            "Leave": channel.Method(self.leave, ("leave",))}
+
+  def keys(self, who: str) -> bytes | None:
+    """A member's key: ``island/<k>`` for k in [0, max_islands); None for anyone else."""
+    prefix, _, k = who.partition("/")
+    if prefix != "island" or not k.isdigit() or str(int(k)) != k or int(k) >= self.max_islands:
+      return None
+    return wire.derive(self.secret, who)
+
+
+class Contribution(NamedTuple):
+  """One island's payload as it enters a round's running sum."""
+  decoded: tuple  # the fragment's leaves (0 where the island sent nothing healthy)
+  kept: Any  # codecs with a support: per coordinate, 1 where the island kept it; else ()
+  count: jax.Array  # 1 if the island sent (weight > 0), else 0
+  masked: jax.Array  # the island reported a non-finite pseudo-gradient (weight < 0)
+  norm: jax.Array  # the decoded payload's L2 norm
+  finite: jax.Array  # every decoded value finite
+
+
+def contribution(spec: stages.Spec, p: int, sent: tuple) -> Contribution:
+  """The mesh-axis reduce of one island's send (M = 1: its decoded payload, zeros if it did
+  not send) with what the syncer validates and accumulates."""
+  reduced = stages.reduce(spec, p, links.Gathered(), sent)
+  ok = reduced.count > 0
+  decoded = tuple(jnp.where(ok, x, 0.0) for x in reduced.mean)
+  support = getattr(spec.codec, "support", None)
+  kept = ()
+  if support is not None:
+    flat = jax.vmap(support)(sent[0])[0].astype(jnp.float32) * ok
+    kept = stages.unflatten(flat[:sum(x.size for x in decoded)], spec.frag_abstract[p])
+  finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in reduced.mean]))
+  # scaled by the largest |value| first: 1e30 values have a norm, not an overflow
+  top = jnp.maximum(jnp.max(jnp.array([jnp.max(jnp.abs(x)) for x in decoded])),
+                    jnp.finfo(jnp.float32).tiny)
+  norm = top * jnp.sqrt(sum(jnp.sum(jnp.square(x / top)) for x in decoded))
+  return Contribution(decoded, kept, reduced.count, reduced.masked, norm, finite)
+
+
+def accumulate(total: tuple, kept: Any, decoded: tuple, more: Any) -> tuple:
+  """A round's running sum plus one contribution (and the support counts, if any)."""
+  return (tuple(a + b for a, b in zip(total, decoded)),
+          jax.tree.map(lambda a, b: a + b, kept, more))
+
+
+def finish(total: tuple, kept: Any, count: jax.Array, masked: jax.Array) -> stages.Reduced:
+  """The round's mean: the sum over the islands that sent / their number (with a support: per
+  coordinate, / the islands that kept it), as the mesh-axis reduce computes it."""
+  if kept:
+    mean = tuple(x / jnp.maximum(k, 1.0) for x, k in zip(total, kept))
+  else:
+    mean = tuple(x / jnp.maximum(count, 1.0) for x in total)
+  return stages.Reduced(mean, count, masked)
 
 
 def async_staleness(version: int, pulled: int) -> int:
@@ -597,14 +724,24 @@ def dynamic_local_steps(h: int, step_s: dict, island: int, live=None) -> int:
   return max(1, min(h, int(np.floor(h * fastest / seconds[island] + 1e-9))))
 
 
+def compilation_cache(workdir: str) -> None:
+  """Every role of the run shares one persistent compilation cache (``WORKDIR/compile_cache``):
+  a restarted island or syncer loads its programs instead of compiling them again."""
+  jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compile_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def serve(config, workdir: str) -> None:
   """Runs the syncer until every island that joined has finished the run."""
   os.makedirs(workdir, exist_ok=True)
+  compilation_cache(workdir)
   secret = wire.job_secret(config.launch.secret_file)
   host, port = config.launch.syncer.rsplit(":", 1)
   syncer = Syncer(config, workdir, secret)
-  server, _ = channel.serve(secret, config.launch.interface or host, int(port),
-                            syncer.methods(), tls=channel.Tls.from_config(config.launch))
+  threads = max(16, 4 * syncer.max_islands)
+  server, _ = channel.serve(syncer.keys, syncer.job, config.launch.interface or host, int(port),
+                            syncer.methods(), threads=threads,
+                            tls=channel.Tls.from_config(config.launch))
   logging.warning("syncer: listening on %s:%s", host, port)
   try:
     while True:

@@ -176,7 +176,7 @@ def _compress(spec, p, islands, delta, ok, done):
   kept = health.keep_if(ok, new_residual, residual)
   like = spec.frag_abstract[p]
   residual_tree = spec.frags.put(residual_tree, p, tuple(jax.vmap(
-      lambda r: _unflatten(r, like))(kept)), lead=1)
+      lambda r: unflatten(r, like))(kept)), lead=1)
   return payload, islands._replace(codec=ErrorFeedback(residual_tree))
 
 
@@ -213,7 +213,7 @@ def reduce(spec: Spec, p: int, link: Any, sent: tuple) -> Reduced:
         tuple(x * (spec.num / jnp.maximum(count, 1.0)) for x in mean), mean_sharding)
   else:
     flat = links.exchange(spec.codec, payload, weights, spec.mesh, link)
-    mean = _unflatten(flat[:sum(math.prod(x.shape) for x in spec.frag_abstract[p])],
+    mean = unflatten(flat[:sum(math.prod(x.shape) for x in spec.frag_abstract[p])],
                       spec.frag_abstract[p])
   return Reduced(mean, count, jnp.any(weights < 0))
 
@@ -288,7 +288,7 @@ def _flatten(stacked_frag: tuple, size: int) -> jax.Array:
   return jnp.pad(flat, ((0, 0), (0, size - flat.shape[1])))
 
 
-def _unflatten(flat: jax.Array, like: tuple) -> tuple:
+def unflatten(flat: jax.Array, like: tuple) -> tuple:
   """``[n]`` vector -> a fragment shaped like ``like`` (unstacked leaves)."""
   out, start = [], 0
   for x in like:

@@ -1,0 +1,151 @@
+"""A model-sized payload through the decoupled channel, beside raw loopback TCP, in one run.
+
+    python -m experiments.channel_bench --config configs/c4_1b.py [--repeats 2]
+
+Sends one float32 pseudo-gradient the size of the config's model (c4_1b: 1.06B parameters,
+4.2 GB) from a client process to a server process over :mod:`fedjax_lm.decoupled.channel`
+(streamed, every chunk authenticated, reduced into a running sum on arrival), then the same
+bytes over a plain TCP socket on loopback (``sendall`` / ``recv_into`` one buffer). Prints
+seconds, bytes, each process's peak RSS (``VmHWM``) and the ratio channel ÷ raw throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from fedjax_lm import wire
+
+_SECRET = b"b" * 32
+
+
+def _hwm_bytes() -> int:
+  with open("/proc/self/status", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def params_of(config_path: str) -> int:
+  """The parameter count of a config's model (abstract: nothing is allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lm import config_lib, model as model_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_file(config_path)
+  _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
+  return sum(int(x.size) for x in jax.tree.leaves(abstract))
+
+
+def serve(n: int, port_file: str) -> None:
+  """The channel's server: a ``Send`` of n float32 values is summed on arrival (the
+  syncer's running sum) and answered; exits after ``--repeats`` sends."""
+  from fedjax_lm.decoupled import channel  # pylint: disable=g-import-not-at-top
+  total = np.zeros(n, np.float32)
+  done = []
+
+  def send(who, meta, arrays):
+    del who, meta
+    np.add(total, arrays[0], out=total)
+    done.append(time.time())
+    return "ok", {"hwm": _hwm_bytes()}, []
+  keys = lambda who: wire.derive(_SECRET, who) if who == "island/0" else None
+  server, port = channel.serve(keys, "bench", "127.0.0.1", 0, {
+      "Send": channel.Method(send, ("send",), lambda who: n * 4)})
+  with open(port_file, "w", encoding="utf-8") as f:
+    f.write(str(port))
+  while True:
+    time.sleep(0.5)
+    if os.path.exists(port_file + ".stop"):
+      break
+  server.stop(grace=1)
+  print(json.dumps({"server_hwm": _hwm_bytes()}))
+
+
+def raw_server(n: int, port_file: str) -> None:
+  """Plain TCP: receives n float32 values into one buffer, then answers one byte."""
+  listener = socket.create_server(("127.0.0.1", 0))
+  with open(port_file, "w", encoding="utf-8") as f:
+    f.write(str(listener.getsockname()[1]))
+  buf = bytearray(n * 4)
+  view = memoryview(buf)
+  while True:
+    conn, _ = listener.accept()
+    with conn:
+      got = 0
+      while got < len(buf):
+        k = conn.recv_into(view[got:], min(1 << 22, len(buf) - got))
+        if not k:
+          return
+        got += k
+      conn.sendall(b"!")
+
+
+def _start(role: str, n: int, tmp: str) -> tuple[subprocess.Popen, int]:
+  port_file = os.path.join(tmp, f"{role}.port")
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.channel_bench", "--role", role,
+                           "--n", str(n), "--port-file", port_file], stdout=subprocess.PIPE,
+                          text=True)
+  while not os.path.exists(port_file) or not open(port_file, encoding="utf-8").read():
+    time.sleep(0.1)
+  return proc, int(open(port_file, encoding="utf-8").read())
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  parser.add_argument("--config", default="configs/c4_1b.py")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--role", default="")
+  parser.add_argument("--n", type=int, default=0)
+  parser.add_argument("--port-file", default="")
+  args = parser.parse_args()
+  if args.role == "server":
+    return serve(args.n, args.port_file)
+  if args.role == "raw":
+    return raw_server(args.n, args.port_file)
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from fedjax_lm.decoupled import channel  # pylint: disable=g-import-not-at-top
+  n = params_of(args.config)
+  payload = np.random.default_rng(0).normal(size=n).astype(np.float32)
+  tmp = tempfile.mkdtemp()
+  rows = []
+  proc, port = _start("server", n, tmp)
+  client = channel.Client(f"127.0.0.1:{port}", wire.derive(_SECRET, "island/0"), "island/0",
+                          "bench", give_up_s=30)
+  for _ in range(args.repeats):
+    start = time.time()
+    _, meta, _ = client.call("Send", "send", {}, [payload])
+    rows.append(("channel", time.time() - start, meta["hwm"]))
+  sent = client.sent_bytes / args.repeats
+  client.close()
+  open(os.path.join(tmp, "server.port.stop"), "w").close()
+  server_hwm = json.loads(proc.communicate()[0].strip().splitlines()[-1])["server_hwm"]
+  raw, port = _start("raw", n, tmp)
+  for _ in range(args.repeats):
+    start = time.time()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+      s.sendall(memoryview(payload).cast("B"))
+      s.recv(1)
+    rows.append(("raw", time.time() - start, 0))
+  raw.kill()
+  best = {k: min(t for r, t, _ in rows if r == k) for k in ("channel", "raw")}
+  gbps = {k: n * 4 / v / 1e9 for k, v in best.items()}
+  print(f"payload: {n:,} float32 = {n * 4 / 1e9:.2f} GB; on the wire per send "
+        f"{sent / 1e9:.3f} GB (+{(sent - n * 4) / (n * 4) * 100:.3f}% heads and MACs)")
+  for role, t, _ in rows:
+    print(f"  {role:8s} {t:7.2f} s  {n * 4 / t / 1e9:6.2f} GB/s")
+  print(f"channel ÷ raw throughput (best of {args.repeats}): "
+        f"{gbps['channel'] / gbps['raw']:.2f}")
+  print(f"peak RSS: client {_hwm_bytes() / 1e9:.2f} GB (payload {n * 4 / 1e9:.2f} GB), "
+        f"server {server_hwm / 1e9:.2f} GB (running sum + one receive buffer: "
+        f"{2 * n * 4 / 1e9:.2f} GB)")
+
+
+if __name__ == "__main__":
+  main()
