@@ -112,7 +112,7 @@ def main() -> None:
   import tempfile  # pylint: disable=g-import-not-at-top
   from fedjax_lm.decoupled import channel  # pylint: disable=g-import-not-at-top
   n = params_of(args.config)
-  payload = np.random.default_rng(0).normal(size=n).astype(np.float32)
+  payload = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
   tmp = tempfile.mkdtemp()
   rows = []
   proc, port = _start("server", n, tmp)

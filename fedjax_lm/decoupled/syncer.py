@@ -523,9 +523,10 @@ class Syncer:
               time.time() - rnd.first_at >= self.timeout_s)
     if not (everyone or quorum):
       return
-    self._close(p, step, rnd, live - senders)
+    self._close(p, step, rnd, live - senders, "every live island sent" if everyone else
+                f"quorum {self.quorum} after {self.timeout_s:.0f} s")
 
-  def _close(self, p: int, step: int, rnd: _Round, missing: set[int]) -> None:
+  def _close(self, p: int, step: int, rnd: _Round, missing: set[int], rule: str) -> None:
     """The round's mean (its running sum over the islands that sent), the same outer-step
     program the islands run on it, and the mean kept for the islands' receives (the last two
     rounds: with ``outer.delay`` an island asks for round r - 1 after round r may close)."""
@@ -541,7 +542,8 @@ class Syncer:
     self.closed[p] = step
     self.version += 1
     if missing:
-      self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing))
+      self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing),
+                rule=rule)
     self._save()
     self._maybe_evaluate()
     self.lock.notify_all()
