@@ -7,6 +7,7 @@ an unknown key (``--config.inner.lr=...``) fails naming the key. ``validate`` ch
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 
 import ml_collections
@@ -191,11 +192,14 @@ def _launch() -> ml_collections.ConfigDict:
   # listen on ("" = the address the process advertises; never 0.0.0.0 by default).
   s.secret_file = ""
   s.interface = ""
-  # Decoupled mode, optional mutual TLS on the syncer's channel (PEM files: the job's CA, this
-  # role's certificate and key, signed by that CA); the HMAC checks stay either way.
+  # Decoupled mode, mutual TLS on the syncer's channel (PEM files: the job's CA, this role's
+  # certificate and key, signed by that CA; `python -m fedjax_lm.decoupled.pki DIR` makes
+  # them); the per-island keys decide membership either way. Required when the syncer is not
+  # on loopback, unless plaintext=True (e.g. inside a VPN that already encrypts).
   s.tls_ca = ""
   s.tls_cert = ""
   s.tls_key = ""
+  s.plaintext = False
   return s
 
 
@@ -298,6 +302,16 @@ def _validate_launch(c) -> None:
          f"launch.norm_window={c.launch.norm_window} must be >= 1")
 
 
+def _loopback(host: str) -> bool:
+  """Whether ``host`` (an IP or a name) is this machine's loopback."""
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
 def _validate_decoupled(c) -> None:
   """launch.mode=decoupled: a syncer and island jobs."""
   _check(c.algorithm == "islands", "launch.mode=decoupled needs algorithm=islands")
@@ -321,6 +335,11 @@ def _validate_decoupled(c) -> None:
          f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
   _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
          f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
+  host = (c.launch.interface or c.launch.syncer.rpartition(":")[0] or "127.0.0.1").strip("[]")
+  _check(_loopback(host) or c.launch.tls_ca or c.launch.plaintext,
+         f"launch.syncer={c.launch.syncer!r} is not on loopback: mutual TLS is required there "
+         "(make the job's certificates with `python -m fedjax_lm.decoupled.pki DIR --hosts "
+         f"{host}` and set launch.tls_ca, tls_cert, tls_key), or set launch.plaintext=True")
   parts = int(c.islands.max_num) or int(c.islands.num)
   for island, _ in health.parse_pairs(c.launch.join, "launch.join"):
     _check(int(c.islands.num) <= island < parts,

@@ -265,3 +265,20 @@ def test_an_insider_s_weight_and_counter_are_checked(served):
   with pytest.raises(ValueError, match="counter"):
     _direct(syncer, "Send", 0, {"fragment": 0, "step": step + syncer.schedule.every,
                                 "counter": 10 ** 15}, _payload(syncer))
+
+
+def test_a_syncer_off_loopback_needs_mutual_tls_or_an_explicit_opt_out():
+  from fedjax_lm import config_lib  # pylint: disable=g-import-not-at-top
+  base = {"launch.mode": "decoupled", "launch.role": "island", "algorithm": "islands"}
+  for syncer, ok in (("127.0.0.1:5000", True), ("[::1]:5000", True), ("localhost:5000", True),
+                     ("10.1.2.3:5000", False), ("syncer.example.org:5000", False)):
+    c = tiny_config(**base, **{"launch.syncer": syncer})
+    if ok:
+      config_lib.validate(c)
+    else:
+      with pytest.raises(ValueError, match="mutual TLS is required there.*fedjax_lm.decoupled.pki"):
+        config_lib.validate(c)
+  config_lib.validate(tiny_config(**base, **{"launch.syncer": "10.1.2.3:5000",
+                                             "launch.plaintext": True}))
+  config_lib.validate(tiny_config(**base, **{"launch.syncer": "10.1.2.3:5000",
+                                             "launch.tls_ca": "ca.pem"}))

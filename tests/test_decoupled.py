@@ -19,6 +19,7 @@ from fedjax_lm import model as model_lib
 from fedjax_lm import train
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import pki
 from fedjax_lm.decoupled import syncer as syncer_lib
 
 SECRET = b"k" * 32
@@ -287,7 +288,11 @@ def test_mutual_tls_admits_the_job_s_certificates_only(tmp_path):
   """With launch.tls_*: a client holding a certificate of the job's CA (and the secret) is
   served; one with another CA's certificate, or none, is refused in the TLS handshake: the
   method never runs."""
-  job, rogue = _pki(tmp_path / "job", "job"), _pki(tmp_path / "rogue", "rogue")
+  made = pki.make(str(tmp_path / "job"), [], islands=1)  # the one-command job CA
+  read = lambda *paths: channel.Tls(*(open(p, "rb").read() for p in paths))
+  ca = str(tmp_path / "job" / "ca.pem")
+  job = {"server": read(ca, *made["syncer"]), "client": read(ca, *made["island0"])}
+  rogue = _pki(tmp_path / "rogue", "rogue")
   calls = []
   server, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo(calls), tls=job["server"])
   try:
