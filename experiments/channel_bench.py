@@ -5,8 +5,11 @@
 Sends one float32 pseudo-gradient the size of the config's model (c4_1b: 1.06B parameters,
 4.2 GB) from a client process to a server process over :mod:`fedjax_lm.decoupled.channel`
 (streamed, every chunk authenticated, reduced into a running sum on arrival), then the same
-bytes over a plain TCP socket on loopback (``sendall`` / ``recv_into`` one buffer). Prints
-seconds, bytes, each process's peak RSS (``VmHWM``) and the ratio channel ÷ raw throughput.
+bytes over a plain TCP socket on loopback (``sendall`` / ``recv_into`` one buffer, kept across
+sends; then ``raw-fresh``: a new buffer each send, paying its first-touch page faults as the
+channel's reader does). Prints seconds, CPU seconds per GB of each process (less disturbed
+than wall time on a shared machine), each process's peak RSS (``VmHWM``), the load average
+and the ratio channel ÷ raw throughput.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ def _hwm_bytes() -> int:
       if line.startswith("VmHWM:"):
         return int(line.split()[1]) * 1024
   return 0
+
+
+def _cpu_s(pid: int) -> float:
+  """CPU seconds (user + system, all threads) a process has used: a figure the other work on a
+  shared machine disturbs less than wall time."""
+  with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def params_of(config_path: str) -> int:
@@ -68,8 +79,9 @@ def serve(n: int, port_file: str) -> None:
   print(json.dumps({"server_hwm": _hwm_bytes()}))
 
 
-def raw_server(n: int, port_file: str) -> None:
-  """Plain TCP: receives n float32 values into one buffer, then answers one byte."""
+def raw_server(n: int, port_file: str, fresh: bool = False) -> None:
+  """Plain TCP: receives n float32 values into one buffer (with ``fresh``, a new one for each
+  connection, as the channel's reader allocates one per call), then answers one byte."""
   listener = socket.create_server(("127.0.0.1", 0))
   with open(port_file, "w", encoding="utf-8") as f:
     f.write(str(listener.getsockname()[1]))
@@ -77,6 +89,10 @@ def raw_server(n: int, port_file: str) -> None:
   view = memoryview(buf)
   while True:
     conn, _ = listener.accept()
+    if fresh:  # first-touch page faults in recv_into, as in the channel's np.empty buffer
+      del view, buf
+      buf = np.empty(n * 4, np.uint8)
+      view = memoryview(buf)
     with conn:
       got = 0
       while got < len(buf):
@@ -107,8 +123,8 @@ def main() -> None:
   args = parser.parse_args()
   if args.role == "server":
     return serve(args.n, args.port_file)
-  if args.role == "raw":
-    return raw_server(args.n, args.port_file)
+  if args.role in ("raw", "raw-fresh"):
+    return raw_server(args.n, args.port_file, fresh=args.role == "raw-fresh")
   import tempfile  # pylint: disable=g-import-not-at-top
   from fedjax_lm.decoupled import channel  # pylint: disable=g-import-not-at-top
   n = params_of(args.config)
@@ -119,29 +135,38 @@ def main() -> None:
   client = channel.Client(f"127.0.0.1:{port}", wire.derive(_SECRET, "island/0"), "island/0",
                           "bench", give_up_s=30)
   for _ in range(args.repeats):
+    cpu = _cpu_s(os.getpid()), _cpu_s(proc.pid)
     start = time.time()
     _, meta, _ = client.call("Send", "send", {}, [payload])
-    rows.append(("channel", time.time() - start, meta["hwm"]))
+    rows.append(("channel", time.time() - start, _cpu_s(os.getpid()) - cpu[0],
+                 _cpu_s(proc.pid) - cpu[1]))
   sent = client.sent_bytes / args.repeats
   client.close()
   open(os.path.join(tmp, "server.port.stop"), "w").close()
   server_hwm = json.loads(proc.communicate()[0].strip().splitlines()[-1])["server_hwm"]
-  raw, port = _start("raw", n, tmp)
-  for _ in range(args.repeats):
-    start = time.time()
-    with socket.create_connection(("127.0.0.1", port)) as s:
-      s.sendall(memoryview(payload).cast("B"))
-      s.recv(1)
-    rows.append(("raw", time.time() - start, 0))
-  raw.kill()
-  best = {k: min(t for r, t, _ in rows if r == k) for k in ("channel", "raw")}
+  for role in ("raw", "raw-fresh"):
+    raw, port = _start(role, n, tmp)
+    for _ in range(args.repeats):
+      cpu = _cpu_s(os.getpid()), _cpu_s(raw.pid)
+      start = time.time()
+      with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(memoryview(payload).cast("B"))
+        s.recv(1)
+      rows.append((role, time.time() - start, _cpu_s(os.getpid()) - cpu[0],
+                   _cpu_s(raw.pid) - cpu[1]))
+    raw.kill()
+    raw.wait()
+  best = {k: min(t for r, t, _, _ in rows if r == k) for k in ("channel", "raw", "raw-fresh")}
   gbps = {k: n * 4 / v / 1e9 for k, v in best.items()}
   print(f"payload: {n:,} float32 = {n * 4 / 1e9:.2f} GB; on the wire per send "
         f"{sent / 1e9:.3f} GB (+{(sent - n * 4) / (n * 4) * 100:.3f}% heads and MACs)")
-  for role, t, _ in rows:
-    print(f"  {role:8s} {t:7.2f} s  {n * 4 / t / 1e9:6.2f} GB/s")
+  for role, t, c, d in rows:
+    print(f"  {role:9s} {t:7.2f} s  {n * 4 / t / 1e9:6.2f} GB/s   CPU s per GB: client "
+          f"{c / (n * 4 / 1e9):.2f}, server {d / (n * 4 / 1e9):.2f}")
   print(f"channel ÷ raw throughput (best of {args.repeats}): "
-        f"{gbps['channel'] / gbps['raw']:.2f}")
+        f"{gbps['channel'] / gbps['raw']:.2f}  (÷ raw into a fresh buffer per send, as the "
+        f"channel's reader: {gbps['channel'] / gbps['raw-fresh']:.2f})")
+  print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
   print(f"peak RSS: client {_hwm_bytes() / 1e9:.2f} GB (payload {n * 4 / 1e9:.2f} GB), "
         f"server {server_hwm / 1e9:.2f} GB (running sum + one receive buffer: "
         f"{2 * n * 4 / 1e9:.2f} GB)")
