@@ -85,14 +85,13 @@ def raw_server(n: int, port_file: str, fresh: bool = False) -> None:
   listener = socket.create_server(("127.0.0.1", 0))
   with open(port_file, "w", encoding="utf-8") as f:
     f.write(str(listener.getsockname()[1]))
-  buf = bytearray(n * 4)
-  view = memoryview(buf)
+  buf = None if fresh else bytearray(n * 4)
   while True:
     conn, _ = listener.accept()
     if fresh:  # first-touch page faults in recv_into, as in the channel's np.empty buffer
-      del view, buf
+      view = buf = None  # the last send's buffer freed first
       buf = np.empty(n * 4, np.uint8)
-      view = memoryview(buf)
+    view = memoryview(buf).cast("B")
     with conn:
       got = 0
       while got < len(buf):
