@@ -208,6 +208,7 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   # checkpoints every islands.num = 2 updates, not on every send: a syncer restarted now
   # resumes at update 4 (the 5th is lost), with the params and DN state after 4 arrivals
   assert json.load(open(tmp_path / "progress.json"))["checkpoints"] == 2
+  syncer.flush()  # (saves are written on orbax's thread)
   again = tmp_path / "restarted"  # (a copy: the first syncer goes on below)
   shutil.copytree(tmp_path / "syncer_checkpoints", again / "syncer_checkpoints")
   restarted = syncer_lib.Syncer(config, str(again), SECRET)
@@ -221,8 +222,7 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
                                     "data": "", "local_steps": 4}, arrivals[4] + [weight])
   np.testing.assert_allclose(flat(restarted._take[0](restarted.server.params)), iterates[4],
                              rtol=1e-5, atol=1e-6)
-  restarted.metrics.close()
-  restarted.ckpt.close()
+  restarted.close()
 
   # DyLU: island 1 at a quarter of island 0's speed (an island outside the run, e.g. 7, has
   # no key: the channel refuses it, tests/test_channel_attacks.py)
@@ -239,6 +239,7 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   for _ in range(3):
     assert not syncer.done
     send(0)
+  syncer.flush()  # (evals run on their own thread)
   evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   assert evals[-1]["step"] == 16 and evals[-1]["rounds"] == 8 and syncer.done
   before = flat(syncer._take[0](syncer.server.params))
@@ -247,8 +248,7 @@ def test_syncer_async_staleness_params_and_stop_for_a_scripted_arrival_order(tmp
   assert len(metrics_lib.read_jsonl(os.path.join(tmp_path, "updates.jsonl"))) == 8
   np.testing.assert_array_equal(flat(syncer._take[0](syncer.server.params)), before)
   assert pull(1)["stop"] is True
-  syncer.metrics.close()
-  syncer.ckpt.close()
+  syncer.close()
 
 
 # ----------------------------------------------------------------- end to end

@@ -3,8 +3,10 @@ authenticated gRPC channel; equivalence with the mesh-axis mode, an island crash
 and bad peers refused without touching the global state."""
 
 import copy
+import glob
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -93,20 +95,47 @@ def test_decoupled_eager_variants_are_the_mesh_axis_run_over_40_steps(tmp_path, 
 
 @pytest.mark.slow
 def test_island_crash_is_survived_and_the_island_rejoins(tmp_path, data_dir):
-  """SIGKILL island 1 after step 6 (of 16, H=4): the syncer drops it after its heartbeat
-  stops, island 0 keeps going, the launcher restarts island 1, which pulls the global params
-  and its data position and rejoins; the run finishes and every process is gone."""
+  """SIGKILL island 1 after step 10 (of 16, H=4): the syncer drops it within
+  launch.heartbeat_seconds of the kill, island 0 keeps going, the launcher restarts island 1,
+  which pulls the global params and its data position, restores its own inner optimizer
+  state (saved every checkpoint_every = 4 steps) and rejoins; the run finishes and every
+  process is gone."""
   result = _decoupled(tmp_path, data_dir, "diloco", "--config.launch.heartbeat_seconds=2",
-                      "--config.faults.kill=island/1@6")
+                      "--config.faults.kill=island/1@10", "--config.checkpoint_every=4")
   assert result.returncode == 0, result.stderr[-3000:]
   events = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
   kinds = [(e["event"], e.get("island")) for e in events]
   assert ("island_left", 1) in kinds and ("island_rejoined", 1) in kinds, kinds
+  killed_at = os.path.getmtime(glob.glob(str(tmp_path / ".faults" / "**" / "*@*"),
+                                         recursive=True)[0])
+  left_at = next(e["time"] for e in events if e["event"] == "island_left")
+  assert 0 < left_at - killed_at <= 2 + 1.0, left_at - killed_at  # heartbeat_seconds + a tick
+  log = open(tmp_path / "logs" / "island_1.log", encoding="utf-8").read()
+  assert re.search(r"inner optimizer state restored from its step (4|8)\b", log), log
   assert "island_1 exited with -9: restarting it" in result.stderr
   evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   assert evals[-1]["step"] == 16 and np.isfinite(evals[-1]["eval_loss"])
   assert _island_losses(tmp_path, 0)[-1] < _island_losses(tmp_path, 0)[0]
   assert _no_orphans(tmp_path)["island_1"]["restarts"] == 1
+
+
+@pytest.mark.slow
+def test_an_island_slower_than_its_heartbeat_is_never_dropped(tmp_path, data_dir):
+  """Liveness is not slowness: island 0 takes 3 x launch.heartbeat_seconds per inner step
+  (islands.step_seconds / speed); its heartbeats go on from their own thread, so it is never
+  dropped and every round closes with both islands."""
+  result = _decoupled(tmp_path, data_dir, "diloco", "--config.launch.heartbeat_seconds=1",
+                      "--config.islands.step_seconds=1", "--config.islands.speed=0.33,1",
+                      "--config.total_steps=4", "--config.outer.sync_every=2",
+                      "--config.eval_every=4")
+  assert result.returncode == 0, result.stderr[-3000:]
+  events = [json.loads(l) for l in open(tmp_path / "events.jsonl")]
+  assert not [e for e in events if e["event"] in ("island_left", "round_closed_without")], events
+  steps = [r["time"] for r in metrics_lib.read_jsonl(
+      os.path.join(tmp_path, "islands", "0", "metrics.jsonl"))]
+  assert min(np.diff(steps)) >= 3 * 1 - 0.1  # it really was that slow
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert evals[-1]["rounds"] == 2 and evals[-1]["members"] == [0, 1]
 
 
 @pytest.mark.slow
@@ -238,8 +267,7 @@ def test_a_round_waits_for_an_island_that_has_not_come_up_until_its_join_grace(t
   assert [(e["island"], e["reason"]) for e in left] == [(1, "did not join within 2 s")]
   _, meta, _ = syncer.join("island/1", {"island": 1, "fingerprint": fingerprint}, [])
   assert meta["step"] == step and syncer.events[-1]["event"] == "island_joined"
-  syncer.metrics.close()
-  syncer.ckpt.close()
+  syncer.close()
 
 
 def test_unreachable_syncer_is_one_clear_line_after_the_deadline(tmp_path, data_dir):

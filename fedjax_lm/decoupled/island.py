@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lm import checkpoint as ckpt_lib
 from fedjax_lm import data as data_lib
 from fedjax_lm import engine
 from fedjax_lm import faults
@@ -97,19 +99,29 @@ def build(config, client) -> Job:
   return Job(eng, link, batches, k)
 
 
-def join(job: Job, config, client) -> tuple[Any, int]:
+def join(job: Job, config, client, inner: Any = None) -> tuple[Any, int]:
   """Joins the run: the syncer checks the fingerprint and hands over its server state, the
-  step to start at and this island's data position (live recovery after a crash). The inner
-  learning-rate schedule resumes at the run's position, not at warm-up."""
+  step to start at and this island's data position (live recovery after a crash). The island
+  starts from the global params (its server copy adopts the syncer's; nothing is initialised
+  twice); the inner learning-rate schedule resumes at the run's position, not at warm-up, and
+  the inner optimizer state from this island's own last checkpoint (``inner``) if it has
+  one."""
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
   _, meta, arrays = client.call("Join", "join", {
       "island": job.island, "fingerprint": syncer_lib.fingerprint(config, abstract)},
                                 reply="joined", reply_limit=job.link.reply_limit)
   eng, link = job.engine, job.link
-  state = eng.init(jax.random.key(int(config.seed)))
+  server_like = ckpt_lib.abstract_like(jax.eval_shape(eng.init, jax.random.key(0)).server,
+                                       eng.state_shardings.server)
+  parts = link.parts(eng.spec, server_like, arrays)
+  del arrays  # (the reply's host buffer)
+  state = eng.programs.init(parts[0])
   state = state._replace(server=jax.jit(functools.partial(remote.adopt, eng.spec),
-                                        donate_argnums=0)(
-      state.server, link.parts(eng.spec, state.server, arrays)))
+                                        donate_argnums=0)(state.server, parts))
+  if inner is not None:
+    restored = inner.restore_latest(eng.state_shardings.islands.opt_state, state.islands.opt_state)
+    if restored is not None:
+      state = state._replace(islands=state.islands._replace(opt_state=restored))
   link.version, start = int(meta.get("version", 0)), int(meta["step"])
   link.applied = {int(p): int(s) for p, s in meta.get("closed", {}).items()}
   if meta["data"]:
@@ -119,6 +131,33 @@ def join(job: Job, config, client) -> tuple[Any, int]:
   position = link.progress if link.progress is not None else start
   state = state._replace(islands=_reschedule(eng)(state.islands, np.int32(position)))
   return state, start
+
+
+class InnerCheckpoint:
+  """This island's inner optimizer state (Adam's moments: the syncer holds none of it), saved
+  asynchronously every ``checkpoint_every`` steps under ``islands/<k>/inner_checkpoints`` and
+  restored when the island rejoins after a crash, so it does not restart from zero moments."""
+
+  def __init__(self, directory: str, every: int):
+    self.every = int(every)
+    self.ckpt = ckpt_lib.Checkpointer(directory, every=self.every, keep=1,
+                                      name="inner_checkpoints")
+
+  def maybe_save(self, step: int, opt_state: Any) -> None:
+    if step % self.every == 0:
+      self.ckpt.save(step, opt_state, None, force=True)
+
+  def restore_latest(self, shardings: Any, like: Any) -> Any:
+    """The newest saved state laid out like ``like``, or None if there is none."""
+    step, restored = self.ckpt.restore_latest(ckpt_lib.abstract_like(like, shardings), None,
+                                              layout={})
+    if step is not None:
+      logging.warning("island: inner optimizer state restored from its step %d", step)
+    return restored
+
+  def close(self) -> None:
+    self.ckpt.wait()
+    self.ckpt.close()
 
 
 def _reschedule(eng) -> Any:
@@ -131,23 +170,26 @@ def run(config, workdir: str) -> None:
   syncer_lib.compilation_cache(workdir)
   client = connect(config)
   job = build(config, client)
-  state, start = join(job, config, client)
   out_dir = os.path.join(workdir, "islands", str(job.island))
   os.makedirs(out_dir, exist_ok=True)
+  inner = InnerCheckpoint(out_dir, int(config.checkpoint_every))
+  state, start = join(job, config, client, inner)
   timing = {"step_s": 0.0}  # measured seconds per step (EMA), for dynamic local updates
   stop = threading.Event()
   threading.Thread(target=_heartbeat, args=(config, client, job.island, timing, stop),
                    daemon=True).start()
   try:
     with metrics_lib.JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) as log:
-      _loop(config, workdir, job, state, start, timing, log)
+      _loop(config, workdir, job, state, start, timing, log, inner)
     client.call("Leave", "leave", {"island": job.island})
   finally:
+    inner.close()
     stop.set()
     client.close()
 
 
-def _loop(config, workdir, job: Job, state, start: int, timing: dict, log) -> None:
+def _loop(config, workdir, job: Job, state, start: int, timing: dict, log,
+          inner: InnerCheckpoint) -> None:
   eng, link, k = job.engine, job.link, job.island
   factors = speeds(config)
   factor, pace_s = factors[k] if k < len(factors) else 1.0, float(config.islands.step_seconds)
@@ -169,6 +211,7 @@ def _loop(config, workdir, job: Job, state, start: int, timing: dict, log) -> No
     if asynchronous and link.version != pulled:  # the run's position and the next H
       state = state._replace(islands=reschedule(state.islands, np.int32(link.progress)))
       eng.clock.h = link.local_steps
+    inner.maybe_save(done, state.islands.opt_state)
     log.write({"step": done, "island_loss": float(np.asarray(jax.device_get(
         metrics["island_loss"]))[0]), "island_bytes": link.sent_bytes,
                "wire_sent_bytes": link.client.sent_bytes,

@@ -50,6 +50,19 @@ class Ticket(NamedTuple):
   arrays: list  # lost it (it restarted): the one payload-sized host buffer an island holds
 
 
+def host_view(x: jax.Array) -> np.ndarray:
+  """``x`` as a host array to send: on a CPU device a read-only view of its buffer (DLPack,
+  no copy: the payload is not held twice in host memory); elsewhere (or a dtype DLPack lacks,
+  bfloat16) a copy to the host. Only for arrays nothing donates while the view lives."""
+  if x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()) and (
+      len(x.devices()) == 1):
+    try:
+      return np.from_dlpack(x)
+    except (TypeError, RuntimeError, BufferError):
+      pass
+  return np.asarray(jax.device_get(x))
+
+
 def transferable(spec: stages.Spec, server: Any, params_only: bool = False) -> tuple:
   """The parts of a server copy a joiner or a lagging island adopts from the syncer: global
   params, outer states, and what the merge policy shares (eager: the last mean; a delayed
@@ -91,7 +104,7 @@ class RemoteLink:
   # ------------------------------------------------------------------ the link's halves
   def start(self, sent: Any, fragment: int, step: int, gathered: Any = None) -> Ticket:
     del gathered
-    arrays = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(sent)]
+    arrays = [host_view(x) for x in jax.tree.leaves(sent)]
     step = min(int(step), self.total)
     meta = {"island": self.island, "fragment": int(fragment), "step": step,
             "data": self.position(), "version": self.version,

@@ -41,6 +41,7 @@ read, not applied), instead of blocking every island's send on a save.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import functools
@@ -201,6 +202,10 @@ class Syncer:
     self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
     self._updates = metrics_lib.JsonlWriter(os.path.join(workdir, "updates.jsonl"))
     self.ckpt = ckpt_lib.Checkpointer(workdir, every=1, keep=2, name="syncer_checkpoints")
+    self._unsaved = False
+    # evaluation runs on its own thread on a copy of the params: rounds go on meanwhile
+    self._evals = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="syncer-eval")
+    self._pending_evals: list[concurrent.futures.Future] = []
     if not self._restore():
       self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
 
@@ -237,6 +242,10 @@ class Syncer:
                                  jax.ShapeDtypeStruct((), jnp.int32),
                                  jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
     self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
+    # compiled now, not at the first send (a round must not wait on a compile)
+    self._contribution = [f.lower(sent).compile() for f, sent in zip(self._contribution,
+                                                                     self._sent)]
+    self._copy = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
 
   # ------------------------------------------------------------------ checkpoint
   def _meta(self) -> dict:
@@ -247,12 +256,22 @@ class Syncer:
             "norms": self.norms.to_json()}
 
   def _save(self) -> None:
+    """Starts an asynchronous save of the state (orbax copies it off the device before it
+    returns, then writes on its own thread): the round's lock is not held while it writes.
+    :meth:`_durable` waits for it before a round's result is delivered."""
     self.ckpt.save(self.version, self.server, None, force=True, clock=self._meta())
-    self.ckpt.wait()
+    self._unsaved = True
     self.checkpoints += 1
     with open(os.path.join(self.workdir, "progress.json"), "w", encoding="utf-8") as f:
       json.dump({"closed_through": min(self.closed.values()), "version": self.version,
                  "checkpoints": self.checkpoints}, f)
+
+  def _durable(self) -> None:
+    """Waits (without the lock) until the last save is on disk: a round's mean or state is
+    delivered only once a restarted syncer would resume with it (nothing applied twice)."""
+    if self._unsaved:
+      self.ckpt.wait()
+      self._unsaved = False
 
   def _restore(self) -> bool:
     abstract = ckpt_lib.abstract_like(self.server, self.engine.state_shardings.server)
@@ -503,12 +522,15 @@ class Syncer:
         self.lock.wait(0.05)
       kept = self.after_round[p].get(step)
       if kept is not None and kept.after == meta.get("applied", -1):
-        return remote.MEAN, {"version": self.version, "round": step,
-                             "after": kept.after}, kept.arrays
-      self._log("state_sent", island=island, fragment=p, step=step,
-                applied=meta.get("applied"), closed=self.closed[p])
-      return remote.STATE, {"version": self.version, "closed": self.closed}, \
-          self._state_arrays()
+        reply = remote.MEAN, {"version": self.version, "round": step,
+                              "after": kept.after}, kept.arrays
+      else:
+        self._log("state_sent", island=island, fragment=p, step=step,
+                  applied=meta.get("applied"), closed=self.closed[p])
+        reply = remote.STATE, {"version": self.version, "closed": dict(self.closed)}, \
+            self._state_arrays()
+    self._durable()
+    return reply
 
   def _maybe_close(self, p: int) -> None:
     """Closes fragment p's oldest open round if the policy says so (lock held)."""
@@ -533,7 +555,7 @@ class Syncer:
     reduced = self._mean(rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked))
     self.server = self._outer[p](self.server, reduced)
     kept = self.after_round[p]
-    kept[step] = _Closed(self.closed[p], [np.asarray(jax.device_get(x)) for x in (
+    kept[step] = _Closed(self.closed[p], [remote.host_view(x) for x in (
         *reduced.mean, reduced.count, reduced.masked)])
     for old in sorted(kept)[:-2]:
       del kept[old]
@@ -607,14 +629,24 @@ class Syncer:
       self._write_eval(e)
 
   def _write_eval(self, e: int) -> None:
-    record = {"step": e, **self.evaluate(self.server.params),
-              "island_bytes": (sum(self.payload_bytes.values()) /
-                               max(len(self.payload_bytes), 1)),
-              "rounds": self.version, "members": sorted(self.members), "time": time.time()}
-    self.metrics.write(record)
+    """Schedules the eval of step e on the eval thread, on a copy of the global params taken
+    now (lock held): rounds close and checkpoint meanwhile. Once the final step's is
+    scheduled the run is done (nothing more is applied; the syncer exits after writing it)."""
+    params = self._copy(self.server.params)
+    record = {"step": e, "island_bytes": (sum(self.payload_bytes.values()) /
+                                          max(len(self.payload_bytes), 1)),
+              "rounds": self.version, "members": sorted(self.members)}
     self.evaluated = e
-    if e == self.total:
-      self.done = True
+    self.done |= e == self.total
+    self._pending_evals.append(self._evals.submit(
+        lambda: self.metrics.write({**record, **self.evaluate(params), "time": time.time()})))
+
+  def flush(self) -> None:
+    """Blocks until every scheduled eval is written (its errors raised here) and the last
+    checkpoint is on disk."""
+    while self._pending_evals:
+      self._pending_evals.pop(0).result()
+    self._durable()
 
   def _next_send(self, p: int) -> int:
     """The first send step of fragment p after its last closed round."""
@@ -631,6 +663,8 @@ class Syncer:
       self.lock.notify_all()
 
   def close(self) -> None:
+    self.flush()
+    self._evals.shutdown()
     for writer in (self.metrics, self._events, self._updates):
       writer.close()
     self.ckpt.close()
