@@ -170,8 +170,8 @@ class Syncer:
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
     self.closed: dict[int, int] = {p: 0 for p in frags}  # last closed send step per fragment
-    # per fragment: {step: the round's mean and what it applies on}, the last two rounds
-    # (outer.delay: an island asks for round r - 1 after round r may close)
+    # per fragment: {step: the round's mean and what it applies on}, the last round (with
+    # outer.delay the last two: an island asks for round r - 1 after round r may close)
     self.after_round: dict[int, dict[int, _Closed]] = {p: {} for p in frags}
     self.members: dict[int, dict] = {}  # island -> {"last": time, "live": bool}
     # Islands expected but not yet joined -> the time they are dropped if they have not: the
@@ -245,7 +245,7 @@ class Syncer:
     # compiled now, not at the first send (a round must not wait on a compile)
     self._contribution = [f.lower(sent).compile() for f, sent in zip(self._contribution,
                                                                      self._sent)]
-    self._copy = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
+    self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
   # ------------------------------------------------------------------ checkpoint
   def _meta(self) -> dict:
@@ -351,9 +351,11 @@ class Syncer:
                       "closed": self.closed, "progress": self.progress()}, arrays
 
   def _state_arrays(self) -> list:
-    """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`)."""
-    return [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(
-        remote.transferable(self.spec, self.server, self.asynchronous))]
+    """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`): a
+    device copy nothing donates, sent from zero-copy host views (no host copy is cached on
+    the live server arrays)."""
+    return [remote.host_view(x) for x in jax.tree.leaves(self._copy(
+        remote.transferable(self.spec, self.server, self.asynchronous)))]
 
   def heartbeat(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
@@ -557,7 +559,7 @@ class Syncer:
     kept = self.after_round[p]
     kept[step] = _Closed(self.closed[p], [remote.host_view(x) for x in (
         *reduced.mean, reduced.count, reduced.masked)])
-    for old in sorted(kept)[:-2]:
+    for old in sorted(kept)[:-2 if self.spec.merge.delayed else -1]:
       del kept[old]
     del self.rounds[p][step]
     self.data_positions.update({str(k): v for k, v in rnd.senders.items() if v})
