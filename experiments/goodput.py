@@ -51,8 +51,7 @@ def run(base: str, data_dir: str, steps: int, mtbfs: list[int], step_seconds: fl
   common = {**dec.TINY, "islands.num": islands, "total_steps": steps, "eval_every": steps,
             "data.data_dir": data_dir, "launch.mode": "decoupled",
             "launch.heartbeat_seconds": 3, "islands.step_seconds": step_seconds,
-            "data.batch_size": batch, "data.seq_len": seq, "faults.seed": seed,
-            "faults.random_roles": "island/*"}
+            "data.batch_size": batch, "data.seq_len": seq, "faults.seed": seed}
   policies = {"DiLoCo H=10": {"outer.sync_every": 10},
               "DiLoCo H=10 quorum 1": {"outer.sync_every": 10, "outer.quorum": 1,
                                        "outer.round_timeout_seconds": 10 * step_seconds},
@@ -65,7 +64,8 @@ def run(base: str, data_dir: str, steps: int, mtbfs: list[int], step_seconds: fl
     ref = None
     for mtbf in [0, *mtbfs]:
       workdir = f"{base}/{name.split()[0].lower()}_{extra.get('outer.quorum', 0)}_h{h}_m{mtbf}"
-      wall = dec._train(workdir, {**common, **extra, "faults.mtbf_steps": mtbf}, env=env)  # pylint: disable=protected-access
+      faults = {"faults.mtbf_steps": mtbf, "faults.random_roles": "island/*"} if mtbf else {}
+      wall = dec._train(workdir, {**common, **extra, **faults}, env=env)  # pylint: disable=protected-access
       tokens = _tokens_applied(workdir, islands, h, batch * seq)
       final = dec._evals(workdir)[-1]["eval_loss"]  # pylint: disable=protected-access
       kills = len(os.listdir(os.path.join(workdir, ".faults"))) if os.path.isdir(

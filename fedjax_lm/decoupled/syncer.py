@@ -71,7 +71,6 @@ from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import validate
 from fedjax_lm.engine import links
-from fedjax_lm.engine import programs as programs_lib
 from fedjax_lm.engine import stages
 from fedjax_lm.outer import delayed
 
