@@ -68,8 +68,7 @@ def run(base: str, data_dir: str, steps: int, mtbfs: list[int], step_seconds: fl
       wall = dec._train(workdir, {**common, **extra, **faults}, env=env)  # pylint: disable=protected-access
       tokens = _tokens_applied(workdir, islands, h, batch * seq)
       final = dec._evals(workdir)[-1]["eval_loss"]  # pylint: disable=protected-access
-      kills = len(os.listdir(os.path.join(workdir, ".faults"))) if os.path.isdir(
-          os.path.join(workdir, ".faults")) else 0
+      kills = sum(len(files) for _, _, files in os.walk(os.path.join(workdir, ".faults")))
       row = {"policy": name, "mtbf_steps": mtbf, "kills": kills, "wall_s": wall,
              "tokens_applied": tokens, "tokens_per_s": tokens / wall, "eval": final}
       ref = ref or row
