@@ -22,6 +22,8 @@ scheduler distributes it like any credential).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -29,6 +31,7 @@ import math
 import os
 import secrets
 import struct
+import threading
 from typing import Sequence
 
 import ml_dtypes
@@ -164,9 +167,6 @@ def check_answer(secret: bytes, nonce: bytes, identity: str, got: bytes) -> None
 # so every chunk is authenticated on arrival, bound to its head and to its place; a reader
 # holds one buffer of the declared size (checked against its limit before it is allocated) and
 # at most _AHEAD + 1 chunks besides, and a stream that breaks or ends early yields nothing.
-import collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-import concurrent.futures  # pylint: disable=g-import-not-at-top,wrong-import-position
-import threading  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CHUNK_BYTES = 4 << 20
 _INDEX = struct.Struct("!Q")
@@ -260,7 +260,7 @@ def specs_bytes(specs: object, limit: int) -> list[tuple[np.dtype, tuple[int, ..
     if (not isinstance(spec, dict) or spec.get("dtype") not in DTYPES or
         not isinstance(spec.get("shape"), list) or
         not all(type(d) is int and d >= 0 for d in spec["shape"])):  # pylint: disable=unidiomatic-typecheck
-      raise WireError(f"bad array spec {str(spec)[:200]}")
+      raise WireError(f"bad array spec {_short(spec)}")
     dtype, size = _dtype(spec["dtype"]), 1
     for d in spec["shape"]:
       size *= d
