@@ -86,7 +86,7 @@ def _islands() -> ml_collections.ConfigDict:
 def _outer() -> ml_collections.ConfigDict:
   """The outer step: optimizer, sync schedule, streaming / eager / delayed, policy, codec."""
   s = ml_collections.ConfigDict()
-  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd
+  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd | sign_sgd
   s.optimizer = "diloco"
   s.sync_every = 50  # H
   s.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
@@ -119,7 +119,7 @@ def _outer() -> ml_collections.ConfigDict:
   # measured speed (dynamic local updates).
   s.delay_every = 0
   s.dynamic_local_steps = True
-  # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk
+  # What crosses islands: none (float32 all-reduce) | bf16 | int8 | int4 | topk | demo
   s.compression = "none"
   s.quant_block = 256  # values per scale (int8 / int4)
   s.stochastic_rounding = False
@@ -132,6 +132,12 @@ def _outer() -> ml_collections.ConfigDict:
   s.topk_sigmas = 6.0  # sigma quantizer's range, in sd of the kept values
   # mean: over the islands that sent | selected: per coordinate, over the islands that kept it
   s.topk_aggregate = "mean"
+  # demo (DeMo, Peng et al. 2024; Psyche's run settings): the k largest DCT coefficients of
+  # each chunk of demo_chunk values (demo_2d: of each demo_chunk^2 values as a square tile)
+  s.demo_chunk = 64
+  s.demo_topk = 8
+  s.demo_2d = True
+  s.demo_sign = True  # 1 bit per kept coefficient, decoded +-1 (needs optimizer=sign_sgd)
   s.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
   return s
 
@@ -268,6 +274,12 @@ def _validate_training(c) -> None:
          f"outer.topk_aggregate={c.outer.topk_aggregate!r}: expected mean or selected")
   _check(float(c.outer.topk_sigmas) > 0,
          f"outer.topk_sigmas={c.outer.topk_sigmas} must be > 0")
+  _check(int(c.outer.demo_chunk) >= 1, f"outer.demo_chunk={c.outer.demo_chunk} must be >= 1")
+  _check(int(c.outer.demo_topk) >= 1, f"outer.demo_topk={c.outer.demo_topk} must be >= 1")
+  _check(c.outer.compression != "demo" or not c.outer.demo_sign or
+         c.outer.optimizer == "sign_sgd",
+         f"outer.demo_sign=True decodes kept coefficients as +-1 (no scale): it needs "
+         f"outer.optimizer=sign_sgd, not {c.outer.optimizer!r}")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
   _check(int(c.islands.simulated_groups) >= 0,

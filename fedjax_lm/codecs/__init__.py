@@ -17,6 +17,9 @@ topk    :mod:`.topk`       k largest |x| per chunk: uint16 index +    kept (minm
                            b-bit sign + magnitude code (minmax) or    a step of the grid from
                            bin of the kept distribution (sigma,       the kept min to max |x|;
                            SparseLoCo) + f32 min/max or bin table     dropped: |x|
+demo    :mod:`.demo`       DeMo: k largest DCT coefficients of a      f32 values: the dropped
+                           chunk (or s x s tile): uint8/16 index +    coefficients' norm;
+                           f32 value or 1-bit sign (decoded +-1)      signs: none (scale-free)
 ======= ================== ========================================== ======================
 
 With ``outer.stochastic_rounding`` the integer codes round up with probability equal to the
@@ -31,7 +34,9 @@ the error-feedback identity.
 
 Error feedback (Seide et al. 2014; SparseLoCo's form): each island keeps a residual ``e`` of
 what it has not yet sent; at a sync ``e <- beta * e + delta``, the island sends ``C(e)`` and
-keeps ``e <- e - decode(C(e))``. ``beta = 1`` is classic error feedback.
+keeps ``e <- e - decode(C(e))``. ``beta = 1`` is classic error feedback. A codec whose decoded
+payload is not what leaves the residual (DeMo's 1-bit signs, decoded +-1, remove the kept
+coefficients at full precision) says so with ``removed(e, payload)``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 
 from fedjax_lm.codecs import blockquant
 from fedjax_lm.codecs import cast
+from fedjax_lm.codecs import demo
 from fedjax_lm.codecs import fp16
 from fedjax_lm.codecs import topk
 from fedjax_lm.codecs.bits import pack_bits, unpack_bits  # noqa: F401 (public names)
@@ -70,6 +76,9 @@ class Codec(Protocol):
   # each coordinate over the islands that sent it; None to average over all that sent a payload
   support: Callable[[dict], jax.Array] | None
 
+  # optional: ``removed(x, payload)``, what error feedback takes out of the residual x that
+  # ``payload`` encodes; a codec without it removes ``decode(payload)``
+
 
 # The registry: ``outer.compression`` -> builder(config.outer) -> codec, None for float32 leaves
 # averaged by all-reduce. One line per codec.
@@ -80,6 +89,7 @@ CODECS: dict[str, Callable[[Any], Codec | None]] = {
     "int8": functools.partial(blockquant.from_config, bits=8),
     "int4": functools.partial(blockquant.from_config, bits=4),
     "topk": topk.from_config,
+    "demo": demo.from_config,
 }
 
 
@@ -107,7 +117,9 @@ def payload_bytes(codec: Codec, n: int) -> int:
 
 def error_feedback_step(codec: Codec, beta: float, delta: jax.Array, residual: jax.Array,
                         key: jax.Array | None) -> tuple[dict, jax.Array]:
-  """One island: ``e <- beta e + delta``; send ``C(e)``; keep ``e - decode(C(e))``."""
+  """One island: ``e <- beta e + delta``; send ``C(e)``; keep ``e - decode(C(e))`` (or
+  ``e - codec.removed(e, C(e))``)."""
   e = beta * residual + delta
   payload = codec.encode(e, key)
-  return payload, e - codec.decode(payload)
+  removed = getattr(codec, "removed", None)
+  return payload, e - (codec.decode(payload) if removed is None else removed(e, payload))

@@ -14,12 +14,16 @@ fedopt_yogi     Yogi server optimizer (Reddi et al. 2021)    lr 1e-2, b1 0.9, b2
 fedopt_adagrad  Adagrad server optimizer (Reddi et al.)      lr 1e-1, eps 1e-3
 slowmo          heavy-ball SGD (SlowMo, Wang et al. 2020)    lr 1.0, momentum 0.5
 sgd             SGD, momentum/nesterov from the config       lr 1.0, momentum 0
+sign_sgd        x <- x - lr sign(delta) (DeMo's outer step)  lr 4e-4 (DeMo's OLMo runs)
 =============== =========================================== ================================
 
 SlowMo: with base lr gamma, slow lr alpha and slow momentum beta the paper's update is
 ``u <- beta u + delta / gamma; x <- x - alpha gamma u``. With ``v = gamma u`` that is
 ``v <- beta v + delta; x <- x - alpha v``: heavy-ball SGD on delta with lr alpha, momentum beta
 (exact for a constant inner lr; with a schedule the paper rescales by the current gamma).
+
+sign_sgd is DeMo's step (Peng et al. 2024, signum on the decoded mean; ``outer.compression=demo``
+with ``outer.error_feedback`` as its momentum): every coordinate moves by lr against its sign.
 
 ``outer.clip_norm > 0`` chains global-norm clipping of the pseudo-gradient in front; any other
 optax transform can be passed to :func:`fedjax_lm.engine.build_for_loss` directly (``outer_tx``).
@@ -39,6 +43,7 @@ _DEFAULTS = {
     "fedopt_adagrad": {"learning_rate": 1e-1},
     "slowmo": {"learning_rate": 1.0, "momentum": 0.5},
     "sgd": {"learning_rate": 1.0, "momentum": 0.0},
+    "sign_sgd": {"learning_rate": 4e-4},
 }
 
 
@@ -71,9 +76,13 @@ def sgd(learning_rate: float = 1.0, momentum: float = 0.0,
   return optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
 
 
+def sign_sgd(learning_rate: float = 4e-4) -> optax.GradientTransformation:
+  return optax.sign_sgd(learning_rate)
+
+
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "fedavg": fedavg, "diloco": diloco, "fedopt_adam": fedopt_adam, "fedopt_yogi": fedopt_yogi,
-    "fedopt_adagrad": fedopt_adagrad, "slowmo": slowmo, "sgd": sgd,
+    "fedopt_adagrad": fedopt_adagrad, "slowmo": slowmo, "sgd": sgd, "sign_sgd": sign_sgd,
 }
 
 
