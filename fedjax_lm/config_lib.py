@@ -17,6 +17,7 @@ from fedjax_lm import engine
 from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import steps
+from fedjax_lm.engine.merges import noloco
 
 PARTITIONS = ("iid", "by_play", "by_genre")
 
@@ -139,6 +140,17 @@ def _outer() -> ml_collections.ConfigDict:
   s.demo_2d = True
   s.demo_sign = True  # 1 bit per kept coefficient, decoded +-1 (needs optimizer=sign_sgd)
   s.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
+  # NoLoCo (Kolehmainen et al. 2025, fedjax_lm/engine/merges/noloco.py): none | noloco (no
+  # all-reduce: each outer step every island averages with one random peer and steps its own
+  # outer copy); gossip_gamma: the pull toward the pair's mean copy (None: the outer lr).
+  s.gossip = "none"
+  s.gossip_gamma = config_dict.placeholder(float)
+  # DES-LOC (Iacob et al. 2025, fedjax_lm/engine/desloc.py): the islands average the inner
+  # optimizer's first moment (Adam's mu, SGD momentum's trace) every desloc_mu_every steps and
+  # the second (Adam's nu) every desloc_nu_every steps; 0 = never (DiLoCo: moments stay local).
+  # The paper recommends 3 x and 6 x outer.sync_every.
+  s.desloc_mu_every = 0
+  s.desloc_nu_every = 0
   return s
 
 
@@ -182,8 +194,14 @@ def _launch() -> ml_collections.ConfigDict:
   s.heartbeat_seconds = 20  # a dead peer is detected within this (cluster and local)
   s.role = ""  # decoupled: "" (start every role here) | syncer | island
   s.island = 0  # decoupled island: which one (its data partition)
-  s.syncer = ""  # decoupled: the syncer's HOST:PORT
-  s.syncer_checkpoint_every = 0  # async: syncer saves every N updates (0 = islands.num)
+  s.syncer = ""  # decoupled: the syncer's HOST:PORT (sharded: one per shard, comma-separated)
+  # decoupled, sync policy: the syncer as S shard processes, shard s owning the fragments
+  # p % S == s (its own port, checkpoint and restart); needs outer.fragments >= S
+  s.syncer_shards = 1
+  s.syncer_shard = 0  # decoupled syncer role: which shard this process is
+  # the syncer saves every N rounds (sync; 0 = 1: a round's mean is delivered once durable)
+  # or N updates (async; 0 = islands.num); a restarted one loses at most N - 1 of them
+  s.syncer_checkpoint_every = 0
   s.join = ""  # decoupled, local: islands that join later, "island:step,..." (<max_num)
   # decoupled: rounds wait this long for an expected island (the first islands.num from the
   # start, a launch.join one once the run is that far) to join before going on without it
@@ -230,6 +248,8 @@ def layout(c) -> dict:
                 "outer.compression": c.outer.compression, "outer.eager": bool(c.outer.eager),
                 "outer.delay": c.outer.delay,
                 "outer.error_feedback_on": float(c.outer.error_feedback) > 0})
+    if c.outer.gossip != "none":
+      out["outer.gossip"] = c.outer.gossip
   return out
 
 
@@ -251,6 +271,8 @@ def _check(ok: bool, msg: str) -> None:
 def validate(c) -> None:
   """One clear error naming the first bad value."""
   _validate_training(c)
+  _validate_noloco(c)
+  _validate_desloc(c)
   engine.validate(c)
   _validate_launch(c)
   faults.validate(c)
@@ -291,6 +313,59 @@ def _validate_training(c) -> None:
          f"{health.ABSENT_POLICIES}")
   _check(c.data.seq_len <= c.model.max_len,
          f"data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}")
+
+
+def _validate_desloc(c) -> None:
+  """outer.desloc_mu_every / desloc_nu_every: mesh-axis islands whose inner optimizer has the
+  moment, every island in every average."""
+  oc = c.outer
+  for key in ("desloc_mu_every", "desloc_nu_every"):
+    _check(int(oc[key]) >= 0, f"outer.{key}={oc[key]} must be >= 0 (0 = never)")
+  if not (int(oc.desloc_mu_every) or int(oc.desloc_nu_every)):
+    return
+  key = "outer.desloc_mu_every" if int(oc.desloc_mu_every) else "outer.desloc_nu_every"
+  _check(c.algorithm == "islands", f"{key} needs algorithm=islands (DDP has no local moments)")
+  _check(c.launch.mode != "decoupled",
+         f"{key} is not supported with launch.mode=decoupled: the moments are averaged by an "
+         "XLA collective over the island mesh axis")
+  _check(not float(c.islands.dropout) and not c.islands.absent,
+         f"{key} needs islands.dropout=0 and islands.absent='': every island takes part in "
+         "each moment average")
+  _check(not oc.reset_inner_opt_state,
+         f"{key} averages the inner optimizer's moments: leave outer.reset_inner_opt_state False")
+  _check(not int(oc.desloc_nu_every) or c.inner.optimizer == "adamw",
+         f"outer.desloc_nu_every needs inner.optimizer=adamw (got {c.inner.optimizer!r}: no "
+         "second moment)")
+  _check(not int(oc.desloc_mu_every) or c.inner.optimizer == "adamw" or (
+      c.inner.optimizer == "sgd" and float(c.inner.momentum) > 0),
+         f"outer.desloc_mu_every needs inner.optimizer=adamw, or sgd with inner.momentum > 0 "
+         f"(got {c.inner.optimizer!r})")
+
+
+def _validate_noloco(c) -> None:
+  """outer.gossip=noloco: mesh-axis islands, a power-of-two M, float32 payloads, no overlap."""
+  oc = c.outer
+  _check(oc.gossip in noloco.GOSSIP, f"outer.gossip={oc.gossip!r}: expected one of "
+         f"{noloco.GOSSIP}")
+  _check(oc.gossip_gamma is None or float(oc.gossip_gamma) >= 0,
+         f"outer.gossip_gamma={oc.gossip_gamma} must be >= 0 (None: the outer learning rate)")
+  if oc.gossip == "none":
+    return
+  _check(c.algorithm == "islands", "outer.gossip=noloco needs algorithm=islands")
+  _check(c.launch.mode != "decoupled",
+         "outer.gossip=noloco is not supported with launch.mode=decoupled: its peer exchange "
+         "is a ppermute over the island mesh axis (the syncer would be an all-reduce)")
+  _check(noloco.check_num(int(c.islands.num)),
+         f"outer.gossip=noloco pairs island m with m XOR d: islands.num={c.islands.num} must "
+         "be a power of two")
+  for key, ok in (("outer.compression", oc.compression == "none"),
+                  ("outer.error_feedback", not float(oc.error_feedback)),
+                  ("outer.fragments", int(oc.fragments) == 1),
+                  ("outer.overlap", int(oc.overlap) == 0),
+                  ("outer.mixing", not float(oc.mixing)), ("outer.eager", not oc.eager),
+                  ("outer.delay", oc.delay == "none"), ("outer.transport", oc.transport == "xla")):
+    _check(ok, f"outer.gossip=noloco sends float32 copies to one peer at each sync: leave "
+               f"{key} at its default")
 
 
 def _validate_launch(c) -> None:
@@ -343,11 +418,24 @@ def _validate_decoupled(c) -> None:
   _check(c.launch.role in ("", "syncer", "island"),
          f"launch.role={c.launch.role!r}: expected '', syncer or island")
   _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
-  _check(not c.launch.role or ":" in c.launch.syncer,
-         f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT")
+  shards = int(c.launch.syncer_shards)
+  _check(1 <= shards <= int(c.outer.fragments),
+         f"launch.syncer_shards={shards} must be in [1, outer.fragments={c.outer.fragments}]: "
+         "a shard owns whole fragments")
+  _check(shards == 1 or (c.outer.policy == "sync" and not c.outer.eager),
+         f"launch.syncer_shards={shards} needs outer.policy=sync and outer.eager=False")
+  _check(0 <= int(c.launch.syncer_shard) < shards,
+         f"launch.syncer_shard={c.launch.syncer_shard} must be in [0, {shards})")
+  addresses = [a for a in c.launch.syncer.split(",") if a]
+  _check(not c.launch.role or (len(addresses) == shards and all(":" in a for a in addresses)),
+         f"launch.syncer={c.launch.syncer!r}: expected HOST:PORT"
+         + (f", one per shard ({shards}, comma-separated)" if shards > 1 else ""))
   _check(int(c.islands.max_num) in (0,) or int(c.islands.max_num) >= int(c.islands.num),
          f"islands.max_num={c.islands.max_num} must be 0 or >= islands.num")
-  host = (c.launch.interface or c.launch.syncer.rpartition(":")[0] or "127.0.0.1").strip("[]")
+  hosts = [c.launch.interface] if c.launch.interface else [
+      a.rpartition(":")[0] for a in addresses] or ["127.0.0.1"]
+  host = next((h for h in (h.strip("[]") or "127.0.0.1" for h in hosts) if not _loopback(h)),
+              "127.0.0.1")
   _check(_loopback(host) or c.launch.tls_ca or c.launch.plaintext,
          f"launch.syncer={c.launch.syncer!r} is not on loopback: mutual TLS is required there "
          "(make the job's certificates with `python -m fedjax_lm.decoupled.pki DIR --hosts "

@@ -8,8 +8,8 @@ off by default:
 - ``faults.kill``: ``"ROLE@STEP,..."``. SIGKILLs the process playing ROLE the first time it
   reports ``at >= STEP`` (:meth:`Plan.maybe_kill`). ROLE is ``process/I`` (process I of the
   training loop, after inner step STEP, once the checkpoints it started are written),
-  ``island/K`` (decoupled island K, after STEP inner steps) or ``syncer`` (the decoupled syncer,
-  STEP = rounds closed).
+  ``island/K`` (decoupled island K, after STEP inner steps), ``syncer`` (the decoupled syncer,
+  STEP = rounds closed) or ``syncer/S`` (shard S of a sharded syncer, ``launch.syncer_shards``).
 - ``faults.nonfinite``: ``"STEP:ISLAND,..."``. Island ISLAND's batch of inner step STEP (1-based:
   the step after which STEP steps are done) gets a NaN loss mask (:func:`health.poison`).
 - ``faults.record_batches``: decoupled islands log a sha1 digest of every batch they read (a
@@ -42,8 +42,8 @@ import numpy as np
 
 from fedjax_lm import health
 
-_ROLE = r"process/\d+|island/\d+|syncer"
-_PATTERN = r"(?:process|island)/(?:\d+|\*)|syncer"
+_ROLE = r"process/\d+|island/\d+|syncer(?:/\d+)?"
+_PATTERN = r"(?:process|island|syncer)/(?:\d+|\*)|syncer"
 _CHUNK = 256  # random gaps drawn per seeded chunk
 
 
@@ -125,11 +125,11 @@ class Plan(NamedTuple):
       return cls()
     kills = tuple((m.group(1), int(m.group(2))) for m in _items(
         f.kill, rf"({_ROLE})@(\d+)", "kill",
-        "'ROLE@STEP' items (ROLE: process/I, island/K or syncer)"))
+        "'ROLE@STEP' items (ROLE: process/I, island/K, syncer or syncer/S)"))
     nonfinite = tuple(health.parse_pairs(str(f.nonfinite), "faults.nonfinite"))
     roles = tuple(m.group(0) for m in _items(
         f.random_roles, _PATTERN, "random_roles",
-        "roles (process/I, island/K, syncer; '*' for any index)"))
+        "roles (process/I, island/K, syncer, syncer/S; '*' for any index)"))
     mtbf = float(f.mtbf_steps)
     _check(mtbf == 0 or mtbf >= 1, f"faults.mtbf_steps={f.mtbf_steps} must be 0 (off) or >= 1")
     _check(not mtbf or roles, f"faults.mtbf_steps={f.mtbf_steps} needs faults.random_roles "

@@ -23,6 +23,7 @@ dynamic local updates (``outer.policy=async``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -70,7 +71,7 @@ class Job(NamedTuple):
   island: int
 
 
-def build(config, client) -> Job:
+def build(config, clients) -> Job:
   """The mesh-axis engine for this one island: its own in-island mesh and batch, the run's
   clock as this island sees it (or, async, its own), and the remote link to the syncer."""
   k = int(config.launch.island)
@@ -84,7 +85,7 @@ def build(config, client) -> Job:
                                    tokenizer=data_lib.get_tokenizer(config.data.tokenizer),
                                    part=(k, parts))
   asynchronous = config.outer.policy == "async"
-  link = remote.RemoteLink(client, k, total_steps=int(config.total_steps),
+  link = remote.RemoteLink(clients, k, total_steps=int(config.total_steps),
                            position=lambda: batches.global_state()[f"island{k}"],
                            asynchronous=asynchronous)
   if asynchronous:
@@ -99,25 +100,36 @@ def build(config, client) -> Job:
   return Job(eng, link, batches, k)
 
 
-def join(job: Job, config, client, inner: Any = None) -> tuple[Any, int]:
-  """Joins the run: the syncer checks the fingerprint and hands over its server state, the
-  step to start at and this island's data position (live recovery after a crash). The island
-  starts from the global params (its server copy adopts the syncer's; nothing is initialised
-  twice); the inner learning-rate schedule resumes at the run's position, not at warm-up, and
-  the inner optimizer state from this island's own last checkpoint (``inner``) if it has
-  one."""
+def join(job: Job, config, clients, inner: Any = None) -> tuple[Any, int]:
+  """Joins the run: the syncer (every shard, in parallel) checks the fingerprint and hands
+  over its server state, the step to start at and this island's data position (live recovery
+  after a crash). The island starts from the global params (its server copy adopts the
+  syncer's; nothing is initialised twice); the inner learning-rate schedule resumes at the
+  run's position, not at warm-up, and the inner optimizer state from this island's own last
+  checkpoint (``inner``) if it has one."""
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
-  _, meta, arrays = client.call("Join", "join", {
-      "island": job.island, "fingerprint": syncer_lib.fingerprint(config, abstract)},
-                                reply="joined", reply_limit=job.link.reply_limit)
+  request = {"island": job.island, "fingerprint": syncer_lib.fingerprint(config, abstract)}
+  with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+    replies = list(pool.map(lambda c: c.call("Join", "join", request, reply="joined",
+                                             reply_limit=job.link.reply_limit), clients))
   eng, link = job.engine, job.link
   server_like = ckpt_lib.abstract_like(jax.eval_shape(eng.init, jax.random.key(0)).server,
                                        eng.state_shardings.server)
-  parts = link.parts(eng.spec, server_like, arrays)
-  del arrays  # (the reply's host buffer)
-  state = eng.programs.init(parts[0])
-  state = state._replace(server=jax.jit(functools.partial(remote.adopt, eng.spec),
-                                        donate_argnums=0)(state.server, parts))
+  if len(clients) == 1:
+    parts = link.parts(eng.spec, server_like, replies[0][2])
+    state = eng.programs.init(parts[0])
+    state = state._replace(server=jax.jit(functools.partial(remote.adopt, eng.spec),
+                                          donate_argnums=0)(state.server, parts))
+  else:  # each shard's fragments put into place, then the islands start from them
+    server = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), server_like),
+                     out_shardings=eng.state_shardings.server)()
+    for s, (_, _, arrays) in enumerate(replies):
+      owned = syncer_lib.owned_fragments(eng.spec.frags.num, len(clients), s)
+      server = jax.jit(functools.partial(remote.adopt_fragments, eng.spec, owned),
+                       donate_argnums=0)(server, link.parts(eng.spec, server_like, arrays, s))
+    state = eng.programs.init(server.params)._replace(server=server)
+  meta = _joined(replies)
+  del replies  # (the replies' host buffers)
   if inner is not None:
     restored = inner.restore_latest(eng.state_shardings.islands.opt_state, state.islands.opt_state)
     if restored is not None:
@@ -131,6 +143,19 @@ def join(job: Job, config, client, inner: Any = None) -> tuple[Any, int]:
   position = link.progress if link.progress is not None else start
   state = state._replace(islands=_reschedule(eng)(state.islands, np.int32(position)))
   return state, start
+
+
+def _joined(replies: list) -> dict:
+  """One join reply from every shard's: the earliest start step and version sum, every
+  shard's closed rounds, the data position of the shard whose latest round is the newest."""
+  metas = [m for _, m, _ in replies]
+  if len(metas) == 1:
+    return metas[0]
+  newest = max(metas, key=lambda m: max(m.get("closed", {}).values(), default=0))
+  return {"step": min(int(m["step"]) for m in metas), "data": newest["data"],
+          "version": sum(int(m.get("version", 0)) for m in metas),
+          "closed": {p: s for m in metas for p, s in m.get("closed", {}).items()},
+          "progress": int(metas[0].get("progress", 0))}
 
 
 class InnerCheckpoint:
@@ -168,24 +193,28 @@ def run(config, workdir: str) -> None:
   """Joins, then the mesh-axis loop (inner step, then the clock's events through the engine's
   one ``sync``), paced by ``islands.speed``; heartbeats on a thread; leaves at the end."""
   syncer_lib.compilation_cache(workdir)
-  client = connect(config)
-  job = build(config, client)
+  clients = connect(config)
+  job = build(config, clients)
   out_dir = os.path.join(workdir, "islands", str(job.island))
   os.makedirs(out_dir, exist_ok=True)
   inner = InnerCheckpoint(out_dir, int(config.checkpoint_every))
-  state, start = join(job, config, client, inner)
+  state, start = join(job, config, clients, inner)
   timing = {"step_s": 0.0}  # measured seconds per step (EMA), for dynamic local updates
   stop = threading.Event()
-  threading.Thread(target=_heartbeat, args=(config, client, job.island, timing, stop),
-                   daemon=True).start()
+  for client in clients:
+    threading.Thread(target=_heartbeat, args=(config, client, job.island, timing, stop),
+                     daemon=True).start()
   try:
     with metrics_lib.JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) as log:
       _loop(config, workdir, job, state, start, timing, log, inner)
-    client.call("Leave", "leave", {"island": job.island})
+    for client in clients:
+      client.call("Leave", "leave", {"island": job.island})
   finally:
     inner.close()
     stop.set()
-    client.close()
+    job.link.close()
+    for client in clients:
+      client.close()
 
 
 def _loop(config, workdir, job: Job, state, start: int, timing: dict, log,
@@ -214,8 +243,8 @@ def _loop(config, workdir, job: Job, state, start: int, timing: dict, log,
     inner.maybe_save(done, state.islands.opt_state)
     log.write({"step": done, "island_loss": float(np.asarray(jax.device_get(
         metrics["island_loss"]))[0]), "island_bytes": link.sent_bytes,
-               "wire_sent_bytes": link.client.sent_bytes,
-               "wire_received_bytes": link.client.received_bytes, "time": time.time(),
+               "wire_sent_bytes": sum(c.sent_bytes for c in link.clients),
+               "wire_received_bytes": sum(c.received_bytes for c in link.clients), "time": time.time(),
                **({"batch": _digest(batch)} if plan.record_batches else {})})
     plan.maybe_kill(f"island/{k}", done, workdir)
     if link.stopping:
@@ -227,15 +256,18 @@ def _digest(batch) -> str:
   return hashlib.sha1(np.asarray(batch["inputs"]).tobytes()).hexdigest()
 
 
-def connect(config) -> channel.Client:
-  """This island's client of the syncer: its own key (``FEDJAX_LM_MEMBER_KEY``, or derived
-  from the job secret), the job's id (the config fingerprint's digest)."""
+def connect(config) -> list[channel.Client]:
+  """This island's clients of the syncer, one per shard (``launch.syncer``: HOST:PORT,...):
+  its own key (``FEDJAX_LM_MEMBER_KEY``, or derived from the job secret), the job's id (the
+  config fingerprint's digest)."""
   who = f"island/{int(config.launch.island)}"
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
-  return channel.Client(config.launch.syncer, wire.member_key(who, config.launch.secret_file),
-                        who, channel.job_id(syncer_lib.fingerprint(config, abstract)),
-                        give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
-                        tls=channel.Tls.from_config(config.launch))
+  key = wire.member_key(who, config.launch.secret_file)
+  job = channel.job_id(syncer_lib.fingerprint(config, abstract))
+  return [channel.Client(address, key, who, job,
+                         give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
+                         tls=channel.Tls.from_config(config.launch))
+          for address in str(config.launch.syncer).split(",")]
 
 
 def _heartbeat(config, client, island: int, timing: dict, stop) -> None:

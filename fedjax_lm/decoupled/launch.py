@@ -37,13 +37,17 @@ def _env(secret: str) -> dict:
   return cpu.process_env(env)  # the XLA flags and allocator defaults
 
 
-def _progress(workdir: str) -> int:
-  """The step every fragment's rounds have closed through (the syncer's progress.json)."""
-  try:
-    with open(os.path.join(workdir, "progress.json"), encoding="utf-8") as f:
-      return int(json.load(f)["closed_through"])
-  except (OSError, ValueError, KeyError):
-    return 0
+def _progress(workdir: str, shards: int = 1) -> int:
+  """The step every fragment's rounds have closed through (the syncer shards' progress.json)."""
+  steps = []
+  for s in range(shards):
+    directory = workdir if s == 0 else os.path.join(workdir, "syncer_shards", str(s))
+    try:
+      with open(os.path.join(directory, "progress.json"), encoding="utf-8") as f:
+        steps.append(int(json.load(f)["closed_through"]))
+    except (OSError, ValueError, KeyError):
+      return 0
+  return min(steps)
 
 
 class _Roles:
@@ -52,10 +56,16 @@ class _Roles:
   def __init__(self, argv: list[str], config, workdir: str):
     self.workdir, self.logs = workdir, os.path.join(workdir, "logs")
     os.makedirs(self.logs, exist_ok=True)
-    self.address = f"{config.launch.interface or '127.0.0.1'}:{launch_lib.free_port()}"
+    self.shards = int(config.launch.syncer_shards)
+    host = config.launch.interface or "127.0.0.1"
+    self.addresses = [f"{host}:{launch_lib.free_port()}" for _ in range(self.shards)]
+    self.address = ",".join(self.addresses)
     self.env = _env(wire.new_secret())
     island = lambda k: ["--config.launch.role=island", f"--config.launch.island={k}"]
-    self.args = {"syncer": ["--config.launch.role=syncer"],
+    shard = lambda s: ["--config.launch.role=syncer", f"--config.launch.syncer_shard={s}"]
+    syncers = ({"syncer": shard(0)} if self.shards == 1 else
+               {f"syncer_{s}": shard(s) for s in range(self.shards)})
+    self.args = {**syncers,
                  **{f"island_{k}": island(k) for k in range(int(config.islands.num))}}
     self.joins = {f"island_{k}": step for k, step in health.parse_pairs(config.launch.join,
                                                                          "launch.join")}
@@ -71,13 +81,18 @@ class _Roles:
                                         preexec_fn=launch_lib.die_with_parent)
     out.close()
     with open(os.path.join(self.workdir, "roles.json"), "w", encoding="utf-8") as f:
-      json.dump({r: {"pid": p.pid, "address": self.address if r == "syncer" else None,
-                     "restarts": self.restarts[r]} for r, p in self.procs.items()}, f, indent=1)
+      json.dump({r: {"pid": p.pid, "address": self._address(r), "restarts": self.restarts[r]}
+                 for r, p in self.procs.items()}, f, indent=1)
+
+  def _address(self, role: str) -> str | None:
+    if role == "syncer":
+      return self.address
+    return self.addresses[int(role[7:])] if role.startswith("syncer_") else None
 
   def _env(self, role: str) -> dict:
     """The syncer gets the job secret; an island only its own key (it cannot sign as
     another island)."""
-    if role == "syncer":
+    if role.startswith("syncer"):
       return self.env
     env = {k: v for k, v in self.env.items() if k != wire.ENV_SECRET}
     env[wire.ENV_MEMBER_KEY] = wire.derive(self.env[wire.ENV_SECRET].encode(),
@@ -87,8 +102,9 @@ class _Roles:
   def start_joiners(self) -> None:
     """Elastic: a ``launch.join`` island starts once the run is that far."""
     for role, step in list(self.joins.items()):
-      if _progress(self.workdir) >= step:
-        print(f"[launch] {role} joins at step {_progress(self.workdir)}", file=sys.stderr)
+      if _progress(self.workdir, self.shards) >= step:
+        print(f"[launch] {role} joins at step {_progress(self.workdir, self.shards)}",
+              file=sys.stderr)
         self.start(role)
         del self.joins[role]
 

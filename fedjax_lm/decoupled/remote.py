@@ -31,6 +31,7 @@ may differ by rounding; a mismatch of rounds, not of bits, triggers ``state``).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -48,6 +49,7 @@ class Ticket(NamedTuple):
   step: int
   meta: dict  # the send's fields and payload (host arrays), kept to resend if the syncer
   arrays: list  # lost it (it restarted): the one payload-sized host buffer an island holds
+  sent: Any = None  # the send in flight (a future on the shard's sender thread)
 
 
 def host_view(x: jax.Array) -> np.ndarray:
@@ -73,6 +75,22 @@ def transferable(spec: stages.Spec, server: Any, params_only: bool = False) -> t
   return (server.params, server.outer, spec.merge.shared(server.merge))
 
 
+def fragment_parts(spec: stages.Spec, server: Any, owned: tuple) -> tuple:
+  """A syncer shard's share of :func:`transferable`: the global params and outer state of
+  the fragments it owns (a sharded syncer needs a merge policy with no shared server state)."""
+  return (tuple(spec.frags.take(server.params, p) for p in owned),
+          tuple(server.outer[p] for p in owned))
+
+
+def adopt_fragments(spec: stages.Spec, owned: tuple, server: Any, parts: tuple) -> Any:
+  """``server`` with a syncer shard's :func:`fragment_parts` for the fragments ``owned``."""
+  params, outer = server.params, list(server.outer)
+  for p, values, state in zip(owned, *parts):
+    params = spec.frags.put(params, p, values)
+    outer[p] = state
+  return server._replace(params=params, outer=tuple(outer))
+
+
 def adopt(spec: stages.Spec, server: Any, parts: tuple) -> Any:
   """``server`` with the syncer's ``parts`` (:func:`transferable`)."""
   params, outer, shared = parts
@@ -83,14 +101,19 @@ def adopt(spec: stages.Spec, server: Any, parts: tuple) -> Any:
 
 
 class RemoteLink:
-  """The link of a decoupled island job to the syncer (``client``: a channel.Client)."""
+  """The link of a decoupled island job to the syncer: ``clients``, one channel.Client per
+  syncer shard (fragment p goes to shard p % S). Each shard's sends run in order on its own
+  thread, so the upload overlaps the next inner steps and the shards receive in parallel."""
 
   lead = None
   overlaps = True
 
-  def __init__(self, client, island: int, *, position: Callable[[], str], total_steps: int,
+  def __init__(self, clients, island: int, *, position: Callable[[], str], total_steps: int,
                asynchronous: bool = False, reply_limit: int = 0):
-    self.client, self.island = client, int(island)
+    self.clients = list(clients) if isinstance(clients, (list, tuple)) else [clients]
+    self.client, self.island = self.clients[0], int(island)
+    self._senders = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="send")
+                     for _ in self.clients]
     self.reply_limit = int(reply_limit)  # bytes: the largest reply (the syncer's server state)
     self.position, self.total = position, int(total_steps)
     self.asynchronous = asynchronous
@@ -109,21 +132,35 @@ class RemoteLink:
     meta = {"island": self.island, "fragment": int(fragment), "step": step,
             "data": self.position(), "version": self.version,
             "local_steps": int(self.local_steps or 0)}
-    reply = self.client.call("Send", "send", meta, arrays)[1]
-    self.stopping |= self.asynchronous and bool(reply.get("stop", False))
     self.sent_bytes += sum(a.nbytes for a in arrays[:-1])
-    return Ticket(int(fragment), step, meta, arrays)
+    return Ticket(int(fragment), step, meta, arrays, self._send(int(fragment), meta, arrays))
+
+  def owner(self, fragment: int) -> int:
+    """The syncer shard that owns ``fragment``."""
+    return int(fragment) % len(self.clients)
+
+  def _send(self, fragment: int, meta: dict, arrays: list) -> concurrent.futures.Future:
+    def send():
+      reply = self.clients[self.owner(fragment)].call("Send", "send", meta, arrays)[1]
+      self.stopping |= self.asynchronous and bool(reply.get("stop", False))
+    return self._senders[self.owner(fragment)].submit(send)
+
+  def close(self) -> None:
+    for sender in self._senders:
+      sender.shutdown()
 
   def finish(self, ticket: Ticket) -> tuple[str, Any]:
     """What the syncer delivers for the ticket's round, as ``(kind, arrays)``."""
+    if ticket.sent is not None:
+      ticket.sent.result()  # (the send's error, if it failed, raised here)
     request = {"island": self.island, "fragment": ticket.fragment, "step": ticket.step,
                "applied": self.applied.get(ticket.fragment, 0)}
     while True:
-      kind, meta, arrays = self.client.call("Receive", "receive", request,
-                                            reply=(MEAN, STATE, GLOBAL, "pending", "resend"),
-                                            reply_limit=self.reply_limit)
+      kind, meta, arrays = self.clients[self.owner(ticket.fragment)].call(
+          "Receive", "receive", request, reply=(MEAN, STATE, GLOBAL, "pending", "resend"),
+          reply_limit=self.reply_limit)
       if kind == "resend":  # the syncer restarted from a checkpoint without our send
-        self.client.call("Send", "send", ticket.meta, ticket.arrays)
+        self._send(ticket.fragment, ticket.meta, ticket.arrays).result()
       elif kind != "pending":
         break
     self.version = int(meta.get("version", self.version))
@@ -148,7 +185,12 @@ class RemoteLink:
                          out_shardings=sh)
     put = jax.jit(lambda server, values: server._replace(
         params=spec.frags.put(server.params, p, values)), donate_argnums=0, out_shardings=sh)
-    take_over = jax.jit(functools.partial(adopt, spec), donate_argnums=0, out_shardings=sh)
+    if len(self.clients) > 1:
+      owned = tuple(q for q in range(spec.frags.num) if self.owner(q) == self.owner(p))
+      take_over = jax.jit(functools.partial(adopt_fragments, spec, owned), donate_argnums=0,
+                          out_shardings=sh)
+    else:
+      take_over = jax.jit(functools.partial(adopt, spec), donate_argnums=0, out_shardings=sh)
     shapes = [tuple(x.shape) for x in spec.frag_abstract[p]]
 
     def program(server: Any, delivered: tuple[str, list]) -> Any:
@@ -164,12 +206,20 @@ class RemoteLink:
         return apply_mean(server, reduced)
       if kind == GLOBAL:
         return put(server, tuple(jax.device_put(a, s) for a, s in zip(arrays, mean_sh)))
-      return take_over(server, self.parts(spec, server, arrays))
+      return take_over(server, self.parts(spec, server, arrays, self.owner(p)))
     return program
 
-  def parts(self, spec: stages.Spec, server: Any, arrays: list) -> tuple:
-    """The syncer's :func:`transferable` leaves as this island's server parts, checked."""
-    like = transferable(spec, server, self.asynchronous)
+  def parts(self, spec: stages.Spec, server: Any, arrays: list, shard: int = 0) -> tuple:
+    """The syncer's (or, sharded, shard ``shard``'s) :func:`transferable` leaves
+    (:func:`fragment_parts`) as this island's server parts, checked."""
+    if len(self.clients) > 1:
+      owned = tuple(q for q in range(spec.frags.num) if self.owner(q) == shard)
+      shapes = jax.eval_shape(functools.partial(fragment_parts, spec, owned=owned), server)[0]
+      like = (tuple(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(
+          xs, spec.named(spec.frag_specs[p]))) for p, xs in zip(owned, shapes)),
+              tuple(server.outer[p] for p in owned))
+    else:
+      like = transferable(spec, server, self.asynchronous)
     leaves, treedef = jax.tree.flatten(like)
     if [tuple(a.shape) for a in arrays] != [tuple(x.shape) for x in leaves]:
       raise wire.WireError("the syncer's server state does not match this island's layout")

@@ -164,8 +164,12 @@ class Syncer:
     self.timeout_s = float(config.outer.round_timeout_seconds)
     self.total = int(config.total_steps)
     self.asynchronous = config.outer.policy == "async"
+    # a sharded syncer (launch.syncer_shards = S): this process owns fragments p % S == shard
+    self.shards, self.shard = int(config.launch.syncer_shards), int(config.launch.syncer_shard)
+    self.role = "syncer" if self.shards == 1 else f"syncer/{self.shard}"
+    self.addresses = [a for a in str(config.launch.syncer).split(",") if a]
     self._build_programs(config)
-    frags = range(self.spec.frags.num)
+    frags = self.owned = owned_fragments(self.spec.frags.num, self.shards, self.shard)
     self.lock = threading.Condition()
     self.rounds: dict[int, dict[int, _Round]] = {p: {} for p in frags}  # open rounds by step
     self.closed: dict[int, int] = {p: 0 for p in frags}  # last closed send step per fragment
@@ -189,13 +193,19 @@ class Syncer:
     self.step_s: dict[int, float] = {}  # async: each island's measured seconds per step
     self.evaluated = 0  # last step evaluated
     self.done = False
-    self.checkpoint_every = int(config.launch.syncer_checkpoint_every) or self.num
+    self.checkpoint_every = (int(config.launch.syncer_checkpoint_every) or
+                             (self.num if self.asynchronous else 1))
     self.checkpoints = 0  # saves by this process
     self.counters: dict[str, int] = {}  # island -> the counter of its last accepted send
     self.sent_positions: dict[int, str | None] = {}  # island -> its last sent data position
     self.told: dict[int, int] = {}  # async: island -> the H it was told at its last pull
     self.norms = validate.NormGate(float(config.launch.norm_bound),
                                    int(config.launch.norm_window))
+    # sharded: a shard s > 0 keeps its fragments as each eval step left them until the lead
+    # shard (0), which evaluates the whole model, fetched them (step -> host leaves)
+    self.stashed: dict[int, list] = {}
+    self.fetched = 0  # the last eval step the lead fetched from this shard
+    self._peers: dict[int, channel.Client] = {}  # the lead's clients of the other shards
     self.plan = faults.Plan.from_config(config)
     self.metrics = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
@@ -241,6 +251,8 @@ class Syncer:
                                  jax.ShapeDtypeStruct((), jnp.int32),
                                  jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
     self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
+    self._put = [jax.jit(lambda params, values, p=p: self.spec.frags.put(params, p, values),
+                         donate_argnums=0) for p in frags]
     # compiled now, not at the first send (a round must not wait on a compile)
     self._contribution = [f.lower(sent).compile() for f, sent in zip(self._contribution,
                                                                      self._sent)]
@@ -323,7 +335,10 @@ class Syncer:
 
   def _island(self, who: str, meta: dict) -> int:
     """The caller's island: its key's identity; a body naming another island is refused."""
-    island = int(who.split("/", 1)[1])
+    prefix, _, k = who.partition("/")
+    if prefix != "island":
+      raise validate.Refusal(f"{who} is not an island")
+    island = int(k)
     if "island" in meta and validate.island_id(meta["island"], self.max_islands) != island:
       raise validate.Refusal(f"island {island} signs as island {meta['island']!r}")
     return island
@@ -350,11 +365,14 @@ class Syncer:
                       "closed": self.closed, "progress": self.progress()}, arrays
 
   def _state_arrays(self) -> list:
-    """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`): a
-    device copy nothing donates, sent from zero-copy host views (no host copy is cached on
-    the live server arrays)."""
-    return [remote.host_view(x) for x in jax.tree.leaves(self._copy(
-        remote.transferable(self.spec, self.server, self.asynchronous)))]
+    """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`; a
+    shard: its own fragments', :func:`remote.fragment_parts`): a device copy nothing donates,
+    sent from zero-copy host views (no host copy is cached on the live server arrays)."""
+    if self.shards > 1:
+      parts = remote.fragment_parts(self.spec, self.server, self.owned)
+    else:
+      parts = remote.transferable(self.spec, self.server, self.asynchronous)
+    return [remote.host_view(x) for x in jax.tree.leaves(self._copy(parts))]
 
   def heartbeat(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
@@ -402,9 +420,7 @@ class Syncer:
     the fragment and step on this run's schedule, the layout, the weight one of 1 (sent),
     0 (absent) or -1 (non-finite, masked), a counter above the island's last, the data
     position well formed."""
-    p, step = validate.send_step(meta.get("step"), meta.get("fragment"), self.spec.frags.num,
-                                 self.total, None if self.asynchronous else self.schedule.sends,
-                                 island=island)
+    p, step = self._fragment_step(island, meta)
     self._check_payload(p, arrays)
     weight = float(arrays[-1].reshape(-1)[0])
     if weight not in (1.0, 0.0, -1.0) or np.any(arrays[-1] != weight):
@@ -416,6 +432,17 @@ class Syncer:
     if meta.get("data", ""):
       validate.data_position(meta["data"], island, self.sent_positions.get(island))
     return p, step, weight
+
+  def _fragment_step(self, island: int, meta: dict) -> tuple[int, int]:
+    """(fragment, step) a send or receive names: on this run's schedule, and (sharded) a
+    fragment this shard owns."""
+    p, step = validate.send_step(meta.get("step"), meta.get("fragment"), self.spec.frags.num,
+                                 self.total, None if self.asynchronous else self.schedule.sends,
+                                 island=island)
+    if p not in self.closed:
+      raise validate.Refusal(f"island {island}: fragment {p} belongs to syncer shard "
+                             f"{p % self.shards}, not {self.shard}")
+    return p, step
 
   def send(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     island = self._island(who, meta)
@@ -449,13 +476,13 @@ class Syncer:
       refused = self._gate(island, p, step, one, norm, finite)
       if refused:  # heard from (the round need not wait for it), nothing of it summed
         rnd.senders[island] = ""
-        self.plan.maybe_kill("syncer", self.version, self.workdir)
+        self.plan.maybe_kill(self.role, self.version, self.workdir)
         self._maybe_close(p)
         return "ok", {"late": late, "refused": refused}, []
       self._add_to(rnd, one, island, meta.get("data", ""), arrays)
       if late:
         self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
-      self.plan.maybe_kill("syncer", self.version, self.workdir)
+      self.plan.maybe_kill(self.role, self.version, self.workdir)
       self._maybe_close(p)
     return "ok", {"late": late}, []
 
@@ -502,9 +529,7 @@ class Syncer:
     for an open round (it restarted from a checkpoint that predates it)."""
     del arrays
     island = self._island(who, meta)
-    p, step = validate.send_step(meta.get("step"), meta.get("fragment"), self.spec.frags.num,
-                                 self.total, None if self.asynchronous else self.schedule.sends,
-                                 island=island)
+    p, step = self._fragment_step(island, meta)
     deadline = time.time() + 5.0
     if self.asynchronous:
       with self.lock:
@@ -567,7 +592,8 @@ class Syncer:
     if missing:
       self._log("round_closed_without", fragment=p, step=step, missing=sorted(missing),
                 rule=rule)
-    self._save()
+    if self.version % self.checkpoint_every == 0 or self._next_send(p) > self.total:
+      self._save()
     self._maybe_evaluate()
     self.lock.notify_all()
 
@@ -622,12 +648,84 @@ class Syncer:
                 if s % int(self.config.eval_every) == 0 or s == self.total]:
         self._write_eval(e)
       return
-    # an eval step e is due once no fragment has a send in (closed, e] still open
+    # an eval step e is due once no fragment has a send in (closed, e] still open (sharded:
+    # none of this shard's; the lead then fetches the others' as they left e)
     for e in [s for s in range(self.evaluated + 1, self.total + 1)
               if s % int(self.config.eval_every) == 0 or s == self.total]:
       if any(self._next_send(p) <= e for p in self.closed):
         break
-      self._write_eval(e)
+      if self.shard == 0:
+        self._write_eval(e)
+      else:
+        self._stash(e)
+
+  def _stash(self, e: int) -> None:
+    """A shard s > 0: its fragments as eval step e left them, kept for the lead's fetch."""
+    self.stashed[e] = [remote.host_view(x) for p in self.owned
+                       for x in self._take[p](self.server.params)]
+    self.evaluated = e
+    self.done |= e == self.total
+
+  def fragments(self, who: str, meta: dict, arrays: list) -> channel.Reply:
+    """The lead shard's fetch of this shard's fragments as eval step ``meta["step"]`` left
+    them (long poll); if this shard restarted past it, the current ones, marked inexact."""
+    del arrays
+    if who != "syncer/0" or self.shard == 0:
+      raise validate.Refusal(f"{who} may not fetch fragments")
+    e = meta.get("step")
+    if type(e) is not int or not 0 < e <= self.total:  # pylint: disable=unidiomatic-typecheck
+      raise validate.Refusal(f"fetch of eval step {e!r}")
+    deadline = time.time() + 5.0
+    with self.lock:
+      while e not in self.stashed and self.evaluated < e:
+        if time.time() > deadline:
+          return "pending", {}, []
+        self.lock.wait(0.05)
+      exact = e in self.stashed
+      values = self.stashed[e] if exact else [
+          remote.host_view(x) for p in self.owned for x in self._take[p](self.server.params)]
+      for old in [s for s in self.stashed if s < e]:
+        del self.stashed[old]
+      self.fetched = max(self.fetched, e)
+      self.lock.notify_all()
+      return "fragments", {"step": e, "exact": exact, "payload_bytes": self.payload_bytes}, values
+
+  def released(self) -> bool:
+    """Whether this shard may exit once done: the lead always; another once the lead fetched
+    the final eval step's fragments."""
+    return self.shard == 0 or self.fetched >= self.total
+
+  def _gather(self, e: int, params: Any, record: dict) -> tuple[Any, dict]:
+    """The lead shard (eval thread): the whole model at eval step e, the other shards'
+    fragments fetched as e left them; their payload bytes added to the record's."""
+    payload = dict(self.payload_bytes)
+    for s in range(1, self.shards):
+      if s not in self._peers:
+        self._peers[s] = channel.Client(
+            self.addresses[s], wire.derive(self.secret, "syncer/0"), "syncer/0", self.job,
+            give_up_s=max(300.0, 10 * self.heartbeat_s),
+            tls=channel.Tls.from_config(self.config.launch))
+      owned = owned_fragments(self.spec.frags.num, self.shards, s)
+      limit = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) + 4096
+      while True:
+        kind, meta, arrays = self._peers[s].call("Fragments", "fetch", {"step": e},
+                                                  reply=("fragments", "pending"),
+                                                  reply_limit=limit)
+        if kind == "fragments":
+          break
+      leaves = iter(arrays)
+      for p in owned:
+        like = self.spec.frag_abstract[p]
+        values = tuple(next(leaves) for _ in like)
+        if [tuple(v.shape) for v in values] != [tuple(x.shape) for x in like]:
+          raise wire.WireError(f"syncer shard {s}: fragment {p} does not match its layout")
+        params = self._put[p](params, tuple(jnp.asarray(v) for v in values))
+      for k, n in meta.get("payload_bytes", {}).items():
+        payload[k] = payload.get(k, 0) + int(n)
+      if not meta.get("exact", True):
+        record["inexact_shards"] = record.get("inexact_shards", []) + [s]
+    record["island_bytes"] = sum(payload.values()) / max(len(payload), 1)
+    return params, record
 
   def _write_eval(self, e: int) -> None:
     """Schedules the eval of step e on the eval thread, on a copy of the global params taken
@@ -639,8 +737,12 @@ class Syncer:
               "rounds": self.version, "members": sorted(self.members)}
     self.evaluated = e
     self.done |= e == self.total
-    self._pending_evals.append(self._evals.submit(
-        lambda: self.metrics.write({**record, **self.evaluate(params), "time": time.time()})))
+    self._pending_evals.append(self._evals.submit(self._evaluate_at, e, params, record))
+
+  def _evaluate_at(self, e: int, params: Any, record: dict) -> None:
+    if self.shards > 1:
+      params, record = self._gather(e, params, record)
+    self.metrics.write({**record, **self.evaluate(params), "time": time.time()})
 
   def flush(self) -> None:
     """Blocks until every scheduled eval is written (its errors raised here) and the last
@@ -679,10 +781,14 @@ class Syncer:
             "Heartbeat": channel.Method(self.heartbeat, ("heartbeat",)),
             "Send": channel.Method(self.send, ("send",), lambda who: send_bytes),
             "Receive": channel.Method(self.receive, ("receive",)),
-            "Leave": channel.Method(self.leave, ("leave",))}
+            "Leave": channel.Method(self.leave, ("leave",)),
+            **({"Fragments": channel.Method(self.fragments, ("fetch",))} if self.shard else {})}
 
   def keys(self, who: str) -> bytes | None:
-    """A member's key: ``island/<k>`` for k in [0, max_islands); None for anyone else."""
+    """A member's key: ``island/<k>`` for k in [0, max_islands) (and, on a shard s > 0, the
+    lead shard ``syncer/0``); None for anyone else."""
+    if who == "syncer/0" and self.shard > 0:
+      return wire.derive(self.secret, who)
     prefix, _, k = who.partition("/")
     if prefix != "island" or not k.isdigit() or str(int(k)) != k or int(k) >= self.max_islands:
       return None
@@ -697,6 +803,18 @@ class Contribution(NamedTuple):
   masked: jax.Array  # the island reported a non-finite pseudo-gradient (weight < 0)
   norm: jax.Array  # the decoded payload's L2 norm
   finite: jax.Array  # every decoded value finite
+
+
+def owned_fragments(num: int, shards: int, shard: int) -> tuple[int, ...]:
+  """The fragments syncer shard ``shard`` of ``shards`` owns: p % shards == shard."""
+  return tuple(p for p in range(num) if p % shards == shard)
+
+
+def shard_workdir(workdir: str, config) -> str:
+  """Where a syncer role keeps its state: the run's workdir (shard 0, the lead, which writes
+  the evals), ``WORKDIR/syncer_shards/<s>`` for shard s > 0."""
+  shard = int(config.launch.syncer_shard)
+  return workdir if shard == 0 else os.path.join(workdir, "syncer_shards", str(shard))
 
 
 def contribution(spec: stages.Spec, p: int, sent: tuple) -> Contribution:
@@ -773,7 +891,10 @@ def serve(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   compilation_cache(workdir)
   secret = wire.job_secret(config.launch.secret_file)
-  host, port = config.launch.syncer.rsplit(":", 1)
+  address = config.launch.syncer.split(",")[int(config.launch.syncer_shard)]
+  host, port = address.rsplit(":", 1)
+  workdir = shard_workdir(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
   syncer = Syncer(config, workdir, secret)
   threads = max(16, 4 * syncer.max_islands)
   server, _ = channel.serve(syncer.keys, syncer.job, config.launch.interface or host, int(port),
@@ -785,7 +906,7 @@ def serve(config, workdir: str) -> None:
       time.sleep(0.1)
       syncer.tick()
       with syncer.lock:
-        if syncer.done and not syncer.members:
+        if syncer.done and not syncer.members and syncer.released():
           break
   finally:
     server.stop(grace=1.0)

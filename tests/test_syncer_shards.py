@@ -1,0 +1,74 @@
+"""A sharded syncer (``launch.syncer_shards`` = S): S processes, shard s owning the fragments
+p % S == s, each with its own port, checkpoint and restart; islands talk to every shard. The
+run equals the one-syncer run (and so the mesh-axis run, tests/golden) step for step."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+import golden
+from conftest import tiny_config
+from fedjax_lm import config_lib
+from fedjax_lm import faults
+from fedjax_lm import metrics as metrics_lib
+from fedjax_lm.decoupled import syncer as syncer_lib
+from test_decoupled import _decoupled, _island_losses, _no_orphans
+
+
+@pytest.mark.slow
+def test_two_shard_syncer_is_the_mesh_axis_run(tmp_path, data_dir):
+  """Streaming int4 with error feedback (P = 4, H = 8, tau = 2) as 2 islands and a 2-shard
+  syncer: every island's per-step loss, every eval and island_bytes are the mesh-axis run's
+  (tests/golden); each shard closed only its own fragments' rounds, each has its checkpoint,
+  and the lead (shard 0) evaluated the whole model from both shards' fragments."""
+  result = _decoupled(tmp_path, data_dir, "streaming_int4_ef", "--config.launch.syncer_shards=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  want = json.load(open(golden.golden_file()[0]))["streaming_int4_ef"]
+  for k in range(2):
+    np.testing.assert_allclose(_island_losses(tmp_path, k),
+                               [row[k] for row in want["island_loss"]], rtol=1e-5)
+  evals = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  np.testing.assert_allclose([r["eval_loss"] for r in evals], want["eval_loss"], rtol=1e-5)
+  assert evals[-1]["island_bytes"] == want["island_bytes"]
+  assert not any("inexact_shards" in r for r in evals)
+  for s, directory in enumerate([tmp_path, tmp_path / "syncer_shards" / "1"]):
+    assert os.listdir(directory / "syncer_checkpoints"), s
+    closed = [json.loads(l) for l in open(directory / "events.jsonl")] if os.path.exists(
+        directory / "events.jsonl") else []
+    assert not [e for e in closed if e["event"] == "round_closed_without"], closed
+  roles = _no_orphans(tmp_path)
+  assert {"syncer_0", "syncer_1", "island_0", "island_1"} <= set(roles)
+
+
+def test_shards_own_whole_fragments_round_robin():
+  assert syncer_lib.owned_fragments(4, 2, 0) == (0, 2)
+  assert syncer_lib.owned_fragments(4, 2, 1) == (1, 3)
+  assert syncer_lib.owned_fragments(5, 3, 2) == (2,)
+  assert [p for s in range(3) for p in syncer_lib.owned_fragments(7, 3, s)] == [
+      0, 3, 6, 1, 4, 2, 5]
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    ({"launch.syncer_shards": 2}, "launch.syncer_shards=2 must be in [1, outer.fragments=1]"),
+    ({"launch.syncer_shards": 2, "outer.fragments": 2, "outer.eager": True, "outer.overlap": 1},
+     "needs outer.policy=sync and outer.eager=False"),
+    ({"launch.syncer_shards": 2, "outer.fragments": 2, "launch.syncer_shard": 2},
+     "launch.syncer_shard=2 must be in [0, 2)"),
+    ({"launch.syncer_shards": 2, "outer.fragments": 2, "launch.role": "island",
+      "launch.syncer": "127.0.0.1:5000"}, "one per shard (2, comma-separated)"),
+    ({"launch.syncer": "127.0.0.1:5000,10.1.2.3:5001", "launch.syncer_shards": 2,
+      "outer.fragments": 2, "launch.role": "island"}, "mutual TLS is required there"),
+])
+def test_sharded_syncer_config_is_checked_naming_the_key(overrides, culprit):
+  config = tiny_config(**{"algorithm": "islands", "launch.mode": "decoupled", "mesh.island": 1,
+                          **overrides})
+  with pytest.raises(ValueError, match=re.escape(culprit)):
+    config_lib.validate(config)
+
+
+def test_a_shard_is_a_fault_injection_role():
+  plan = faults.Plan.from_config(tiny_config(**{"faults.kill": "syncer/1@3"}))
+  assert plan.kills == (("syncer/1", 3),)
