@@ -56,6 +56,10 @@ VARIANTS = {
                         "outer.error_feedback": 0.9, **_STREAM}, None),
     "sparseloco": Variant(_TOPK, None),
     "fp16": Variant({"outer.compression": "fp16"}, None),
+    # DeMo (Psyche's form, 8 x 8 tiles): 1-bit signs under sign-SGD, no identity at M = 1
+    "demo": Variant({"outer.compression": "demo", "outer.demo_chunk": 8, "outer.demo_topk": 8,
+                     "outer.error_feedback": 0.999, "outer.optimizer": "sign_sgd",
+                     "outer.learning_rate": 1e-3}, None),
     "host_link": Variant({"outer.transport": "host", **_STREAM}, None),
     "absent_keep": Variant({"islands.absent": "4:1", "islands.absent_policy": "keep"}, None),
 }
