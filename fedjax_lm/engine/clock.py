@@ -7,6 +7,9 @@ After each inner step ``done`` (1..T) it says which events are due, in order:
                 names the islands that take part (drop-out, :class:`health.Participation`);
 * ``RECEIVE p`` the link's mean lands and the outer optimizer steps fragment p's global copy;
 * ``MERGE p``   islands take the new global fragment (tau steps after its send).
+* ``MOMENT k``  DES-LOC (:mod:`fedjax_lm.engine.desloc`): every island takes the islands' mean
+                of its inner optimizer's moment k (0: mu, 1: nu), after the step's fragment
+                events.
 
 With a one-step-delayed outer step (``outer.delay``) a fragment's mean is applied at its next
 send instead: ``MERGE p`` (the late outer step) follows each ``SEND p`` and takes the mean held
@@ -24,7 +27,7 @@ is absent, what is in flight, and per-island local-step counts and speeds (all i
 together here; an asynchronous policy is a clock that lets them differ).
 
 Byte accounting lives here too, since it counts events: an island sends fragment p's payload at
-each of its ``SEND p`` events it takes part in.
+each of its ``SEND p`` events it takes part in, and moment k at each ``MOMENT k``.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ import numpy as np
 
 from fedjax_lm import fragments
 from fedjax_lm import health
+from fedjax_lm.engine import desloc
 
-SEND, RECEIVE, MERGE = "send", "receive", "merge"
+SEND, RECEIVE, MERGE, MOMENT = "send", "receive", "merge", "moment"
 
 
 class Event(NamedTuple):
-  kind: str  # SEND | RECEIVE | MERGE
-  fragment: int
+  kind: str  # SEND | RECEIVE | MERGE | MOMENT
+  fragment: int  # MOMENT: the moment k
   who: np.ndarray | None = None  # bool [M]: the islands that send (SEND only)
 
 
@@ -53,6 +57,7 @@ class Clock:
   receive_at_merge: bool = False  # the link exchanges during the overlap window
   delayed: bool = False  # outer.delay: a round's mean is applied at the next round's send
   member: int | None = None  # a decoupled island job: ``who`` is this island's entry only
+  moments: tuple[int, ...] = ()  # DES-LOC: per moment k, its averaging period (0: never)
 
   @classmethod
   def from_config(cls, config, receive_at_merge: bool = False, delayed: bool = False,
@@ -64,7 +69,7 @@ class Clock:
                                   int(config.total_steps))
     who = health.Participation(int(num or config.islands.num), float(config.islands.dropout),
                                config.islands.absent, int(config.seed))
-    return cls(schedule, who, receive_at_merge, delayed, member)
+    return cls(schedule, who, receive_at_merge, delayed, member, desloc.periods(config))
 
   @property
   def num_islands(self) -> int:
@@ -77,7 +82,7 @@ class Clock:
   def events(self, done: int) -> list[Event]:
     """The events due after inner step ``done``, in the order they must run."""
     if self.delayed:
-      return self._delayed_events(done)
+      return self._delayed_events(done) + self._moment_events(done)
     out = []
     for kind, p in self.schedule.events(done):
       if kind == "send":
@@ -88,7 +93,10 @@ class Clock:
         if self.receive_at_merge:
           out.append(Event(RECEIVE, p))
         out.append(Event(MERGE, p))
-    return out
+    return out + self._moment_events(done)
+
+  def _moment_events(self, done: int) -> list[Event]:
+    return [Event(MOMENT, k) for k in desloc.due(self.moments, done, self.schedule.total)]
 
   def _delayed_events(self, done: int) -> list[Event]:
     """outer.delay (overlap 0): per sending fragment, [RECEIVE the previous round's mean (host
@@ -117,6 +125,7 @@ class Clock:
     s, who = self.schedule, self.participation
     return {"step": done, "sync_every": s.every, "fragments": s.fragments, "overlap": s.overlap,
             "delayed": self.delayed,
+            **({"moments_every": list(self.moments)} if any(self.moments) else {}),
             "dropout": who.dropout, "seed": who.seed,
             "absent": {str(k): sorted(v) for k, v in sorted(who.absent.items())},
             "in_flight": self.in_flight(done), "local_steps": [done] * self.num_islands,
@@ -131,6 +140,10 @@ class Clock:
                  for p in range(self.schedule.fragments))
     return sum(per_send(p) * float(np.mean(self.participation.present(s, p)))
                for s in range(1, done + 1) for p in self.schedule.sends(s))
+
+  def moments_sent(self, done: int) -> tuple[int, ...]:
+    """Per moment k, the ``MOMENT k`` events so far (every island takes part in each)."""
+    return desloc.count(self.moments, done, self.schedule.total)
 
   def peak(self, done: int, fragment_bytes: Sequence[int]) -> int:
     """The largest single sync (one fragment's payload) sent so far."""

@@ -36,6 +36,7 @@ from fedjax_lm import mesh as mesh_lib
 from fedjax_lm import steps
 from fedjax_lm.engine.state import tree_bytes
 from fedjax_lm.engine import clock as clock_lib
+from fedjax_lm.engine import desloc as desloc_lib
 from fedjax_lm.engine import links
 from fedjax_lm.engine import merges
 from fedjax_lm.engine import programs as programs_lib
@@ -54,6 +55,7 @@ class IslandsEngine:
   link: Any
   make_params: Any  # key -> global params
   name: str = "islands"
+  desloc: desloc_lib.DesLoc | None = None  # DES-LOC's moment averages (outer.desloc_*_every)
 
   def __post_init__(self):
     self._in_flight: dict[int, Any] = {}  # fragment -> the link's handle, SEND to RECEIVE
@@ -79,6 +81,8 @@ class IslandsEngine:
       elif event.kind == clock_lib.RECEIVE:
         if p in self._in_flight:  # (settle may have received it already, for an eval)
           server = self._receive(server, p)
+      elif event.kind == clock_lib.MOMENT:  # DES-LOC: the islands' mean of moment p
+        islands = self.desloc.average[p](islands)
       elif self.spec.merge.delayed:  # MERGE / FLUSH: the outer step one round late
         islands, server = self.programs.late[p](islands, server)
       else:
@@ -123,13 +127,15 @@ class IslandsEngine:
 
   @property
   def registry(self) -> dict:
-    return self.programs.registry()
+    return {**self.programs.registry(), **(self.desloc.registry() if self.desloc else {})}
 
   def lower(self, state: State, batch: Any) -> dict:
     """Every program lowered on (abstract) ``state``: ``{"inner": ..., "encode/0": ...}``."""
     out = {"inner": self.programs.inner.lower(state.islands, batch)}
     for p in range(self.spec.frags.num):
       out.update({f"{k}/{p}": v for k, v in self.lower_sync(state, p).items()})
+    if self.desloc:
+      out.update(self.desloc.lower(state.islands))
     return out
 
   def lower_sync(self, state: State, p: int) -> dict:
@@ -158,13 +164,20 @@ class IslandsEngine:
     """Cumulative payload one island has sent after ``done`` inner steps (with drop-out, the
     mean over islands: an absent island sends nothing)."""
     sizes = self.fragment_bytes
-    return self.clock.sent(done, lambda p: sizes[p])
+    return self.clock.sent(done, lambda p: sizes[p]) + self._moment_bytes(done)
+
+  def _moment_bytes(self, done: int) -> int:
+    """DES-LOC: one float32 copy of moment k per island at each of its averages."""
+    if not self.desloc:
+      return 0
+    return sum(n * b for n, b in zip(self.clock.moments_sent(done), self.desloc.bytes))
 
   def island_control_bytes(self, done: int) -> float:
     return self.clock.sent(done, lambda p: self.control_bytes_per_send)
 
   def island_peak_bytes(self, done: int) -> int:
-    return self.clock.peak(done, self.fragment_bytes)
+    moments = (zip(self.clock.moments_sent(done), self.desloc.bytes) if self.desloc else ())
+    return max([self.clock.peak(done, self.fragment_bytes)] + [b for n, b in moments if n])
 
   def clock_state(self, done: int) -> dict:
     return self.clock.state(done)
@@ -221,7 +234,8 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
       reset_inner=bool(oc.reset_inner_opt_state), seed=int(config.seed),
       world=int(world) or int(config.islands.num))
   return IslandsEngine(spec=spec, programs=programs_lib.build(spec, link), clock=clock,
-                       link=link, make_params=make_params)
+                       link=link, make_params=make_params,
+                       desloc=desloc_lib.build(config, spec, abstract))
 
 
 DELAYS = ("none", "naive", "eager")  # outer.delay
