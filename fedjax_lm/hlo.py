@@ -86,10 +86,10 @@ def _parse_groups(line: str, num_devices: int) -> tuple[tuple[int, ...], ...]:
   if m and m.group(1).strip():
     return tuple(tuple(int(x) for x in grp.split(",") if x.strip())
                  for grp in re.findall(r"\{([\d,\s]*)\}", "{" + m.group(1) + "}"))
-  m = re.search(r"source_target_pairs=\{(.*?)\}\s*(?:,|$)", line)
-  if m:
+  m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
+  if m:  # every (source, target) pair
     return tuple(tuple(int(x) for x in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}",
-                                                                           "{" + m.group(1) + "}"))
+                                                                           m.group(1)))
   return (tuple(range(num_devices)),)  # empty replica_groups: everyone
 
 

@@ -103,8 +103,8 @@ class IslandsEngine:
   def eval_params(self, state: State) -> Any:
     """The global params; with ``outer.delay``, with every received mean applied (what the
     syncer of decoupled mode holds), though the islands take the last one only at its next
-    send."""
-    if not self.spec.merge.delayed:
+    send; with NoLoCo, the islands' mean outer copy."""
+    if not self.spec.merge.has_current:
       return state.server.params
     return self.programs.current(state.server)
 
@@ -199,8 +199,8 @@ def build(config, mesh: Mesh, *, loss_fn: Callable, make_params: Callable, abstr
   oc = config.outer
   codec = codecs.from_config(oc)
   check_streaming_options(oc, codec)
-  link = link or links.from_config(config)
   merge = merges.from_config(oc)
+  link = link or getattr(merge, "link", None) or links.from_config(config)  # NoLoCo: its own
   clock = clock or clock_lib.Clock.from_config(config, receive_at_merge=link.overlaps,
                                                delayed=merge.delayed)
   frags = fragments.Fragments(abstract, clock.schedule.fragments)

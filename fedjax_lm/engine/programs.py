@@ -77,7 +77,7 @@ def build(spec: stages.Spec, link: Any) -> Programs:
                  for p in frags) if spec.merge.delayed else (),
       current=jax.jit(functools.partial(stages.current_params, spec),
                       in_shardings=(sh.server,), out_shardings=sh.server.params)
-      if spec.merge.delayed else None)
+      if spec.merge.has_current else None)
 
 
 def fused_receive(link: Any, spec: stages.Spec, p: int) -> Callable:

@@ -140,7 +140,7 @@ def encode(spec: Spec, p: int, islands: Islands, server: Server, done: jax.Array
   """Island-local: fragment p's pseudo-gradient ``delta_m = global - local_m``, error
   feedback and codec (and the eager step). The islands that are ``present``, untainted and
   finite send it with weight 1; the rest send zeros, weight 0 (absent) or -1 (masked)."""
-  g = spec.frags.take(server.params, p)
+  g = spec.merge.origin(spec, p, server)
   start = spec.merge.start(spec, p, islands, g)  # where the island's inner phase started
   delta = tuple(x - l for x, l in zip(start, spec.frags.take(islands.params, p, lead=1)))
   ok = present & ~islands.health.tainted[:, p]
@@ -247,8 +247,9 @@ def late_merge(spec: Spec, p: int, islands: Islands, server: Server
 
 
 def current_params(spec: Spec, server: Server) -> Any:
-  """The global params with every received mean applied (a delayed policy's held ones too)."""
-  if not spec.merge.delayed:
+  """The global params with every received mean applied (a delayed policy's held ones too;
+  NoLoCo: the islands' mean outer copy)."""
+  if not spec.merge.has_current:
     return server.params
   return spec.merge.current(spec, server, outer_step, Reduced)
 
@@ -259,10 +260,11 @@ def merge(spec: Spec, p: int, islands: Islands, server: Server) -> Islands:
   ``alpha local + (1 - alpha) global``); restart from it, or keep local params, as the
   island's health says."""
   local = spec.frags.take(islands.params, p, lead=1)
-  new_g = spec.frags.take(server.params, p)
+  new_g = spec.merge.origin(spec, p, server)
   merged = spec.merge.merged(spec, p, islands, local, new_g)
   mode = islands.health.merge_mode[:, p]
-  restart = tuple(jnp.broadcast_to(g[None], l.shape) for g, l in zip(new_g, local))
+  restart = tuple(jnp.broadcast_to(g, l.shape)
+                  for g, l in zip(spec.merge.start(spec, p, islands, new_g), local))
   merged = health.keep_if(mode == health.RESTART, restart, merged)
   merged = health.keep_if(mode == health.KEEP, local, merged)
   params = spec.frags.put(islands.params, p, merged, lead=1)

@@ -12,11 +12,14 @@ from __future__ import annotations
 from fedjax_lm.engine.merges import delayed
 from fedjax_lm.engine.merges import eager
 from fedjax_lm.engine.merges import mix
+from fedjax_lm.engine.merges import noloco
 
 Mix = mix.Mix
 
 # name -> (does ``config.outer`` select it?, build it from ``config.outer``); first match wins
 REGISTRY = {
+    "noloco": (lambda oc: oc.get("gossip", "none") == "noloco",
+               lambda oc: noloco.NoLoCo(noloco.gamma_ratio(oc))),
     "delayed": (lambda oc: oc.delay != "none", lambda oc: delayed.Delayed(oc.delay)),
     "eager": (lambda oc: bool(oc.eager), lambda oc: eager.Eager(float(oc.mixing))),
     "mix": (lambda oc: True, lambda oc: mix.Mix(float(oc.mixing))),

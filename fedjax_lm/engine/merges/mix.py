@@ -47,7 +47,17 @@ class Mix:
     del spec, params, stacked, outer
     return Absent(), Absent()
 
+  @property
+  def has_current(self) -> bool:
+    """Whether evaluation reads :meth:`current` instead of the global params."""
+    return self.delayed
+
   # ------------------------------------------------------------------ hooks
+  def origin(self, spec, p: int, server) -> tuple:
+    """Fragment p of the copy the islands start from: the global one (a policy that keeps
+    one per island, :mod:`noloco`, returns it stacked ``[M, ...]``)."""
+    return spec.frags.take(server.params, p)
+
   def start(self, spec, p: int, islands, g: tuple) -> tuple:
     del spec, p, islands
     return tuple(x[None] for x in g)
