@@ -109,9 +109,9 @@ def methods(suite: str) -> list[tuple[str, dict]]:
       (f"Streaming (P={p}) + int4", {**stream, "outer.compression": "int4"}),
       # configs/shakespeare_demo.py's method: every step, Psyche's compressor (outer.demo_*
       # defaults: 64 x 64 DCT tiles, top-8, 1-bit signs), momentum 0.999, sign-SGD
-      ("DeMo (M=2, H=1, DCT 64x64 top-8 1-bit, beta 0.999), sign-SGD lr 1e-3",
+      ("DeMo (M=2, H=1, DCT 64x64 top-8 1-bit, beta 0.999), sign-SGD lr 3e-3",
        {"inner.optimizer": "sgd", "inner.learning_rate": 1.0, "outer.sync_every": 1,
-        "outer.optimizer": "sign_sgd", "outer.learning_rate": 1e-3, "outer.momentum": None,
+        "outer.optimizer": "sign_sgd", "outer.learning_rate": 3e-3, "outer.momentum": None,
         "outer.hparams_for": "sign_sgd", "outer.compression": "demo",
         "outer.error_feedback": 0.999}),
   ]
