@@ -60,6 +60,8 @@ VARIANTS = {
     "demo": Variant({"outer.compression": "demo", "outer.demo_chunk": 8, "outer.demo_topk": 8,
                      "outer.error_feedback": 0.999, "outer.optimizer": "sign_sgd",
                      "outer.learning_rate": 1e-3}, None),
+    # NoLoCo: one peer per sync by ppermute; at M = 1 the island is its own peer (DiLoCo)
+    "noloco": Variant({"outer.gossip": "noloco", "outer.optimizer": "slowmo"}, "plain"),
     "host_link": Variant({"outer.transport": "host", **_STREAM}, None),
     "absent_keep": Variant({"islands.absent": "4:1", "islands.absent_policy": "keep"}, None),
 }
