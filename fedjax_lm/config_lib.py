@@ -18,6 +18,7 @@ from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import steps
 from fedjax_lm.engine.merges import noloco
+from fedjax_lm.outer import heloco
 
 PARTITIONS = ("iid", "by_play", "by_genre")
 
@@ -87,7 +88,8 @@ def _islands() -> ml_collections.ConfigDict:
 def _outer() -> ml_collections.ConfigDict:
   """The outer step: optimizer, sync schedule, streaming / eager / delayed, policy, codec."""
   s = ml_collections.ConfigDict()
-  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd | sign_sgd
+  # fedavg | diloco | fedopt_adam | fedopt_yogi | fedopt_adagrad | slowmo | sgd | sign_sgd |
+  # heloco
   s.optimizer = "diloco"
   s.sync_every = 50  # H
   s.learning_rate = config_dict.placeholder(float)  # None: the optimizer's default
@@ -151,6 +153,16 @@ def _outer() -> ml_collections.ConfigDict:
   # The paper recommends 3 x and 6 x outer.sync_every.
   s.desloc_mu_every = 0
   s.desloc_nu_every = 0
+  # HeLoCo (Al Asif et al. 2026, outer.optimizer=heloco, fedjax_lm/outer/heloco.py): per
+  # parameter leaf, the pseudo-gradient's cosine c with the outer momentum; c >= c_ok passes,
+  # c < 0 is shrunk along the momentum (k_s, capped at beta_max), 0 <= c < c_ok turned toward
+  # it (k_d); both scaled by |d| / (|d| + kappa |m| + eps).
+  s.heloco_c_ok = 0.2
+  s.heloco_k_s = 1.0
+  s.heloco_beta_max = 0.5
+  s.heloco_k_d = 0.5
+  s.heloco_kappa = 1.0
+  s.heloco_eps = 1e-8
   return s
 
 
@@ -303,6 +315,8 @@ def _validate_training(c) -> None:
          f"outer.demo_sign=True decodes kept coefficients as +-1 (no scale): it needs "
          f"outer.optimizer=sign_sgd, not {c.outer.optimizer!r}")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
+  bad_heloco = heloco.check(heloco.settings(c.outer))
+  _check(bad_heloco is None, bad_heloco)
   _check(int(c.islands.num) >= 1, f"islands.num={c.islands.num} must be >= 1")
   _check(int(c.islands.simulated_groups) >= 0,
          f"islands.simulated_groups={c.islands.simulated_groups} must be >= 0")

@@ -15,6 +15,8 @@ fedopt_adagrad  Adagrad server optimizer (Reddi et al.)      lr 1e-1, eps 1e-3
 slowmo          heavy-ball SGD (SlowMo, Wang et al. 2020)    lr 1.0, momentum 0.5
 sgd             SGD, momentum/nesterov from the config       lr 1.0, momentum 0
 sign_sgd        x <- x - lr sign(delta) (DeMo's outer step)  lr 4e-4 (DeMo's OLMo runs)
+heloco          DiLoCo's Nesterov on pseudo-gradients        lr 0.7, momentum 0.9,
+                corrected against the momentum (HeLoCo)      outer.heloco_* (heloco.py)
 =============== =========================================== ================================
 
 SlowMo: with base lr gamma, slow lr alpha and slow momentum beta the paper's update is
@@ -35,6 +37,8 @@ from typing import Callable
 
 import optax
 
+from fedjax_lm.outer import heloco as heloco_lib
+
 _DEFAULTS = {
     "fedavg": {"learning_rate": 1.0},
     "diloco": {"learning_rate": 0.7, "momentum": 0.9},
@@ -44,6 +48,7 @@ _DEFAULTS = {
     "slowmo": {"learning_rate": 1.0, "momentum": 0.5},
     "sgd": {"learning_rate": 1.0, "momentum": 0.0},
     "sign_sgd": {"learning_rate": 4e-4},
+    "heloco": {"learning_rate": 0.7, "momentum": 0.9},
 }
 
 
@@ -83,6 +88,7 @@ def sign_sgd(learning_rate: float = 4e-4) -> optax.GradientTransformation:
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "fedavg": fedavg, "diloco": diloco, "fedopt_adam": fedopt_adam, "fedopt_yogi": fedopt_yogi,
     "fedopt_adagrad": fedopt_adagrad, "slowmo": slowmo, "sgd": sgd, "sign_sgd": sign_sgd,
+    "heloco": heloco_lib.heloco,
 }
 
 
@@ -119,6 +125,8 @@ def from_config(cfg) -> optax.GradientTransformation:
   hparams = resolved_hparams(cfg)
   if cfg.optimizer == "sgd":
     hparams["nesterov"] = bool(cfg.nesterov)
+  if cfg.optimizer == "heloco":
+    hparams.update(heloco_lib.settings(cfg))
   tx = OPTIMIZERS[cfg.optimizer](**hparams)
   if cfg.clip_norm < 0:
     raise ValueError(f"outer.clip_norm={cfg.clip_norm} must be >= 0")
