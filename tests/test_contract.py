@@ -8,8 +8,8 @@ of them, in the mesh-axis deployment:
   pseudo-gradient); lossy codecs and policies that restart from an older global have none;
 * **bytes equal to the HLO**: with 2 islands x 2 devices, the only cross-island collectives
   are in ``receive/p``, and their payload is the engine's ``fragment_bytes[p]`` plus the
-  who-sent weights; the inner step, encode, merge and a delayed policy's late step cross
-  nothing;
+  who-sent weights (DES-LOC's ``moments/k`` programs: one copy of moment k); the inner step,
+  encode, merge and a delayed policy's late step cross nothing;
 * **exact resume**: the state alone (taken to the host and back, into a freshly built
   engine) continues bit for bit as the uninterrupted run; nothing lives outside it.
 
@@ -60,6 +60,8 @@ VARIANTS = {
     "demo": Variant({"outer.compression": "demo", "outer.demo_chunk": 8, "outer.demo_topk": 8,
                      "outer.error_feedback": 0.999, "outer.optimizer": "sign_sgd",
                      "outer.learning_rate": 1e-3}, None),
+    # DES-LOC: moments averaged every 2 (mu) / 3 (nu) steps; a no-op with one island
+    "desloc": Variant({"outer.desloc_mu_every": 2, "outer.desloc_nu_every": 3}, "plain"),
     # NoLoCo: one peer per sync by ppermute; at M = 1 the island is its own peer (DiLoCo)
     "noloco": Variant({"outer.gossip": "noloco", "outer.optimizer": "slowmo"}, "plain"),
     "host_link": Variant({"outer.transport": "host", **_STREAM}, None),
@@ -132,6 +134,9 @@ def test_cross_island_bytes_are_the_accounted_payload(name):
       assert crossing(lowered[stage]) == [], (stage, p)
     assert (hlo.island_payload_bytes(crossing(lowered["receive"]), 2) ==
             alg.fragment_bytes[p] + alg.control_bytes_per_send > alg.control_bytes_per_send)
+  for program, lowered in (alg.desloc.lower(state.islands).items() if alg.desloc else ()):
+    assert hlo.island_payload_bytes(crossing(lowered), 2) == alg.desloc.bytes[
+        int(program.split("/")[1])] > 0  # DES-LOC's moment averages
 
 
 @pytest.mark.parametrize("name", VARIANTS)

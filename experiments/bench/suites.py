@@ -87,6 +87,8 @@ def _key(run: dict, suite: str = "quick") -> str:
         "optimizer", "sync_every", "fragments", "overlap", "mixing", "eager", "compression",
         "error_feedback", "topk_bits", "reset_inner_opt_state")},
                     **outer.resolved_hparams(c.outer)}
+    if c.outer.gossip != "none":  # (absent otherwise: the keys recorded before it stay)
+      out["outer"].update(gossip=c.outer.gossip, gossip_gamma=c.outer.gossip_gamma)
   return json.dumps(out, sort_keys=True)
 
 
@@ -114,11 +116,20 @@ def methods(suite: str) -> list[tuple[str, dict]]:
         "outer.optimizer": "sign_sgd", "outer.learning_rate": 3e-3, "outer.momentum": None,
         "outer.hparams_for": "sign_sgd", "outer.compression": "demo",
         "outer.error_feedback": 0.999}),
+      # configs/shakespeare_noloco.py's method: one random peer per sync, no all-reduce
+      (f"NoLoCo (M=4, H={h}, one random peer), heavy-ball 0.7 / 0.5",
+       {"islands.num": 4, "outer.sync_every": h, "outer.gossip": "noloco",
+        "outer.optimizer": "sgd", "outer.learning_rate": 0.7, "outer.momentum": 0.5,
+        "outer.hparams_for": "sgd"}),
   ]
   if suite == "full":
     rows.append(("SparseLoCo (H=15, top-k 2-bit, EF 0.95)",
                  {"outer.optimizer": "fedavg", "outer.sync_every": 15,
                   "outer.compression": "topk", "outer.error_feedback": 0.95}))
+    # DES-LOC at the paper's ratios (K_v = 6H averages nu 3 times in 1,000 steps, never in 300)
+    rows.append((f"DES-LOC (M=2, H={h}, K_u={3 * h}, K_v={6 * h})",
+                 {"outer.sync_every": h, "outer.desloc_mu_every": 3 * h,
+                  "outer.desloc_nu_every": 6 * h}))
   if suite == "smoke":
     rows = [rows[0], rows[3]]
   return rows
