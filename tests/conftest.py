@@ -74,3 +74,15 @@ def one_device():
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: end-to-end through the CLI (CI runs them; -m 'not slow' skips locally)")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Longest first: ``slow`` tests, then those that train on the data, then the rest (each in
+  collection order). Under ``pytest -n 2`` the workers take tests in this order as they free
+  up, so the minute-long end-to-end runs overlap each other and the quick tests fill the
+  end, instead of one worker running a late minute-long test while the other idles."""
+  def cost(item):
+    if item.get_closest_marker("slow"):
+      return 0
+    return 1 if "data_dir" in getattr(item, "fixturenames", ()) else 2
+  items.sort(key=cost)  # stable: the same order on every xdist worker
