@@ -10,6 +10,8 @@ closed through step S (elastic join; K < ``islands.max_num``). Like a cluster sc
 the syncer, a restarted syncer resumes from its checkpoint. It stops every role on SIGINT /
 SIGTERM and leaves no process behind. On a cluster, the scheduler starts each role itself with
 ``--config.launch.role=syncer|island --config.launch.island=K --config.launch.syncer=HOST:PORT``.
+With ``launch.syncer_shards`` = S the syncer is S roles ``syncer_<s>`` (``launch.syncer_shard``),
+each on its own port; ``launch.syncer`` lists their addresses in shard order.
 """
 
 from __future__ import annotations

@@ -31,8 +31,17 @@ Data rule under churn: island k always reads data partition k of ``islands.max_n
 it closes; the syncer records each island's data position at its accepted sends, and a restarted
 island resumes from it, so no token is skipped and none enters the global model twice.
 
+Sharded (``launch.syncer_shards`` = S, policy sync): S syncer processes, shard s owning the
+fragments p % S == s (:func:`owned_fragments`): their rounds, outer states, checkpoint
+(:func:`shard_workdir`) and restart (fault role ``syncer/<s>``). Islands send each fragment to
+its shard and join every shard. Shard 0, the lead, evaluates the whole model: a shard s > 0
+keeps its fragments as each eval step left them until the lead fetched them (``Fragments``,
+signed as ``syncer/0``); one that restarted past that step sends its current ones and the eval
+record names it (``inexact_shards``).
+
 State (global params, outer states, round counters, membership, data positions, byte counts)
-is checkpointed with orbax when a round closes, before anyone sees the result; a restarted
+is checkpointed with orbax when a round closes (every ``launch.syncer_checkpoint_every``
+rounds, default 1), before anyone sees the result; a restarted
 syncer resumes from it and islands resend what it had not yet applied. Async: every
 ``launch.syncer_checkpoint_every`` updates (0 = ``islands.num``, one a round's worth) and at the
 end; a restarted syncer loses at most that many updates less one (the tokens they held count as
@@ -207,7 +216,9 @@ class Syncer:
     self.fetched = 0  # the last eval step the lead fetched from this shard
     self._peers: dict[int, channel.Client] = {}  # the lead's clients of the other shards
     self.plan = faults.Plan.from_config(config)
-    self.metrics = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    self._written = _steps_written(path)  # evals written by this syncer before a restart
+    self.metrics = metrics_lib.JsonlWriter(path)
     self._events = metrics_lib.JsonlWriter(os.path.join(workdir, "events.jsonl"))
     self._updates = metrics_lib.JsonlWriter(os.path.join(workdir, "updates.jsonl"))
     self.ckpt = ckpt_lib.Checkpointer(workdir, every=1, keep=2, name="syncer_checkpoints")
@@ -236,7 +247,10 @@ class Syncer:
     self.job = channel.job_id(self.fingerprint)
     self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
                                         data_lib.get_tokenizer(config.data.tokenizer))
-    self.server = self.engine.init(jax.random.key(int(config.seed))).server
+    # the server part alone (the islands' params and inner state are never materialised here)
+    self.server = jax.jit(lambda key: stages.init(self.spec, self.engine.make_params(key)).server,
+                          out_shardings=self.engine.state_shardings.server)(
+                              jax.random.key(int(config.seed)))
     frags = range(self.spec.frags.num)
     one = dataclasses.replace(self.spec, num=1)
     self._contribution = [jax.jit(functools.partial(contribution, one, p)) for p in frags]
@@ -305,6 +319,8 @@ class Syncer:
     grace = time.time() + 2 * self.heartbeat_s
     self.members = {int(k): {"last": grace, "live": True} for k in meta["members"]}
     self._log("syncer_restored", version=self.version, closed=self.closed)
+    if not self.asynchronous:  # an eval step the saved round completed (saved before its eval)
+      self._maybe_evaluate()
     return True
 
   def _log(self, kind: str, **fields) -> None:
@@ -654,6 +670,10 @@ class Syncer:
               if s % int(self.config.eval_every) == 0 or s == self.total]:
       if any(self._next_send(p) <= e for p in self.closed):
         break
+      if any(self.closed[p] > e for p in self.closed):  # restored past it: not as e left it
+        self.evaluated = e
+        self._log("eval_skipped", step=e, closed=self.closed)
+        continue
       if self.shard == 0:
         self._write_eval(e)
       else:
@@ -731,12 +751,14 @@ class Syncer:
     """Schedules the eval of step e on the eval thread, on a copy of the global params taken
     now (lock held): rounds close and checkpoint meanwhile. Once the final step's is
     scheduled the run is done (nothing more is applied; the syncer exits after writing it)."""
+    self.evaluated = e
+    self.done |= e == self.total
+    if e in self._written:  # written before this process restarted
+      return
     params = self._copy(self.server.params)
     record = {"step": e, "island_bytes": (sum(self.payload_bytes.values()) /
                                           max(len(self.payload_bytes), 1)),
               "rounds": self.version, "members": sorted(self.members)}
-    self.evaluated = e
-    self.done |= e == self.total
     self._pending_evals.append(self._evals.submit(self._evaluate_at, e, params, record))
 
   def _evaluate_at(self, e: int, params: Any, record: dict) -> None:
@@ -803,6 +825,19 @@ class Contribution(NamedTuple):
   masked: jax.Array  # the island reported a non-finite pseudo-gradient (weight < 0)
   norm: jax.Array  # the decoded payload's L2 norm
   finite: jax.Array  # every decoded value finite
+
+
+def _steps_written(path: str) -> set[int]:
+  """The steps of the complete records of a metrics file (none if it does not exist)."""
+  steps = set()
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          steps.add(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+          pass
+  return steps
 
 
 def owned_fragments(num: int, shards: int, shard: int) -> tuple[int, ...]:
