@@ -180,6 +180,25 @@ def test_sweep_grid_reuses_runs():
   assert suites._key({"outer.learning_rate": 0.123}) != suites._key({})
 
 
+def test_frontier_settings_enter_the_key_only_where_in_use():
+  """DeMo's, DES-LOC's, HeLoCo's and the delay's keys are absent from the runs recorded before
+  them (their keys stay) and tell their own runs apart from DiLoCo's."""
+  plain = json.loads(suites._key({}))["outer"]
+  assert not {k for k in plain if k.startswith(("demo_", "desloc_", "heloco_", "gossip"))}
+  assert "delay" not in plain
+  meth = dict(suites.methods("quick"))
+  keys = [suites._key(run) for run in meth.values()]
+  assert len(set(keys)) == len(keys) - 1  # only "(its H)" repeats the H=50 row
+  desloc = next(r for n, r in meth.items() if n.startswith("DES-LOC"))
+  assert desloc["outer.sync_every"] == 10  # K_v = 60 fires 4 times in 300 steps
+  assert suites._key({**desloc, "outer.desloc_nu_every": 0}) != suites._key(desloc)
+  assert suites._key({"outer.delay": "naive"}) != suites._key({})
+  heloco = {"outer.delay": "naive", "outer.optimizer": "heloco", "outer.hparams_for": "heloco"}
+  assert suites._key({**heloco, "outer.heloco_c_ok": -1.0}) != suites._key(heloco)
+  demo = next(r for n, r in meth.items() if n.startswith("DeMo"))
+  assert suites._key({**demo, "outer.demo_topk": 16}) != suites._key(demo)
+
+
 def test_job_plan_runs_each_point_once_and_compiles_each_new_program_in_one_job():
   key = suites._key
   jobs, untimed = suite_jobs.plan("quick", set())
