@@ -32,17 +32,26 @@ ROWS = (("DDP (M=2)", None),
         ("DES-LOC", "DiLoCo (M=2, H=10), config defaults"),
         ("Delayed DiLoCo", None),
         ("HeLoCo", "Delayed DiLoCo"))
+# Paper-fidelity checks outside the methods table: DES-LOC's own box (FedAvg on the params)
+# against Local Adam (the same with every moment averaged at every sync), the paper's baseline
+FEDAVG10 = {"outer.optimizer": "fedavg", "outer.sync_every": 10}
+EXTRA = (("Local Adam (FedAvg, H=K_u=K_v=10)",
+          {**FEDAVG10, "outer.desloc_mu_every": 10, "outer.desloc_nu_every": 10}, None),
+         ("DES-LOC box (FedAvg, H=10, K_u=30, K_v=60)",
+          {**FEDAVG10, "outer.desloc_mu_every": 30, "outer.desloc_nu_every": 60},
+          "Local Adam (FedAvg, H=K_u=K_v=10)"))
 
 
 def rows() -> list[tuple[str, dict, str | None]]:
-  """(name, overrides, baseline name) of the table's rows, from the quick methods table."""
+  """(name, overrides, baseline name) of the table's rows, from the quick methods table, then
+  ``EXTRA``."""
   meth = suites.methods("quick")
   find = lambda prefix: next((n, r) for n, r in meth if n.startswith(prefix))
   out = []
   for prefix, base in ROWS:
     name, run = find(prefix)
     out.append((name, run, find(base)[0] if base else None))
-  return out
+  return out + list(EXTRA)
 
 
 def seeded(run: dict, seed: int) -> dict:
