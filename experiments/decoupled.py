@@ -14,6 +14,7 @@ in ``--workdir``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -30,15 +31,18 @@ TINY = {"algorithm": "islands", "log_every": 1, "checkpoint_every": 100000,
         "mesh.island": 1, "mesh.data": 1, "launch.processes": 1, "inner.learning_rate": 1e-2}
 
 
-def _train(workdir: str, overrides: dict, env: dict | None = None) -> float:
+def _train(workdir: str, overrides: dict, env: dict | None = None,
+           config: str = "configs/tiny.py") -> float:
   shutil.rmtree(workdir, ignore_errors=True)
-  args = [sys.executable, "-m", "experiments.train", "--config", "configs/tiny.py",
+  args = [sys.executable, "-m", "experiments.train", "--config", config,
           "--workdir", workdir, *(f"--config.{k}={v}" for k, v in overrides.items())]
   start = time.time()
   done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600,
                         env={**os.environ, "XLA_FLAGS": "", **(env or {})})
   if done.returncode:
     raise RuntimeError(f"{workdir} failed:\n{done.stderr[-3000:]}")
+  with open(os.path.join(workdir, "launched_at"), "w", encoding="utf-8") as f:
+    f.write(repr(start))
   return time.time() - start
 
 
@@ -108,29 +112,93 @@ def _longest_stall(workdir: str, k: int, after: int = 10) -> float:
   return float(max(np.diff(times))) if len(times) > 1 else 0.0
 
 
-def crashes(base: str, data_dir: str, steps: int) -> list[dict]:
-  common = {**TINY, "islands.num": 3, "outer.sync_every": 10, "total_steps": steps,
-            "eval_every": 10, "launch.heartbeat_seconds": 2, "data.data_dir": data_dir,
-            "launch.mode": "decoupled"}
+def _step_times(workdir: str, k: int) -> dict[int, float]:
+  return {r["step"]: r["time"]
+          for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl"))}
+
+
+def _launch_to_first_step(workdir: str, islands: int) -> float:
+  """Seconds from the launcher's start to the first step any island logged."""
+  with open(os.path.join(workdir, "launched_at"), encoding="utf-8") as f:
+    start = float(f.read())
+  return min(min(_step_times(workdir, k).values()) for k in range(islands)) - start
+
+
+def _eval_round_stall(workdir: str, islands, every: int) -> float:
+  """The longest gap between step e and e + 1 of the given islands at an eval step e (the
+  syncer evaluates the global model there; island steps should not wait for it)."""
+  gaps = []
+  for k in islands:
+    t = _step_times(workdir, k)
+    gaps += [t[e + 1] - t[e] for e in t if e % every == 0 and e + 1 in t]
+  return float(max(gaps)) if gaps else 0.0
+
+
+def _rejoined_round_loss(workdir: str, clean: str, k: int, h: int) -> dict:
+  """Island k's mean loss over the first whole round after it rejoined, against the
+  fault-free run's island k over the same steps."""
+  events = _jsonl(os.path.join(workdir, "events.jsonl"))
+  rejoin = next((e for e in events if e["event"] == "island_rejoined" and e.get("island") == k),
+                None)
+  if rejoin is None:
+    return {}
+  by_step = {}
+  for r in _jsonl(os.path.join(workdir, "islands", str(k), "metrics.jsonl")):  # the restarted process's records are the later ones
+    by_step[r["step"]] = (r["time"], r["island_loss"])
+  after = sorted(s for s, (t, _) in by_step.items() if t >= rejoin["time"] - 1e-3)
+  first = next((s for s in after if (s - 1) % h == 0), None)
+  if first is None:
+    return {}
+  steps = [s for s in range(first, first + h) if s in by_step]
+  ref = {r["step"]: r["island_loss"]
+         for r in _jsonl(os.path.join(clean, "islands", str(k), "metrics.jsonl"))}
+  steps = [s for s in steps if s in ref]
+  if not steps:
+    return {}
+  got = float(np.mean([by_step[s][1] for s in steps]))
+  want = float(np.mean([ref[s] for s in steps]))
+  return {"rejoin_round": f"{steps[0]}-{steps[-1]}", "rejoin_loss": got,
+          "rejoin_loss_ratio": got / want}
+
+
+def crashes(base: str, data_dir: str, steps: int, config: str = "configs/tiny.py"
+            ) -> list[dict]:
+  """3 islands, H=10: fault-free, island 2 SIGKILLed at 40% of the run (restarted by the
+  launcher, rejoining), the syncer SIGKILLed after 4 rounds. ``config``: the tiny model (with
+  the bench's inner lr 1e-2) or another config's model (its own optimizer settings)."""
+  h, every = 10, 10
+  common = {**(TINY if config == "configs/tiny.py" else
+               {k: v for k, v in TINY.items() if k != "inner.learning_rate"}),
+            "islands.num": 3, "outer.sync_every": h, "total_steps": steps,
+            "eval_every": every, "launch.heartbeat_seconds": 2, "data.data_dir": data_dir,
+            "launch.mode": "decoupled", "mesh.fsdp": 1, "mesh.tensor": 1}
+  train = functools.partial(_train, config=config)
   rows = []
   clean = f"{base}/crash_none"
-  wall = _train(clean, common)
+  wall = train(clean, common)
   ref = _evals(clean)[-1]["eval_loss"]
-  rows.append({"run": "fault-free (3 islands)", "wall_s": wall, "eval": ref, "ratio": 1.0,
-               "stall_s": max(_longest_stall(clean, k) for k in range(3)), "events": ""})
+  rows.append({"run": "fault-free (3 islands)", "config": config, "wall_s": wall, "eval": ref,
+               "ratio": 1.0, "stall_s": max(_longest_stall(clean, k) for k in range(3)),
+               "first_step_s": _launch_to_first_step(clean, 3),
+               "eval_stall_s": _eval_round_stall(clean, range(3), every), "events": ""})
   kill_at = int(0.4 * steps)
   for name, kill in ((f"SIGKILL island 2 at step {kill_at}", f"island/2@{kill_at}"),
                      ("SIGKILL the syncer after 4 rounds", "syncer@4")):
     workdir = f"{base}/crash_{len(rows)}"
-    wall = _train(workdir, {**common, "faults.kill": kill})
+    wall = train(workdir, {**common, "faults.kill": kill})
     final = _evals(workdir)[-1]["eval_loss"]
     events = [e for e in _jsonl(os.path.join(workdir, "events.jsonl"))
               if e["event"] not in ("island_joined", "island_finished")]
     roles = json.load(open(os.path.join(workdir, "roles.json"), encoding="utf-8"))
     orphans = [r for r, v in roles.items()
                if subprocess.run(["kill", "-0", str(v["pid"])], capture_output=True).returncode == 0]
-    rows.append({"run": name, "wall_s": wall, "eval": final, "ratio": final / ref,
+    rows.append({"run": name, "config": config, "wall_s": wall, "eval": final,
+                 "ratio": final / ref,
                  "stall_s": max(_longest_stall(workdir, k) for k in (0, 1)),
+                 "first_step_s": _launch_to_first_step(workdir, 3),
+                 "eval_stall_s": _eval_round_stall(workdir, (0, 1), every),
+                 **(_rejoined_round_loss(workdir, clean, 2, h) if kill.startswith("island")
+                    else {}),
                  "events": ", ".join(f"{e['event']}" + (f" {e['island']}" if "island" in e else "")
                                      for e in events), "orphans": orphans, "workdir": workdir})
   return rows
@@ -329,9 +397,13 @@ def summary(results: dict, commit: str) -> str:
           ("island_bytes, mesh-axis", "bytes_mesh"), ("island_bytes, decoupled",
                                                       "bytes_decoupled")]),
       "crashes": ("Crashes (3 islands, H=10, heartbeat 2 s)", [
-          ("run", "run"), ("wall s", "wall_s"), ("final eval", "eval"),
+          ("run", "run"), ("config", "config"), ("wall s", "wall_s"),
+          ("launch to first step (s)", "first_step_s"), ("final eval", "eval"),
           ("÷ fault-free", "ratio"), ("longest gap between steps of islands 0, 1 (s)",
-                                      "stall_s"), ("events", "events"),
+                                      "stall_s"),
+          ("longest gap at an eval round (s)", "eval_stall_s"),
+          ("restarted island's next round", "rejoin_round"),
+          ("its loss ÷ fault-free", "rejoin_loss_ratio"), ("events", "events"),
           ("processes left", "orphans")]),
       "heterogeneous": ("Heterogeneous speeds (4 islands, speeds 1, 1, 1, 0.25, H=10)", [
           ("policy", "run"), ("outer momentum", "momentum"),
@@ -375,6 +447,9 @@ def main(argv=None):
   parser.add_argument("--data_dir", default="runs/decoupled/tfds")
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--only", nargs="*", default=None)
+  parser.add_argument("--crash_config", default="configs/tiny.py",
+                      help="crashes: the model's config (e.g. configs/shakespeare_diloco.py "
+                      "for the default Shakespeare model)")
   parser.add_argument("--step_seconds", type=float, default=0.2,
                       help="heterogeneous: each island's step paced to this / its speed (0: "
                       "its measured compute slowed instead)")
@@ -389,7 +464,7 @@ def main(argv=None):
   if "equivalence" in todo:
     results["equivalence"] = equivalence(args.workdir, args.data_dir, args.steps)
   if "crashes" in todo:
-    results["crashes"] = crashes(args.workdir, args.data_dir, args.steps)
+    results["crashes"] = crashes(args.workdir, args.data_dir, args.steps, args.crash_config)
   if "heterogeneous" in todo:
     results["heterogeneous"], curves = heterogeneous(args.workdir, args.data_dir, args.steps,
                                                      args.step_seconds)

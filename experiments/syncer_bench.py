@@ -195,6 +195,7 @@ def point(args, m: int, s: int, workdir: str) -> dict:
   restarts = {shard: 0 for shard in range(s)}
   times: dict[int, list] = {}
   errors: list[str] = []
+  timeline: list[list] = []  # [seconds, each shard's VmRSS]
   barrier = threading.Barrier(m)
   threads = [threading.Thread(target=_island, args=(k, layout, addresses, args.steps, barrier,
                                                     times, errors)) for k in range(m)]
@@ -203,6 +204,8 @@ def point(args, m: int, s: int, workdir: str) -> dict:
     t.start()
   try:
     while any(t.is_alive() for t in threads) or any(p.poll() is None for p in procs.values()):
+      timeline.append([round(time.time() - began, 1)] + [
+          _status(proc.pid, "VmRSS") for proc in procs.values()])
       for shard, proc in procs.items():
         peaks[shard] = max(peaks[shard], _status(proc.pid, "VmHWM"))
         if proc.poll() not in (None, 0) and restarts[shard] < 2:
@@ -221,14 +224,24 @@ def point(args, m: int, s: int, workdir: str) -> dict:
   rounds = {step: max(b for _, b in spans) - min(a for a, _ in spans)
             for step, spans in sorted(times.items())}
   values = list(rounds.values())
+  by_shard = {}  # the round times of the steps whose fragments shard s owns
+  for step, seconds in rounds.items():
+    for shard in {p % s for p in layout.schedule.sends(step)}:
+      by_shard.setdefault(shard, []).append(seconds)
+  evals = []
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      evals = [json.loads(line) for line in f if line.strip()]
   return {"islands": m, "shards": s, "fragments": args.fragments, "h": args.h,
           "params": layout.params, "payload_bytes": sum(
               sum(a.nbytes for a in pl[:-1]) for pl in layout.payloads),
           "rounds": len(values), "round_s_median": float(np.median(values)),
           "round_s_max": float(np.max(values)), "round_s": rounds,
+          "round_s_max_by_shard": {k: float(np.max(v)) for k, v in sorted(by_shard.items())},
+          "final_eval": evals[-1]["eval_loss"] if evals else None,
           "shard_peak_rss": [peaks[shard] for shard in range(s)],
           "shards_rss_over_params_x4": sum(peaks.values()) / (4 * layout.params),
-          "restarts": restarts, "seconds": time.time() - began,
+          "restarts": restarts, "seconds": time.time() - began, "rss_timeline": timeline,
           "load": os.getloadavg()[0]}
 
 
@@ -237,15 +250,18 @@ def summary(rows: list[dict], command: str, commit: str) -> str:
   lines = [f"# Syncer at model size, synthetic islands ({commit}, "
            f"{time.strftime('%Y-%m-%d')}, {machine.describe()})", "", f"`{command}`", "",
            "| islands M | shards S | params | payload / island / step | rounds | round s "
-           "(median / max) | shard peak RSS GB | Σ RSS ÷ (4 × params) | restarts |",
-           "|---:|---:|---:|---:|---:|---|---|---:|---|"]
+           "(median / max) | max round s of each shard's fragments | shard peak RSS GB | "
+           "Σ RSS ÷ (4 × params) | restarts | final eval |",
+           "|---:|---:|---:|---:|---:|---|---|---|---:|---|---|"]
   for r in rows:
     lines.append(
         f"| {r['islands']} | {r['shards']} | {r['params'] / 1e6:.1f}M | "
         f"{r['payload_bytes'] / 2**20:.0f} MiB | {r['rounds']} | {r['round_s_median']:.2f} / "
-        f"{r['round_s_max']:.2f} | {' + '.join(f'{b / 1e9:.2f}' for b in r['shard_peak_rss'])}"
+        f"{r['round_s_max']:.2f} | "
+        f"{', '.join(f'{v:.1f}' for v in r['round_s_max_by_shard'].values())} | "
+        f"{' + '.join(f'{b / 1e9:.2f}' for b in r['shard_peak_rss'])}"
         f" | {r['shards_rss_over_params_x4']:.2f} | "
-        f"{sum(r['restarts'].values())} |")
+        f"{sum(r['restarts'].values())} | {'%.6f' % r['final_eval'] if r['final_eval'] else '—'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -268,11 +284,17 @@ def main(argv=None) -> None:
   for m in args.islands:
     for s in args.shards:
       row = point(args, m, s, os.path.join(args.workdir, f"m{m}_s{s}"))
-      print(json.dumps({k: v for k, v in row.items() if k != "round_s"}), flush=True)
+      print(json.dumps({k: v for k, v in row.items() if k not in ("round_s", "rss_timeline")}),
+            flush=True)
       rows.append(row)
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
-  command = "python -m experiments.syncer_bench " + " ".join(argv or sys.argv[1:])
+  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+  commit += "+changes" if dirty else ""
+  allocator = f"FEDJAX_LM_TCMALLOC={os.environ.get('FEDJAX_LM_TCMALLOC', '0')}"  # (the shards')
+  command = " ".join(filter(None, (allocator, "python -m experiments.syncer_bench",
+                                   *(argv or sys.argv[1:]))))
   text = summary(rows, command, commit)
   print(text)
   if args.out:

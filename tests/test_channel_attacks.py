@@ -282,3 +282,40 @@ def test_a_syncer_off_loopback_needs_mutual_tls_or_an_explicit_opt_out():
                                              "launch.plaintext": True}))
   config_lib.validate(tiny_config(**base, **{"launch.syncer": "10.1.2.3:5000",
                                              "launch.tls_ca": "ca.pem"}))
+
+
+def test_a_payload_method_s_slots_bound_its_concurrent_receives():
+  """A method with ``slots=1`` receives and handles one call at a time whatever the number of
+  callers (the syncer's Send: its receive buffers do not grow with the islands); the others
+  wait for the slot and are all served."""
+  secret = b"q" * 32
+  busy, most, served = [0], [0], []
+  lock = threading.Lock()
+
+  def handle(who, meta, arrays):
+    with lock:
+      busy[0] += 1
+      most[0] = max(most[0], busy[0])
+    time.sleep(0.2)  # long enough that callers overlap without the slot
+    with lock:
+      busy[0] -= 1
+      served.append((who, float(arrays[0].sum())))
+    return "ok", {}, []
+  keys = lambda who: wire.derive(secret, who) if who.startswith("island/") else None
+  server, port = channel.serve(keys, "job", "127.0.0.1", 0, {
+      "Send": channel.Method(handle, ("send",), lambda who: 1 << 22, slots=1)})
+  try:
+    def call(k):
+      client = channel.Client(f"127.0.0.1:{port}", wire.derive(secret, f"island/{k}"),
+                              f"island/{k}", "job", give_up_s=60)
+      client.call("Send", "send", {}, [np.full(1 << 18, k, np.float32)])
+      client.close()
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    assert most[0] == 1
+    assert sorted(served) == [(f"island/{k}", float(k << 18)) for k in range(4)]
+  finally:
+    server.stop(grace=0)

@@ -76,3 +76,39 @@ def test_sharded_syncer_config_is_checked_naming_the_key(overrides, culprit):
 def test_a_shard_is_a_fault_injection_role():
   plan = faults.Plan.from_config(tiny_config(**{"faults.kill": "syncer/1@3"}))
   assert plan.kills == (("syncer/1", 3),)
+
+
+def test_shards_hold_only_their_fragments_and_joins_share_one_state_copy(tmp_path, data_dir):
+  """The S shards together hold the global params and outer state once (each only its own
+  fragments', equal to the one-syncer state's), and islands joining at one version share
+  one copy of the state the join sends (M joins hold one, not M; a closed round makes the next
+  join take a fresh one)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  base = {**golden.overrides("streaming_int4_ef", data_dir), "launch.mode": "decoupled"}
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  whole = syncer_lib.Syncer(tiny_config(**base), str(tmp_path / "one"), b"k" * 32)
+  shards = [syncer_lib.Syncer(tiny_config(**{**base, "launch.syncer_shards": 2,
+                                             "launch.syncer_shard": s}),
+                              str(tmp_path / str(s)), b"k" * 32) for s in range(2)]
+  try:
+    assert sum(nbytes(s.server.params) for s in shards) == nbytes(whole.server.params)
+    assert (sum(nbytes(s.server.outer) for s in shards) == nbytes(whole.server.outer) > 0)
+    for s in shards:
+      for p in s.owned:
+        for a, b in zip(s.spec.frags.take(whole.server.params, p), s.server.params[
+            s.owned.index(p)]):
+          np.testing.assert_array_equal(a, b)
+    shard = shards[1]
+    joins = [shard.join("island/%d" % k, {"island": k, "fingerprint": shard.fingerprint}, [])
+             for k in range(2)]
+    first, second = (j[2] for j in joins)
+    assert all(np.shares_memory(a, b) for a, b in zip(first, second))
+    assert sum(a.nbytes for a in first) == nbytes(shard.server.params) + nbytes(
+        [shard.server.outer[p] for p in shard.owned])
+    shard.version += 1  # (as a closed round does)
+    third = shard.join("island/0", {"island": 0, "fingerprint": shard.fingerprint}, [])[2]
+    assert not np.shares_memory(third[0], first[0])
+    np.testing.assert_array_equal(third[0], first[0])
+  finally:
+    for s in (whole, *shards):
+      s.close()

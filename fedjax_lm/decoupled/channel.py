@@ -206,11 +206,15 @@ Reply = tuple  # (kind, meta, arrays)
 class Method(NamedTuple):
   """A served method: ``fn(who, meta, arrays) -> (kind, meta, arrays)``, the request kinds it
   takes, the most request bytes ``limit(who)`` it accepts, and whether the request must name
-  this job (``Join`` carries the whole fingerprint instead, compared field by field)."""
+  this job (``Join`` carries the whole fingerprint instead, compared field by field), and how
+  many of its calls may be received and handled at once (``slots``, 0: no cap; a payload
+  method's cap bounds the server's receive buffers whatever the number of members: the others
+  wait, their streams held back by flow control, and give up with the call's deadline)."""
   fn: Callable[[str, dict, list], Reply]
   kinds: tuple[str, ...]
   limit: Callable[[str], int] = lambda who: SMALL_BYTES
   same_job: bool = True
+  slots: int = 0
 
 
 def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
@@ -229,6 +233,7 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
 
   def wrap(name: str, method: Method):
     full = f"/{SERVICE}/{name}"
+    slots = threading.BoundedSemaphore(method.slots) if method.slots else None
 
     def handler(requests: Iterator[bytes], context) -> Iterator[bytes]:
       who, _, nonce, _ = dict(context.invocation_metadata())["fedjax-auth"].rsplit(":", 3)
@@ -237,8 +242,13 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
         auth.in_flight[who] += 1
       timer = threading.Timer(deadline_s(limit), context.cancel)
       timer.daemon = True
-      timer.start()
+      held = False
       try:
+        if slots is not None:  # wait for a slot (the request is not read meanwhile)
+          held = slots.acquire(timeout=deadline_s(limit))
+          if not held:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}: every slot busy")
+        timer.start()
         kind, meta, arrays = wire.unstream(key, requests, method.kinds, limit)
         if meta.pop("nonce", None) != nonce:
           raise wire.WireError(f"{full}: the request names another call")
@@ -246,6 +256,10 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
           raise wire.WireError(f"{full}: the request names another job")
         timer.cancel()
         out_kind, out_meta, out_arrays = method.fn(who, meta, arrays)
+        del arrays  # (the receive buffer: free before the slot is)
+        if held:
+          slots.release()
+          held = False
         yield from wire.stream(key, out_kind, {**out_meta, "reply_to": nonce}, out_arrays)
       except wire.WireError as e:
         log("syncer: rejected %s from %s: %s", name, who, e)
@@ -255,6 +269,8 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
       finally:
         timer.cancel()
+        if held:
+          slots.release()
         with auth.lock:
           auth.in_flight[who] -= 1
     return grpc.stream_stream_rpc_method_handler(handler)

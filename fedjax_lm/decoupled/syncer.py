@@ -32,7 +32,8 @@ it closes; the syncer records each island's data position at its accepted sends,
 island resumes from it, so no token is skipped and none enters the global model twice.
 
 Sharded (``launch.syncer_shards`` = S, policy sync): S syncer processes, shard s owning the
-fragments p % S == s (:func:`owned_fragments`): their rounds, outer states, checkpoint
+fragments p % S == s (:func:`owned_fragments`): their rounds, params and outer states
+(:class:`Owned`: the S shards together hold the global state once), checkpoint
 (:func:`shard_workdir`) and restart (fault role ``syncer/<s>``). Islands send each fragment to
 its shard and join every shard. Shard 0, the lead, evaluates the whole model: a shard s > 0
 keeps its fragments as each eval step left them until the lead fetched them (``Fragments``,
@@ -59,6 +60,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -84,6 +86,7 @@ from fedjax_lm.engine import stages
 from fedjax_lm.outer import delayed
 
 POLICIES = ("sync", "async")
+SEND_SLOTS = 2  # Send calls received and summed at once (bounds the receive buffers)
 
 
 def island_config(config):
@@ -223,6 +226,7 @@ class Syncer:
     self._updates = metrics_lib.JsonlWriter(os.path.join(workdir, "updates.jsonl"))
     self.ckpt = ckpt_lib.Checkpointer(workdir, every=1, keep=2, name="syncer_checkpoints")
     self._unsaved = False
+    self._state_copy: tuple[int, Any] = (-1, lambda: None)  # (version, weakref to _Views)
     # evaluation runs on its own thread on a copy of the params: rounds go on meanwhile
     self._evals = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="syncer-eval")
     self._pending_evals: list[concurrent.futures.Future] = []
@@ -247,26 +251,45 @@ class Syncer:
     self.job = channel.job_id(self.fingerprint)
     self.evaluate = train_lib.Evaluator(config, mesh, graphdef, self.engine.params_sharding,
                                         data_lib.get_tokenizer(config.data.tokenizer))
-    # the server part alone (the islands' params and inner state are never materialised here)
-    self.server = jax.jit(lambda key: stages.init(self.spec, self.engine.make_params(key)).server,
-                          out_shardings=self.engine.state_shardings.server)(
-                              jax.random.key(int(config.seed)))
     frags = range(self.spec.frags.num)
+    # The server part alone (the islands' params and inner state are never materialised
+    # here); a shard of S > 1 keeps only the fragments it owns (:class:`Owned`), so the S
+    # shards together hold one copy of the params and outer state, not S.
+    owned = owned_fragments(self.spec.frags.num, self.shards, self.shard)
+    self.server_spec = self.spec if self.shards == 1 else dataclasses.replace(
+        self.spec, frags=Owned(self.spec.frags, owned))
+    shardings = self.engine.state_shardings.server if self.shards == 1 else None
+
+    def init(key):
+      server = stages.init(self.spec, self.engine.make_params(key)).server
+      if self.shards == 1:
+        return server
+      return server._replace(
+          params=tuple(self.spec.frags.take(server.params, p) for p in owned),
+          outer=tuple(server.outer[p] if p in owned else self.spec.outer_tx.init(())
+                      for p in frags))
+    self.server = jax.jit(init, out_shardings=shardings)(jax.random.key(int(config.seed)))
     one = dataclasses.replace(self.spec, num=1)
     self._contribution = [jax.jit(functools.partial(contribution, one, p)) for p in frags]
     self._add = jax.jit(accumulate, donate_argnums=(0, 1))
     self._mean = jax.jit(finish)
-    self._outer = [jax.jit(functools.partial(stages.receive, self.spec, p),
-                           donate_argnums=0, out_shardings=self.engine.state_shardings.server)
+    self._outer = [jax.jit(functools.partial(stages.receive, self.server_spec, p),
+                           donate_argnums=0, out_shardings=shardings)
                    for p in frags]  # the islands' own outer-step program
     # What one island sends per fragment (abstract): the layout every send is checked against.
     state = jax.eval_shape(self.engine.init, jax.random.key(0))
     self._sent = [jax.eval_shape(self.engine.programs.encode[p], state.islands, state.server,
                                  jax.ShapeDtypeStruct((), jnp.int32),
                                  jax.ShapeDtypeStruct((1,), jnp.bool_))[1] for p in frags]
-    self._take = [jax.jit(lambda params, p=p: self.spec.frags.take(params, p)) for p in frags]
+    self._take = [jax.jit(lambda params, p=p: self.server_spec.frags.take(params, p))
+                  for p in frags]
+    # the lead's eval: the whole model from every shard's fragments
     self._put = [jax.jit(lambda params, values, p=p: self.spec.frags.put(params, p, values),
                          donate_argnums=0) for p in frags]
+    self._whole = jax.jit(lambda values: functools.reduce(
+        lambda tree, pv: self.spec.frags.put(tree, pv[0], pv[1]), zip(owned, values),
+        jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                     jax.eval_shape(self.engine.make_params, jax.random.key(0)))))
     # compiled now, not at the first send (a round must not wait on a compile)
     self._contribution = [f.lower(sent).compile() for f, sent in zip(self._contribution,
                                                                      self._sent)]
@@ -299,7 +322,9 @@ class Syncer:
       self._unsaved = False
 
   def _restore(self) -> bool:
-    abstract = ckpt_lib.abstract_like(self.server, self.engine.state_shardings.server)
+    abstract = ckpt_lib.abstract_like(self.server, (
+        self.engine.state_shardings.server if self.shards == 1 else
+        jax.tree.map(lambda x: x.sharding, self.server)))
     step, server = self.ckpt.restore_latest(abstract, None, layout={})
     if step is None:
       return False
@@ -383,12 +408,19 @@ class Syncer:
   def _state_arrays(self) -> list:
     """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`; a
     shard: its own fragments', :func:`remote.fragment_parts`): a device copy nothing donates,
-    sent from zero-copy host views (no host copy is cached on the live server arrays)."""
-    if self.shards > 1:
-      parts = remote.fragment_parts(self.spec, self.server, self.owned)
-    else:
-      parts = remote.transferable(self.spec, self.server, self.asynchronous)
-    return [remote.host_view(x) for x in jax.tree.leaves(self._copy(parts))]
+    sent from zero-copy host views (no host copy is cached on the live server arrays). Every
+    reply at one version shares one copy (M islands joining at once hold one, not M); it is
+    freed once the last of them has been sent (lock held)."""
+    version, ref = self._state_copy
+    views = ref() if version == self.version else None
+    if views is None:
+      if self.shards > 1:
+        parts = remote.fragment_parts(self.server_spec, self.server, self.owned)
+      else:
+        parts = remote.transferable(self.spec, self.server, self.asynchronous)
+      views = _Views(remote.host_view(x) for x in jax.tree.leaves(self._copy(parts)))
+      self._state_copy = (self.version, weakref.ref(views))
+    return views
 
   def heartbeat(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     """Marks the island alive. The timestamp is taken without the lock, so a syncer busy
@@ -755,7 +787,8 @@ class Syncer:
     self.done |= e == self.total
     if e in self._written:  # written before this process restarted
       return
-    params = self._copy(self.server.params)
+    params = (self._copy(self.server.params) if self.shards == 1 else
+              self._whole(self.server.params))  # (a shard: its fragments in a whole model)
     record = {"step": e, "island_bytes": (sum(self.payload_bytes.values()) /
                                           max(len(self.payload_bytes), 1)),
               "rounds": self.version, "members": sorted(self.members)}
@@ -801,7 +834,10 @@ class Syncer:
                      for sent in self._sent)
     return {"Join": channel.Method(self.join, ("join",), same_job=False),
             "Heartbeat": channel.Method(self.heartbeat, ("heartbeat",)),
-            "Send": channel.Method(self.send, ("send",), lambda who: send_bytes),
+            # two sends at a time: one received while another enters the sum (a receive
+            # buffer each, whatever the number of islands)
+            "Send": channel.Method(self.send, ("send",), lambda who: send_bytes,
+                                   slots=SEND_SLOTS),
             "Receive": channel.Method(self.receive, ("receive",)),
             "Leave": channel.Method(self.leave, ("leave",)),
             **({"Fragments": channel.Method(self.fragments, ("fetch",))} if self.shard else {})}
@@ -815,6 +851,30 @@ class Syncer:
     if prefix != "island" or not k.isdigit() or str(int(k)) != k or int(k) >= self.max_islands:
       return None
     return wire.derive(self.secret, who)
+
+
+class Owned:
+  """A syncer shard's fragments (:class:`fragments.Fragments`' interface): its params are a
+  tuple of the fragments it owns (in ``owned`` order), not the whole tree; any other
+  fragment is empty."""
+
+  def __init__(self, frags, owned: tuple):
+    self.num, self.members, self.owned = frags.num, frags.members, tuple(owned)
+    self._index = {p: i for i, p in enumerate(self.owned)}
+
+  def take(self, tree: Any, p: int, lead: int = 0) -> tuple:
+    del lead
+    return tree[self._index[p]] if p in self._index else ()
+
+  def put(self, tree: Any, p: int, values: tuple, lead: int = 0) -> Any:
+    del lead
+    i = self._index[p]
+    return (*tree[:i], tuple(v.astype(x.dtype) for v, x in zip(values, tree[i])),
+            *tree[i + 1:])
+
+
+class _Views(list):
+  """Host views of one state copy (a list that a weak reference can name)."""
 
 
 class Contribution(NamedTuple):
