@@ -279,3 +279,56 @@ def test_async_run_with_a_slow_island_runs_dylu_h_and_stays_fresh(tmp_path, data
   assert 1 <= median_h[2] <= 3, median_h
   assert max(u["staleness"] for u in updates) <= 6, [u["staleness"] for u in updates]
   assert json.load(open(tmp_path / "roles.json"))
+
+
+def test_async_syncer_with_heloco_corrects_each_stale_arrival(tmp_path, data_dir):
+  """``outer.optimizer=heloco`` with ``outer.policy=async``: the syncer's Delayed Nesterov
+  takes each arrival corrected per parameter leaf against its momentum, as the numpy reference
+  of the paper's rule (tests/test_heloco.py) followed by the paper's DN gives; arrivals
+  turned against the momentum make it differ from plain Delayed Nesterov."""
+  from test_heloco import DEFAULTS, _rule  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{**golden.overrides("diloco", data_dir), "launch.mode": "decoupled",
+                          "outer.policy": "async", "outer.optimizer": "heloco",
+                          "outer.hparams_for": "heloco", "outer.learning_rate": 0.7,
+                          "outer.momentum": 0.9, "eval_every": 1000})
+  syncer = syncer_lib.Syncer(config, str(tmp_path), SECRET)
+  for k in (0, 1):
+    _call(syncer, "Join", "join", {"island": k, "fingerprint": syncer.fingerprint})
+  layout = jax.tree.leaves(syncer._sent[0])
+  start = [np.asarray(x, np.float64) for x in syncer._take[0](syncer.server.params)]
+  rng = np.random.default_rng(3)
+  arrivals = []
+  for t in range(6):  # from the 3rd on, every other arrival against the last one
+    payload = [(0.01 * rng.normal(size=a.shape)).astype(a.dtype) for a in layout[:-1]]
+    if t >= 2 and t % 2:
+      payload = [(-2.0 * p + 0.001 * rng.normal(size=p.shape)).astype(p.dtype)
+                 for p in arrivals[-1]]
+    arrivals.append(payload)
+    _call(syncer, "Send", "send", {"island": t % 2, "fragment": 0, "step": 4,
+                                   "version": syncer.version, "data": "", "local_steps": 4},
+          payload + [np.ones(layout[-1].shape, layout[-1].dtype)])
+  lr, beta, n = 0.7, 0.9, 2
+  x, m, buf = start, [np.zeros_like(a) for a in start], [np.zeros_like(a) for a in start]
+  plain = _paper_dn(np.concatenate([a.reshape(-1) for a in start]),
+                    [np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in g])
+                     for g in arrivals], lr, beta, n)[-1]
+  corrected = 0
+  for t, g in enumerate(arrivals, 1):
+    g = [np.asarray(gi, np.float64).reshape(xi.shape) for gi, xi in zip(g, x)]
+    fixed = [_rule(gi, (1 - beta) * mi, **DEFAULTS) for gi, mi in zip(g, m)]
+    corrected += sum(regime in ("anti", "weak") for _, regime in fixed)
+    g = [f for f, _ in fixed]
+    buf = [b + gi for b, gi in zip(buf, g)]
+    if t % n == 0:
+      m = [beta * mi + b / n for mi, b in zip(m, buf)]
+      x = [xi - lr * (beta * mi + gi / n) for xi, mi, gi in zip(x, m, g)]
+      buf = [np.zeros_like(b) for b in buf]
+    else:
+      x = [xi - lr * gi / n for xi, gi in zip(x, g)]
+  got = [np.asarray(a) for a in syncer._take[0](syncer.server.params)]
+  for a, b in zip(got, x):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert corrected > 0
+  flat = np.concatenate([a.reshape(-1) for a in got])
+  assert np.max(np.abs(flat - plain)) > 1e-4  # (not plain Delayed Nesterov)
+  syncer.close()

@@ -84,6 +84,7 @@ from fedjax_lm.decoupled import validate
 from fedjax_lm.engine import links
 from fedjax_lm.engine import stages
 from fedjax_lm.outer import delayed
+from fedjax_lm.outer import heloco
 
 POLICIES = ("sync", "async")
 SEND_SLOTS = 2  # Send calls received and summed at once (bounds the receive buffers)
@@ -242,8 +243,12 @@ class Syncer:
     outer_tx = None
     if self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
       hp = outer.resolved_hparams(config.outer)
-      outer_tx = delayed.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0),
-                                          int(config.outer.delay_every) or self.num)
+      every = int(config.outer.delay_every) or self.num
+      if config.outer.optimizer == "heloco":  # each stale arrival corrected first (HeLoCo)
+        outer_tx = heloco.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0), every,
+                                           **heloco.settings(config.outer))
+      else:
+        outer_tx = delayed.delayed_nesterov(hp["learning_rate"], hp.get("momentum", 0.0), every)
     self.engine = engine.build(single_island_config(config), mesh, model_cfg, outer_tx=outer_tx)
     self.spec, self.schedule = self.engine.spec, self.engine.clock.schedule
     graphdef, abstract = model_lib.build(model_cfg)
