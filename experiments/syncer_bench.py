@@ -176,9 +176,11 @@ def point(args, m: int, s: int, workdir: str) -> dict:
   config = _config(args, m, s)
   layout = Layout(config)
   addresses = [f"127.0.0.1:{launch_lib.free_port()}" for _ in range(s)]
-  env = {**os.environ, "FEDJAX_LM_JOB_SECRET": _SECRET, "JAX_PLATFORMS": "cpu",
-         "PYTHONUNBUFFERED": "1", "FEDJAX_LM_TCMALLOC": os.environ.get("FEDJAX_LM_TCMALLOC",
-                                                                       "0")}
+  from fedjax_lm import cpu  # pylint: disable=import-outside-toplevel
+  env = cpu.process_env({  # as the launcher starts a syncer role
+      **os.environ, "FEDJAX_LM_JOB_SECRET": _SECRET, "JAX_PLATFORMS": "cpu",
+      "PYTHONUNBUFFERED": "1", "FEDJAX_LM_TCMALLOC": os.environ.get("FEDJAX_LM_TCMALLOC", "0")},
+                        server=True)
   kill = dict([args.kill.split("@")]) if args.kill else {}
   argv = [sys.executable, "-m", "experiments.train", "--config", args.config,
           "--workdir", workdir, *(f"--config.{k}={v}" for k, v in _overrides(args, m, s).items()),

@@ -187,6 +187,14 @@ def test_malloc_env_adds_huge_pages_and_keeps_what_the_user_set():
   off = {"FEDJAX_LM_MALLOC_DEFAULTS": "0"}
   assert cpu.malloc_env(off) == off
   assert cpu.malloc_env(off, one_core=True) == off
+  # a server (the syncer): two arenas, unless the user set their own or turned it off
+  assert cpu.malloc_env({}, tcmalloc=None, server=True)["GLIBC_TUNABLES"] == (
+      "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2")
+  assert cpu.malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"}, tcmalloc=None,
+                        server=True)["GLIBC_TUNABLES"] == (
+                            "glibc.malloc.arena_max=8:glibc.malloc.hugetlb=1")
+  assert cpu.malloc_env({"FEDJAX_LM_HEAP_DEFAULTS": "0"}, tcmalloc=None, server=True)[
+      "GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
 def test_malloc_env_preloads_tcmalloc_where_found_unless_off_or_another_allocator():

@@ -63,6 +63,7 @@ class _Roles:
     self.addresses = [f"{host}:{launch_lib.free_port()}" for _ in range(self.shards)]
     self.address = ",".join(self.addresses)
     self.env = _env(wire.new_secret())
+    self.server_env = cpu.process_env(self.env, server=True)  # (the same secret)
     island = lambda k: ["--config.launch.role=island", f"--config.launch.island={k}"]
     shard = lambda s: ["--config.launch.role=syncer", f"--config.launch.syncer_shard={s}"]
     syncers = ({"syncer": shard(0)} if self.shards == 1 else
@@ -95,7 +96,7 @@ class _Roles:
     """The syncer gets the job secret; an island only its own key (it cannot sign as
     another island)."""
     if role.startswith("syncer"):
-      return self.env
+      return self.server_env
     env = {k: v for k, v in self.env.items() if k != wire.ENV_SECRET}
     env[wire.ENV_MEMBER_KEY] = wire.derive(self.env[wire.ENV_SECRET].encode(),
                                            f"island/{int(role[7:])}").decode()
