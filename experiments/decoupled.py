@@ -171,7 +171,10 @@ def crashes(base: str, data_dir: str, steps: int, config: str = "configs/tiny.py
                {k: v for k, v in TINY.items() if k != "inner.learning_rate"}),
             "islands.num": 3, "outer.sync_every": h, "total_steps": steps,
             "eval_every": every, "launch.heartbeat_seconds": 2, "data.data_dir": data_dir,
-            "launch.mode": "decoupled", "mesh.fsdp": 1, "mesh.tensor": 1}
+            "launch.mode": "decoupled", "mesh.fsdp": 1, "mesh.tensor": 1,
+            # each island saves its inner optimizer state every round: a restarted one
+            # resumes it (and its schedule position) instead of a fresh warm-up
+            "checkpoint_every": h}
   train = functools.partial(_train, config=config)
   rows = []
   clean = f"{base}/crash_none"

@@ -45,6 +45,8 @@ def test_two_shard_syncer_with_a_shard_killed_is_the_mesh_axis_run(tmp_path, dat
     assert ("syncer_restored" in [e["event"] for e in events]) == (s == 1), (s, events)
   roles = _no_orphans(tmp_path)
   assert roles["syncer_0"]["restarts"] == 0 and roles["syncer_1"]["restarts"] == 1
+  for k in range(2):  # (a heartbeat thread per shard, ended quietly when the island leaves)
+    assert "Traceback" not in open(tmp_path / "logs" / f"island_{k}.log").read(), k
 
 
 def test_shards_own_whole_fragments_round_robin():

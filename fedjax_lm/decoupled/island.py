@@ -277,6 +277,10 @@ def _heartbeat(config, client, island: int, timing: dict, stop) -> None:
                   deadline=5.0)
     except (channel.SyncerUnreachable, wire.WireError):
       pass
+    except ValueError:  # its channel closed: the island is leaving
+      if stop.is_set():
+        return
+      raise
 
 
 def slowdown_s(compute_s: float, factor: float, pace_s: float = 0.0) -> float:
