@@ -30,28 +30,18 @@ lr: 6e-4``). The pipeline-stage activation routing of the paper is not modelled 
 here). With M = 2 NoLoCo is DiLoCo with the same outer step (``tests/test_noloco.py``).
 """
 
-from fedjax_lm import config_lib
+from configs import shakespeare_diloco
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.algorithm = "islands"
+  c = shakespeare_diloco.get_config()  # (the model, data, steps and evals)
+  c.unlock()
   c.islands.num = 4
   c.outer.gossip = "noloco"
   c.outer.optimizer = "sgd"  # heavy-ball (outer.nesterov False), the authors' outer step
-  c.outer.learning_rate = 0.7
-  c.outer.momentum = 0.5
-  c.outer.hparams_for = "sgd"
-  c.outer.sync_every = 50
-  c.total_steps = 1000
-  c.log_every = 50
-  c.eval_every = 100
-  c.checkpoint_every = 250
+  c.outer.hparams_for = "sgd"  # (lr 0.7, momentum 0.5: the DiLoCo config's, the authors')
   c.data.batch_size = 8
-  c.data.partition = "iid"
-  c.model.mlp_dim = 384
   c.mesh.island = 4
   c.mesh.data = 1
-  c.launch.processes = 4
   c.lock()
   return c
