@@ -17,6 +17,7 @@ from fedjax_lm import engine
 from fedjax_lm import faults
 from fedjax_lm import health
 from fedjax_lm import steps
+from fedjax_lm.decoupled import tokens
 from fedjax_lm.engine.merges import noloco
 from fedjax_lm.outer import heloco
 
@@ -79,6 +80,11 @@ def _islands() -> ml_collections.ConfigDict:
   # join later), and per-island speed factors "1,1,0.25" (emulated slower hardware).
   s.max_num = 0
   s.speed = ""
+  # Decoupled mode, islands of different sizes (fedjax_lm/decoupled/tokens.py): rows per step
+  # of each island "16,8" ("" = data.batch_size each) and devices of each island job "2,1"
+  # ("" = as launched; the local launcher emulates that many CPU devices per island).
+  s.batch_sizes = ""
+  s.devices = ""
   # > 0: every inner step padded to step_seconds / speed of wall time (islands sharing a few
   # cores then run as on their own hardware); 0: compute slowed by 1 / speed.
   s.step_seconds = 0.0
@@ -116,6 +122,9 @@ def _outer() -> ml_collections.ConfigDict:
   # (quorum > 0) when that many have and round_timeout_seconds passed since the first.
   s.policy = "sync"
   s.quorum = 0
+  # How a round's pseudo-gradients merge: mean (DiLoCo) | tokens (each weighted by the tokens
+  # its island processed: Decoupled DiLoCo; policy sync; the same mean for equal islands)
+  s.merge = "mean"
   s.round_timeout_seconds = 0.0
   # async (Liu et al. 2024): each pseudo-gradient applied on arrival through Delayed Nesterov
   # (momentum once per delay_every arrivals; 0 = islands.num), each island's H scaled to its
@@ -287,6 +296,7 @@ def validate(c) -> None:
   _validate_desloc(c)
   engine.validate(c)
   _validate_launch(c)
+  tokens.validate(c)
   faults.validate(c)
 
 

@@ -11,6 +11,8 @@ and no code from the engine or optax. Every step names the stage of
            step count carry over from round to round)
         3. delta_i = theta^{t-1} - theta_i              the pseudo-gradient      encode
       4. delta = mean_i delta_i                          all-reduce               reduce
+         (weighted: sum_i w_i delta_i / sum_i w_i, w_i the tokens replica i processed:
+         Decoupled DiLoCo's token-weighted merge, arXiv 2604.21428; the decoupled syncer)
       5. theta^t = OuterOpt(theta^{t-1}, delta)          Nesterov momentum SGD    outer_step
 
 The inner AdamW is ``steps.inner_optimizer``'s: learning rate warmed up linearly from 0 then
@@ -76,11 +78,18 @@ def adamw_step(h: AdamW, k: int, params: dict, grads: dict, mu: dict, nu: dict):
 
 
 def diloco(loss_fn: Callable, params: dict, batches: Any, *, H: int, inner: AdamW,
-           outer_lr: float = 0.7, outer_momentum: float = 0.9) -> tuple[dict, jax.Array]:
+           outer_lr: float = 0.7, outer_momentum: float = 0.9,
+           weights: Any = None) -> tuple[dict, jax.Array]:
   """DiLoCo over ``batches`` (leaves ``[M, steps, ...]``: replica i's step-k batch at
-  ``[i, k]``) from ``params`` (a dict); ``loss_fn(params, batch)``. Returns the global params
-  after the last outer step and every inner step's loss, ``[steps, M]``."""
-  num, total = jax.tree.leaves(batches)[0].shape[:2]
+  ``[i, k]``; or a list, replica i's batches with leaves ``[steps, ...]``, so replicas may
+  differ in batch size) from ``params`` (a dict); ``loss_fn(params, batch)``. ``weights``:
+  replica i's weight in step 4 (None: the plain mean). Returns the global params after the
+  last outer step and every inner step's loss, ``[steps, M]``."""
+  if not isinstance(batches, (list, tuple)):
+    batches = [jax.tree.map(lambda b, i=i: b[i], batches)
+               for i in range(jax.tree.leaves(batches)[0].shape[0])]
+  num, total = len(batches), jax.tree.leaves(batches[0])[0].shape[0]
+  weights = [1.0] * num if weights is None else [float(w) for w in weights]
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   zeros = lambda: jax.tree.map(jnp.zeros_like, params)
   theta, momentum = params, zeros()
@@ -91,12 +100,13 @@ def diloco(loss_fn: Callable, params: dict, batches: Any, *, H: int, inner: Adam
     for i in range(num):  # replica i
       theta_i, (mu, nu) = theta, moments[i]  # 1. copy the global params
       for k in range(start, min(start + H, total)):  # 2. inner AdamW steps on its own shard
-        loss, grads = grad_fn(theta_i, jax.tree.map(lambda b: b[i, k], batches))
+        loss, grads = grad_fn(theta_i, jax.tree.map(lambda b: b[k], batches[i]))
         theta_i, mu, nu = adamw_step(inner, k, theta_i, grads, mu, nu)
         losses[i].append(loss)
       moments[i] = (mu, nu)
       deltas.append(jax.tree.map(jnp.subtract, theta, theta_i))  # 3. pseudo-gradient
-    delta = jax.tree.map(lambda *d: sum(d) / num, *deltas)  # 4. all-reduce: the mean
+    delta = jax.tree.map(  # 4. all-reduce: the (weighted) mean
+        lambda *d: sum(w * x for w, x in zip(weights, d)) / sum(weights), *deltas)
     momentum = jax.tree.map(lambda m, d: d + outer_momentum * m, momentum, delta)  # 5. Nesterov
     theta = jax.tree.map(lambda x, d, m: x - outer_lr * (d + outer_momentum * m),
                          theta, delta, momentum)

@@ -49,6 +49,7 @@ from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import syncer as syncer_lib
+from fedjax_lm.decoupled import tokens
 from fedjax_lm.engine import clock as clock_lib
 from fedjax_lm.engine import merges
 
@@ -80,7 +81,12 @@ def build(config, clients) -> Job:
     raise ValueError(f"launch.island={k} must be in [0, {parts}) (islands.max_num or "
                      "islands.num data partitions)")
   one = syncer_lib.island_config(config)
+  one.data.batch_size = tokens.batch_sizes(config)[k]  # islands.batch_sizes: its own rows
   mesh = mesh_lib.make_mesh(dict(one.mesh))
+  want = tokens.devices(config)
+  if want is not None and mesh.devices.size != want[k]:
+    raise ValueError(f"island {k}: islands.devices={config.islands.devices!r} gives it "
+                     f"{want[k]} devices, its mesh has {mesh.devices.size}")
   batches = input_lib.TrainBatches(one.data, mesh, num_islands=1, seed=int(config.seed),
                                    tokenizer=data_lib.get_tokenizer(config.data.tokenizer),
                                    part=(k, parts))

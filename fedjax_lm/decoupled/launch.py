@@ -27,6 +27,7 @@ from fedjax_lm import cpu
 from fedjax_lm import health
 from fedjax_lm import launch as launch_lib
 from fedjax_lm import wire
+from fedjax_lm.decoupled import tokens
 
 
 def _env(secret: str) -> dict:
@@ -75,6 +76,7 @@ class _Roles:
     self.args.update({role: island(role[7:]) for role in self.joins})
     self.argv = [*argv, f"--config.launch.syncer={self.address}"]
     self.max_restarts = int(os.environ.get("FEDJAX_LM_DECOUPLED_RESTARTS", "3"))
+    self.devices = tokens.devices(config)
     self.procs, self.restarts, self.finished = {}, {r: 0 for r in self.args}, set()
 
   def start(self, role: str) -> None:
@@ -100,6 +102,9 @@ class _Roles:
     env = {k: v for k, v in self.env.items() if k != wire.ENV_SECRET}
     env[wire.ENV_MEMBER_KEY] = wire.derive(self.env[wire.ENV_SECRET].encode(),
                                            f"island/{int(role[7:])}").decode()
+    if self.devices is not None:  # islands.devices: this island's CPU devices
+      env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                          f"{cpu.DEVICE_COUNT_FLAG}={self.devices[int(role[7:])]}").strip()
     return env
 
   def start_joiners(self) -> None:

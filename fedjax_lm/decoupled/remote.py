@@ -128,6 +128,7 @@ class RemoteLink:
   def start(self, sent: Any, fragment: int, step: int, gathered: Any = None) -> Ticket:
     del gathered
     arrays = [host_view(x) for x in jax.tree.leaves(sent)]
+    arrays[-1] = arrays[-1][:, :1]  # the weight: one copy (each of the island's devices holds one)
     step = min(int(step), self.total)
     meta = {"island": self.island, "fragment": int(fragment), "step": step,
             "data": self.position(), "version": self.version,

@@ -80,6 +80,7 @@ from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
 from fedjax_lm.decoupled import remote
+from fedjax_lm.decoupled import tokens
 from fedjax_lm.decoupled import validate
 from fedjax_lm.engine import links
 from fedjax_lm.engine import stages
@@ -159,6 +160,7 @@ class _Round:
   total: Any = None  # sum of the decoded payloads (fragment leaves, on the device)
   kept: Any = None  # codecs with a support: per coordinate, how many sending islands kept it
   count: int = 0  # contributions with weight > 0
+  weight: float = 0.0  # outer.merge=tokens: the sum of their islands' merge weights
   masked: bool = False  # an island reported a non-finite pseudo-gradient (weight < 0)
   senders: dict = dataclasses.field(default_factory=dict)  # island -> data position
 
@@ -214,6 +216,11 @@ class Syncer:
     self.told: dict[int, int] = {}  # async: island -> the H it was told at its last pull
     self.norms = validate.NormGate(float(config.launch.norm_bound),
                                    int(config.launch.norm_window))
+    # outer.merge=tokens: island -> its tokens per round relative to the smallest island's
+    # (equal islands weigh 1 each: exactly the mean); None: the mean
+    tokens_per_round = tokens.weights(config)
+    self.merge_weights = (None if tokens_per_round is None else
+                          [t / min(tokens_per_round) for t in tokens_per_round])
     # sharded: a shard s > 0 keeps its fragments as each eval step left them until the lead
     # shard (0), which evaluates the whole model, fetched them (step -> host leaves)
     self.stashed: dict[int, list] = {}
@@ -233,6 +240,8 @@ class Syncer:
     self._pending_evals: list[concurrent.futures.Future] = []
     if not self._restore():
       self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
+    if tokens_per_round is not None:
+      self._log("merge_weights", tokens_per_round=tokens_per_round, weights=self.merge_weights)
 
   def _build_programs(self, config) -> None:
     """The island's engine (M = 1, outer step on receipt) on this process's first device:
@@ -277,6 +286,7 @@ class Syncer:
     one = dataclasses.replace(self.spec, num=1)
     self._contribution = [jax.jit(functools.partial(contribution, one, p)) for p in frags]
     self._add = jax.jit(accumulate, donate_argnums=(0, 1))
+    self._weigh = jax.jit(weigh)
     self._mean = jax.jit(finish)
     self._outer = [jax.jit(functools.partial(stages.receive, self.server_spec, p),
                            donate_argnums=0, out_shardings=shardings)
@@ -460,7 +470,10 @@ class Syncer:
 
   # ------------------------------------------------------------------ rounds
   def _check_payload(self, p: int, arrays: list) -> None:
+    """The payload's leaves as this run's encode lays them out, then the weight ``[1, 1]``
+    (one copy: islands of any device count send one)."""
     expected = jax.tree.leaves(self._sent[p])
+    expected[-1] = jax.ShapeDtypeStruct((1, 1), expected[-1].dtype)
     if len(arrays) != len(expected):
       raise wire.WireError(f"fragment {p}: {len(arrays)} arrays, expected {len(expected)}")
     for a, e in zip(arrays, expected):
@@ -565,10 +578,16 @@ class Syncer:
     """Adds an accepted contribution to its round's running sum (arrival order) and records
     its data position and payload bytes (none for an absent island: as in the mesh-axis
     accounting, its zeros still travel here, the round must hear from it)."""
+    decoded, kept = one.decoded, one.kept
+    if self.merge_weights is not None and one.count > 0:  # outer.merge=tokens
+      w = self.merge_weights[island]
+      rnd.weight += w
+      if w != 1.0:
+        decoded, kept = self._weigh(decoded, kept, np.float32(w))
     if rnd.total is None:
-      rnd.total, rnd.kept = one.decoded, one.kept
+      rnd.total, rnd.kept = decoded, kept
     else:
-      rnd.total, rnd.kept = self._add(rnd.total, rnd.kept, one.decoded, one.kept)
+      rnd.total, rnd.kept = self._add(rnd.total, rnd.kept, decoded, kept)
     rnd.count += int(one.count)
     rnd.masked |= bool(one.masked)
     rnd.senders[island] = position
@@ -631,7 +650,8 @@ class Syncer:
     """The round's mean (its running sum over the islands that sent), the same outer-step
     program the islands run on it, and the mean kept for the islands' receives (the last two
     rounds: with ``outer.delay`` an island asks for round r - 1 after round r may close)."""
-    reduced = self._mean(rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked))
+    reduced = self._mean(rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked),
+                         np.float32(rnd.count if self.merge_weights is None else rnd.weight))
     self.server = self._outer[p](self.server, reduced)
     kept = self.after_round[p]
     kept[step] = _Closed(self.closed[p], [remote.host_view(x) for x in (
@@ -666,7 +686,8 @@ class Syncer:
     rnd = _Round(time.time())
     self._add_to(rnd, one, island, meta.get("data", ""), arrays)
     self.server = self._outer[p](self.server, self._mean(
-        rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked)))
+        rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked),
+        np.float32(rnd.count)))
     self.data_positions.update({str(k): v for k, v in rnd.senders.items() if v})
     self.applied_steps[str(island)] = self.applied_steps.get(str(island), 0) + local_steps
     self.version += 1
@@ -942,13 +963,21 @@ def accumulate(total: tuple, kept: Any, decoded: tuple, more: Any) -> tuple:
           jax.tree.map(lambda a, b: a + b, kept, more))
 
 
-def finish(total: tuple, kept: Any, count: jax.Array, masked: jax.Array) -> stages.Reduced:
-  """The round's mean: the sum over the islands that sent / their number (with a support: per
-  coordinate, / the islands that kept it), as the mesh-axis reduce computes it."""
+def weigh(decoded: tuple, kept: Any, weight: jax.Array) -> tuple:
+  """A contribution scaled by its island's merge weight (``outer.merge=tokens``), its
+  support counts too: the round's sum is then sum_k w_k delta_k."""
+  return (tuple(x * weight for x in decoded), jax.tree.map(lambda k: k * weight, kept))
+
+
+def finish(total: tuple, kept: Any, count: jax.Array, masked: jax.Array,
+           denominator: jax.Array) -> stages.Reduced:
+  """The round's mean: the sum over the islands that sent / ``denominator`` (their number,
+  as the mesh-axis reduce computes it; ``outer.merge=tokens``: the sum of their weights), with
+  a support per coordinate / the islands (weights) that kept it."""
   if kept:
     mean = tuple(x / jnp.maximum(k, 1.0) for x, k in zip(total, kept))
   else:
-    mean = tuple(x / jnp.maximum(count, 1.0) for x in total)
+    mean = tuple(x / jnp.maximum(denominator, 1.0) for x in total)
   return stages.Reduced(mean, count, masked)
 
 
