@@ -182,3 +182,16 @@ def test_islands_of_different_devices_and_batches_are_the_weighted_reference(tmp
   np.testing.assert_allclose(got, _reference_losses(config, batches, [2.0, 1.0]), rtol=2e-5)
   unweighted = _reference_losses(config, batches, None)
   assert not np.allclose(got[4:], unweighted[4:], rtol=1e-4)  # the weights matter
+
+
+def test_the_study_s_runs_are_decoupled_islands_of_the_sizes_named():
+  """experiments/studies/tokens: each row's overrides make a valid decoupled config whose
+  islands have the rows, devices and merge the row names, at the quick DiLoCo row's size."""
+  from experiments.bench import suites  # pylint: disable=g-import-not-at-top
+  from experiments.studies.tokens import run  # pylint: disable=g-import-not-at-top
+  for _, sizes, devices, merge in run.ROWS:
+    config = suites._config(run.overrides(sizes, devices, merge, 1))  # pylint: disable=protected-access
+    config_lib.validate(config)
+    assert tokens.batch_sizes(config) == [int(x) for x in sizes.split(",")]
+    assert tokens.devices(config) == [int(x) for x in devices.split(",")]
+    assert (config.outer.merge, int(config.seed), int(config.outer.sync_every)) == (merge, 1, 50)
