@@ -19,6 +19,7 @@ from fedjax_lm import health
 from fedjax_lm import steps
 from fedjax_lm.decoupled import tokens
 from fedjax_lm.engine.merges import noloco
+from fedjax_lm.outer import halos
 from fedjax_lm.outer import heloco
 
 PARTITIONS = ("iid", "by_play", "by_genre")
@@ -172,6 +173,22 @@ def _outer() -> ml_collections.ConfigDict:
   s.heloco_k_d = 0.5
   s.heloco_kappa = 1.0
   s.heloco_eps = 1e-8
+  # HALoS (Kim et al. 2025, fedjax_lm/outer/halos.py): outer.halos_regions = R > 0 groups the M
+  # islands into R regions, each with a local parameter server (Delayed Nesterov halos_local_*),
+  # under a global one (halos_global_*); a region sends its progress every halos_k arrivals and
+  # merges the global params back with weight halos_alpha. Runs on a timing model
+  # (python -m experiments.halos: islands.step_seconds, islands.speed, halos_wan_seconds one
+  # way); the defaults are the authors' run script's.
+  s.halos_regions = 0
+  s.halos_k = 32
+  s.halos_alpha = 0.25
+  s.halos_local_lr = 3.2
+  s.halos_local_momentum = 0.9
+  s.halos_local_every = 16
+  s.halos_global_lr = 0.3
+  s.halos_global_momentum = 0.5
+  s.halos_global_every = 2
+  s.halos_wan_seconds = 0.0
   return s
 
 
@@ -294,6 +311,7 @@ def validate(c) -> None:
   _validate_training(c)
   _validate_noloco(c)
   _validate_desloc(c)
+  _validate_halos(c)
   engine.validate(c)
   _validate_launch(c)
   tokens.validate(c)
@@ -421,6 +439,14 @@ def _loopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
   except ValueError:
     return False
+
+
+def _validate_halos(c) -> None:
+  """outer.halos_*: the settings, checked whenever HALoS's tiers are on."""
+  if int(c.outer.halos_regions):
+    _check(c.algorithm == "islands", "outer.halos_regions needs algorithm=islands")
+    bad = halos.check(halos.Settings.from_config(c.outer), int(c.islands.num))
+    _check(bad is None, str(bad))
 
 
 def _validate_decoupled(c) -> None:

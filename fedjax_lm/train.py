@@ -206,6 +206,9 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   ``devices`` defaults to all devices of the job; ``outer_tx`` (any optax transform) replaces
   the outer optimizer named by ``config.outer``."""
   config_lib.validate(config)
+  if int(config.outer.halos_regions):
+    raise ValueError(f"outer.halos_regions={config.outer.halos_regions}: HALoS's tiers run on a "
+                     "timing model, `python -m experiments.halos --config ...`, not in this loop")
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   model_cfg = model_lib.ModelConfig.from_config(config.model)
