@@ -151,6 +151,9 @@ def _outer() -> ml_collections.ConfigDict:
   s.demo_topk = 8
   s.demo_2d = True
   s.demo_sign = True  # 1 bit per kept coefficient, decoded +-1 (needs optimizer=sign_sgd)
+  # mean: of the decoded payloads over the islands that sent | selected: each DCT coefficient
+  # over the islands that kept it (the authors' scatter-mean; mesh-axis mode)
+  s.demo_aggregate = "mean"
   s.error_feedback = 0.0  # beta: e <- beta e + delta; 0 = off
   # NoLoCo (Kolehmainen et al. 2025, fedjax_lm/engine/merges/noloco.py): none | noloco (no
   # all-reduce: each outer step every island averages with one random peer and steps its own
@@ -342,6 +345,12 @@ def _validate_training(c) -> None:
          c.outer.optimizer == "sign_sgd",
          f"outer.demo_sign=True decodes kept coefficients as +-1 (no scale): it needs "
          f"outer.optimizer=sign_sgd, not {c.outer.optimizer!r}")
+  _check(c.outer.demo_aggregate in ("mean", "selected"),
+         f"outer.demo_aggregate={c.outer.demo_aggregate!r}: expected mean or selected")
+  _check(c.outer.compression != "demo" or c.outer.demo_aggregate == "mean" or
+         c.launch.mode != "decoupled",
+         "outer.demo_aggregate=selected needs the mesh-axis exchange (the decoupled syncer "
+         "sums decoded payloads); use launch.mode local / cluster / none")
   _check(float(c.inner.grad_clip) >= 0, f"inner.grad_clip={c.inner.grad_clip} must be >= 0")
   bad_heloco = heloco.check(heloco.settings(c.outer))
   _check(bad_heloco is None, bad_heloco)

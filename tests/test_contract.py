@@ -60,6 +60,11 @@ VARIANTS = {
     "demo": Variant({"outer.compression": "demo", "outer.demo_chunk": 8, "outer.demo_topk": 8,
                      "outer.error_feedback": 0.999, "outer.optimizer": "sign_sgd",
                      "outer.learning_rate": 1e-3}, None),
+    # ... with the paper's per-coefficient average (nothing more crosses)
+    "demo_selected": Variant({"outer.compression": "demo", "outer.demo_chunk": 8,
+                              "outer.demo_topk": 8, "outer.error_feedback": 0.999,
+                              "outer.optimizer": "sign_sgd", "outer.learning_rate": 1e-3,
+                              "outer.demo_aggregate": "selected"}, None),
     # DES-LOC: moments averaged every 2 (mu) / 3 (nu) steps; a no-op with one island
     "desloc": Variant({"outer.desloc_mu_every": 2, "outer.desloc_nu_every": 3}, "plain"),
     # NoLoCo: one peer per sync by ppermute; at M = 1 the island is its own peer (DiLoCo)

@@ -138,17 +138,21 @@ def _demo(s, k, two_d, sign, beta, lr):
           "outer.hparams_for": "sign_sgd"}
 
 
-@pytest.mark.parametrize("m,every,s,k,two_d,sign,beta", [
-    (1, 1, 8, 8, True, True, 0.999),    # Psyche's form (8 x 8 tiles), DeMo's every-step sync
-    (2, 1, 8, 8, True, True, 0.999),
-    (2, 2, 16, 4, False, False, 0.9),   # 1-D chunks, float32 values, H = 2
-    (2, 1, 16, 4, False, True, 0.0),    # beta = 0: no memory
+@pytest.mark.parametrize("m,every,s,k,two_d,sign,beta,selected", [
+    (1, 1, 8, 8, True, True, 0.999, False),    # Psyche's form (8 x 8 tiles), DeMo's every step
+    (2, 1, 8, 8, True, True, 0.999, False),
+    (2, 2, 16, 4, False, False, 0.9, False),   # 1-D chunks, float32 values, H = 2
+    (2, 1, 16, 4, False, True, 0.0, False),    # beta = 0: no memory
+    # outer.demo_aggregate=selected: the paper's per-coefficient average at M = 2 and 3
+    (2, 1, 8, 8, True, True, 0.999, True),
+    (3, 2, 16, 4, False, False, 0.9, True),
 ])
-def test_demo_matches_numpy_reference(m, every, s, k, two_d, sign, beta):
+def test_demo_matches_numpy_reference(m, every, s, k, two_d, sign, beta, selected):
   """M workers, 3072 parameters in two leaves, 4 rounds: the global params, each worker's
-  momentum (error-feedback residual) and the bytes sent. At M = 1 the reference is the paper's
-  Synchronize (each coefficient averaged over the workers that kept it); at M = 2 the engine's
-  mean over the islands that sent (``fedjax_lm/codecs/demo.py``: Aggregation). Signum moves each
+  momentum (error-feedback residual) and the bytes sent. At M = 1, and with
+  ``outer.demo_aggregate=selected``, the reference is the paper's Synchronize (each coefficient
+  averaged over the workers that kept it); else the engine's mean over the islands that sent
+  (``fedjax_lm/codecs/demo.py``: Aggregation); the bytes are the same either way. Signum moves each
   coordinate by exactly +-lr, so a sign flipped by float32 rounding would show as a 2 lr
   error: the reference asserts every round's nonzero |Q| is far above float32 rounding (seed 7
   is one where it is)."""
@@ -156,12 +160,18 @@ def test_demo_matches_numpy_reference(m, every, s, k, two_d, sign, beta):
   y = _problem(m)
   x, delta, qs = _reference(y.astype(np.float64), lr_in=0.5, every=every, rounds=rounds, s=s,
                             k=k, two_d=two_d, sign=sign, beta=beta, lr=lr,
-                            aggregate="duplicates" if m == 1 else "mean")
+                            aggregate="duplicates" if m == 1 or selected else "mean")
   for q in qs:  # well posed: no sign decided by rounding (float32's is ~1e-7 of the block's max)
     per_block = np.abs(q).reshape(-1, s * s if two_d else s)
     ratio = per_block / np.maximum(per_block.max(axis=1, keepdims=True), 1e-30)
     assert ratio[per_block != 0].min() > 1e-5
-  alg, state = _engine_run(y, _demo(s, k, two_d, sign, beta, lr), every=every, rounds=rounds)
+  over = {**_demo(s, k, two_d, sign, beta, lr),
+          "outer.demo_aggregate": "selected" if selected else "mean"}
+  alg, state = _engine_run(y, over, every=every, rounds=rounds)
+  if selected:  # the paper's average differs from the mean here: the test can tell them apart
+    _, _, mean_qs = _reference(y.astype(np.float64), lr_in=0.5, every=every, rounds=rounds, s=s,
+                               k=k, two_d=two_d, sign=sign, beta=beta, lr=lr, aggregate="mean")
+    assert not all(np.allclose(np.sign(a), np.sign(b)) for a, b in zip(qs, mean_qs))
   np.testing.assert_allclose(_flat(state.server.params), x, rtol=0, atol=1e-6)
   if beta > 0:
     np.testing.assert_allclose(_flat(state.islands.codec.residual, lead=m), delta, rtol=1e-4,

@@ -94,6 +94,8 @@ def _key(run: dict, suite: str = "quick") -> str:
     if c.outer.compression == "demo":
       out["outer"].update({k: c.outer[k] for k in (
           "demo_chunk", "demo_topk", "demo_2d", "demo_sign")})
+      if c.outer.demo_aggregate != "mean":  # (keys recorded before it stay)
+        out["outer"]["demo_aggregate"] = c.outer.demo_aggregate
     if c.outer.desloc_mu_every or c.outer.desloc_nu_every:
       out["outer"].update({k: int(c.outer[k]) for k in ("desloc_mu_every", "desloc_nu_every")})
     if c.outer.optimizer == "heloco":

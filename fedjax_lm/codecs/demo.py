@@ -33,13 +33,15 @@ kept coefficient is +-1, so the exchanged mean is scale-free and is meant for th
 kept coefficients at full precision (:meth:`DeMo.removed`; Psyche subtracts its own unquantized
 result, not the 1-bit one).
 
-**Aggregation.** The engine averages the decoded payloads over the islands that sent (IDCT is
-linear: the IDCT of the mean of the coefficients). The authors' code (``scatter_reduce(...,
-"mean", include_self=False)`` over every worker's indices and values, DeMo's and Psyche's alike)
-averages each coefficient over the workers that kept it. The two agree at M = 1 and on
-coefficients that every island or no island kept; elsewhere the paper's divides by fewer. There
-is no ``support`` here: the selected form needs the count per *coefficient*, before the inverse
-transform, which the exchange (a mean of decoded, dense payloads) does not see.
+**Aggregation** (``outer.demo_aggregate``). ``mean``: the engine averages the decoded payloads
+over the islands that sent (IDCT is linear: the IDCT of the mean of the coefficients).
+``selected``: the authors' code (``scatter_reduce(..., "mean", include_self=False)`` over every
+worker's indices and values, DeMo's and Psyche's alike) averages each coefficient over the
+workers that kept it, then inverts once (:meth:`DeMo.aggregate`, which the exchange calls on
+the gathered payloads: the count per coefficient comes from the gathered indices, so nothing
+more crosses). The two agree at M = 1 and on coefficients that every island or no island
+kept; elsewhere ``selected`` divides by fewer. ``selected`` needs the mesh-axis exchange (the
+decoupled syncer sums decoded payloads).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class DeMo:
   topk: int = 8
   two_d: bool = True
   sign: bool = True
+  selected: bool = False  # outer.demo_aggregate=selected: per coefficient (:meth:`aggregate`)
 
   support = None  # see "Aggregation" in the module docstring
 
@@ -92,9 +95,15 @@ class DeMo:
     return jnp.uint8 if self.block < 1 << 8 else jnp.uint16
 
   @property
+  def aggregates(self) -> bool:
+    """The exchange averages through :meth:`aggregate`, not the decoded payloads' mean."""
+    return self.selected
+
+  @property
   def name(self) -> str:
     shape = f"{self.chunk}x{self.chunk}" if self.two_d else f"{self.chunk}"
-    return f"demo{self.topk}/{shape}@{'1b' if self.sign else '32b'}"
+    return (f"demo{self.topk}/{shape}@{'1b' if self.sign else '32b'}" +
+            ("/sel" if self.selected else ""))
 
   # ---------------------------------------------------------------- the transform
   def _forward(self, x: jax.Array) -> jax.Array:
@@ -140,14 +149,25 @@ class DeMo:
     out["signs"] = bits_lib.pack_bits(neg, 1)
     return out
 
-  def decode(self, p: dict) -> jax.Array:
-    idx = p["indices"]
+  def _values(self, p: dict) -> jax.Array:
     if self.sign:
       neg = bits_lib.unpack_bits(p["signs"], 1)[:, :self.topk]
-      vals = 1.0 - 2.0 * neg.astype(jnp.float32)
-    else:
-      vals = p["values"]
-    return self._inverse(self._scatter(idx, vals))
+      return 1.0 - 2.0 * neg.astype(jnp.float32)
+    return p["values"]
+
+  def decode(self, p: dict) -> jax.Array:
+    return self._inverse(self._scatter(p["indices"], self._values(p)))
+
+  def aggregate(self, p: dict, sent: jax.Array) -> jax.Array:
+    """The islands' payloads (leaves ``[M, ...]``) -> the flat average: each coefficient
+    averaged over the islands in ``sent`` (``[M]`` bool) that kept it (0 where none did), then
+    one inverse transform."""
+    ok = sent.astype(jnp.float32)[:, None, None]
+    total = jnp.sum(jax.vmap(lambda q: self._scatter(q["indices"], self._values(q)))(p) * ok,
+                    axis=0)
+    count = jnp.sum(jax.vmap(lambda q: self._scatter(
+        q["indices"], jnp.ones(q["indices"].shape, jnp.float32)))(p) * ok, axis=0)
+    return self._inverse(total / jnp.maximum(count, 1.0))
 
   def removed(self, x: jax.Array, p: dict) -> jax.Array:
     """What error feedback takes out of ``x`` (the vector ``p`` encodes): its kept coefficients
@@ -168,5 +188,8 @@ def from_config(cfg) -> DeMo:
   if cfg.stochastic_rounding:
     raise ValueError("outer.stochastic_rounding=True is not available with "
                      "outer.compression=demo (its codes are deterministic)")
-  return DeMo(chunk, topk, bool(cfg.demo_2d), bool(cfg.demo_sign))
+  aggregate = cfg.get("demo_aggregate", "mean")
+  if aggregate not in ("mean", "selected"):
+    raise ValueError(f"outer.demo_aggregate={aggregate!r}: expected mean or selected")
+  return DeMo(chunk, topk, bool(cfg.demo_2d), bool(cfg.demo_sign), aggregate == "selected")
 

@@ -180,6 +180,8 @@ def exchange(codec: Any, payload: dict, weights: jax.Array, mesh: Any, link: Any
 
   def local(shard, w):
     shard = jax.tree.map(link.gather, shard)
+    if getattr(codec, "aggregates", False):  # the codec averages its own payloads (DeMo's)
+      return codec.aggregate(shard, w > 0)
     decoded = jnp.where((w > 0)[:, None], jax.vmap(codec.decode)(shard), 0.0)
     if support is not None:
       kept = jnp.sum(jnp.where((w > 0)[:, None], jax.vmap(support)(shard), 0.0), axis=0)
