@@ -38,6 +38,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--modes", nargs="+", default=["sync", "async", "halos"])
   parser.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+  parser.add_argument("--equal", choices=("tokens", "time"), default="tokens",
+                      help="tokens: every mode runs islands.num x total_steps inner steps; "
+                      "time: sync runs those, the others until sync's simulated time")
   parser.add_argument("--out", default=None, help="write the table (and results.json) here")
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top  (JAX after the arguments are read)
@@ -49,9 +52,12 @@ def main(argv: list[str]) -> int:
     overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     config = step_lib.load_config(args.config, {**overrides, "seed": seed})
     config_lib.validate(config)
-    for mode in args.modes:
+    limit = None
+    for mode in sorted(args.modes, key=lambda m: m != "sync"):  # sync first: its time
       start = time.time()
-      result = hierarchy.run(config, mode)
+      result = hierarchy.run(config, mode, max_time=limit)
+      if mode == "sync" and args.equal == "time":
+        limit = result.time
       rows.append({"seed": seed, "mode": mode, "eval_loss": result.evals[-1]["eval_loss"],
                    "time": result.time, "wan_messages": result.wan_messages,
                    "steps": result.steps, "evals": result.evals, "wall_s": time.time() - start})
@@ -69,9 +75,9 @@ def main(argv: list[str]) -> int:
 
 
 def _table(rows: list[dict], args) -> str:
-  lines = ["| seed | mode | final eval | ÷ sync | simulated time to the end | ÷ sync | "
-           "time to sync's final loss | speed-up | WAN messages |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| seed | mode | inner steps | final eval | ÷ sync | simulated time to the end | "
+           "÷ sync | time to sync's final loss | speed-up | WAN messages |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for seed in args.seeds:
     mine = {r["mode"]: r for r in rows if r["seed"] == seed}
     sync = mine.get("sync")
@@ -84,7 +90,8 @@ def _table(rows: list[dict], args) -> str:
                (f"{reach:.0f} | {sync['time'] / reach:.2f}×" if reach else "not reached | —"))
       else:
         rel = f" | {r['time']:.0f} | | | "
-      lines.append(f"| {seed} | {mode} | {r['eval_loss']:.4f} | {rel} | {r['wan_messages']} |")
+      lines.append(f"| {seed} | {mode} | {r['steps']} | {r['eval_loss']:.4f} | {rel} | "
+                   f"{r['wan_messages']} |")
   return "\n".join(lines)
 
 

@@ -58,11 +58,12 @@ def _sub(a, b):
 class _Workers:
   """The workers' inner state and phases (H inner steps from a start, pseudo-gradient out)."""
 
-  def __init__(self, num, params, init_opt, train_step, next_batch, budget, h):
+  def __init__(self, num, params, init_opt, train_step, next_batch, budget, h, max_time):
     self.opt = [init_opt(params) for _ in range(num)]
     self.losses = [[] for _ in range(num)]
     self.next_batch = next_batch
     self.budget, self.h, self.started = int(budget), int(h), 0
+    self.max_time = float("inf") if max_time is None else float(max_time)
 
     def run(p, o, batches):  # the phase's steps as one program (one dispatch a phase)
       def body(carry, batch):
@@ -72,10 +73,11 @@ class _Workers:
       return p, o, losses
     self._run = jax.jit(run)
 
-  def phase(self, w: int, start: Any) -> tuple[Any, int] | None:
-    """Worker w's next phase from ``start``: (delta = start - end, steps), None past budget."""
+  def phase(self, w: int, start: Any, t: float) -> tuple[Any, int] | None:
+    """Worker w's next phase from ``start`` at time ``t``: (delta = start - end, steps), None
+    past the budget or the time limit."""
     n = min(self.h, self.budget - self.started)
-    if n <= 0:
+    if n <= 0 or t >= self.max_time:
       return None
     self.started += n
     batches = jax.tree.map(lambda *b: jnp.stack(b), *(self.next_batch(w) for _ in range(n)))
@@ -89,17 +91,20 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
              step_seconds: float = 1.0, speeds: list[float] | None = None,
              settings: halos.Settings | None = None,
              outer_tx: optax.GradientTransformation | None = None,
-             evaluate: Callable | None = None, eval_every: int = 0) -> Result:
+             evaluate: Callable | None = None, eval_every: int = 0,
+             max_time: float | None = None) -> Result:
   """Runs ``mode`` (``halos`` | ``async`` | ``sync``) with ``num`` workers of ``h`` inner
   steps a phase from ``params``. ``train_step(params, opt, batch) -> (params, opt, loss, ok)``;
   ``next_batch(w)``; ``budget``: inner steps of all workers together. ``outer_tx``: the GPS's
   optimizer for ``async`` / ``sync`` (``halos`` takes both tiers' from ``settings``).
-  ``evaluate(params) -> dict`` at every ``eval_every`` inner steps of all workers and at the end."""
+  ``evaluate(params) -> dict`` at every ``eval_every`` inner steps of all workers and at the end.
+  ``max_time``: no phase starts at or after this simulated time (with ``budget`` large: the
+  runs compare at equal time, not equal tokens)."""
   if mode not in halos.MODES:
     raise ValueError(f"mode={mode!r}: expected one of {halos.MODES}")
   speeds = list(speeds or [1.0] * num)
   wan = settings.wan_seconds if settings is not None else 0.0
-  workers = _Workers(num, params, init_opt, train_step, next_batch, budget, h)
+  workers = _Workers(num, params, init_opt, train_step, next_batch, budget, h, max_time)
   duration = lambda w, n: n * step_seconds / speeds[w]
   evals, done_steps, next_eval, messages = [], 0, eval_every or budget + 1, 0
   gtx = settings.global_tx() if mode == "halos" else outer_tx
@@ -116,7 +121,7 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
   if mode == "sync":
     gps_opt, t, end = gtx.init(params), 0.0, 0.0
     while True:
-      out = [workers.phase(w, gps) for w in range(num)]
+      out = [workers.phase(w, gps, t) for w in range(num)]
       if any(o is None for o in out):
         break
       mean = jax.tree.map(lambda *d: sum(d) / num, *(d for d, _ in out))
@@ -133,7 +138,7 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
   push = lambda t, kind, data: heapq.heappush(heap, (t, next(seq), kind, data))
 
   def start(w, from_params, t):
-    out = workers.phase(w, from_params)
+    out = workers.phase(w, from_params, t)
     if out is not None:
       push(t + duration(w, out[1]), "done", (w, *out))
 
@@ -213,11 +218,13 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
   return Result(gps, workers.losses, evals, end, messages, workers.started)
 
 
-def run(config, mode: str, evaluate_every: int | None = None) -> Result:
+def run(config, mode: str, evaluate_every: int | None = None,
+        max_time: float | None = None) -> Result:
   """``simulate`` on the transformer LM of ``config``: ``islands.num`` workers of
   ``outer.sync_every`` steps, ``data.batch_size`` rows each (worker w reads partition w), the
   inner optimizer and learning-rate schedule of ``config.inner``, ``islands.num x total_steps``
-  inner steps in all, evaluated every ``eval_every`` steps of one worker's worth; timing from
+  inner steps in all (``max_time``: as many as start before that simulated time), evaluated
+  every ``eval_every`` steps of one worker's worth; timing from
   ``islands.step_seconds`` (0: 1 s) and ``islands.speed``; HALoS from ``outer.halos_*``;
   ``async`` and ``sync`` take the GPS's optimizer from ``config.outer`` (Delayed Nesterov with
   ``outer.delay_every``, 0 = M; DiLoCo's Nesterov)."""
@@ -252,7 +259,7 @@ def run(config, mode: str, evaluate_every: int | None = None) -> Result:
   speeds = island_lib.speeds(config)[:num]
   return simulate(mode, num=num, h=int(config.outer.sync_every), params=params,
                   init_opt=tx.init, train_step=train_step, next_batch=next_batch,
-                  budget=num * total, step_seconds=float(config.islands.step_seconds) or 1.0,
+                  budget=num * total if max_time is None else 10**12, step_seconds=float(config.islands.step_seconds) or 1.0,
                   speeds=speeds, settings=settings, outer_tx=outer_tx,
                   evaluate=lambda p: {"eval_loss": evaluator(p)["eval_loss"]},
-                  eval_every=every)
+                  eval_every=every, max_time=max_time)

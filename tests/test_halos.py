@@ -232,6 +232,12 @@ def test_async_mode_applies_each_arrival_after_its_wan_delay():
                got.params, p)
   assert got.time == pytest.approx(3 * 4 + 2 * 2.0 * 2 + 2.0)  # 3 phases, 2 round trips, 1 way
   assert got.wan_messages == 6
+  # at equal time: phases start at 0 and 8 s; the one due at 16 s is past max_time
+  limited = hierarchy.simulate("async", num=1, h=4, params=params, init_opt=sgd.init,
+                               train_step=step, next_batch=_feeder(data), budget=10**9,
+                               settings=_settings(wan_seconds=2.0), max_time=16.0,
+                               outer_tx=delayed.delayed_nesterov(1.0, 0.0, 1))
+  assert (limited.steps, limited.time) == (8, 14.0)
 
 
 @pytest.mark.parametrize("over,match", [

@@ -40,6 +40,12 @@ EXTRA = (("Local Adam (FedAvg, H=K_u=K_v=10)",
          ("DES-LOC box (FedAvg, H=10, K_u=30, K_v=60)",
           {**FEDAVG10, "outer.desloc_mu_every": 30, "outer.desloc_nu_every": 60},
           "Local Adam (FedAvg, H=K_u=K_v=10)"))
+# DeMo with the authors' per-coefficient average (outer.demo_aggregate=selected), against the
+# methods table's DeMo row (the mean of the decoded payloads)
+_DEMO = next(r for n, r in suites.methods("quick") if n.startswith("DeMo"))
+EXTRA += (("DeMo, per-coefficient average (the authors' aggregation)",
+           {**_DEMO, "outer.demo_aggregate": "selected"},
+           next(n for n, _ in suites.methods("quick") if n.startswith("DeMo"))),)
 
 
 def rows() -> list[tuple[str, dict, str | None]]:
