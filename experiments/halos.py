@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--equal", choices=("tokens", "time"), default="tokens",
                       help="tokens: every mode runs islands.num x total_steps inner steps; "
                       "time: sync runs those, the others until sync's simulated time")
-  parser.add_argument("--out", default=None, help="write the table (and results.json) here")
+  parser.add_argument("--out", default=None, help="write the table here (and every row, its evals included, as .json beside it)")
   args = parser.parse_args(argv)
   # pylint: disable=g-import-not-at-top  (JAX after the arguments are read)
   from experiments.bench import step as step_lib
@@ -68,8 +68,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
       f.write(f"Regenerate: `python -m experiments.halos {' '.join(argv)}`\n\n{table}\n")
-    with open(os.path.join(os.path.dirname(args.out) or ".", "results.json"), "w",
-              encoding="utf-8") as f:
+    with open(os.path.splitext(args.out)[0] + ".json", "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=1)
   return 0
 
