@@ -377,3 +377,75 @@ def test_a_second_server_on_a_taken_port_is_refused_not_shared():
       channel.serve(_keys, "job", "127.0.0.1", port, _echo([]))
   finally:
     first.stop(grace=0)
+
+
+def _slow_proxy(target_port, delay_s, slow_chunks=3):
+  """A TCP proxy on loopback that holds each of the first ``slow_chunks`` server -> client
+  chunks of a connection for ``delay_s`` (a handshake over a long or loaded path)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(16)
+
+  def pipe(src, dst, slow):
+    try:
+      n = 0
+      while data := src.recv(65536):
+        if slow and n < slow_chunks:
+          time.sleep(delay_s)
+        n += 1
+        dst.sendall(data)
+    except OSError:
+      pass
+    finally:
+      for s in (src, dst):
+        try:
+          s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+          pass
+
+  def accept():
+    while True:
+      try:
+        client, _ = listener.accept()
+      except OSError:
+        return
+      server = socket.create_connection(("127.0.0.1", target_port))
+      threading.Thread(target=pipe, args=(client, server, False), daemon=True).start()
+      threading.Thread(target=pipe, args=(server, client, True), daemon=True).start()
+
+  threading.Thread(target=accept, daemon=True).start()
+  return listener, listener.getsockname()[1]
+
+
+def test_a_tls_handshake_slower_than_the_retry_backoff_still_connects(tmp_path, monkeypatch):
+  """The WAN testbed found every island's Join UNAVAILABLE for minutes: gRPC gives a connection
+  attempt (TCP + TLS handshake) no more than min_reconnect_backoff, which the client had
+  lowered to 0.1 s with its retry backoff. Through a path that holds the handshake's server
+  flight 1.5 s, the client now connects and is served; with the lowered option it never does."""
+  made = pki.make(str(tmp_path / "job"), [], islands=1)
+  read = lambda *paths: channel.Tls(*(open(p, "rb").read() for p in paths))
+  ca = str(tmp_path / "job" / "ca.pem")
+  calls = []
+  server, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo(calls),
+                               tls=read(ca, *made["syncer"]))
+  proxy, proxy_port = _slow_proxy(port, 1.5)
+  client_tls = read(ca, *made["island0"])
+  try:
+    address = f"127.0.0.1:{proxy_port}"
+    ok = channel.Client(address, _keys("island/0"), "island/0", "job", give_up_s=30,
+                        tls=client_tls)
+    assert ok.call("Echo", "echo", {"x": "far"}, reply="echo")[1] == {"x": "far"}
+    ok.close()
+    monkeypatch.setattr(channel, "_CLIENT_OPTIONS",
+                        [*channel._CLIENT_OPTIONS, ("grpc.min_reconnect_backoff_ms", 100)])  # pylint: disable=protected-access
+    lowered = channel.Client(address, _keys("island/0"), "island/0", "job", give_up_s=8,
+                             tls=client_tls)
+    with pytest.raises(channel.SyncerUnreachable):
+      lowered.call("Echo", "echo", {"x": "never"}, reply="echo")
+    lowered.close()
+    assert calls == ["far"]
+  finally:
+    proxy.close()
+    server.stop(grace=0)
