@@ -43,7 +43,7 @@ def _rate_bits(rate: str) -> float | None:
 
 
 def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, workdir: str,
-            timeout: float, cache: str) -> dict:
+            timeout: float, cache: str, plaintext: bool = False) -> dict:
   """One decoupled run across a fresh testbed; returns its record (also ``DIR/wan.json``)."""
   # pylint: disable=g-import-not-at-top
   from fedjax_lm import cpu, wire
@@ -55,8 +55,9 @@ def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, 
   with wan_net.Testbed(len(names), None if rate == "none" else rate, queue_ms=500) as bed:
     hosts = [bed.address(s) for s in range(shards)]
     pki.make(os.path.join(workdir, "pki"), hosts, islands, 30)
-    tls = lambda who: [f"--config.launch.tls_{k}={os.path.join(workdir, 'pki', f)}" for k, f in (
-        ("ca", "ca.pem"), ("cert", f"{who}.pem"), ("key", f"{who}.key"))]
+    tls = lambda who: ["--config.launch.plaintext=True"] if plaintext else [
+        f"--config.launch.tls_{k}={os.path.join(workdir, 'pki', f)}" for k, f in (
+            ("ca", "ca.pem"), ("cert", f"{who}.pem"), ("key", f"{who}.key"))]
     secret = wire.new_secret()
     base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS="")
     if cache:
@@ -86,10 +87,12 @@ def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, 
         logs.append(open(os.path.join(workdir, "logs", f"{name}.log"), "wb"))
         procs.append(subprocess.Popen(bed.exec_argv(i, argv), cwd=ROOT, env=env,
                                       stdout=logs[-1], stderr=subprocess.STDOUT))
-      while any(p.poll() is None for p in procs):
+      while True:
         bad = [(n, p.returncode) for n, p in zip(names, procs) if p.poll() not in (None, 0)]
         if bad or time.time() - start > timeout:
           raise RuntimeError(f"{bad or 'timeout'}; see {workdir}/logs")
+        if all(p.poll() == 0 for p in procs):
+          break
         time.sleep(0.2)
     finally:
       for p in procs:
@@ -139,6 +142,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--workdir", default="runs/wan_decoupled")
   parser.add_argument("--jax_cache", default="runs/wan_decoupled/jax_cache")
   parser.add_argument("--timeout", type=float, default=1800)
+  parser.add_argument("--plaintext", action="store_true", help="no TLS (the HMAC tokens only)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   wan_net.require_root()
@@ -151,7 +155,7 @@ def main(argv: list[str]) -> int:
     for rate in args.rates:
       workdir = os.path.join(args.workdir, f"s{shards}_{rate}")
       rec = run_one(args.config, sets, args.islands, shards, rate, workdir, args.timeout,
-                    args.jax_cache)
+                    args.jax_cache, args.plaintext)
       rows.append({**rec, **rounds(workdir, args.islands, args.h)})
       print(json.dumps({k: v for k, v in rows[-1].items() if k != "link"}), flush=True)
   lines = _table(rows, args)
