@@ -6,7 +6,8 @@ fragment p, the contributions sent after step s form round (p, s). Policy ``sync
 closes when every live island has sent, or, with ``outer.quorum`` = Q > 0, when Q have and
 ``outer.round_timeout_seconds`` passed since the first arrived. Closing runs the reduce and
 outer-step stages of :mod:`fedjax_lm.engine.stages` on this process's device: the mean of the
-decoded payloads over the islands that sent, then the fragment's outer optax step. A send that
+decoded payloads over the islands that sent (``outer.merge=tokens``: weighted by the tokens each
+island processed, :mod:`fedjax_lm.decoupled.tokens`), then the fragment's outer optax step. A send that
 arrives after its round closed is carried into the fragment's next round (its sender gets the
 current global fragment at once). With every island present this is DiLoCo / Streaming DiLoCo.
 

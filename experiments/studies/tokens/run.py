@@ -12,21 +12,15 @@ A run whose workdir holds its final eval is read, not run again.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
-
 from experiments.bench import frontier
 from experiments.bench import suites
 from fedjax_lm import metrics as metrics_lib
-
-_WORKDIR = flags.DEFINE_string("workdir", "runs/tokens", "Parent directory of the runs.")
-_OUT = flags.DEFINE_string("out", None, "Also write the table (and the command) here.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
 
 # (name, rows per step of islands 0 and 1, their devices, merge)
 ROWS = (("equal islands 8 + 8 rows (1 + 1 devices), mean", "8,8", "1,1", "mean"),
@@ -58,9 +52,13 @@ def run_one(workdir: str, over: dict) -> tuple[dict, float]:
   return records[-1], wall
 
 
-def main(argv):
-  del argv
-  seeds = [int(s) for s in _SEEDS.value]
+def main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/tokens", help="parent directory of the runs")
+  parser.add_argument("--out", default=None, help="also write the table (and the command) here")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  args = parser.parse_args(argv)
+  seeds = args.seeds
   have = frontier.read()
   key = suites._key  # pylint: disable=protected-access
   base = lambda prefix, s: have[key(frontier.seeded(next(
@@ -79,7 +77,7 @@ def main(argv):
     got = []
     for s in seeds:
       tag = "".join(c if c.isalnum() else "_" for c in f"{sizes}_{devices}_{merge}_s{s}")
-      got.append(run_one(os.path.join(_WORKDIR.value, tag), overrides(sizes, devices, merge, s)))
+      got.append(run_one(os.path.join(args.workdir, tag), overrides(sizes, devices, merge, s)))
       print(name, s, got[-1][0]["eval_loss"], flush=True)
     losses = [r["eval_loss"] for r, _ in got]
     lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in losses) +
@@ -89,11 +87,12 @@ def main(argv):
                  f" | {' / '.join(f'{w:.0f}' for _, w in got)} |")
   table = "\n".join(lines)
   print("\n" + table)
-  if _OUT.value:
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-      f.write(f"Regenerate: `python -m experiments.studies.tokens.run {' '.join(sys.argv[1:])}`"
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(f"Regenerate: `python -m experiments.studies.tokens.run {' '.join(argv)}`"
               f"\n\n{table}\n")
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main(sys.argv[1:]))
