@@ -136,6 +136,19 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
 
   heap, seq = [], itertools.count()
   push = lambda t, kind, data: heapq.heappush(heap, (t, next(seq), kind, data))
+  gps_opt = gtx.init(params)
+  end = 0.0  # when the GPS last applied an update
+
+  def arrive(t, delta, n, reply):
+    """A pseudo-gradient holding n inner steps reaches the GPS at t: applied, evaluated when
+    due, and the new params sent back over the WAN (``reply``, arriving at t + wan)."""
+    nonlocal gps, gps_opt, end, done_steps, messages
+    gps, gps_opt = apply(gps, gps_opt, delta)
+    end = t
+    done_steps += n
+    maybe_eval(t, gps)
+    push(t + wan, *reply(gps))
+    messages += 1
 
   def start(w, from_params, t):
     out = workers.phase(w, from_params, t)
@@ -143,23 +156,16 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
       push(t + duration(w, out[1]), "done", (w, *out))
 
   if mode == "async":
-    gps_opt = gtx.init(params)
     for w in range(num):
       start(w, gps, 0.0)
-    t = end = 0.0
     while heap:
       t, _, kind, data = heapq.heappop(heap)
       if kind == "done":  # the worker's pseudo-gradient crosses the WAN
         push(t + wan, "arrive", data)
         messages += 1
-      elif kind == "arrive":  # applied on arrival; the params go back
+      elif kind == "arrive":  # applied on arrival; the params go back to the worker
         w, delta, n = data
-        gps, gps_opt = apply(gps, gps_opt, delta)
-        end = t
-        done_steps += n
-        maybe_eval(t, gps)
-        push(t + wan, "restart", (w, gps))
-        messages += 1
+        arrive(t, delta, n, lambda g, w=w: ("restart", (w, g)))
       else:
         start(data[0], data[1], t)
     maybe_eval(end, gps, force=not evals or evals[-1]["steps"] != done_steps)
@@ -169,7 +175,6 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
   s = settings
   per = num // s.regions
   local = s.local_tx()
-  gps_opt = gtx.init(params)
   regions = [halos.region_init(local, params) for _ in range(s.regions)]
   region_step = jax.jit(functools.partial(halos.region_apply, local))
   merge = jax.jit(halos.region_merge, static_argnums=2)
@@ -177,7 +182,7 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
   pending = [0] * s.regions  # inner steps the region holds that have not gone to the GPS
   for w in range(num):
     start(w, regions[w // per].params, 0.0)
-  t = end = 0.0
+  t = 0.0
   while heap:
     t, ready = heap[0][0], []
     while heap and heap[0][0] <= t:
@@ -193,14 +198,9 @@ def simulate(mode: str, *, num: int, h: int, params: Any, init_opt: Callable,
           push(t + wan, "gps", (r, halos.region_outgoing(regions[r]), pending[r]))
           pending[r] = 0
           messages += 1
-      elif kind == "gps":
+      elif kind == "gps":  # the region's progress applied; the params go back to its LPS
         r, delta, n = data
-        gps, gps_opt = apply(gps, gps_opt, delta)
-        end = t
-        done_steps += n
-        maybe_eval(t, gps)
-        push(t + wan, "merge", (r, gps))
-        messages += 1
+        arrive(t, delta, n, lambda g, r=r: ("merge", (r, g)))
       else:  # the GPS's params at the LPS
         r, theta = data
         regions[r] = merge(regions[r], theta, s.alpha)
