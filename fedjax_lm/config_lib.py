@@ -240,6 +240,14 @@ def _launch() -> ml_collections.ConfigDict:
   # p % S == s (its own port, checkpoint and restart); needs outer.fragments >= S
   s.syncer_shards = 1
   s.syncer_shard = 0  # decoupled syncer role: which shard this process is
+  # decoupled HALoS (outer.halos_regions = R > 0, fedjax_lm/decoupled/region.py): launch.syncer
+  # is the global syncer, launch.regions the R regional syncers' HOST:PORT (island k sends to
+  # region k // (M / R)'s); a syncer role with launch.region = r >= 0 is region r's, -1 the
+  # global one; region_push: async (a region keeps serving its islands while its push to the
+  # global syncer is in flight, as HALoS) | sync (it waits: the timing model with no WAN delay)
+  s.regions = ""
+  s.region = -1
+  s.region_push = "async"
   # the syncer saves every N rounds (sync; 0 = 1: a round's mean is delivered once durable)
   # or N updates (async; 0 = islands.num); a restarted one loses at most N - 1 of them
   s.syncer_checkpoint_every = 0
@@ -477,6 +485,10 @@ def _validate_decoupled(c) -> None:
   _check(c.launch.role in ("", "syncer", "island"),
          f"launch.role={c.launch.role!r}: expected '', syncer or island")
   _check(int(c.outer.quorum) >= 0, f"outer.quorum={c.outer.quorum} must be >= 0")
+  if int(c.outer.halos_regions):
+    from fedjax_lm.decoupled import region  # pylint: disable=g-import-not-at-top
+    bad = region.validate(c)
+    _check(bad is None, str(bad))
   shards = int(c.launch.syncer_shards)
   _check(1 <= shards <= int(c.outer.fragments),
          f"launch.syncer_shards={shards} must be in [1, outer.fragments={c.outer.fragments}]: "

@@ -207,8 +207,9 @@ def train(config, workdir: str, devices=None, outer_tx=None) -> dict[str, Any]:
   the outer optimizer named by ``config.outer``."""
   config_lib.validate(config)
   if int(config.outer.halos_regions):
-    raise ValueError(f"outer.halos_regions={config.outer.halos_regions}: HALoS's tiers run on a "
-                     "timing model, `python -m experiments.halos --config ...`, not in this loop")
+    raise ValueError(f"outer.halos_regions={config.outer.halos_regions}: HALoS's tiers are "
+                     "syncer processes (--config.launch.mode=decoupled) or a timing model "
+                     "(`python -m experiments.halos --config ...`), not the mesh-axis loop")
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
   tokenizer = data_lib.get_tokenizer(config.data.tokenizer)
   model_cfg = model_lib.ModelConfig.from_config(config.model)

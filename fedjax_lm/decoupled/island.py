@@ -47,6 +47,7 @@ from fedjax_lm import metrics as metrics_lib
 from fedjax_lm import model as model_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import region as region_lib
 from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import syncer as syncer_lib
 from fedjax_lm.decoupled import tokens
@@ -141,6 +142,7 @@ def join(job: Job, config, clients, inner: Any = None) -> tuple[Any, int]:
     if restored is not None:
       state = state._replace(islands=state.islands._replace(opt_state=restored))
   link.version, start = int(meta.get("version", 0)), int(meta["step"])
+  link.phase_start = start
   link.applied = {int(p): int(s) for p, s in meta.get("closed", {}).items()}
   if meta["data"]:
     job.batches.set_global_state({f"island{job.island}": meta["data"]})
@@ -270,10 +272,13 @@ def connect(config) -> list[channel.Client]:
   _, abstract = model_lib.build(model_lib.ModelConfig.from_config(config.model))
   key = wire.member_key(who, config.launch.secret_file)
   job = channel.job_id(syncer_lib.fingerprint(config, abstract))
+  addresses = str(config.launch.syncer).split(",")
+  if int(config.outer.halos_regions):  # HALoS: its region's syncer
+    addresses = [region_lib.island_address(config, int(config.launch.island))]
   return [channel.Client(address, key, who, job,
                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
                          tls=channel.Tls.from_config(config.launch))
-          for address in str(config.launch.syncer).split(",")]
+          for address in addresses]
 
 
 def _heartbeat(config, client, island: int, timing: dict, stop) -> None:

@@ -11,7 +11,9 @@ the syncer, a restarted syncer resumes from its checkpoint. It stops every role 
 SIGTERM and leaves no process behind. On a cluster, the scheduler starts each role itself with
 ``--config.launch.role=syncer|island --config.launch.island=K --config.launch.syncer=HOST:PORT``.
 With ``launch.syncer_shards`` = S the syncer is S roles ``syncer_<s>`` (``launch.syncer_shard``),
-each on its own port; ``launch.syncer`` lists their addresses in shard order.
+each on its own port; ``launch.syncer`` lists their addresses in shard order. With HALoS
+(``outer.halos_regions`` = R) the ``syncer`` role is the global syncer and R roles
+``region_<r>`` (``launch.region``) are the regional ones, listed in ``launch.regions``.
 """
 
 from __future__ import annotations
@@ -69,12 +71,19 @@ class _Roles:
     shard = lambda s: ["--config.launch.role=syncer", f"--config.launch.syncer_shard={s}"]
     syncers = ({"syncer": shard(0)} if self.shards == 1 else
                {f"syncer_{s}": shard(s) for s in range(self.shards)})
+    # HALoS (outer.halos_regions = R): the global syncer and R regional ones, region_<r>
+    regions = int(config.outer.halos_regions)
+    self.region_addresses = [f"{host}:{launch_lib.free_port()}" for _ in range(regions)]
+    region = lambda r: ["--config.launch.role=syncer", f"--config.launch.region={r}"]
+    syncers.update({f"region_{r}": region(r) for r in range(regions)})
     self.args = {**syncers,
                  **{f"island_{k}": island(k) for k in range(int(config.islands.num))}}
     self.joins = {f"island_{k}": step for k, step in health.parse_pairs(config.launch.join,
                                                                          "launch.join")}
     self.args.update({role: island(role[7:]) for role in self.joins})
     self.argv = [*argv, f"--config.launch.syncer={self.address}"]
+    if regions:
+      self.argv.append(f"--config.launch.regions={','.join(self.region_addresses)}")
     self.max_restarts = int(os.environ.get("FEDJAX_LM_DECOUPLED_RESTARTS", "3"))
     self.devices = tokens.devices(config)
     self.procs, self.restarts, self.finished = {}, {r: 0 for r in self.args}, set()
@@ -92,12 +101,14 @@ class _Roles:
   def _address(self, role: str) -> str | None:
     if role == "syncer":
       return self.address
+    if role.startswith("region_"):
+      return self.region_addresses[int(role[7:])]
     return self.addresses[int(role[7:])] if role.startswith("syncer_") else None
 
   def _env(self, role: str) -> dict:
     """The syncer gets the job secret; an island only its own key (it cannot sign as
     another island)."""
-    if role.startswith("syncer"):
+    if role.startswith(("syncer", "region")):
       return self.server_env
     env = {k: v for k, v in self.env.items() if k != wire.ENV_SECRET}
     env[wire.ENV_MEMBER_KEY] = wire.derive(self.env[wire.ENV_SECRET].encode(),

@@ -121,6 +121,7 @@ class RemoteLink:
     self.version = 0  # the syncer's rounds (async: updates) when this island last pulled
     self.progress = None  # async: the run's progress in inner steps, at the last pull
     self.local_steps = None  # async: the H the syncer set for the next local phase
+    self.phase_start = 0  # async: the island's step when its current local phase began
     self.stopping = False  # async: the run's tokens are in; the island stops
     self.sent_bytes = 0  # encoded payload bytes sent (the weight is control, not counted)
 
@@ -132,9 +133,17 @@ class RemoteLink:
     step = min(int(step), self.total)
     meta = {"island": self.island, "fragment": int(fragment), "step": step,
             "data": self.position(), "version": self.version,
-            "local_steps": int(self.local_steps or 0)}
+            "local_steps": self._phase_steps(step)}
+    self.phase_start = step
     self.sent_bytes += sum(a.nbytes for a in arrays[:-1])
     return Ticket(int(fragment), step, meta, arrays, self._send(int(fragment), meta, arrays))
+
+  def _phase_steps(self, step: int) -> int:
+    """Async: the inner steps the update holds: the H the syncer gave at the last pull, or,
+    before the first pull since this island (re)joined, the steps it ran since joining (not
+    0: the run's applied steps, which end it and set the islands' schedule position, would
+    miss every island's first phase)."""
+    return int(self.local_steps) if self.local_steps else max(0, int(step) - self.phase_start)
 
   def owner(self, fragment: int) -> int:
     """The syncer shard that owns ``fragment``."""

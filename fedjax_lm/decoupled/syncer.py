@@ -80,6 +80,7 @@ from fedjax_lm import outer
 from fedjax_lm import train as train_lib
 from fedjax_lm import wire
 from fedjax_lm.decoupled import channel
+from fedjax_lm.decoupled import region as region_lib
 from fedjax_lm.decoupled import remote
 from fedjax_lm.decoupled import tokens
 from fedjax_lm.decoupled import validate
@@ -173,13 +174,27 @@ class Syncer:
 
   def __init__(self, config, workdir: str, secret: bytes):
     self.config, self.workdir, self.secret = config, workdir, secret
+    # HALoS's tiers (region.py): a regional syncer (LPS) serves its region's islands, the
+    # global one (GPS) the regions; None: a flat syncer of every island
+    self.tier = region_lib.tier(config)
     self.num = int(config.islands.num)
     self.max_islands = int(config.islands.max_num) or self.num  # ids 0 .. max_islands - 1
+    # the members this syncer serves and whose applied steps, over how many islands, are the
+    # run's progress (async)
+    self.member_ids = tuple(range(self.num))
+    self.progress_over = self.num
+    if self.tier is not None:
+      self.member_ids, self.progress_over = self.tier.members, self.tier.islands
+      self.num = len(self.member_ids)
+      if self.tier.kind == "global":
+        self.max_islands = self.num
     self.heartbeat_s = float(config.launch.heartbeat_seconds)
     self.quorum = int(config.outer.quorum)
     self.timeout_s = float(config.outer.round_timeout_seconds)
     self.total = int(config.total_steps)
     self.asynchronous = config.outer.policy == "async"
+    self.uplink = None  # an LPS's link to the GPS (serve() starts it)
+    self.finals: set[int] = set()  # the GPS: regions that sent their final push
     # a sharded syncer (launch.syncer_shards = S): this process owns fragments p % S == shard
     self.shards, self.shard = int(config.launch.syncer_shards), int(config.launch.syncer_shard)
     self.role = "syncer" if self.shards == 1 else f"syncer/{self.shard}"
@@ -240,7 +255,7 @@ class Syncer:
     self._evals = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="syncer-eval")
     self._pending_evals: list[concurrent.futures.Future] = []
     if not self._restore():
-      self.expected = {k: time.time() + self.join_grace_s for k in range(self.num)}
+      self.expected = {k: time.time() + self.join_grace_s for k in self.member_ids}
     if tokens_per_round is not None:
       self._log("merge_weights", tokens_per_round=tokens_per_round, weights=self.merge_weights)
 
@@ -251,7 +266,9 @@ class Syncer:
                               jax.devices()[:1])
     model_cfg = model_lib.ModelConfig.from_config(config.model)
     outer_tx = None
-    if self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
+    if self.tier is not None:  # HALoS: this tier's Delayed Nesterov
+      outer_tx = self.tier.outer_tx()
+    elif self.asynchronous:  # Delayed Nesterov with the configured outer lr and momentum
       hp = outer.resolved_hparams(config.outer)
       every = int(config.outer.delay_every) or self.num
       if config.outer.optimizer == "heloco":  # each stale arrival corrected first (HeLoCo)
@@ -393,11 +410,14 @@ class Syncer:
   def _island(self, who: str, meta: dict) -> int:
     """The caller's island: its key's identity; a body naming another island is refused."""
     prefix, _, k = who.partition("/")
-    if prefix != "island":
-      raise validate.Refusal(f"{who} is not an island")
+    member = self.tier.prefix if self.tier is not None else "island"
+    if prefix != member:
+      raise validate.Refusal(f"{who} is not a member here (a {member})")
     island = int(k)
     if "island" in meta and validate.island_id(meta["island"], self.max_islands) != island:
-      raise validate.Refusal(f"island {island} signs as island {meta['island']!r}")
+      raise validate.Refusal(f"{member} {island} signs as {member} {meta['island']!r}")
+    if self.tier is not None and island not in self.member_ids:
+      raise validate.Refusal(f"{who} is not in this syncer's region {self.tier.region}")
     return island
 
   def join(self, who: str, meta: dict, arrays: list) -> channel.Reply:
@@ -420,6 +440,10 @@ class Syncer:
       self.sent_positions[island] = position or None
     return "joined", {"step": start, "data": position, "version": self.version,
                       "closed": self.closed, "progress": self.progress()}, arrays
+
+  def state_bytes(self) -> int:
+    """The largest reply a member takes from here: the server state, and a header."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.server)) + 4096
 
   def _state_arrays(self) -> list:
     """The server parts a joiner or a lagging island adopts (:func:`remote.transferable`; a
@@ -466,6 +490,9 @@ class Syncer:
       if island in self.members:
         del self.members[island]
         self._log("island_finished", island=island)
+      if self.tier is not None and self.tier.kind == "global":  # the region flushed first
+        self.finals.add(island)
+        self._maybe_evaluate()
       self.lock.notify_all()
     return "ok", {}, []
 
@@ -679,8 +706,12 @@ class Syncer:
       raise wire.WireError(f"island {island}: an async send needs the version its params were "
                            "pulled at and its local_steps")
     pulled = int(meta["version"])
-    local_steps = validate.local_steps(meta["local_steps"], island, int(self.schedule.every),
-                                       self.told.get(island))
+    if self.tier is not None and self.tier.kind == "global":  # a region's K arrivals' steps
+      local_steps = validate.local_steps(meta["local_steps"], island,
+                                         self.tier.settings.k * int(self.schedule.every))
+    else:
+      local_steps = validate.local_steps(meta["local_steps"], island,
+                                         int(self.schedule.every), self.told.get(island))
     staleness = async_staleness(self.version, pulled)
     if self._gate(island, p, pulled, one, norm, finite):
       return
@@ -695,6 +726,8 @@ class Syncer:
     self._updates.write({"version": self.version, "island": island, "pulled": pulled,
                          "staleness": staleness, "local_steps": local_steps,
                          "time": time.time()})
+    if self.uplink is not None:  # an LPS: every halos_k-th arrival goes on to the GPS
+      self.uplink.arrived(local_steps)
     self._maybe_evaluate()
     if self.done or self.version % self.checkpoint_every == 0:
       self._save()
@@ -703,7 +736,7 @@ class Syncer:
   def progress(self) -> int:
     """Async: the run's progress in inner steps, the islands' applied steps per island (what
     the evals are indexed by, and what each island's inner lr schedule follows)."""
-    return sum(self.applied_steps.values()) // self.num
+    return sum(self.applied_steps.values()) // self.progress_over
 
   def _local_steps(self, island: int) -> int:
     """Dynamic local updates over the live islands' measured compute seconds per step."""
@@ -719,9 +752,17 @@ class Syncer:
     once the islands' applied inner steps, per island on average, reach it)."""
     if self.asynchronous:
       reached = self.progress()
-      for e in [s for s in range(self.evaluated + 1, min(reached, self.total) + 1)
+      if self.tier is not None and self.tier.kind == "region":  # the GPS evaluates
+        self.done |= reached >= self.total
+        return
+      last = self.total
+      if self.tier is not None and len(self.finals) < self.num:  # the GPS: until every
+        last = self.total - 1  # region flushed, the final eval waits
+      for e in [s for s in range(self.evaluated + 1, min(reached, last) + 1)
                 if s % int(self.config.eval_every) == 0 or s == self.total]:
         self._write_eval(e)
+      if self.tier is not None and len(self.finals) == self.num and not self.done:
+        self._write_eval(self.total)
       return
     # an eval step e is due once no fragment has a send in (closed, e] still open (sharded:
     # none of this shard's; the lead then fetches the others' as they left e)
@@ -875,8 +916,11 @@ class Syncer:
     if who == "syncer/0" and self.shard > 0:
       return wire.derive(self.secret, who)
     prefix, _, k = who.partition("/")
-    if prefix != "island" or not k.isdigit() or str(int(k)) != k or int(k) >= self.max_islands:
+    member = self.tier.prefix if self.tier is not None else "island"
+    if prefix != member or not k.isdigit() or str(int(k)) != k or int(k) >= self.max_islands:
       return None
+    if self.tier is not None and int(k) not in self.member_ids:
+      return None  # (an island of another region)
     return wire.derive(self.secret, who)
 
 
@@ -1022,10 +1066,17 @@ def serve(config, workdir: str) -> None:
   compilation_cache(workdir)
   secret = wire.job_secret(config.launch.secret_file)
   address = config.launch.syncer.split(",")[int(config.launch.syncer_shard)]
+  tier = region_lib.tier(config)
+  if tier is not None and tier.kind == "region":  # an LPS: its region's address; the GPS's
+    address = region_lib.addresses(config)[tier.region]  # is launch.syncer
   host, port = address.rsplit(":", 1)
   workdir = shard_workdir(workdir, config)
+  if tier is not None and tier.kind == "region":
+    workdir = os.path.join(workdir, "regions", str(tier.region))
   os.makedirs(workdir, exist_ok=True)
   syncer = Syncer(config, workdir, secret)
+  if tier is not None and tier.kind == "region":  # joined to the GPS before any island is
+    syncer.uplink = region_lib.Uplink(config, syncer, secret)  # served
   threads = max(16, 4 * syncer.max_islands)
   server, _ = channel.serve(syncer.keys, syncer.job, config.launch.interface or host, int(port),
                             syncer.methods(), threads=threads,
@@ -1038,6 +1089,10 @@ def serve(config, workdir: str) -> None:
       with syncer.lock:
         if syncer.done and not syncer.members and syncer.released():
           break
+    if syncer.uplink is not None:  # an LPS: what the GPS has not had, then it leaves
+      syncer.uplink.flush()
   finally:
     server.stop(grace=1.0)
+    if syncer.uplink is not None:
+      syncer.uplink.close()
     syncer.close()
