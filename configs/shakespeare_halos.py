@@ -22,6 +22,15 @@ regions' parameter servers and the global one (``fedjax_lm/outer/halos.py``,
 
 The flat asynchronous run (``async``) and the synchronous one (``sync``) use this config's
 ``outer`` (Nesterov 0.7 / 0.5; Delayed Nesterov every M arrivals) and H.
+
+The same tiers as processes (a global syncer, R regional syncers, M island jobs:
+``fedjax_lm/decoupled/region.py``), here or one role per scheduler job::
+
+    python -m experiments.train --config configs/shakespeare_halos.py --workdir DIR \
+        --config.launch.mode=decoupled --config.outer.policy=async
+
+and on the WAN testbed beside flat async and sync DiLoCo: ``sudo python -m
+experiments.halos_wan``.
 """
 
 from configs import shakespeare_diloco

@@ -7,7 +7,8 @@ islands, each island paced to ``--step-seconds`` per inner step (``islands.step_
 two islands share this machine's cores but run as if each had its own hardware). Failures come
 from the fault-injection module (:mod:`fedjax_lm.faults`): every island is SIGKILLed at seeded
 random steps with mean time between failures ``faults.mtbf_steps`` (its own steps), restarted
-by the launcher, and rejoins. For each policy, fault-free and at each MTBF:
+by the launcher, and rejoins; with ``--roles 'island/*,syncer'`` the syncer too (its MTBF in
+its own rounds; it resumes from its checkpoint and the islands resend what it lacks). For each policy, fault-free and at each MTBF:
 
 * goodput = tokens applied to the global model per second of wall time, ÷ the same policy's
   fault-free run. Tokens applied = Σ over closed rounds of (islands in the round × H × tokens
@@ -46,7 +47,7 @@ def _tokens_applied(workdir: str, islands: int, h: int, tokens_per_step: int) ->
 
 
 def run(base: str, data_dir: str, steps: int, mtbfs: list[int], step_seconds: float,
-        seed: int) -> list[dict]:
+        seed: int, roles: str = "island/*") -> list[dict]:
   islands, batch, seq = 2, 8, 64
   common = {**dec.TINY, "islands.num": islands, "total_steps": steps, "eval_every": steps,
             "data.data_dir": data_dir, "launch.mode": "decoupled",
@@ -64,12 +65,15 @@ def run(base: str, data_dir: str, steps: int, mtbfs: list[int], step_seconds: fl
     ref = None
     for mtbf in [0, *mtbfs]:
       workdir = f"{base}/{name.split()[0].lower()}_{extra.get('outer.quorum', 0)}_h{h}_m{mtbf}"
-      faults = {"faults.mtbf_steps": mtbf, "faults.random_roles": "island/*"} if mtbf else {}
+      faults = {"faults.mtbf_steps": mtbf, "faults.random_roles": roles} if mtbf else {}
       wall = dec._train(workdir, {**common, **extra, **faults}, env=env)  # pylint: disable=protected-access
       tokens = _tokens_applied(workdir, islands, h, batch * seq)
       final = dec._evals(workdir)[-1]["eval_loss"]  # pylint: disable=protected-access
-      kills = sum(len(files) for _, _, files in os.walk(os.path.join(workdir, ".faults")))
-      row = {"policy": name, "mtbf_steps": mtbf, "kills": kills, "wall_s": wall,
+      marks = [f for _, _, files in os.walk(os.path.join(workdir, ".faults")) for f in files]
+      kills = len(marks)
+      syncer_kills = sum(1 for f in marks if f.startswith("syncer"))
+      row = {"policy": name, "mtbf_steps": mtbf, "kills": kills, "syncer_kills": syncer_kills,
+             "wall_s": wall,
              "tokens_applied": tokens, "tokens_per_s": tokens / wall, "eval": final}
       ref = ref or row
       row.update(goodput=row["tokens_per_s"] / ref["tokens_per_s"],
@@ -106,11 +110,14 @@ def main(argv=None) -> None:
   parser.add_argument("--mtbf", default="60,30")
   parser.add_argument("--step-seconds", type=float, default=0.2)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--roles", default="island/*",
+                      help="faults.random_roles: which roles fail at random (the syncer's MTBF "
+                           "is in its rounds: 'island/*,syncer')")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   start = time.time()
   rows = run(args.workdir, args.data_dir, args.steps, [int(m) for m in args.mtbf.split(",")],
-             args.step_seconds, args.seed)
+             args.step_seconds, args.seed, args.roles)
   _plot(rows, os.path.join(args.out, "goodput.png"))
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip()
@@ -120,10 +127,12 @@ def main(argv=None) -> None:
            "    python -m experiments.goodput " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                if k not in ("out", "workdir", "data_dir") and v != ""), "",
-           "| policy | MTBF (steps) | kills | wall s | tokens applied | goodput ÷ fault-free "
-           "| final loss ÷ fault-free |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "| policy | MTBF (steps) | kills (of the syncer) | wall s | tokens applied | "
+           "goodput ÷ fault-free | final loss ÷ fault-free |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['policy']} | {r['mtbf_steps'] or 'none'} | {r['kills']} | "
+    lines.append(f"| {r['policy']} | {r['mtbf_steps'] or 'none'} | {r['kills']} "
+                 f"({r['syncer_kills']}) | "
                  f"{r['wall_s']:.0f} | {r['tokens_applied']:,} | {r['goodput']:.2f} | "
                  f"{r['loss_ratio']:.3f} |")
   with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:

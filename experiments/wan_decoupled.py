@@ -44,17 +44,44 @@ def _rate_bits(rate: str) -> float | None:
 
 def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, workdir: str,
             timeout: float, cache: str, plaintext: bool = False) -> dict:
-  """One decoupled run across a fresh testbed; returns its record (also ``DIR/wan.json``)."""
+  """One decoupled run across a fresh testbed: S syncer shards and M islands, every link at
+  ``rate``; returns its record (also ``DIR/wan.json``)."""
+  def layout(hosts):
+    address = ",".join(f"{h}:{PORT}" for h in hosts[:shards])
+    common = [f"--config.launch.syncer={address}", f"--config.islands.num={islands}",
+              f"--config.launch.syncer_shards={shards}"]
+    return ([(f"syncer_{s}", [*common, "--config.launch.role=syncer",
+                              f"--config.launch.syncer_shard={s}",
+                              f"--config.launch.interface={hosts[s]}"], "syncer")
+             for s in range(shards)] +
+            [(f"island_{k}", [*common, "--config.launch.role=island",
+                              f"--config.launch.island={k}"], f"island{k}")
+             for k in range(islands)])
+  record = run_roles(config, sets, layout, shards + islands, [None if rate == "none" else rate]
+                     * (shards + islands), shards, islands, workdir, timeout, cache, plaintext)
+  record.update(rate=rate, shards=shards)
+  with open(os.path.join(workdir, "wan.json"), "w", encoding="utf-8") as f:
+    json.dump(record, f)
+  return record
+
+
+def run_roles(config: str, sets: list[str], layout, roles: int, rates: list, servers: int,
+              islands: int, workdir: str, timeout: float, cache: str,
+              plaintext: bool = False) -> dict:
+  """Runs ``layout(hosts) -> [(name, argv, identity)]`` (``roles`` of them, the first
+  ``servers`` the syncer processes, which hold the job secret; identity ``syncer`` or
+  ``island<k>``: its certificate, and an island's own key) each in its own namespace of a
+  fresh testbed whose access link k is shaped to ``rates[k]``; returns the record: wall time,
+  each link's byte counters, tbf drops."""
   # pylint: disable=g-import-not-at-top
   from fedjax_lm import cpu, wire
   from fedjax_lm.decoupled import pki
   workdir = os.path.abspath(workdir)
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(os.path.join(workdir, "logs"))
-  names = [f"syncer_{s}" for s in range(shards)] + [f"island_{k}" for k in range(islands)]
-  with wan_net.Testbed(len(names), None if rate == "none" else rate, queue_ms=500) as bed:
-    hosts = [bed.address(s) for s in range(shards)]
-    pki.make(os.path.join(workdir, "pki"), hosts, islands, 30)
+  with wan_net.Testbed(roles, rates, queue_ms=500) as bed:
+    hosts = [bed.address(i) for i in range(roles)]
+    pki.make(os.path.join(workdir, "pki"), hosts[:servers], islands, 30)
     tls = lambda who: ["--config.launch.plaintext=True"] if plaintext else [
         f"--config.launch.tls_{k}={os.path.join(workdir, 'pki', f)}" for k, f in (
             ("ca", "ca.pem"), ("cert", f"{who}.pem"), ("key", f"{who}.key"))]
@@ -64,29 +91,22 @@ def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, 
       base.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(cache),
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     base = cpu.process_env(base)
-    address = ",".join(f"{h}:{PORT}" for h in hosts)
     common = [sys.executable, "-m", "experiments.train", "--config", config, "--workdir",
-              workdir, *(f"--config.{kv}" for kv in sets), "--config.launch.mode=decoupled",
-              f"--config.launch.syncer={address}", f"--config.islands.num={islands}",
-              f"--config.launch.syncer_shards={shards}"]
+              workdir, *(f"--config.{kv}" for kv in sets), "--config.launch.mode=decoupled"]
+    plan = layout(hosts)
+    names = [name for name, _, _ in plan]
     procs, logs = [], []
     before, start = bed.counters(), time.time()
     try:
-      for i, name in enumerate(names):
-        if name.startswith("syncer"):
-          s = int(name.split("_")[1])
+      for i, (name, argv, who) in enumerate(plan):
+        if who == "syncer":
           env = cpu.process_env(dict(base, **{wire.ENV_SECRET: secret}), server=True)
-          argv = [*common, "--config.launch.role=syncer", f"--config.launch.syncer_shard={s}",
-                  f"--config.launch.interface={hosts[s]}", *tls("syncer")]
         else:
-          k = int(name.split("_")[1])
-          env = dict(base, **{wire.ENV_MEMBER_KEY: wire.derive(secret.encode(),
-                                                               f"island/{k}").decode()})
-          argv = [*common, "--config.launch.role=island", f"--config.launch.island={k}",
-                  *tls(f"island{k}")]
+          env = dict(base, **{wire.ENV_MEMBER_KEY: wire.derive(
+              secret.encode(), f"island/{int(who[6:])}").decode()})
         logs.append(open(os.path.join(workdir, "logs", f"{name}.log"), "wb"))
-        procs.append(subprocess.Popen(bed.exec_argv(i, argv), cwd=ROOT, env=env,
-                                      stdout=logs[-1], stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(bed.exec_argv(i, [*common, *argv, *tls(who)]), cwd=ROOT,
+                                      env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
       while True:
         bad = [(n, p.returncode) for n, p in zip(names, procs) if p.poll() not in (None, 0)]
         if bad or time.time() - start > timeout:
@@ -104,11 +124,8 @@ def run_one(config: str, sets: list[str], islands: int, shards: int, rate: str, 
     wall = time.time() - start
     link = [{k: a[k] - b[k] for k in a} for a, b in zip(bed.counters(), before)]
     drops = bed.qdisc_drops()
-  record = {"rate": rate, "islands": islands, "shards": shards, "wall_s": wall,
-            "link": dict(zip(names, link)), "tbf_drops": drops, "sets": sets}
-  with open(os.path.join(workdir, "wan.json"), "w", encoding="utf-8") as f:
-    json.dump(record, f)
-  return record
+  return {"islands": islands, "wall_s": wall, "link": dict(zip(names, link)),
+          "tbf_drops": drops, "sets": sets}
 
 
 def rounds(workdir: str, islands: int, h: int) -> dict:

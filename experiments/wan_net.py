@@ -114,14 +114,18 @@ def clean_stale() -> list[str]:
 
 class Testbed:
   """``islands`` namespaces joined through a hub bridge; every access link shaped to ``rate``
-  (a tc rate such as ``20mbit``; ``None``: unshaped)."""
+  (a tc rate such as ``20mbit``; ``None``: unshaped; a list: namespace k's link to
+  ``rate[k]``)."""
 
-  def __init__(self, islands: int, rate: str | None, queue_ms: int = 100,
+  def __init__(self, islands: int, rate: str | None | list, queue_ms: int = 100,
                burst: str = "64kb"):
     require_root()
     if not 1 <= islands <= 250:
       raise ValueError(f"islands={islands}: expected 1..250")
     self.islands, self.rate, self.queue_ms, self.burst = islands, rate, queue_ms, burst
+    self.rates = list(rate) if isinstance(rate, (list, tuple)) else [rate] * islands
+    if len(self.rates) != islands:
+      raise ValueError(f"rate: {len(self.rates)} rates for {islands} namespaces")
     self.tag = f"{PREFIX}{os.getpid()}"
     self.hub = f"{self.tag}-hub"
     self.names = [f"{self.tag}-i{k}" for k in range(islands)]
@@ -168,7 +172,7 @@ class Testbed:
       for where, dev in ((self.hub, port), (ns, "wan0")):
         _ip("-n", where, "link", "set", "dev", dev, "mtu", "1500", "gso_max_size", "1500",
             "gso_max_segs", "1")
-        self._shape(where, dev)
+        self._shape(where, dev, self.rates[k])
       _ip("-n", self.hub, "link", "set", port, "master", "br0", "up")
       _ip("-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", "wan0")
       _ip("-n", ns, "link", "set", "wan0", "up")
@@ -176,10 +180,10 @@ class Testbed:
       with open(f"/etc/netns/{ns}/hosts", "w") as f:
         f.write(f"127.0.0.1 localhost\n{self.address(k)} {hostname}\n")
 
-  def _shape(self, ns: str, dev: str) -> None:
-    if self.rate:
+  def _shape(self, ns: str, dev: str, rate: str | None) -> None:
+    if rate:
       subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root",
-                      "tbf", "rate", self.rate, "burst", self.burst, "latency",
+                      "tbf", "rate", rate, "burst", self.burst, "latency",
                       f"{self.queue_ms}ms"], check=True, capture_output=True, text=True)
 
   def counters(self) -> list[dict[str, int]]:

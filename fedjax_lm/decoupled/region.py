@@ -11,7 +11,7 @@ tier's optimizer (``outer.halos_local_*`` at an LPS, ``outer.halos_global_*`` at
 members: the LPS serves only its region's islands (``island/<k>``); the GPS serves only the
 regions (``region/<r>``, a key derived from the job secret that no island holds: an island
 cannot push to the GPS). An LPS is the GPS's member through :class:`Uplink`: after every
-``halos_k`` arrivals it sends ``Delta = ref - theta`` to the GPS as an island sends its
+``halos_k`` arrivals since its last merge it sends ``Delta = ref - theta`` to the GPS as an island sends its
 pseudo-gradient (the same signed, streamed, validated path; ``local_steps`` = the inner steps
 it holds), pulls the GPS's params and merges them, ``theta <- (1 - alpha) theta + alpha
 Theta``, ``ref <- theta``. ``launch.region_push=async`` (HALoS) keeps serving its islands while
@@ -129,8 +129,8 @@ class Uplink:
         (1.0 - alpha) * x + alpha * t.astype(x.dtype)
         for x, t in zip(spec.frags.take(params, 0), theta))), donate_argnums=0)
     self.reference = self._take(syncer.server.params)  # the params at the last merge
-    self.since = 0  # arrivals applied since the last push
-    self.pending = 0  # inner steps they hold
+    self.since = 0  # arrivals applied since the last merge
+    self.pending = 0  # inner steps applied since the last push
     self.version = 0  # the GPS's updates when this LPS last pulled
     self.pushes = 0
     self.pushed_bytes = 0
@@ -154,10 +154,12 @@ class Uplink:
         return
 
   def arrived(self, local_steps: int) -> None:
-    """After the LPS applied an island's update (its lock held): every ``halos_k``-th, a push."""
+    """After the LPS applied an island's update (its lock held): the ``halos_k``-th since the
+    last merge pushes (as the authors' LPS: arrivals while a push is in flight do not start
+    another; the merge starts the count again)."""
     self.since += 1
     self.pending += int(local_steps)
-    if self.since >= self.k:
+    if self.since == self.k:
       self._push()
 
   def _push(self, final: bool = False) -> None:
@@ -169,7 +171,7 @@ class Uplink:
     meta = {"island": self.tier.region, "fragment": 0, "data": "",
             "step": min(self.syncer.progress(), self.syncer.total) or 1,
             "version": self.version, "local_steps": self.pending}
-    self.since, self.pending = 0, 0
+    self.pending = 0
     self.pushes += 1
     self.pushed_bytes += sum(a.nbytes for a in arrays[:-1])
     if self.blocking or final:
@@ -196,18 +198,26 @@ class Uplink:
     server = self.syncer.server
     self.syncer.server = server._replace(params=self._merge(server.params, theta, self.alpha))
     self.reference = self._take(self.syncer.server.params)
+    self.since = 0
     self.version = int(got.get("version", self.version))
     self.syncer._log("region_merged", region=self.tier.region, gps_version=self.version,
                     pushes=self.pushes)  # pylint: disable=protected-access
 
   def flush(self) -> None:
-    """The end (lock not held): in-flight pushes landed, what the GPS has not had pushed
-    (marked final), and this region leaves the GPS."""
+    """The end (lock not held): the push in flight landed, what the GPS has not had (the
+    arrivals since the last merge) pushed, and this region leaves the GPS."""
     for f in self._in_flight:
       f.result()
     with self.syncer.lock:
-      if not self.flushed and self.since:
-        self._push(final=True)
+      if not self.flushed:
+        # arrivals since the last merge: pushed; none, but steps applied while the last push
+        # was in flight: their progress was folded into the merge (theta's 1 - alpha share),
+        # not sent (the timing model's final flush does the same)
+        folded = 0 if self.since else self.pending
+        if self.since:
+          self._push(final=True)
+        self.syncer._log("region_flushed", region=self.tier.region, pushes=self.pushes,  # pylint: disable=protected-access
+                         folded_steps=folded)
       self.flushed = True
     self._stop.set()
     try:

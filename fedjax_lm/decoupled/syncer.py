@@ -706,9 +706,12 @@ class Syncer:
       raise wire.WireError(f"island {island}: an async send needs the version its params were "
                            "pulled at and its local_steps")
     pulled = int(meta["version"])
-    if self.tier is not None and self.tier.kind == "global":  # a region's K arrivals' steps
+    if self.tier is not None and self.tier.kind == "global":
+      # a region's push: the inner steps its islands applied since its last push, at most
+      # its whole share of the run's (M / R islands x (total_steps + one phase each))
+      per = self.tier.islands // self.num
       local_steps = validate.local_steps(meta["local_steps"], island,
-                                         self.tier.settings.k * int(self.schedule.every))
+                                         per * (self.total + int(self.schedule.every)))
     else:
       local_steps = validate.local_steps(meta["local_steps"], island,
                                          int(self.schedule.every), self.told.get(island))
