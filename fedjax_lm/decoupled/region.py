@@ -25,7 +25,9 @@ end, once every region has flushed.
 
 Left out: an LPS restarted from its checkpoint resumes its params and optimizer but not its
 tier state (``ref``, arrivals since its last merge): it starts a new merge period from its
-restored params; one region's LPS holds all of its region (no sharded LPS).
+restored params; one region's LPS holds all of its region (no sharded LPS); the run's tokens
+are split per region (a slow region does not hand its share to a fast one, as the timing
+model's one budget for all workers does).
 """
 
 from __future__ import annotations
