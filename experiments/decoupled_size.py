@@ -61,6 +61,9 @@ def _role(pid: int) -> str | None:
     return "main"
   if role.group(1) == "island":
     return "island_" + re.search(r"launch\.island=(\d+)", cmd).group(1)
+  region = re.search(r"launch\.region=(\d+)", cmd)  # HALoS: a regional syncer
+  if region:
+    return "region_" + region.group(1)
   shard = re.search(r"launch\.syncer_shard=(\d+)", cmd)
   return "syncer_" + (shard.group(1) if shard else "0")
 
