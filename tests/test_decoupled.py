@@ -461,8 +461,8 @@ read = lambda *p: channel.Tls(*(open(f'{d}/{x}', 'rb').read() for x in p))
 keys = lambda who: wire.derive(secret, who) if who.startswith('island/') else None
 echo = {'Echo': channel.Method(lambda who, meta, arrays: ('echo', {'x': meta['x']}, arrays),
                                ('echo',))}
-channel.serve(keys, 'job', '127.0.0.1', port, echo,
-              tls=read('ca.pem', 'syncer.pem', 'syncer.key'))
+server = channel.serve(keys, 'job', '127.0.0.1', port, echo,  # (kept: a collected server stops)
+                       tls=read('ca.pem', 'syncer.pem', 'syncer.key'))
 print('listening', flush=True)
 time.sleep(180)
 """

@@ -55,7 +55,6 @@ from fedjax_lm import wire
 SERVICE = "fedjax_lm.Syncer"
 TOKEN_AGE_S = 30.0
 BASE_DEADLINE_S = 30.0
-RECONNECT_S = 10.0  # a client replaces its channel after this long of UNAVAILABLE calls
 MIN_RATE = 1 << 20  # bytes/s a call's stream must sustain (1 MiB/s) before it is cancelled
 SMALL_BYTES = 1 << 20  # what a control call (join, heartbeat, receive request) may carry
 PER_MEMBER_CALLS = 6  # a member's calls in flight (heartbeat, send, receive, join, retries)
@@ -312,9 +311,7 @@ class Client:
     self.give_up_s = give_up_s
     self._tls = tls
     self.state = None
-    self.reconnects = 0  # channels replaced after RECONNECT_S of failing calls
     self._channel = self._open()
-    self._failing_since: float | None = None
     self.sent_bytes = 0  # stream bytes put on the wire (what this client sent)
     self.received_bytes = 0
     # strictly increasing per member, across its restarts (microseconds at start, then +1)
@@ -337,20 +334,6 @@ class Client:
                                options=_CLIENT_OPTIONS)
     ch.subscribe(self._watch, try_to_connect=True)
     return ch
-
-  def _unavailable(self) -> None:
-    """A call found the syncer unavailable: after RECONNECT_S of that, a fresh channel (a
-    connection attempt from scratch; a stuck one was seen, rarely, on a loaded host)."""
-    now = time.time()
-    with self._lock:
-      if self._failing_since is None:
-        self._failing_since = now
-      elif now - self._failing_since > RECONNECT_S:
-        # the old one is not closed here: another thread's call may be on it (it goes when
-        # the last reference does)
-        old, self._channel = self._channel, self._open()
-        old.unsubscribe(self._watch)
-        self._failing_since, self.reconnects = now, self.reconnects + 1
 
   def _next(self) -> int:
     with self._lock:
@@ -389,15 +372,12 @@ class Client:
           raise wire.WireError(f"syncer {self.address}: a reply to another call")
         self.sent_bytes += counted[0]
         self.received_bytes += got[0]
-        self._failing_since = None
         return out_kind, out_meta, out_arrays
       except grpc.RpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
                     grpc.StatusCode.FAILED_PRECONDITION):
           raise wire.WireError(f"syncer {self.address} refused {method}: {e.details()}") from e
-        if code == grpc.StatusCode.UNAVAILABLE:
-          self._unavailable()
         if time.time() - start > self.give_up_s:
           raise SyncerUnreachable(
               f"syncer {self.address} did not answer {method} within {self.give_up_s:.0f} s "
