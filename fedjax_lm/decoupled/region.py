@@ -231,9 +231,3 @@ class Uplink:
     self._stop.set()
     self._pushing.shutdown()
     self.client.close()
-
-
-def push_bytes(uplink: Uplink | None) -> dict:
-  return {} if uplink is None else {"gps_pushes": uplink.pushes,
-                                    "gps_push_bytes": uplink.pushed_bytes}
-
