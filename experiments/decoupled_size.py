@@ -11,6 +11,13 @@ S-shard syncer). Every 1 s it reads each process's ``VmHWM`` from /proc (role fr
 line), and reports: the largest relative difference of the islands' per-step losses, the rounds
 each syncer shard closed and whether any closed without an island, each role's peak RSS against
 the goals (island: its device state + one payload; the shards together: 3 x params x 4 bytes).
+
+What an island's device holds is measured, not estimated: ``reference`` is the same island's
+training in one process with no link (``launch.mode=local``, one island on one device, its batch
+and programs): its params, optimizer state, global copy, XLA's step temporaries and the runtime.
+A decoupled island's host memory beyond it is the link's. Peaks are reported twice: over the whole
+run (``VmHWM``) and over the training steps (``VmRSS`` sampled each second until every island
+logged step ``steps - 1``: no final checkpoint, final eval or launch in it).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _overrides(args, mode: str) -> list[str]:
-  common = {"launch.mode": mode, "algorithm": "islands", "islands.num": args.islands,
+  islands = 1 if mode == "reference" else args.islands
+  mode = "local" if mode == "reference" else mode
+  common = {"launch.mode": mode, "algorithm": "islands", "islands.num": islands,
             "outer.sync_every": args.h,
             "outer.fragments": args.fragments, "total_steps": args.steps,
             "eval_every": args.steps, "log_every": 1, "eval_batches": 1, "eval_batch_size": 1,
@@ -41,7 +50,7 @@ def _overrides(args, mode: str) -> list[str]:
             "data.seq_len": 128, "data.batch_size": 1, "data.append_eos": False,
             "model.compute_dtype": "float32"}
   if mode == "local":  # (the eval batch is split over the emulated island devices)
-    common["eval_batch_size"] = args.islands
+    common["eval_batch_size"] = islands
   if mode == "decoupled":
     common.update({"launch.heartbeat_seconds": 60, "launch.syncer_shards": args.shards})
   return [f"--config.{k}={v}" for k, v in {**common, **dict(
@@ -68,15 +77,31 @@ def _role(pid: int) -> str | None:
   return "syncer_" + (shard.group(1) if shard else "0")
 
 
-def _hwm(pid: int) -> int:
+def _memory(pid: int) -> tuple[int, int]:
+  """(VmHWM, VmRSS) of a process in bytes; zeros once it is gone."""
+  out = {}
   try:
     with open(f"/proc/{pid}/status", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
+        if line.startswith(("VmHWM:", "VmRSS:")):
+          out[line[:5]] = int(line.split()[1]) * 1024
   except OSError:
     pass
-  return 0
+  return out.get("VmHWM", 0), out.get("VmRSS", 0)
+
+
+def _logged(workdir: str, mode: str, m: int) -> int:
+  """Steps every island has logged so far."""
+  paths = ([os.path.join(workdir, "metrics.jsonl")] if mode != "decoupled" else
+           [os.path.join(workdir, "islands", str(k), "metrics.jsonl") for k in range(m)])
+  counts = []
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        counts.append(f.read().count(b"\n"))
+    except OSError:
+      counts.append(0)
+  return min(counts)
 
 
 def _run(args, mode: str, workdir: str) -> dict:
@@ -88,20 +113,26 @@ def _run(args, mode: str, workdir: str) -> dict:
                              "--workdir", workdir, *_overrides(args, mode)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     peaks: dict[str, int] = {}
+    training: dict[str, int] = {}  # peak VmRSS while the islands run steps 1 .. steps - 1
     began = time.time()
+    islands = 1 if mode == "reference" else args.islands
     while proc.poll() is None:
+      in_steps = _logged(workdir, mode, islands) < args.steps - 1
       for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
         role = _role(pid)
         if role and (role != "main" or pid == proc.pid):
-          peaks[role] = max(peaks.get(role, 0), _hwm(pid))
+          hwm, rss = _memory(pid)
+          peaks[role] = max(peaks.get(role, 0), hwm)
+          if in_steps:
+            training[role] = max(training.get(role, 0), rss)
       time.sleep(1.0)
   if proc.returncode:
     raise RuntimeError(f"{mode} run failed ({proc.returncode}): see {workdir}/run.log")
-  return {"peaks": peaks, "seconds": time.time() - began}
+  return {"peaks": peaks, "training_peaks": training, "seconds": time.time() - began}
 
 
 def _losses(workdir: str, mode: str, m: int) -> np.ndarray:
-  if mode == "local":
+  if mode != "decoupled":
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
       rows = [json.loads(l) for l in f if l.strip()]
     return np.array([r["island_loss"] for r in rows if "island_loss" in r], dtype=np.float64)
@@ -155,16 +186,22 @@ def main(argv=None) -> None:
   parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE config overrides")
   parser.add_argument("--data_dir", default="runs/decoupled_size/tfds")
   parser.add_argument("--workdir", default="runs/decoupled_size")
-  parser.add_argument("--only", choices=["local", "decoupled"], default=None)
+  parser.add_argument("--only", nargs="*", choices=["local", "decoupled", "reference"],
+                      default=None, help="runs to make (default: all three)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   sizes = _state_bytes(args)
   runs = {}
-  for mode in ("local", "decoupled"):
-    if args.only in (None, mode):
+  for mode in ("local", "decoupled", "reference"):
+    if not args.only or mode in args.only:
       runs[mode] = _run(args, mode, os.path.join(args.workdir, mode))
   result = {"args": vars(args), **sizes, "runs": runs}
-  if len(runs) == 2:
+  if "decoupled" in runs and "reference" in runs:  # the link's host memory beyond the device's
+    for key in ("peaks", "training_peaks"):
+      ref = runs["reference"][key]["main"]
+      result[f"island_beyond_reference_{key}"] = {
+          r: v - ref for r, v in runs["decoupled"][key].items() if r.startswith("island")}
+  if "local" in runs and "decoupled" in runs:
     a, b = (_losses(os.path.join(args.workdir, m), m, args.islands) for m in ("local",
                                                                                "decoupled"))
     result["max_rel_loss_diff"] = float(np.max(np.abs(a - b) / np.abs(a)))
