@@ -4,7 +4,9 @@
 
 Sends one float32 pseudo-gradient the size of the config's model (c4_1b: 1.06B parameters,
 4.2 GB) from a client process to a server process over :mod:`fedjax_lm.decoupled.channel`
-(streamed, every chunk authenticated, reduced into a running sum on arrival), then the same
+(streamed, every chunk authenticated, reduced into a running sum on arrival), once over each
+of its paths (``channel``: as a decoupled run sends it, a payload over the bulk path,
+:mod:`fedjax_lm.decoupled.bulk`; ``channel-grpc``: ``launch.bulk_min_bytes=-1``, gRPC), then the same
 bytes over a plain TCP socket on loopback (``sendall`` / ``recv_into`` one buffer, kept across
 sends; then ``raw-fresh``: a new buffer each send, paying its first-touch page faults as the
 channel's reader does). Prints seconds, CPU seconds per GB of each process (less disturbed
@@ -131,16 +133,19 @@ def main() -> None:
   tmp = tempfile.mkdtemp()
   rows = []
   proc, port = _start("server", n, tmp)
-  client = channel.Client(f"127.0.0.1:{port}", wire.derive(_SECRET, "island/0"), "island/0",
-                          "bench", give_up_s=30)
-  for _ in range(args.repeats):
-    cpu = _cpu_s(os.getpid()), _cpu_s(proc.pid)
-    start = time.time()
-    _, meta, _ = client.call("Send", "send", {}, [payload])
-    rows.append(("channel", time.time() - start, _cpu_s(os.getpid()) - cpu[0],
-                 _cpu_s(proc.pid) - cpu[1]))
-  sent = client.sent_bytes / args.repeats
-  client.close()
+  sent = 0
+  for name, threshold in (("channel", 16 << 20), ("channel-grpc", -1)):
+    client = channel.Client(f"127.0.0.1:{port}", wire.derive(_SECRET, "island/0"), "island/0",
+                            "bench", give_up_s=30, bulk_min_bytes=threshold)
+    for _ in range(args.repeats):
+      cpu = _cpu_s(os.getpid()), _cpu_s(proc.pid)
+      start = time.time()
+      before = client.sent_bytes
+      _, meta, _ = client.call("Send", "send", {}, [payload])
+      rows.append((name, time.time() - start, _cpu_s(os.getpid()) - cpu[0],
+                   _cpu_s(proc.pid) - cpu[1]))
+      sent = client.sent_bytes - before
+    client.close()
   open(os.path.join(tmp, "server.port.stop"), "w").close()
   server_hwm = json.loads(proc.communicate()[0].strip().splitlines()[-1])["server_hwm"]
   for role in ("raw", "raw-fresh"):
@@ -155,16 +160,18 @@ def main() -> None:
                    _cpu_s(raw.pid) - cpu[1]))
     raw.kill()
     raw.wait()
-  best = {k: min(t for r, t, _, _ in rows if r == k) for k in ("channel", "raw", "raw-fresh")}
+  best = {k: min(t for r, t, _, _ in rows if r == k) for k in ("channel", "channel-grpc", "raw",
+                                                                "raw-fresh")}
   gbps = {k: n * 4 / v / 1e9 for k, v in best.items()}
   print(f"payload: {n:,} float32 = {n * 4 / 1e9:.2f} GB; on the wire per send "
         f"{sent / 1e9:.3f} GB (+{(sent - n * 4) / (n * 4) * 100:.3f}% heads and MACs)")
   for role, t, c, d in rows:
-    print(f"  {role:9s} {t:7.2f} s  {n * 4 / t / 1e9:6.2f} GB/s   CPU s per GB: client "
+    print(f"  {role:12s} {t:7.2f} s  {n * 4 / t / 1e9:6.2f} GB/s   CPU s per GB: client "
           f"{c / (n * 4 / 1e9):.2f}, server {d / (n * 4 / 1e9):.2f}")
-  print(f"channel ÷ raw throughput (best of {args.repeats}): "
-        f"{gbps['channel'] / gbps['raw']:.2f}  (÷ raw into a fresh buffer per send, as the "
-        f"channel's reader: {gbps['channel'] / gbps['raw-fresh']:.2f})")
+  for name in ("channel", "channel-grpc"):
+    print(f"{name} ÷ raw throughput (best of {args.repeats}): "
+          f"{gbps[name] / gbps['raw']:.2f}  (÷ raw into a fresh buffer per send, as the "
+          f"channel's reader: {gbps[name] / gbps['raw-fresh']:.2f})")
   print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
   print(f"peak RSS: client {_hwm_bytes() / 1e9:.2f} GB (payload {n * 4 / 1e9:.2f} GB), "
         f"server {server_hwm / 1e9:.2f} GB (running sum + one receive buffer: "

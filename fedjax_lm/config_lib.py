@@ -273,6 +273,11 @@ def _launch() -> ml_collections.ConfigDict:
   s.tls_cert = ""
   s.tls_key = ""
   s.plaintext = False
+  # Decoupled mode: a call whose request or reply may exceed this many bytes (a payload, a
+  # mean, a joiner's state) takes the channel's bulk path, one TCP (or mutual-TLS) connection
+  # with the same tokens, signed heads and chunk tags (fedjax_lm/decoupled/bulk.py: 0.62 of raw
+  # TCP at the 1B size, gRPC's Python path 0.34); -1: every call over gRPC
+  s.bulk_min_bytes = 16 << 20
   return s
 
 
@@ -440,6 +445,8 @@ def _validate_launch(c) -> None:
          f"launch.syncer_checkpoint_every={c.launch.syncer_checkpoint_every} must be >= 0")
   _check(float(c.launch.join_grace_seconds) > 0,
          f"launch.join_grace_seconds={c.launch.join_grace_seconds} must be > 0")
+  _check(int(c.launch.bulk_min_bytes) >= -1,
+         f"launch.bulk_min_bytes={c.launch.bulk_min_bytes} must be >= -1 (-1: gRPC only)")
   _check(int(c.launch.heartbeat_seconds) >= 1,
          f"launch.heartbeat_seconds={c.launch.heartbeat_seconds} must be >= 1")
   _check(float(c.launch.norm_bound) == 0 or 1 < float(c.launch.norm_bound) < float("inf"),

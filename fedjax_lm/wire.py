@@ -217,11 +217,18 @@ class _Chunks:
     return self._gcm.encrypt(index.to_bytes(12, "big"), b"", data)
 
 
-def _seal(chunks: _Chunks, index: int, pieces: list) -> bytes:
-  """One chunk message, ``tag | bytes``: the arrays' bytes are copied once, into it (gRPC
-  sends ``bytes`` only; a memoryview is refused)."""
+def _seal(chunks: _Chunks, index: int, pieces: list, join: bool = True) -> bytes | tuple:
+  """One chunk message, ``tag | bytes``: with ``join`` the arrays' bytes are copied once,
+  into it (gRPC sends ``bytes`` only; a memoryview is refused); else ``(tag, *pieces)``, the
+  pieces in place (a socket writes them as they are)."""
   body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-  return b"".join([chunks.tag(index, body), *pieces])
+  tag = chunks.tag(index, body)
+  return b"".join([tag, *pieces]) if join else (tag, *pieces)
+
+
+def message_bytes(message: bytes | tuple) -> int:
+  """The bytes of a message :func:`stream` yields (joined or in parts)."""
+  return len(message) if not isinstance(message, tuple) else sum(len(p) for p in message)
 
 
 def _cut(views: Sequence[memoryview], chunk: int):
@@ -241,9 +248,10 @@ def _cut(views: Sequence[memoryview], chunk: int):
 
 
 def stream(key: bytes, kind: str, meta: dict, arrays: Sequence[np.ndarray] = (),
-           chunk: int = CHUNK_BYTES):
+           chunk: int = CHUNK_BYTES, join: bool = True):
   """The messages of one streamed payload: a signed head, then authenticated chunks. The
-  arrays' bytes are read in place (no payload-sized copy is made)."""
+  arrays' bytes are read in place (no payload-sized copy is made); ``join=False``: each chunk
+  message as ``(tag, *pieces)``, views of the arrays (no copy at all)."""
   specs, views = [], []
   for a in arrays:
     name = str(a.dtype)
@@ -255,7 +263,7 @@ def stream(key: bytes, kind: str, meta: dict, arrays: Sequence[np.ndarray] = (),
   yield head
   chunks, ahead = _Chunks(key, head[:MAC_BYTES]), collections.deque()
   for index, pieces in enumerate(_cut(views, chunk)):
-    ahead.append(_workers().submit(_seal, chunks, index, pieces))
+    ahead.append(_workers().submit(_seal, chunks, index, pieces, join))
     if len(ahead) > _AHEAD:
       yield ahead.popleft().result()
   while ahead:

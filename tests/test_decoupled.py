@@ -353,14 +353,18 @@ def test_tls_config_names_the_missing_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir):
+@pytest.mark.parametrize("bulk_min_bytes", [-1, 0])
+def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir,
+                                                            bulk_min_bytes):
   """The launcher's syncer and island jobs with launch.tls_* (one certificate for all roles,
-  valid for 127.0.0.1): the same losses as without TLS."""
+  valid for 127.0.0.1): the same losses as without TLS, every call over gRPC (-1) or every
+  call but the bulk port's over the bulk path (0: joins, sends, receives, heartbeats)."""
   root = tmp_path / "pki"
   _pki(root, "job")  # the syncer's certificate doubles as the islands' (one job, one host)
   files = [f"--config.launch.tls_ca={root / 'ca.pem'}",
            f"--config.launch.tls_cert={root / 'server.pem'}",
-           f"--config.launch.tls_key={root / 'server.key'}"]
+           f"--config.launch.tls_key={root / 'server.key'}",
+           f"--config.launch.bulk_min_bytes={bulk_min_bytes}"]
   result = _decoupled(tmp_path / "run", data_dir, "diloco", *files)
   assert result.returncode == 0, result.stderr[-3000:]
   want = json.load(open(golden.golden_file()[0]))["diloco"]

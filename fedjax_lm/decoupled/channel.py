@@ -51,6 +51,7 @@ import grpc
 import numpy as np
 
 from fedjax_lm import wire
+from fedjax_lm.decoupled import bulk as bulk_lib
 
 SERVICE = "fedjax_lm.Syncer"
 TOKEN_AGE_S = 30.0
@@ -154,22 +155,28 @@ class _Auth(grpc.ServerInterceptor):
     self.in_flight: collections.Counter = collections.Counter()
     self.lock = threading.Lock()
 
-  def intercept_service(self, continuation, handler_call_details):
-    value = dict(handler_call_details.invocation_metadata).get("fedjax-auth")
+  def admit(self, method: str, value: str | None) -> tuple[str, str]:
+    """(who, nonce) of a call that may run; :class:`_Abort` (logged) otherwise."""
     code = grpc.StatusCode.UNAUTHENTICATED
     try:
-      who, _ = self.tokens.check(handler_call_details.method, value)
+      who, nonce = self.tokens.check(method, value)
       with self.lock:
         if self.in_flight[who] >= PER_MEMBER_CALLS:
           code = grpc.StatusCode.RESOURCE_EXHAUSTED
           raise wire.WireError(f"{who} has {PER_MEMBER_CALLS} calls in flight")
     except wire.WireError as e:
-      self.log("syncer: refused %s: %s", handler_call_details.method, e)
-      message = str(e)
+      self.log("syncer: refused %s: %s", method, e)
+      raise _Abort(code, str(e)) from e
+    return who, nonce
 
-      def deny(requests, context):
+  def intercept_service(self, continuation, handler_call_details):
+    value = dict(handler_call_details.invocation_metadata).get("fedjax-auth")
+    try:
+      self.admit(handler_call_details.method, value)
+    except _Abort as e:
+      def deny(requests, context, e=e):
         del requests
-        context.abort(code, message)
+        context.abort(e.code, e.message)
       return grpc.stream_stream_rpc_method_handler(deny)
     return continuation(handler_call_details)
 
@@ -204,6 +211,14 @@ class Refused(Exception):
   """A well-formed, authentic request the syncer will not serve (one line says why)."""
 
 
+class _Abort(Exception):
+  """A call ended with a gRPC status (either transport reports it the same way)."""
+
+  def __init__(self, code: grpc.StatusCode, message: str):
+    super().__init__(message)
+    self.code, self.message = code, message
+
+
 Reply = tuple  # (kind, meta, arrays)
 
 
@@ -222,10 +237,11 @@ class Method(NamedTuple):
 
 
 def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
-          methods: dict[str, Method], threads: int = 16, tls: Tls | None = None
-          ) -> tuple[grpc.Server, int]:
+          methods: dict[str, Method], threads: int = 16, tls: Tls | None = None,
+          bulk: bool = True) -> tuple["Server", int]:
   """Starts a server for ``methods`` on ``host:port`` (0: any free port), with members'
-  ``keys`` (identity -> key, None for a stranger), mutual TLS with ``tls``; returns
+  ``keys`` (identity -> key, None for a stranger), mutual TLS with ``tls``, and (``bulk``) the
+  bulk path beside it on the same interface (:mod:`fedjax_lm.decoupled.bulk`); returns
   (server, port)."""
   log = _Log()
   tokens = Tokens(keys)
@@ -234,24 +250,28 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
   # silently, the kernel splitting connections between the two.
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(threads), options=_SERVER_OPTIONS,
                        interceptors=[auth], maximum_concurrent_rpcs=threads)
+  calls = {}
 
   def wrap(name: str, method: Method):
     full = f"/{SERVICE}/{name}"
     slots = threading.BoundedSemaphore(method.slots) if method.slots else None
 
-    def handler(requests: Iterator[bytes], context) -> Iterator[bytes]:
-      who, _, nonce, _ = dict(context.invocation_metadata())["fedjax-auth"].rsplit(":", 3)
+    def handle(who: str, nonce: str, requests: Iterator[bytes], cancel: Callable[[], None]
+               ) -> Iterator[bytes]:
+      """One admitted call of either transport: its request read (within its deadline,
+      ``cancel`` ends the transport's stream), handled, its reply's messages; :class:`_Abort`
+      with the status otherwise."""
       key, limit = keys(who), method.limit(who)
       with auth.lock:
         auth.in_flight[who] += 1
-      timer = threading.Timer(deadline_s(limit), context.cancel)
+      timer = threading.Timer(deadline_s(limit), cancel)
       timer.daemon = True
       held = False
       try:
         if slots is not None:  # wait for a slot (the request is not read meanwhile)
           held = slots.acquire(timeout=deadline_s(limit))
           if not held:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}: every slot busy")
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{full}: every slot busy")
         timer.start()
         kind, meta, arrays = wire.unstream(key, requests, method.kinds, limit)
         if meta.pop("nonce", None) != nonce:
@@ -267,20 +287,34 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
         yield from wire.stream(key, out_kind, {**out_meta, "reply_to": nonce}, out_arrays)
       except wire.WireError as e:
         log("syncer: rejected %s from %s: %s", name, who, e)
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
       except Refused as e:
         log("syncer: refused %s from %s: %s", name, who, e)
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
       finally:
         timer.cancel()
         if held:
           slots.release()
         with auth.lock:
           auth.in_flight[who] -= 1
+    calls[full] = handle
+
+    def handler(requests: Iterator[bytes], context) -> Iterator[bytes]:
+      who, _, nonce, _ = dict(context.invocation_metadata())["fedjax-auth"].rsplit(":", 3)
+      try:
+        yield from handle(who, nonce, requests, context.cancel)
+      except _Abort as e:
+        context.abort(e.code, e.message)
     return grpc.stream_stream_rpc_method_handler(handler)
 
-  server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-      SERVICE, {name: wrap(name, m) for name, m in methods.items()}),))
+  handlers = {name: wrap(name, m) for name, m in methods.items()}
+  side = None
+  if bulk:
+    side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads)
+    port_of_bulk = side.port
+    handlers[bulk_lib.METHOD] = wrap(bulk_lib.METHOD, Method(
+        lambda who, meta, arrays: ("bulk", {"port": port_of_bulk}, []), ("bulk",)))
+  server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
   try:
     if tls is None:
       bound = server.add_insecure_port(f"{host}:{port}")
@@ -290,9 +324,28 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
   except RuntimeError:  # grpcio raises where older versions returned 0
     bound = 0
   if not bound:
+    if side is not None:
+      side.close()
     raise OSError(f"syncer: cannot listen on {host}:{port}")
   server.start()
-  return server, bound
+  if side is not None:
+    side.start()
+  return Server(server, side, bound), bound
+
+
+class Server:
+  """The gRPC server (on ``grpc_port``) and its bulk listener, stopped together."""
+
+  def __init__(self, grpc_server: grpc.Server, side, grpc_port: int):
+    self.grpc, self.bulk, self.grpc_port = grpc_server, side, grpc_port
+
+  def stop(self, grace: float | None = None):
+    if self.bulk is not None:
+      self.bulk.close()
+    return self.grpc.stop(grace)
+
+  def wait_for_termination(self, timeout: float | None = None) -> bool:
+    return self.grpc.wait_for_termination(timeout)
 
 
 class SyncerUnreachable(ConnectionError):
@@ -306,9 +359,12 @@ class Client:
   send it already has is answered as a duplicate."""
 
   def __init__(self, address: str, key: bytes, who: str, job: str, give_up_s: float = 60.0,
-               tls: Tls | None = None):
+               tls: Tls | None = None, bulk_min_bytes: int = bulk_lib.MIN_BYTES):
     self.address, self._key, self.who, self.job = address, key, who, job
     self.give_up_s = give_up_s
+    # calls whose request or reply may exceed this take the bulk path (negative: never)
+    self.bulk_min_bytes = int(bulk_min_bytes)
+    self._bulk_port: int | None = None  # the server's bulk port (asked once; 0: none)
     self._tls = tls
     self.state = None
     self._channel = self._open()
@@ -349,17 +405,26 @@ class Client:
     deadline = deadline or deadline_s(max(nbytes, reply_limit if reply_limit > SMALL_BYTES
                                           else 0))
     start = time.time()
+    big = method != bulk_lib.METHOD and 0 <= self.bulk_min_bytes <= max(
+        nbytes, reply_limit if reply_limit > SMALL_BYTES else 0)
     while True:
-      value, nonce = token(self._key, full, self.who)
       counted = [0]
-
-      def requests():
-        for m in wire.stream(self._key, kind, {**meta, "nonce": nonce, "job": self.job,
-                                               "counter": self._next()}, arrays):
-          counted[0] += len(m)
-          yield m
       try:
-        responses = self._channel.stream_stream(full)(requests(), timeout=deadline, metadata=[("fedjax-auth", value)])
+        port = self._bulk() if big else 0
+        value, nonce = token(self._key, full, self.who)
+
+        def requests():
+          for m in wire.stream(self._key, kind, {**meta, "nonce": nonce, "job": self.job,
+                                                 "counter": self._next()}, arrays,
+                               join=not port):
+            counted[0] += wire.message_bytes(m)
+            yield m
+        if port:
+          responses = bulk_lib.call(self.address.rsplit(":", 1)[0].strip("[]"), port,
+                                    self._tls, full, value, requests(), deadline)
+        else:
+          responses = self._channel.stream_stream(full)(
+              requests(), timeout=deadline, metadata=[("fedjax-auth", value)])
         got = [0]
 
         def replies():
@@ -376,13 +441,25 @@ class Client:
       except grpc.RpcError as e:
         code = e.code()
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
-                    grpc.StatusCode.FAILED_PRECONDITION):
+                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
           raise wire.WireError(f"syncer {self.address} refused {method}: {e.details()}") from e
+        if isinstance(e, bulk_lib.Failed):
+          self._bulk_port = None  # (the syncer may have restarted on another port: ask again)
         if time.time() - start > self.give_up_s:
           raise SyncerUnreachable(
               f"syncer {self.address} did not answer {method} within {self.give_up_s:.0f} s "
               f"({code.name}); check launch.syncer and that the syncer is running") from e
         time.sleep(0.2)
+
+  def _bulk(self) -> int:
+    """The server's bulk port (asked over gRPC, once; 0 if it has none)."""
+    if self._bulk_port is None:
+      try:
+        _, meta, _ = self.call(bulk_lib.METHOD, "bulk", {}, reply="bulk")
+        self._bulk_port = int(meta["port"])
+      except wire.WireError:  # (a server without the bulk path: gRPC it is)
+        self._bulk_port = 0
+    return self._bulk_port
 
   def _watch(self, state: grpc.ChannelConnectivity) -> None:
     self.state = state

@@ -277,7 +277,8 @@ def connect(config) -> list[channel.Client]:
     addresses = [region_lib.island_address(config, int(config.launch.island))]
   return [channel.Client(address, key, who, job,
                          give_up_s=max(60.0, 3 * float(config.launch.heartbeat_seconds)),
-                         tls=channel.Tls.from_config(config.launch))
+                         tls=channel.Tls.from_config(config.launch),
+                         bulk_min_bytes=int(config.launch.bulk_min_bytes))
           for address in addresses]
 
 

@@ -118,7 +118,8 @@ class Uplink:
     self.client = channel.Client(
         str(config.launch.syncer), wire.derive(secret, self.who), self.who, syncer.job,
         give_up_s=max(300.0, 10 * float(config.launch.heartbeat_seconds)),
-        tls=channel.Tls.from_config(config.launch))
+        tls=channel.Tls.from_config(config.launch),
+        bulk_min_bytes=int(config.launch.bulk_min_bytes))
     self.blocking = config.launch.region_push == "sync"
     self.alpha = float(self.tier.settings.alpha)
     self.k = int(self.tier.settings.k)

@@ -827,7 +827,8 @@ class Syncer:
         self._peers[s] = channel.Client(
             self.addresses[s], wire.derive(self.secret, "syncer/0"), "syncer/0", self.job,
             give_up_s=max(300.0, 10 * self.heartbeat_s),
-            tls=channel.Tls.from_config(self.config.launch))
+            tls=channel.Tls.from_config(self.config.launch),
+            bulk_min_bytes=int(self.config.launch.bulk_min_bytes))
       owned = owned_fragments(self.spec.frags.num, self.shards, s)
       limit = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) + 4096
       while True:
@@ -1083,8 +1084,10 @@ def serve(config, workdir: str) -> None:
   threads = max(16, 4 * syncer.max_islands)
   server, _ = channel.serve(syncer.keys, syncer.job, config.launch.interface or host, int(port),
                             syncer.methods(), threads=threads,
-                            tls=channel.Tls.from_config(config.launch))
-  logging.warning("syncer: listening on %s:%s", host, port)
+                            tls=channel.Tls.from_config(config.launch),
+                            bulk=int(config.launch.bulk_min_bytes) >= 0)
+  logging.warning("syncer: listening on %s:%s%s", host, port, "" if server.bulk is None else
+                  f" (bulk path on port {server.bulk.port})")
   try:
     while True:
       time.sleep(0.1)
