@@ -272,3 +272,23 @@ def test_the_bulk_path_over_mutual_tls_admits_the_job_s_certificates_only(tmp_pa
     ok.close()
   finally:
     server.stop(grace=0)
+
+
+def test_a_restarted_server_s_new_bulk_port_is_asked_again():
+  """The syncer restarts (same gRPC port, a new ephemeral bulk port): the client's cached bulk
+  port fails, it asks again and the call goes through."""
+  calls = []
+  server, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo(calls))
+  c = _client(port, give_up_s=20)
+  x = [np.ones(1 << 10, np.float32)]
+  try:
+    c.call("Echo", "echo", {"x": 1}, x, reply="echo")
+    first = c._bulk_port  # pylint: disable=protected-access
+    server.stop(grace=0)
+    server, _ = channel.serve(_keys, "job", "127.0.0.1", port, _echo(calls))
+    assert server.bulk.port != first
+    assert c.call("Echo", "echo", {"x": 2}, x, reply="echo")[1] == {"x": 2}
+    assert c._bulk_port == server.bulk.port and calls == ["island/0"] * 2  # pylint: disable=protected-access
+  finally:
+    c.close()
+    server.stop(grace=0)
