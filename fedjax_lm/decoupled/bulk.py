@@ -50,6 +50,14 @@ _STATUS_BYTES = 1 << 16
 _DRAIN_S, _DRAIN_BYTES = 1.0, 16 << 20
 
 
+class Abort(Exception):
+  """A call ended with a gRPC status (either transport reports it the same way)."""
+
+  def __init__(self, code: grpc.StatusCode, message: str):
+    super().__init__(message)
+    self.code, self.message = code, message
+
+
 class Failed(grpc.RpcError):
   """A bulk call that failed, with the status its gRPC twin would have given."""
 
@@ -171,8 +179,9 @@ class Listener:
   method's ``calls[method](who, nonce, requests, cancel)`` (the gRPC handler's body)."""
 
   def __init__(self, host: str, tls, admit: Callable, calls: dict, log: Callable,
-               threads: int):
+               threads: int, frame_limit: int):
     self.admit, self.calls, self.log = admit, calls, log
+    self.frame_limit = frame_limit  # the largest message (a chunk and a header)
     self._sock = socket.create_server((host, 0))
     self.port = self._sock.getsockname()[1]
     self._ctx = _server_context(tls) if tls is not None else None
@@ -238,10 +247,9 @@ class Listener:
       self.log("syncer: bulk: refused: %s", e)
       _status(conn, grpc.StatusCode.INVALID_ARGUMENT, str(e))
       return
-    from fedjax_lm.decoupled import channel  # pylint: disable=import-outside-toplevel
     try:
       who, nonce = self.admit(method, value)
-    except channel._Abort as e:  # pylint: disable=protected-access
+    except Abort as e:
       _status(conn, e.code, e.message)
       return
     conn.settimeout(None)  # from here the call's own deadline (its timer) governs
@@ -251,11 +259,10 @@ class Listener:
         conn.shutdown(socket.SHUT_RDWR)
       except OSError:
         pass
-    from fedjax_lm.decoupled.channel import _MESSAGE_BYTES  # pylint: disable=import-outside-toplevel
-    replies = handle(who, nonce, _frames(conn, _MESSAGE_BYTES), cancel)
+    replies = handle(who, nonce, _frames(conn, self.frame_limit), cancel)
     try:
       first = next(replies)
-    except channel._Abort as e:  # pylint: disable=protected-access
+    except Abort as e:
       _status(conn, e.code, e.message)
       return
     except (OSError, ConnectionError) as e:
@@ -286,7 +293,7 @@ def _status(conn: socket.socket, code: grpc.StatusCode, details: str) -> None:
 
 
 def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[bytes],
-         timeout: float, server_name: str | None = None) -> Iterator[bytearray]:
+         timeout: float, frame_limit: int = 64 << 20) -> Iterator[memoryview]:
   """The client half: one call's reply messages (an iterator: read as consumed). Raises
   :class:`Failed` with the call's status (UNAVAILABLE when the connection could not be made
   or broke)."""
@@ -301,7 +308,7 @@ def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[
   try:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
-      conn = _client_context(tls).wrap_socket(conn, server_hostname=server_name or host)
+      conn = _client_context(tls).wrap_socket(conn, server_hostname=host)
     conn.settimeout(None)
     _write_frame(conn, json.dumps({"method": method, "token": token}).encode())
     # The request is written on its own thread while the status is awaited: a server that
@@ -325,8 +332,7 @@ def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[
       code = getattr(grpc.StatusCode, str(status.get("code")), grpc.StatusCode.UNKNOWN)
       raise Failed(code, str(status.get("details", "")))
     writer.join(max(0.0, deadline - time.monotonic()))
-    from fedjax_lm.decoupled.channel import _MESSAGE_BYTES  # pylint: disable=import-outside-toplevel
-    yield from _frames(conn, _MESSAGE_BYTES)
+    yield from _frames(conn, frame_limit)
   except (OSError, ConnectionError, ssl.SSLError) as e:
     code = (grpc.StatusCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline else
             grpc.StatusCode.UNAVAILABLE)

@@ -216,13 +216,7 @@ class Refused(Exception):
   """A well-formed, authentic request the syncer will not serve (one line says why)."""
 
 
-class _Abort(Exception):
-  """A call ended with a gRPC status (either transport reports it the same way)."""
-
-  def __init__(self, code: grpc.StatusCode, message: str):
-    super().__init__(message)
-    self.code, self.message = code, message
-
+_Abort = bulk_lib.Abort  # (a call's status, on either transport)
 
 Reply = tuple  # (kind, meta, arrays)
 
@@ -315,7 +309,7 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
   handlers = {name: wrap(name, m) for name, m in methods.items()}
   side = None
   if bulk:
-    side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads)
+    side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads, _MESSAGE_BYTES)
     port_of_bulk = side.port
     handlers[bulk_lib.METHOD] = wrap(bulk_lib.METHOD, Method(
         lambda who, meta, arrays: ("bulk", {"port": port_of_bulk}, []), ("bulk",)))
@@ -426,7 +420,8 @@ class Client:
             yield m
         if port:
           responses = bulk_lib.call(self.address.rsplit(":", 1)[0].strip("[]"), port,
-                                    self._tls, full, value, requests(), deadline)
+                                    self._tls, full, value, requests(), deadline,
+                                    _MESSAGE_BYTES)
         else:
           responses = self._channel.stream_stream(full)(
               requests(), timeout=deadline, metadata=[("fedjax-auth", value)])
