@@ -229,6 +229,27 @@ def test_silent_and_excess_connections_cannot_starve_honest_calls(monkeypatch):
     server.stop(grace=0)
 
 
+def test_a_hello_dripped_a_byte_at_a_time_is_cut_at_the_deadline(monkeypatch):
+  """The hello deadline is the whole hello's, not each read's."""
+  monkeypatch.setattr(bulk, "HELLO_DEADLINE_S", 1.0)
+  server, _ = channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]))
+  try:
+    hello = json.dumps({"method": "/fedjax_lm.Syncer/Echo", "token": "x" * 200}).encode()
+    data = _FRAME.pack(len(hello)) + hello
+    with _raw_connect(server.bulk.port) as s:
+      began, sent = time.time(), 0
+      with pytest.raises(OSError):
+        for i in range(len(data)):
+          s.sendall(data[i:i + 1])
+          sent += 1
+          time.sleep(0.2)
+          if time.time() - began > 10:
+            break
+      assert time.time() - began < 4 and sent < len(data)
+  finally:
+    server.stop(grace=0)
+
+
 def test_a_stream_cut_short_applies_nothing(served):
   """A bulk Send whose connection closes half-way: refused, the round holds nothing of it."""
   syncer, server = served

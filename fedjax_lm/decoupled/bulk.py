@@ -45,6 +45,7 @@ METHOD = "Bulk"
 MIN_BYTES = 16 << 20  # a call whose request or reply may exceed this takes the bulk path
 HELLO_BYTES = 4096
 HELLO_DEADLINE_S = 5.0
+WRITE_S = 30.0  # the most one reply frame (a chunk, 4 MiB) may take to be written
 _FRAME = struct.Struct("!I")
 _STATUS_BYTES = 1 << 16
 _DRAIN_S, _DRAIN_BYTES = 1.0, 16 << 20
@@ -212,23 +213,27 @@ class Listener:
       threading.Thread(target=self._serve, args=(conn,), daemon=True, name="bulk").start()
 
   def _serve(self, conn: socket.socket) -> None:
+    # The handshake and the hello within HELLO_DEADLINE_S in all (a socket timeout alone is
+    # per read: a hello sent a byte at a time would hold the connection for hours).
+    hello_timer = threading.Timer(HELLO_DEADLINE_S, _shut, args=(conn,))
+    hello_timer.daemon = True
+    hello_timer.start()
     try:
       conn.settimeout(HELLO_DEADLINE_S)
       conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-      hello_by = time.monotonic() + HELLO_DEADLINE_S
       if self._ctx is not None:
         conn = self._ctx.wrap_socket(conn, server_side=True)
-      conn.settimeout(max(0.01, hello_by - time.monotonic()))
-      self._call(conn)
+      self._call(conn, hello_timer)
     except (OSError, ValueError, ssl.SSLError) as e:
       self.log("syncer: bulk: connection dropped: %s", e)
     finally:
+      hello_timer.cancel()
       try:
         conn.close()
       finally:
         self._slots.release()
 
-  def _call(self, conn: socket.socket) -> None:
+  def _call(self, conn: socket.socket, hello_timer: threading.Timer) -> None:
     try:
       frame = _read_frame(conn, HELLO_BYTES)
       if frame is None:
@@ -252,7 +257,10 @@ class Listener:
     except Abort as e:
       _status(conn, e.code, e.message)
       return
-    conn.settimeout(None)  # from here the call's own deadline (its timer) governs
+    hello_timer.cancel()
+    # From here the call's own deadline (its timer) governs reading the request; writing the
+    # reply, each frame within WRITE_S (a member that stops reading is cut off).
+    conn.settimeout(WRITE_S)
 
     def cancel():
       try:
