@@ -38,7 +38,6 @@ import threading
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lm import wire
@@ -190,7 +189,7 @@ class Uplink:
         "Receive", "receive", {"island": self.tier.region, "fragment": 0, "step": meta["step"]},
         reply="global", reply_limit=self.syncer.state_bytes())
     del kind
-    theta = tuple(jnp.asarray(v) for v in values)
+    theta = tuple(jax.device_put(v) for v in values)
     if hold:
       with self.syncer.lock:
         self._land(theta, got)

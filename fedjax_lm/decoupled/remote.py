@@ -233,5 +233,5 @@ class RemoteLink:
     leaves, treedef = jax.tree.flatten(like)
     if [tuple(a.shape) for a in arrays] != [tuple(x.shape) for x in leaves]:
       raise wire.WireError("the syncer's server state does not match this island's layout")
-    return treedef.unflatten([jax.device_put(a.astype(x.dtype), x.sharding)
+    return treedef.unflatten([jax.device_put(a.astype(x.dtype, copy=False), x.sharding)
                               for a, x in zip(arrays, leaves)])

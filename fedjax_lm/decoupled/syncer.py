@@ -596,7 +596,7 @@ class Syncer:
 
   def _one(self, p: int, arrays: list, weight: float) -> tuple:
     """One island's payload leaves and weight as the mesh-axis reduce takes them (M = 1)."""
-    leaves = [jnp.asarray(a) for a in arrays]
+    leaves = [jax.device_put(a) for a in arrays]  # (a CPU device takes the aligned buffer in place)
     payload = (tuple(leaves) if self.spec.codec is None else
                jax.tree.unflatten(jax.tree.structure(self._sent[p][0]), leaves))
     return payload, jnp.full((1, self.spec.devices_per_island), weight, jnp.float32)
@@ -843,7 +843,7 @@ class Syncer:
         values = tuple(next(leaves) for _ in like)
         if [tuple(v.shape) for v in values] != [tuple(x.shape) for x in like]:
           raise wire.WireError(f"syncer shard {s}: fragment {p} does not match its layout")
-        params = self._put[p](params, tuple(jnp.asarray(v) for v in values))
+        params = self._put[p](params, tuple(jax.device_put(v) for v in values))
       for k, n in meta.get("payload_bytes", {}).items():
         payload[k] = payload.get(k, 0) + int(n)
       if not meta.get("exact", True):
