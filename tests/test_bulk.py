@@ -313,3 +313,25 @@ def test_a_restarted_server_s_new_bulk_port_is_asked_again():
   finally:
     c.close()
     server.stop(grace=0)
+
+
+def test_an_unreachable_bulk_port_falls_back_to_grpc_with_one_warning(caplog):
+  """Only the gRPC port open (a firewall): the bulk connection is refused BULK_TRIES times,
+  then the client says so once and sends over gRPC; the call is served."""
+  calls = []
+  server, port = channel.serve(_keys, "job", "127.0.0.1", 0, _echo(calls))
+  closed = socket.socket()
+  closed.bind(("127.0.0.1", 0))
+  dead = closed.getsockname()[1]  # bound, not listening: connections refused
+  server.bulk.port = dead  # what the Bulk method tells
+  try:
+    c = _client(port, give_up_s=20)
+    x = np.arange(1 << 12, dtype=np.float32)
+    kind, _, out = c.call("Echo", "echo", {"x": 3}, [x], reply="echo")
+    assert kind == "echo" and np.array_equal(out[0], 2 * x) and calls == ["island/0"]
+    assert c._bulk_port == 0  # pylint: disable=protected-access
+    assert sum("cannot be reached" in r.getMessage() for r in caplog.records) == 1
+    c.close()
+  finally:
+    closed.close()
+    server.stop(grace=0)

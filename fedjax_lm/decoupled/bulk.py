@@ -62,9 +62,10 @@ class Abort(Exception):
 class Failed(grpc.RpcError):
   """A bulk call that failed, with the status its gRPC twin would have given."""
 
-  def __init__(self, code: grpc.StatusCode, details: str):
+  def __init__(self, code: grpc.StatusCode, details: str, unreachable: bool = False):
     super().__init__(details)
     self._code, self._details = code, details
+    self.unreachable = unreachable  # no connection could be made to the bulk port
 
   def code(self) -> grpc.StatusCode:
     return self._code
@@ -309,7 +310,7 @@ def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[
   try:
     conn = socket.create_connection((host, port), timeout=min(timeout, 20.0))
   except OSError as e:
-    raise Failed(grpc.StatusCode.UNAVAILABLE, f"bulk connect: {e}") from e
+    raise Failed(grpc.StatusCode.UNAVAILABLE, f"bulk connect: {e}", unreachable=True) from e
   timer = threading.Timer(timeout, lambda: _shut(conn))
   timer.daemon = True
   timer.start()

@@ -63,6 +63,7 @@ TOKEN_AGE_S = 30.0
 BASE_DEADLINE_S = 30.0
 MIN_RATE = 1 << 20  # bytes/s a call's stream must sustain (1 MiB/s) before it is cancelled
 SMALL_BYTES = 1 << 20  # what a control call (join, heartbeat, receive request) may carry
+BULK_TRIES = 3  # a bulk port unreachable this many times in a row: that client uses gRPC
 PER_MEMBER_CALLS = 6  # a member's calls in flight (heartbeat, send, receive, join, retries)
 _MESSAGE_BYTES = wire.CHUNK_BYTES + wire.MAX_HEADER_BYTES + 4096
 _SERVER_OPTIONS = [("grpc.max_send_message_length", _MESSAGE_BYTES),
@@ -310,9 +311,8 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
   side = None
   if bulk:
     side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads, _MESSAGE_BYTES)
-    port_of_bulk = side.port
     handlers[bulk_lib.METHOD] = wrap(bulk_lib.METHOD, Method(
-        lambda who, meta, arrays: ("bulk", {"port": port_of_bulk}, []), ("bulk",)))
+        lambda who, meta, arrays: ("bulk", {"port": side.port}, []), ("bulk",)))
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
   try:
     if tls is None:
@@ -364,6 +364,7 @@ class Client:
     # calls whose request or reply may exceed this take the bulk path (negative: never)
     self.bulk_min_bytes = int(bulk_min_bytes)
     self._bulk_port: int | None = None  # the server's bulk port (asked once; 0: none)
+    self._bulk_misses = 0  # bulk connections refused in a row
     self._tls = tls
     self.state = None
     self._channel = self._open()
@@ -444,12 +445,25 @@ class Client:
                     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
           raise wire.WireError(f"syncer {self.address} refused {method}: {e.details()}") from e
         if isinstance(e, bulk_lib.Failed):
-          self._bulk_port = None  # (the syncer may have restarted on another port: ask again)
+          self._bulk_unreachable(e)
         if time.time() - start > self.give_up_s:
           raise SyncerUnreachable(
               f"syncer {self.address} did not answer {method} within {self.give_up_s:.0f} s "
               f"({code.name}); check launch.syncer and that the syncer is running") from e
         time.sleep(0.2)
+
+  def _bulk_unreachable(self, e: "bulk_lib.Failed") -> None:
+    """After a failed bulk call: ask for the port again (the syncer may have restarted on
+    another); a port that the syncer (answering over gRPC) keeps naming and that cannot be
+    connected to ``BULK_TRIES`` times in a row (a firewall that opens only the gRPC port) is
+    given up for this client, with one warning: its calls go over gRPC."""
+    failed, self._bulk_port = self._bulk_port, None
+    self._bulk_misses = self._bulk_misses + 1 if e.unreachable and failed else 0
+    if self._bulk_misses >= BULK_TRIES:
+      logging.warning("channel: the syncer's bulk port %s at %s cannot be reached (%s); "
+                      "large calls go over gRPC (slower: open the port)", failed,
+                      self.address, e.details())
+      self._bulk_port = 0
 
   def _bulk(self) -> int:
     """The server's bulk port (asked over gRPC, once; 0 if it has none)."""
