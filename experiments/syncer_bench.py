@@ -93,6 +93,7 @@ class Layout:
     eng = engine.build(syncer_lib.single_island_config(config), mesh, model_cfg)
     _, abstract = model_lib.build(model_cfg)
     self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    self.bulk_min_bytes = int(config.launch.bulk_min_bytes)  # (-1 with --set: gRPC only)
     self.fingerprint = syncer_lib.fingerprint(config, abstract)
     self.job = channel.job_id(self.fingerprint)
     self.schedule = eng.clock.schedule
@@ -116,7 +117,8 @@ def _island(k: int, layout: Layout, addresses: list[str], steps: int, barrier, t
   from fedjax_lm.decoupled import channel, remote  # pylint: disable=import-outside-toplevel
   who = f"island/{k}"
   key = wire.derive(_SECRET.encode(), who)
-  clients = [channel.Client(a, key, who, layout.job, give_up_s=900.0) for a in addresses]
+  clients = [channel.Client(a, key, who, layout.job, give_up_s=900.0,
+                            bulk_min_bytes=layout.bulk_min_bytes) for a in addresses]
   limit = layout.server_bytes + 4096
   stop = threading.Event()
 
