@@ -194,7 +194,9 @@ def test_an_oversize_hello_or_frame_is_refused(served):
   full, value, _ = _send_messages(syncer, "island/0", {}, [])
   with _raw_connect(server.bulk.port) as s:
     hello = json.dumps({"method": full, "token": value}).encode()
-    s.sendall(_FRAME.pack(len(hello)) + hello + _FRAME.pack(channel._MESSAGE_BYTES + 1))  # pylint: disable=protected-access
+    s.sendall(_FRAME.pack(len(hello)) + hello)
+    assert _status(s) == {"code": "OK", "details": "admitted"}
+    s.sendall(_FRAME.pack(channel._MESSAGE_BYTES + 1))  # pylint: disable=protected-access
     status = _status(s)
     assert status["code"] == "INVALID_ARGUMENT" and "frame" in status["details"]
   assert not any(syncer.rounds.values())
@@ -260,6 +262,7 @@ def test_a_stream_cut_short_applies_nothing(served):
   with _raw_connect(server.bulk.port) as s:
     hello = json.dumps({"method": full, "token": value}).encode()
     s.sendall(_FRAME.pack(len(hello)) + hello)
+    assert _status(s)["code"] == "OK"  # admitted
     for m in messages[:max(1, len(messages) // 2)]:
       s.sendall(_FRAME.pack(len(m)) + m)
   time.sleep(1.0)
