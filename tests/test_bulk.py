@@ -231,14 +231,26 @@ def test_silent_and_excess_connections_cannot_starve_honest_calls(monkeypatch):
     server.stop(grace=0)
 
 
-def test_a_hello_dripped_a_byte_at_a_time_is_cut_at_the_deadline(monkeypatch):
-  """The hello deadline is the whole hello's, not each read's."""
+@pytest.mark.parametrize("over_tls", [False, True])
+def test_a_hello_dripped_a_byte_at_a_time_is_cut_at_the_deadline(monkeypatch, tmp_path,
+                                                                 over_tls):
+  """The hello deadline is the whole hello's, not each read's (after a TLS handshake too)."""
   monkeypatch.setattr(bulk, "HELLO_DEADLINE_S", 1.0)
-  server, _ = channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]))
+  tls = None
+  if over_tls:
+    made = pki.make(str(tmp_path / "job"), [], islands=1)
+    read = lambda *paths: channel.Tls(*(open(p, "rb").read() for p in paths))
+    ca = str(tmp_path / "job" / "ca.pem")
+    tls = (read(ca, *made["syncer"]), read(ca, *made["island0"]))
+  server, _ = channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]),
+                            tls=tls[0] if tls else None)
   try:
     hello = json.dumps({"method": "/fedjax_lm.Syncer/Echo", "token": "x" * 200}).encode()
     data = _FRAME.pack(len(hello)) + hello
-    with _raw_connect(server.bulk.port) as s:
+    raw = _raw_connect(server.bulk.port)
+    if tls:
+      raw = bulk._client_context(tls[1]).wrap_socket(raw, server_hostname="127.0.0.1")  # pylint: disable=protected-access
+    with raw as s:
       began, sent = time.time(), 0
       with pytest.raises(OSError):
         for i in range(len(data)):

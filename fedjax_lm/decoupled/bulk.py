@@ -220,14 +220,15 @@ class Listener:
   def _serve(self, conn: socket.socket) -> None:
     # The handshake and the hello within HELLO_DEADLINE_S in all (a socket timeout alone is
     # per read: a hello sent a byte at a time would hold the connection for hours).
-    hello_timer = threading.Timer(HELLO_DEADLINE_S, _shut, args=(conn,))
+    current = [conn]  # (wrapping in TLS makes a new socket object: the timer ends that one)
+    hello_timer = threading.Timer(HELLO_DEADLINE_S, lambda: _shut(current[0]))
     hello_timer.daemon = True
     hello_timer.start()
     try:
       conn.settimeout(HELLO_DEADLINE_S)
       conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       if self._ctx is not None:
-        conn = self._ctx.wrap_socket(conn, server_side=True)
+        conn = current[0] = self._ctx.wrap_socket(conn, server_side=True)
       self._call(conn, hello_timer)
     except (OSError, ValueError, ssl.SSLError) as e:
       self.log("syncer: bulk: connection dropped: %s", e)
@@ -268,12 +269,7 @@ class Listener:
     conn.settimeout(WRITE_S)
     _status(conn, grpc.StatusCode.OK, "admitted")  # the caller sends its request only now
 
-    def cancel():
-      try:
-        conn.shutdown(socket.SHUT_RDWR)
-      except OSError:
-        pass
-    replies = handle(who, nonce, _frames(conn, self.frame_limit), cancel)
+    replies = handle(who, nonce, _frames(conn, self.frame_limit), lambda: _shut(conn))
     try:
       first = next(replies)
     except Abort as e:
@@ -355,7 +351,9 @@ def _expect_ok(conn: socket.socket) -> None:
 
 
 def _shut(conn: socket.socket) -> None:
+  """Ends a connection another thread may be reading or writing: the socket's own shutdown
+  (``SSLSocket.shutdown`` would also drop its SSL object under that thread)."""
   try:
-    conn.shutdown(socket.SHUT_RDWR)
+    socket.socket.shutdown(conn, socket.SHUT_RDWR)
   except OSError:
     pass
