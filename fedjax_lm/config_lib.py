@@ -275,8 +275,8 @@ def _launch() -> ml_collections.ConfigDict:
   s.plaintext = False
   # Decoupled mode: a call whose request or reply may exceed this many bytes (a payload, a
   # mean, a joiner's state) takes the channel's bulk path, one TCP (or mutual-TLS) connection
-  # with the same tokens, signed heads and chunk tags (fedjax_lm/decoupled/bulk.py: 0.62 of raw
-  # TCP at the 1B size, gRPC's Python path 0.34); -1: every call over gRPC
+  # with the same tokens, signed heads and chunk tags (fedjax_lm/decoupled/bulk.py: 0.61 of raw
+  # TCP at the 1B size, gRPC's Python path 0.25); -1: every call over gRPC
   s.bulk_min_bytes = 16 << 20
   return s
 

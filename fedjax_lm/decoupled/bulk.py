@@ -1,8 +1,8 @@
 """The channel's bulk path: a large call's stream over one plain TCP (or mutual-TLS) connection.
 
-gRPC's Python path copies a message three times on each side (measured: 0.7-0.8 CPU s per GB
-each side beside raw TCP's 0.2-0.4), so a 1B model's 4.2 GB payload ran at a third of what
-the socket carries. A call whose request or reply may be large (:data:`MIN_BYTES`, per
+gRPC's Python path costs 0.8 CPU s per GB on the sending side and 1.2 on the receiving one
+(measured, beside raw TCP's 0.3 and 0.15), so a 1B model's 4.2 GB payload ran at a quarter of
+what the socket carries (``experiments/channel_bench.py``). A call whose request or reply may be large (:data:`MIN_BYTES`, per
 client) goes here instead: the same call, the same token, the same signed head and
 authenticated chunks (:func:`fedjax_lm.wire.stream`), the same handler, deadline, slots and
 per-member limits as its gRPC twin (``channel.serve`` runs both), only the framing differs:
@@ -23,9 +23,11 @@ served at once (more are closed on accept), a connection that has not sent its h
 with TLS, finished its handshake) within HELLO_DEADLINE_S is closed, the hello is at most
 HELLO_BYTES, and no frame is read before the token was checked (its member, MAC, age and
 nonce: the gRPC path's nonce cache, so a token is good for one call on either path). A frame
-is at most a chunk and a header. The listener binds the gRPC server's interface; its port
-(ephemeral) is told by the gRPC method ``Bulk``, so a member learns it over an authenticated
-reply. With TLS, the connection is mutual TLS with the job's CA, as the gRPC channel is.
+is at most a chunk and a header; a reply frame must be written within WRITE_S. The listener
+binds the gRPC server's interface; its port (ephemeral) is told by the gRPC method ``Bulk``, so
+a member learns it over an authenticated reply (and one that cannot reach it falls back to
+gRPC: ``channel.BULK_TRIES``). With TLS, the connection is mutual TLS with the job's CA, as the
+gRPC channel is.
 """
 
 from __future__ import annotations
