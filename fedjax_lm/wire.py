@@ -179,7 +179,6 @@ def check_answer(secret: bytes, nonce: bytes, identity: str, got: bytes) -> None
 
 CHUNK_BYTES = 4 << 20
 CHUNK_TAG_BYTES = 16
-_INDEX = struct.Struct("!Q")
 # Chunk tags are computed (sender) and checked, then copied into place (reader) by a small pool
 # shared by the process's streams, a few chunks ahead of the gRPC thread: bytes.join and
 # numpy's copy release the GIL on large buffers, so copying overlaps with sending and
@@ -311,13 +310,13 @@ def unstream(key: bytes, messages, kind: str | Sequence[str], limit: int
   total, chunk = sum(n for _, _, n in layout), info["chunk"]
   # Each array starts on a 64-byte boundary of the buffer: JAX takes an aligned host array
   # onto a CPU device without copying it (a received mean or state is not held twice).
-  offsets, place_at, ends, sizes = [], 0, [], []
+  offsets, starts, ends, place_at, end = [], [], [], 0, 0  # buffer offsets; stream spans
   for _, _, n in layout:
     offsets.append(place_at)
     place_at += -(-n // _ALIGN) * _ALIGN
-  for n in (n for _, _, n in layout):
-    ends.append((ends[-1] if ends else 0) + n)
-  starts = [e - n for e, (_, _, n) in zip(ends, layout)]
+    starts.append(end)
+    end += n
+    ends.append(end)
   buffer = receive_buffer(place_at)
   chunks, at, index, checks = _Chunks(key, head[:MAC_BYTES]), 0, 0, collections.deque()
 
