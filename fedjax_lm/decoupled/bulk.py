@@ -266,8 +266,8 @@ class Listener:
       _status(conn, e.code, e.message)
       return
     hello_timer.cancel()
-    # From here the call's own deadline (its timer) governs reading the request; writing the
-    # reply, each frame within WRITE_S (a member that stops reading is cut off).
+    # From here the call's own deadline (its timer) bounds reading the request, and each read
+    # or write must progress within WRITE_S (a member that stops reading is cut off).
     conn.settimeout(WRITE_S)
     _status(conn, grpc.StatusCode.OK, "admitted")  # the caller sends its request only now
 
@@ -277,7 +277,7 @@ class Listener:
     except Abort as e:
       _status(conn, e.code, e.message)
       return
-    except (OSError, ConnectionError) as e:
+    except OSError as e:  # (the connection broke or the call's deadline ended it)
       self.log("syncer: bulk: %s from %s: %s", method, who, e)
       return
     _status(conn, grpc.StatusCode.OK, "")
@@ -329,7 +329,7 @@ def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[
     _write_frame(conn, b"")
     _expect_ok(conn)  # served
     yield from _frames(conn, frame_limit)
-  except (OSError, ConnectionError, ssl.SSLError) as e:
+  except OSError as e:  # (ssl.SSLError and ConnectionError are OSErrors)
     code = (grpc.StatusCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline else
             grpc.StatusCode.UNAVAILABLE)
     raise Failed(code, f"bulk: {e}") from e
