@@ -333,6 +333,8 @@ def call(host: str, port: int, tls, method: str, token: str, requests: Iterator[
     code = (grpc.StatusCode.DEADLINE_EXCEEDED if time.monotonic() >= deadline else
             grpc.StatusCode.UNAVAILABLE)
     raise Failed(code, f"bulk: {e}") from e
+  except wire.WireError:  # (a reply frame past the limit, or a request that cannot be sent)
+    raise
   except ValueError as e:  # a status that is not JSON
     raise Failed(grpc.StatusCode.UNAVAILABLE, f"bulk: a malformed status ({e})") from e
   finally:
