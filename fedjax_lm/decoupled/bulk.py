@@ -80,32 +80,29 @@ class Failed(grpc.RpcError):
     return self._details
 
 
-def _read_exact(conn: socket.socket, n: int) -> bytearray | None:
-  """``n`` bytes, or None if the peer closed the connection before the first of them."""
-  buf = bytearray(n)
-  view, got = memoryview(buf), 0
-  while got < n:
-    k = conn.recv_into(view[got:], n - got)
-    if not k:
-      if got == 0:
-        return None
-      raise ConnectionError(f"connection closed {got} bytes into a {n}-byte read")
-    got += k
-  return buf
+def _frame_length(conn: socket.socket, limit: int) -> int | None:
+  """The next frame's length (None if the peer closed the connection before it); WireError
+  past ``limit``."""
+  head = bytearray(_FRAME.size)
+  k = conn.recv_into(head)
+  if not k:
+    return None
+  if k < len(head):
+    _read_into(conn, memoryview(head)[k:])
+  (n,) = _FRAME.unpack(head)
+  if n > limit:
+    raise wire.WireError(f"a {n}-byte frame (at most {limit})")
+  return n
 
 
 def _read_frame(conn: socket.socket, limit: int) -> bytearray | None:
   """One frame's bytes (None at a clean end of the stream); WireError past ``limit``."""
-  head = _read_exact(conn, _FRAME.size)
-  if head is None:
+  n = _frame_length(conn, limit)
+  if n is None:
     return None
-  (n,) = _FRAME.unpack(head)
-  if n > limit:
-    raise wire.WireError(f"a {n}-byte frame (at most {limit})")
-  body = _read_exact(conn, n)
-  if body is None and n:
-    raise ConnectionError("connection closed after a frame's length")
-  return body if body is not None else bytearray()
+  body = bytearray(n)
+  _read_into(conn, memoryview(body))
+  return body
 
 
 def _frames(conn: socket.socket, limit: int) -> Iterator[memoryview]:
@@ -116,12 +113,9 @@ def _frames(conn: socket.socket, limit: int) -> Iterator[memoryview]:
   while in use."""
   ring = [None] * (wire._AHEAD + 2)  # pylint: disable=protected-access
   for i in itertools.count():
-    head = _read_exact(conn, _FRAME.size)
-    if head is None:
+    n = _frame_length(conn, limit)
+    if n is None:
       raise ConnectionError("the connection closed before the stream's end")
-    (n,) = _FRAME.unpack(head)
-    if n > limit:
-      raise wire.WireError(f"a {n}-byte frame (at most {limit})")
     if not n:
       return
     slot = i % len(ring)

@@ -402,11 +402,10 @@ class Client:
     """(kind, meta, arrays) of the syncer's reply to one ``method`` call."""
     full = f"/{SERVICE}/{method}"
     nbytes = sum(int(a.nbytes) for a in arrays)
-    deadline = deadline or deadline_s(max(nbytes, reply_limit if reply_limit > SMALL_BYTES
-                                          else 0))
+    largest = max(nbytes, reply_limit if reply_limit > SMALL_BYTES else 0)
+    deadline = deadline or deadline_s(largest)
     start = time.time()
-    big = method != bulk_lib.METHOD and 0 <= self.bulk_min_bytes <= max(
-        nbytes, reply_limit if reply_limit > SMALL_BYTES else 0)
+    big = method != bulk_lib.METHOD and 0 <= self.bulk_min_bytes <= largest
     while True:
       counted = [0]
       try:
