@@ -112,6 +112,7 @@ def test_base_config_sections_and_their_defaults():
     ({"launch.mode": "slurm"}, "launch.mode='slurm': expected local, cluster, none or decoupled"),
     ({"launch.mode": "decoupled"}, "launch.mode=decoupled needs algorithm=islands"),
     ({"launch.heartbeat_seconds": 0}, "launch.heartbeat_seconds=0 must be >= 1"),
+    ({"launch.syncer_send_slots": 0}, "launch.syncer_send_slots=0 must be >= 1"),
     ({"launch.norm_bound": 0.5}, "launch.norm_bound=0.5 must be 0 (off) or > 1"),
     ({"launch.norm_window": 0}, "launch.norm_window=0 must be >= 1"),
     ({"launch.mode": "decoupled", "algorithm": "islands", "outer.transport": "host"},

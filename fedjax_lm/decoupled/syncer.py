@@ -90,7 +90,6 @@ from fedjax_lm.outer import delayed
 from fedjax_lm.outer import heloco
 
 POLICIES = ("sync", "async")
-SEND_SLOTS = 2  # Send calls received and summed at once (bounds the receive buffers)
 
 
 def island_config(config):
@@ -152,6 +151,7 @@ def difference(mine: dict, theirs: dict) -> str | None:
 class _Closed(NamedTuple):
   after: int  # the fragment's round closed before this one (what its mean applies on)
   arrays: list  # the round's mean leaves, count and masked (what islands receive)
+  waiting: set  # the islands live at its close that have not yet received it
 
 
 @dataclasses.dataclass
@@ -302,10 +302,15 @@ class Syncer:
                       for p in frags))
     self.server = jax.jit(init, out_shardings=shardings)(jax.random.key(int(config.seed)))
     one = dataclasses.replace(self.spec, num=1)
-    self._contribution = [jax.jit(functools.partial(contribution, one, p)) for p in frags]
-    self._add = jax.jit(accumulate, donate_argnums=(0, 1))
-    self._weigh = jax.jit(weigh)
-    self._mean = jax.jit(finish)
+    # A send is measured first (norm, finite: no payload-sized output), then, if the gate
+    # admits it, decoded straight into the round's running sum (donated): no decoded copy
+    # beside the sum and the received buffer. The round's mean is computed in the sum's place.
+    weighted = tokens.weights(config) is not None  # outer.merge=tokens
+    self._gauge = [jax.jit(functools.partial(gauge, one, p)) for p in frags]
+    self._first = [jax.jit(functools.partial(summand, one, p, weighted)) for p in frags]
+    self._add = [jax.jit(functools.partial(add_in, one, p, weighted), donate_argnums=(0, 1))
+                 for p in frags]
+    self._mean = jax.jit(finish, donate_argnums=0)
     self._outer = [jax.jit(functools.partial(stages.receive, self.server_spec, p),
                            donate_argnums=0, out_shardings=shardings)
                    for p in frags]  # the islands' own outer-step program
@@ -324,8 +329,11 @@ class Syncer:
         jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                      jax.eval_shape(self.engine.make_params, jax.random.key(0)))))
     # compiled now, not at the first send (a round must not wait on a compile)
-    self._contribution = [f.lower(sent).compile() for f, sent in zip(self._contribution,
-                                                                     self._sent)]
+    w = jax.ShapeDtypeStruct((), jnp.float32)
+    self._gauge = [f.lower(sent).compile() for f, sent in zip(self._gauge, self._sent)]
+    self._add = [f.lower(*jax.eval_shape(first, sent, w), sent, w).compile()
+                 for f, first, sent in zip(self._add, self._first, self._sent)]
+    self._first = [f.lower(sent, w).compile() for f, sent in zip(self._first, self._sent)]
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
   # ------------------------------------------------------------------ checkpoint
@@ -541,8 +549,9 @@ class Syncer:
   def send(self, who: str, meta: dict, arrays: list) -> channel.Reply:
     island = self._island(who, meta)
     p, step, weight = self._check_send(island, meta, arrays)
-    # decoded and measured on the device, outside the lock (the norm gate decides under it)
-    one = self._contribution[p](self._one(p, arrays[:-1], weight))
+    # measured on the device, outside the lock (the norm gate decides under it)
+    sent = self._one(p, arrays[:-1], weight)
+    one = self._gauge[p](sent)
     norm, finite = float(one.norm), bool(one.finite)
     with self.lock:
       if island not in self.members:
@@ -554,7 +563,7 @@ class Syncer:
       if self.asynchronous:
         if self.done:  # the run's tokens are in and evaluated: not applied, the island stops
           return "ok", {"late": True, "stop": True}, []
-        self._apply_async(island, p, meta, one, norm, finite, arrays)
+        self._apply_async(island, p, meta, sent, one, norm, finite, arrays)
         return "ok", {"late": False, "stop": self.done}, []
       late = step <= self.closed[p]
       key = min((s for s in self.rounds[p] if s > step), default=None) if late else step
@@ -573,14 +582,14 @@ class Syncer:
         self.plan.maybe_kill(self.role, self.version, self.workdir)
         self._maybe_close(p)
         return "ok", {"late": late, "refused": refused}, []
-      self._add_to(rnd, one, island, meta.get("data", ""), arrays)
+      self._add_to(rnd, p, sent, one, island, meta.get("data", ""), arrays)
       if late:
         self._log("late_send", island=island, fragment=p, step=step, carried_to=key)
       self.plan.maybe_kill(self.role, self.version, self.workdir)
       self._maybe_close(p)
     return "ok", {"late": late}, []
 
-  def _gate(self, island: int, p: int, step: int, one: "Contribution", norm: float,
+  def _gate(self, island: int, p: int, step: int, one: "Gauge", norm: float,
             finite: bool) -> str:
     """Why a sent payload may not enter the sum (not finite, or its norm far above the recent
     median: :class:`validate.NormGate`), logged; "" if it may (and its norm is recorded)."""
@@ -601,21 +610,19 @@ class Syncer:
                jax.tree.unflatten(jax.tree.structure(self._sent[p][0]), leaves))
     return payload, jnp.full((1, self.spec.devices_per_island), weight, jnp.float32)
 
-  def _add_to(self, rnd: _Round, one: "Contribution", island: int, position: str,
-              arrays: list) -> None:
-    """Adds an accepted contribution to its round's running sum (arrival order) and records
-    its data position and payload bytes (none for an absent island: as in the mesh-axis
-    accounting, its zeros still travel here, the round must hear from it)."""
-    decoded, kept = one.decoded, one.kept
+  def _add_to(self, rnd: _Round, p: int, sent: tuple, one: "Gauge", island: int,
+              position: str, arrays: list) -> None:
+    """Decodes an accepted send into its round's running sum (arrival order; the first one
+    is the sum) and records its data position and payload bytes (none for an absent island:
+    as in the mesh-axis accounting, its zeros still travel here, the round must hear from it)."""
+    w = 1.0
     if self.merge_weights is not None and one.count > 0:  # outer.merge=tokens
       w = self.merge_weights[island]
       rnd.weight += w
-      if w != 1.0:
-        decoded, kept = self._weigh(decoded, kept, np.float32(w))
     if rnd.total is None:
-      rnd.total, rnd.kept = decoded, kept
+      rnd.total, rnd.kept = self._first[p](sent, np.float32(w))
     else:
-      rnd.total, rnd.kept = self._add(rnd.total, rnd.kept, decoded, kept)
+      rnd.total, rnd.kept = self._add[p](rnd.total, rnd.kept, sent, np.float32(w))
     rnd.count += int(one.count)
     rnd.masked |= bool(one.masked)
     rnd.senders[island] = position
@@ -650,6 +657,9 @@ class Syncer:
       if kept is not None and kept.after == meta.get("applied", -1):
         reply = remote.MEAN, {"version": self.version, "round": step,
                               "after": kept.after}, kept.arrays
+        kept.waiting.discard(island)
+        if not kept.waiting:  # freed once sent (the reply's views keep it alive till then)
+          del self.after_round[p][step]
       else:
         self._log("state_sent", island=island, fragment=p, step=step,
                   applied=meta.get("applied"), closed=self.closed[p])
@@ -676,14 +686,15 @@ class Syncer:
 
   def _close(self, p: int, step: int, rnd: _Round, missing: set[int], rule: str) -> None:
     """The round's mean (its running sum over the islands that sent), the same outer-step
-    program the islands run on it, and the mean kept for the islands' receives (the last two
-    rounds: with ``outer.delay`` an island asks for round r - 1 after round r may close)."""
+    program the islands run on it, and the mean kept for the islands' receives until every
+    island live at the close has had it (at most the last two rounds: with ``outer.delay`` an
+    island asks for round r - 1 after round r may close; one asking later adopts the state)."""
     reduced = self._mean(rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked),
                          np.float32(rnd.count if self.merge_weights is None else rnd.weight))
     self.server = self._outer[p](self.server, reduced)
     kept = self.after_round[p]
     kept[step] = _Closed(self.closed[p], [remote.host_view(x) for x in (
-        *reduced.mean, reduced.count, reduced.masked)])
+        *reduced.mean, reduced.count, reduced.masked)], set(rnd.senders) | missing)
     for old in sorted(kept)[:-2 if self.spec.merge.delayed else -1]:
       del kept[old]
     del self.rounds[p][step]
@@ -698,8 +709,8 @@ class Syncer:
     self._maybe_evaluate()
     self.lock.notify_all()
 
-  def _apply_async(self, island: int, p: int, meta: dict, one: "Contribution", norm: float,
-                   finite: bool, arrays: list) -> None:
+  def _apply_async(self, island: int, p: int, meta: dict, sent: tuple, one: "Gauge",
+                   norm: float, finite: bool, arrays: list) -> None:
     """Async: one island's pseudo-gradient, applied on arrival (Delayed Nesterov); its
     staleness is the number of updates applied since the island pulled the params it used."""
     if "version" not in meta or "local_steps" not in meta:
@@ -719,7 +730,7 @@ class Syncer:
     if self._gate(island, p, pulled, one, norm, finite):
       return
     rnd = _Round(time.time())
-    self._add_to(rnd, one, island, meta.get("data", ""), arrays)
+    self._add_to(rnd, p, sent, one, island, meta.get("data", ""), arrays)
     self.server = self._outer[p](self.server, self._mean(
         rnd.total, rnd.kept, np.float32(rnd.count), np.bool_(rnd.masked),
         np.float32(rnd.count)))
@@ -906,10 +917,10 @@ class Syncer:
                      for sent in self._sent)
     return {"Join": channel.Method(self.join, ("join",), same_job=False),
             "Heartbeat": channel.Method(self.heartbeat, ("heartbeat",)),
-            # two sends at a time: one received while another enters the sum (a receive
-            # buffer each, whatever the number of islands)
+            # launch.syncer_send_slots sends at a time (2: one received while another enters
+            # the sum; a receive buffer each, whatever the number of islands)
             "Send": channel.Method(self.send, ("send",), lambda who: send_bytes,
-                                   slots=SEND_SLOTS),
+                                   slots=int(self.config.launch.syncer_send_slots)),
             "Receive": channel.Method(self.receive, ("receive",)),
             "Leave": channel.Method(self.leave, ("leave",)),
             **({"Fragments": channel.Method(self.fragments, ("fetch",))} if self.shard else {})}
@@ -952,10 +963,8 @@ class _Views(list):
   """Host views of one state copy (a list that a weak reference can name)."""
 
 
-class Contribution(NamedTuple):
-  """One island's payload as it enters a round's running sum."""
-  decoded: tuple  # the fragment's leaves (0 where the island sent nothing healthy)
-  kept: Any  # codecs with a support: per coordinate, 1 where the island kept it; else ()
+class Gauge(NamedTuple):
+  """What the syncer checks of one island's payload before it enters a round's sum."""
   count: jax.Array  # 1 if the island sent (weight > 0), else 0
   masked: jax.Array  # the island reported a non-finite pseudo-gradient (weight < 0)
   norm: jax.Array  # the decoded payload's L2 norm
@@ -987,9 +996,10 @@ def shard_workdir(workdir: str, config) -> str:
   return workdir if shard == 0 else os.path.join(workdir, "syncer_shards", str(shard))
 
 
-def contribution(spec: stages.Spec, p: int, sent: tuple) -> Contribution:
-  """The mesh-axis reduce of one island's send (M = 1: its decoded payload, zeros if it did
-  not send) with what the syncer validates and accumulates."""
+def contribution(spec: stages.Spec, p: int, sent: tuple) -> tuple[tuple, Any, Gauge]:
+  """The mesh-axis reduce of one island's send (M = 1): its decoded payload (zeros if it did
+  not send), its support (codecs with one: per coordinate, 1 where the island kept it; else
+  ``()``), and what the syncer validates."""
   reduced = stages.reduce(spec, p, links.Gathered(), sent)
   ok = reduced.count > 0
   decoded = tuple(jnp.where(ok, x, 0.0) for x in reduced.mean)
@@ -1003,19 +1013,32 @@ def contribution(spec: stages.Spec, p: int, sent: tuple) -> Contribution:
   top = jnp.maximum(jnp.max(jnp.array([jnp.max(jnp.abs(x)) for x in decoded])),
                     jnp.finfo(jnp.float32).tiny)
   norm = top * jnp.sqrt(sum(jnp.sum(jnp.square(x / top)) for x in decoded))
-  return Contribution(decoded, kept, reduced.count, reduced.masked, norm, finite)
+  return decoded, kept, Gauge(reduced.count, reduced.masked, norm, finite)
 
 
-def accumulate(total: tuple, kept: Any, decoded: tuple, more: Any) -> tuple:
-  """A round's running sum plus one contribution (and the support counts, if any)."""
+def gauge(spec: stages.Spec, p: int, sent: tuple) -> Gauge:
+  """One send's checks alone (the compiled program keeps no decoded copy)."""
+  return contribution(spec, p, sent)[2]
+
+
+def summand(spec: stages.Spec, p: int, weighted: bool, sent: tuple,
+            weight: jax.Array) -> tuple:
+  """One send's decoded payload and support as they enter a round's sum; ``weighted``
+  (``outer.merge=tokens``): scaled by its island's merge weight, so the sum is
+  sum_k w_k delta_k."""
+  decoded, kept, _ = contribution(spec, p, sent)
+  if weighted:
+    decoded, kept = (tuple(x * weight for x in decoded),
+                     jax.tree.map(lambda k: k * weight, kept))
+  return decoded, kept
+
+
+def add_in(spec: stages.Spec, p: int, weighted: bool, total: tuple, kept: Any, sent: tuple,
+           weight: jax.Array) -> tuple:
+  """A round's running sum (donated) plus one send's summand, in one program."""
+  decoded, more = summand(spec, p, weighted, sent, weight)
   return (tuple(a + b for a, b in zip(total, decoded)),
           jax.tree.map(lambda a, b: a + b, kept, more))
-
-
-def weigh(decoded: tuple, kept: Any, weight: jax.Array) -> tuple:
-  """A contribution scaled by its island's merge weight (``outer.merge=tokens``), its
-  support counts too: the round's sum is then sum_k w_k delta_k."""
-  return (tuple(x * weight for x in decoded), jax.tree.map(lambda k: k * weight, kept))
 
 
 def finish(total: tuple, kept: Any, count: jax.Array, masked: jax.Array,
