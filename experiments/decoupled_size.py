@@ -17,7 +17,8 @@ training in one process with no link (``launch.mode=local``, one island on one d
 and programs): its params, optimizer state, global copy, XLA's step temporaries and the runtime.
 A decoupled island's host memory beyond it is the link's. Peaks are reported twice: over the whole
 run (``VmHWM``) and over the training steps (``VmRSS`` sampled each second until every island
-logged step ``steps - 1``: no final checkpoint, final eval or launch in it).
+logged step ``steps - 1``: no final checkpoint, final eval or launch in it). Each role's VmRSS
+samples over time go to ``OUT/rss_trace.json`` (``--sample_s`` apart).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def _run(args, mode: str, workdir: str) -> dict:
                             stdout=log, stderr=subprocess.STDOUT)
     peaks: dict[str, int] = {}
     training: dict[str, int] = {}  # peak VmRSS while the islands run steps 1 .. steps - 1
+    trace: dict[str, list] = {}  # role -> [[seconds since launch, VmRSS], ...]
     began = time.time()
     islands = 1 if mode == "reference" else args.islands
     while proc.poll() is None:
@@ -123,12 +125,14 @@ def _run(args, mode: str, workdir: str) -> dict:
         if role and (role != "main" or pid == proc.pid):
           hwm, rss = _memory(pid)
           peaks[role] = max(peaks.get(role, 0), hwm)
+          trace.setdefault(role, []).append([round(time.time() - began, 1), rss])
           if in_steps:
             training[role] = max(training.get(role, 0), rss)
-      time.sleep(1.0)
+      time.sleep(args.sample_s)
   if proc.returncode:
     raise RuntimeError(f"{mode} run failed ({proc.returncode}): see {workdir}/run.log")
-  return {"peaks": peaks, "training_peaks": training, "seconds": time.time() - began}
+  return {"peaks": peaks, "training_peaks": training, "seconds": time.time() - began,
+          "trace": trace}
 
 
 def _losses(workdir: str, mode: str, m: int) -> np.ndarray:
@@ -188,6 +192,8 @@ def main(argv=None) -> None:
   parser.add_argument("--workdir", default="runs/decoupled_size")
   parser.add_argument("--only", nargs="*", choices=["local", "decoupled", "reference"],
                       default=None, help="runs to make (default: all three)")
+  parser.add_argument("--sample_s", type=float, default=1.0,
+                      help="seconds between samples of each process's memory")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
   sizes = _state_bytes(args)
@@ -211,11 +217,14 @@ def main(argv=None) -> None:
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                           capture_output=True, text=True).stdout.strip()
   result["commit"], result["date"] = commit, time.strftime("%Y-%m-%d")
+  traces = {mode: run.pop("trace") for mode, run in runs.items()}
   print(json.dumps(result, indent=1))
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "rss_trace.json"), "w", encoding="utf-8") as f:
+      json.dump(traces, f)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,9 @@ def _launch() -> ml_collections.ConfigDict:
   # with the same tokens, signed heads and chunk tags (fedjax_lm/decoupled/bulk.py: 0.61 of raw
   # TCP at the 1B size, gRPC's Python path 0.25); -1: every call over gRPC
   s.bulk_min_bytes = 16 << 20
+  # ... its listener on the syncer's gRPC port + this (a firewall that opens fixed ports;
+  # 0: a free port, told to members by an authenticated gRPC call)
+  s.bulk_port_offset = 0
   # Decoupled mode: the sends a syncer (shard) receives and sums at once, each into a receive
   # buffer of one payload (its host memory beyond its state: this many payloads; 1 serialises
   # the islands' uploads to it)
@@ -451,6 +454,8 @@ def _validate_launch(c) -> None:
          f"launch.join_grace_seconds={c.launch.join_grace_seconds} must be > 0")
   _check(int(c.launch.bulk_min_bytes) >= -1,
          f"launch.bulk_min_bytes={c.launch.bulk_min_bytes} must be >= -1 (-1: gRPC only)")
+  _check(0 <= int(c.launch.bulk_port_offset) < 65536,
+         f"launch.bulk_port_offset={c.launch.bulk_port_offset} must be in [0, 65536)")
   _check(int(c.launch.syncer_send_slots) >= 1,
          f"launch.syncer_send_slots={c.launch.syncer_send_slots} must be >= 1")
   _check(int(c.launch.heartbeat_seconds) >= 1,

@@ -72,6 +72,34 @@ def test_a_call_over_the_bulk_path_is_the_grpc_call():
     server.stop(grace=0)
 
 
+def test_a_fixed_bulk_port_is_used_and_a_taken_one_named():
+  """launch.bulk_port_offset: the bulk listener on the gRPC port + the offset (a firewall's
+  fixed port), told and used like a free one; a taken port is one clear error."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    grpc_port = probe.getsockname()[1]
+  fixed = syncer_lib.bulk_port(grpc_port, 7)
+  assert fixed == grpc_port + 7 and syncer_lib.bulk_port(0, 7) == 0
+  assert syncer_lib.bulk_port(grpc_port, 0) == 0
+  with pytest.raises(ValueError, match="launch.bulk_port_offset=70000"):
+    syncer_lib.bulk_port(grpc_port, 70000)
+  calls = []
+  server, port = channel.serve(_keys, "job", "127.0.0.1", grpc_port, _echo(calls),
+                               bulk_port=fixed)
+  try:
+    assert port == grpc_port and server.bulk.port == fixed
+    c = _client(port)
+    kind, _, out = c.call("Echo", "echo", {}, [np.arange(5, dtype=np.float32)], reply="echo",
+                          reply_limit=1 << 26)
+    assert kind == "echo" and np.array_equal(out[0], np.arange(5) * 2)
+    assert c._bulk_port == fixed  # pylint: disable=protected-access
+    c.close()
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{fixed} \\(the bulk path\\)"):
+      channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]), bulk_port=fixed)
+  finally:
+    server.stop(grace=0)
+
+
 def test_the_bulk_listener_is_on_the_configured_interface_only():
   server, _ = channel.serve(_keys, "job", "127.0.0.1", 0, _echo([]))
   try:

@@ -358,15 +358,22 @@ def test_decoupled_run_over_mutual_tls_is_the_mesh_axis_run(tmp_path, data_dir,
                                                             bulk_min_bytes):
   """The launcher's syncer and island jobs with launch.tls_* (one certificate for all roles,
   valid for 127.0.0.1): the same losses as without TLS, every call over gRPC (-1) or every
-  call but the bulk port's over the bulk path (0: joins, sends, receives, heartbeats)."""
+  call but the bulk port's over the bulk path (0: joins, sends, receives, heartbeats; its
+  listener on a fixed port, the syncer's + launch.bulk_port_offset, as a firewall opens)."""
   root = tmp_path / "pki"
   _pki(root, "job")  # the syncer's certificate doubles as the islands' (one job, one host)
   files = [f"--config.launch.tls_ca={root / 'ca.pem'}",
            f"--config.launch.tls_cert={root / 'server.pem'}",
            f"--config.launch.tls_key={root / 'server.key'}",
-           f"--config.launch.bulk_min_bytes={bulk_min_bytes}"]
+           f"--config.launch.bulk_min_bytes={bulk_min_bytes}",
+           f"--config.launch.bulk_port_offset={0 if bulk_min_bytes < 0 else 1}"]
   result = _decoupled(tmp_path / "run", data_dir, "diloco", *files)
   assert result.returncode == 0, result.stderr[-3000:]
+  if bulk_min_bytes >= 0:  # the listener on the syncer's port + 1
+    log = (tmp_path / "run" / "logs" / "syncer.log").read_text()
+    port = int(re.search(r"listening on [\d.]+:(\d+) \(bulk path on port (\d+)\)",
+                         log).group(1))
+    assert f"bulk path on port {port + 1})" in log
   want = json.load(open(golden.golden_file()[0]))["diloco"]
   for k in range(2):
     np.testing.assert_allclose(_island_losses(tmp_path / "run", k),

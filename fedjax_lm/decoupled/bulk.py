@@ -176,15 +176,19 @@ def _load_pair(ctx: ssl.SSLContext, tls) -> None:
 
 
 class Listener:
-  """The server half: accepts connections on ``host`` (any free port), admits each call with
+  """The server half: accepts connections on ``host:port`` (0: any free port), admits each call with
   ``admit(method, token) -> (who, nonce)`` (the gRPC interceptor's check) and runs the
   method's ``calls[method](who, nonce, requests, cancel)`` (the gRPC handler's body)."""
 
   def __init__(self, host: str, tls, admit: Callable, calls: dict, log: Callable,
-               threads: int, frame_limit: int):
+               threads: int, frame_limit: int, port: int = 0):
     self.admit, self.calls, self.log = admit, calls, log
     self.frame_limit = frame_limit  # the largest message (a chunk and a header)
-    self._sock = socket.create_server((host, 0))
+    try:
+      self._sock = socket.create_server((host, port))
+    except OSError as e:
+      raise OSError(f"syncer: cannot listen on {host}:{port} (the bulk path): "
+                    f"{e.strerror or e}") from None
     self.port = self._sock.getsockname()[1]
     self._ctx = _server_context(tls) if tls is not None else None
     self._slots = threading.BoundedSemaphore(threads)

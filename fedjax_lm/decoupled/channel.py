@@ -238,10 +238,11 @@ class Method(NamedTuple):
 
 def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
           methods: dict[str, Method], threads: int = 16, tls: Tls | None = None,
-          bulk: bool = True) -> tuple["Server", int]:
+          bulk: bool = True, bulk_port: int = 0) -> tuple["Server", int]:
   """Starts a server for ``methods`` on ``host:port`` (0: any free port), with members'
   ``keys`` (identity -> key, None for a stranger), mutual TLS with ``tls``, and (``bulk``) the
-  bulk path beside it on the same interface (:mod:`fedjax_lm.decoupled.bulk`); returns
+  bulk path beside it on the same interface (:mod:`fedjax_lm.decoupled.bulk`), on
+  ``bulk_port`` (0: any free one; either way the ``Bulk`` method tells it); returns
   (server, port)."""
   log = _Log()
   tokens = Tokens(keys)
@@ -310,7 +311,8 @@ def serve(keys: Callable[[str], bytes | None], job: str, host: str, port: int,
   handlers = {name: wrap(name, m) for name, m in methods.items()}
   side = None
   if bulk:
-    side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads, _MESSAGE_BYTES)
+    side = bulk_lib.Listener(host, tls, auth.admit, calls, log, threads, _MESSAGE_BYTES,
+                             bulk_port)
     handlers[bulk_lib.METHOD] = wrap(bulk_lib.METHOD, Method(
         lambda who, meta, arrays: ("bulk", {"port": side.port}, []), ("bulk",)))
   server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

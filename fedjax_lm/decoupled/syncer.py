@@ -1087,6 +1087,16 @@ def compilation_cache(workdir: str) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def bulk_port(port: int, offset: int) -> int:
+  """The bulk path's port: the gRPC port + ``launch.bulk_port_offset`` (a firewall that opens
+  fixed ports), or any free one (offset 0, or a gRPC port chosen by the system)."""
+  if not offset or not port:
+    return 0
+  if not 0 < port + offset < 65536:
+    raise ValueError(f"launch.bulk_port_offset={offset}: port {port} + {offset} is not a port")
+  return port + offset
+
+
 def serve(config, workdir: str) -> None:
   """Runs the syncer until every island that joined has finished the run."""
   os.makedirs(workdir, exist_ok=True)
@@ -1108,7 +1118,8 @@ def serve(config, workdir: str) -> None:
   server, _ = channel.serve(syncer.keys, syncer.job, config.launch.interface or host, int(port),
                             syncer.methods(), threads=threads,
                             tls=channel.Tls.from_config(config.launch),
-                            bulk=int(config.launch.bulk_min_bytes) >= 0)
+                            bulk=int(config.launch.bulk_min_bytes) >= 0,
+                            bulk_port=bulk_port(int(port), int(config.launch.bulk_port_offset)))
   logging.warning("syncer: listening on %s:%s%s", host, port, "" if server.bulk is None else
                   f" (bulk path on port {server.bulk.port})")
   try:
