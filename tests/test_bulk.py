@@ -375,3 +375,29 @@ def test_an_unreachable_bulk_port_falls_back_to_grpc_with_one_warning(caplog):
   finally:
     closed.close()
     server.stop(grace=0)
+
+
+def test_the_job_ca_helper_writes_private_keys_and_names_the_hosts(tmp_path, capsys):
+  """``python -m fedjax_lm.decoupled.pki DIR --hosts ...``: the CA and one certificate per role,
+  signed by it, the syncer's valid for loopback and every host given, each key readable by its
+  owner only; an unwritable directory is one error line and exit 1."""
+  from cryptography import x509  # pylint: disable=import-outside-toplevel
+  from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=import-outside-toplevel
+  from cryptography.hazmat.primitives import hashes  # pylint: disable=import-outside-toplevel
+  assert pki.main([str(tmp_path / "job"), "--hosts", "10.0.0.5,syncer.example.org",
+                   "--islands", "2"]) == 0
+  ca = x509.load_pem_x509_certificate((tmp_path / "job" / "ca.pem").read_bytes())
+  for role in ("syncer", "island0", "island1"):
+    cert = x509.load_pem_x509_certificate((tmp_path / "job" / f"{role}.pem").read_bytes())
+    ca.public_key().verify(cert.signature, cert.tbs_certificate_bytes,
+                           ec.ECDSA(hashes.SHA256()))
+    assert (tmp_path / "job" / f"{role}.key").stat().st_mode & 0o077 == 0
+  assert (tmp_path / "job" / "ca.key").stat().st_mode & 0o077 == 0
+  syncer = x509.load_pem_x509_certificate((tmp_path / "job" / "syncer.pem").read_bytes())
+  names = syncer.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+  assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1",
+                                                                            "10.0.0.5"}
+  assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "syncer.example.org"}
+  (tmp_path / "file").write_text("")
+  assert pki.main([str(tmp_path / "file" / "job")]) == 1
+  assert "error: cannot make the job's certificates" in capsys.readouterr().err
