@@ -401,3 +401,31 @@ def test_the_job_ca_helper_writes_private_keys_and_names_the_hosts(tmp_path, cap
   (tmp_path / "file").write_text("")
   assert pki.main([str(tmp_path / "file" / "job")]) == 1
   assert "error: cannot make the job's certificates" in capsys.readouterr().err
+
+
+def test_stopping_the_server_lets_a_bulk_reply_in_flight_finish():
+  """A syncer shard exits once the lead fetched its final fragments, which it records before
+  the reply is streamed: stop(grace) returns once the bulk path's calls in flight have ended,
+  so the process does not exit under the reply; with no grace it returns at once."""
+  started = threading.Event()
+
+  def slow(who, meta, arrays):
+    started.set()
+    time.sleep(1.0)
+    return "echo", {}, [np.arange(3_000_000, dtype=np.float32)]
+  for grace, in_flight_after_stop in ((10.0, 0), (0.0, 1)):
+    server, port = channel.serve(_keys, "job", "127.0.0.1", 0,
+                                 {"Echo": channel.Method(slow, ("echo",), lambda who: 1 << 26)})
+    c = _client(port, give_up_s=3)
+    c.call("Echo", "echo", {}, reply="echo", reply_limit=1 << 26)  # (its bulk port asked)
+    started.clear()
+    got = []
+    t = threading.Thread(target=lambda: got.append(
+        c.call("Echo", "echo", {}, reply="echo", reply_limit=1 << 26)[2]))
+    t.start()
+    assert started.wait(10)
+    server.stop(grace=grace)
+    assert server.bulk._active == in_flight_after_stop  # pylint: disable=protected-access
+    t.join(30)
+    c.close()
+    assert np.array_equal(got[0][0], np.arange(3_000_000))

@@ -193,17 +193,23 @@ class Listener:
     self._ctx = _server_context(tls) if tls is not None else None
     self._slots = threading.BoundedSemaphore(threads)
     self._closed = threading.Event()
+    self._active = 0  # connections being served (a reply may still be streaming)
+    self._idle = threading.Condition()
 
   def start(self) -> None:
     threading.Thread(target=self._accept, daemon=True, name="bulk-accept").start()
 
-  def close(self) -> None:
+  def close(self, grace: float = 0.0) -> None:
+    """Stops accepting, then waits up to ``grace`` seconds for the connections being served to
+    end (a reply still streaming: a process that exits under it cuts it)."""
     self._closed.set()
     try:
       self._sock.shutdown(socket.SHUT_RDWR)
     except OSError:
       pass
     self._sock.close()
+    with self._idle:
+      self._idle.wait_for(lambda: self._active == 0, timeout=grace)
 
   def _accept(self) -> None:
     while not self._closed.is_set():
@@ -215,6 +221,8 @@ class Listener:
         self.log("syncer: bulk: every connection slot busy; one closed")
         conn.close()
         continue
+      with self._idle:
+        self._active += 1
       threading.Thread(target=self._serve, args=(conn,), daemon=True, name="bulk").start()
 
   def _serve(self, conn: socket.socket) -> None:
@@ -238,6 +246,9 @@ class Listener:
         conn.close()
       finally:
         self._slots.release()
+        with self._idle:
+          self._active -= 1
+          self._idle.notify_all()
 
   def _call(self, conn: socket.socket, hello_timer: threading.Timer) -> None:
     try:

@@ -341,8 +341,10 @@ class Server:
     self.grpc, self.bulk, self.grpc_port = grpc_server, side, grpc_port
 
   def stop(self, grace: float | None = None):
+    """Stops both listeners; calls in flight get ``grace`` seconds to end (the bulk path's are
+    waited for here, gRPC's returned event is set when its own have)."""
     if self.bulk is not None:
-      self.bulk.close()
+      self.bulk.close(grace or 0.0)
     return self.grpc.stop(grace)
 
   def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -1145,7 +1145,9 @@ def serve(config, workdir: str) -> None:
     if syncer.uplink is not None:  # an LPS: what the GPS has not had, then it leaves
       syncer.uplink.flush()
   finally:
-    server.stop(grace=1.0)
+    # (the lead's fetch of this shard's final fragments marks it released before its reply has
+    # been streamed: a reply in flight gets its time)
+    server.stop(grace=60.0).wait(60.0)
     if syncer.uplink is not None:
       syncer.uplink.close()
     syncer.close()
